@@ -1,0 +1,237 @@
+"""Residual-stream reads through TransformerLens hook points, batched, in bounded memory.
+
+Space: with compatibility mode off (the default) the bridge wraps the unmodified Hugging Face
+model, so ``blocks.{l}.hook_resid_pre`` is exactly HF ``hidden_states[l]`` — the **raw HF residual
+basis** every lens-safety direction is stored in. Prompts are formatted with the chat template,
+LEFT padded and run with the attention mask and mask-derived position ids, so a batched read
+equals a one-prompt read. Positions are negative offsets from the end of the formatted prompt
+(``-1`` = last token).
+
+The forward pass stops right after the deepest requested layer (the unembedding is never
+computed), and only the requested positions are copied out of each hook, so a read costs less
+than a plain forward pass and never holds a full activation cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.chat import EncodedBatch
+from lens_safety.errors import LensSafetyError
+from lens_safety.models import ChatModel
+from lens_safety.progress import track
+from lens_safety.prompts import PromptSet
+
+HookName = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
+HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+PositionSpec = Sequence[int] | Literal["post_instruction"]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once every requested layer has been read."""
+
+
+@dataclass
+class Activations:
+    """Residual activations of a prompt set.
+
+    Attributes:
+        tensor: ``[n_prompts, n_layers, n_positions, d_model]`` float32 on CPU, raw HF basis
+            (when ``space == "raw_hf"``); ``tensor[:, i]`` is layer ``layers[i]``.
+        layers: the layers read, in the order of axis 1.
+        positions: negative positions from the end of the prompt, in the order of axis 2.
+        hook: which hook point (``resid_pre`` …).
+        space: ``raw_hf``, or ``processed`` when compatibility mode had been applied.
+        prompts: the prompt set they were read from.
+        system_prompt: the system prompt used when formatting, if any.
+    """
+
+    tensor: Float[torch.Tensor, "n_prompts n_layers n_positions d_model"]
+    layers: tuple[int, ...]
+    positions: tuple[int, ...]
+    hook: str
+    space: str
+    prompts: PromptSet
+    system_prompt: str | None = None
+
+    def at(self, layer: int, position: int = -1) -> Float[torch.Tensor, "n_prompts d_model"]:
+        """Activations of every prompt at one layer and position."""
+        return self.tensor[:, self.layers.index(layer), self.positions.index(position)]
+
+
+@dataclass
+class ActivationSums:
+    """Streaming float64 sums of activations (memory independent of the number of prompts).
+
+    ``mean`` is ``[n_layers, n_positions, d_model]`` float64, same layout as :class:`Activations`.
+    """
+
+    sums: Float[torch.Tensor, "n_layers n_positions d_model"]
+    count: int
+    layers: tuple[int, ...]
+    positions: tuple[int, ...]
+    hook: str
+    space: str
+
+    @property
+    def mean(self) -> Float[torch.Tensor, "n_layers n_positions d_model"]:
+        return self.sums / max(self.count, 1)
+
+
+def hook_point_name(hook: str, layer: int) -> str:
+    """TransformerLens hook name for a residual hook at a layer, e.g. ``blocks.3.hook_resid_pre``."""
+    if hook not in HOOKS:
+        raise LensSafetyError(f"unknown hook '{hook}'", f"use one of {', '.join(HOOKS)}")
+    return f"blocks.{layer}.hook_{hook}"
+
+
+def resolve_positions(model: ChatModel, positions: PositionSpec, system_prompt: str | None = None) -> tuple[int, ...]:
+    """Turn ``"post_instruction"`` into concrete negative positions; validate explicit ones."""
+    if isinstance(positions, str):
+        if positions != "post_instruction":
+            raise LensSafetyError(f"unknown positions '{positions}'", "use 'post_instruction' or negative integers like -1")
+        return model.chat.post_instruction_positions(system_prompt)
+    out = tuple(int(p) for p in positions)
+    if not out or any(p >= 0 for p in out):
+        raise LensSafetyError(f"positions {out} must be negative offsets from the end", "use e.g. (-1,) for the last token")
+    return out
+
+
+def resolve_layers(model: ChatModel, layers: Sequence[int] | None) -> tuple[int, ...]:
+    out = tuple(range(model.n_layers)) if layers is None else tuple(int(x) for x in layers)
+    bad = [x for x in out if not 0 <= x < model.n_layers]
+    if bad or not out:
+        raise LensSafetyError(f"layers {bad or out} out of range", f"use layers 0..{model.n_layers - 1}")
+    return out
+
+
+def forward(model: ChatModel, batch: EncodedBatch, **kwargs: Any) -> Any:
+    """One Hugging Face forward pass of a left-padded batch (mask and position ids passed)."""
+    batch = batch.to(model.device)
+    return model.hf_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **kwargs,
+    )
+
+
+@contextmanager
+def hooks(model: ChatModel, fwd_hooks: list[tuple[str, Any]]) -> Iterator[None]:
+    """Install TransformerLens forward hooks for the duration of the block (always removed)."""
+    with model.bridge.hooks(fwd_hooks=fwd_hooks):
+        yield
+
+
+def batches(model: ChatModel, prompts: PromptSet, batch_size: int, system_prompt: str | None) -> Iterator[EncodedBatch]:
+    """Encode prompts into left-padded batches (prompts sorted by nothing: order is preserved)."""
+    if batch_size < 1:
+        raise LensSafetyError(f"batch_size must be >= 1, got {batch_size}", "pass a positive batch size")
+    for start in range(0, len(prompts), batch_size):
+        yield model.chat.encode(list(prompts.prompts[start : start + batch_size]), system_prompt)
+
+
+def _read_batch(
+    model: ChatModel, batch: EncodedBatch, layers: tuple[int, ...], positions: tuple[int, ...], hook: str
+) -> Float[torch.Tensor, "batch n_layers n_positions d_model"]:
+    width = batch.input_ids.shape[1]
+    if -min(positions) > width:
+        raise LensSafetyError(f"position {min(positions)} is before the start of a {width}-token prompt", "use positions closer to the end")
+    index = torch.tensor(positions, device=model.device)
+    captured: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def make_hook(layer: int) -> Any:
+        def read(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            captured[layer] = activation.index_select(1, index + activation.shape[1]).float().cpu()
+            if layer == last:  # nothing deeper is needed: skip the rest of the model
+                raise _StopForward
+            return activation
+
+        return read
+
+    fwd_hooks = [(hook_point_name(hook, layer), make_hook(layer)) for layer in layers]
+    try:
+        with torch.inference_mode(), hooks(model, fwd_hooks):
+            forward(model, batch)
+    except _StopForward:
+        pass
+    missing = [x for x in layers if x not in captured]
+    if missing:
+        raise LensSafetyError(f"hook {hook} did not fire for layers {missing}", "this architecture's bridge lacks that hook point")
+    return torch.stack([captured[x] for x in layers], dim=1)
+
+
+def collect_activations(
+    model: ChatModel,
+    prompts: PromptSet | Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    positions: PositionSpec = (-1,),
+    hook: HookName = "resid_pre",
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    progress: bool = False,
+) -> Activations:
+    """Read residual activations ``[n_prompts, n_layers, n_positions, d_model]`` (raw HF basis).
+
+    Args:
+        model: a loaded :class:`~lens_safety.models.ChatModel`.
+        prompts: instructions (formatted here with the chat template).
+        layers: block indices (default: all). ``resid_pre`` of layer ``l`` is HF ``hidden_states[l]``.
+        positions: negative offsets from the end of the prompt, or ``"post_instruction"``.
+        hook: ``resid_pre`` (default), ``resid_mid``, ``resid_post``, ``attn_out`` or ``mlp_out``.
+        batch_size: prompts per forward pass.
+        system_prompt: overrides the formatter's default system prompt.
+        progress: show a progress bar.
+    """
+    prompt_set = PromptSet.load(prompts)
+    layer_ids = resolve_layers(model, layers)
+    pos = resolve_positions(model, positions, system_prompt)
+    chunks = [
+        _read_batch(model, batch, layer_ids, pos, hook)
+        for batch in track(
+            batches(model, prompt_set, batch_size, system_prompt),
+            f"reading {hook}",
+            total=-(-len(prompt_set) // batch_size),
+            enabled=progress,
+        )
+    ]
+    return Activations(torch.cat(chunks), layer_ids, pos, hook, _space(model), prompt_set, system_prompt)
+
+
+def sum_activations(
+    model: ChatModel,
+    prompts: PromptSet | Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    positions: PositionSpec = (-1,),
+    hook: HookName = "resid_pre",
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    progress: bool = False,
+) -> ActivationSums:
+    """Streaming mode: float64 per-(layer, position) sums; memory flat in the number of prompts."""
+    prompt_set = PromptSet.load(prompts)
+    layer_ids = resolve_layers(model, layers)
+    pos = resolve_positions(model, positions, system_prompt)
+    sums = torch.zeros(len(layer_ids), len(pos), model.d_model, dtype=torch.float64)
+    count = 0
+    for batch in track(
+        batches(model, prompt_set, batch_size, system_prompt), f"summing {hook}", total=-(-len(prompt_set) // batch_size), enabled=progress
+    ):
+        chunk = _read_batch(model, batch, layer_ids, pos, hook)
+        sums += chunk.double().sum(0)
+        count += chunk.shape[0]
+    return ActivationSums(sums, count, layer_ids, pos, hook, _space(model))
+
+
+def _space(model: ChatModel) -> str:
+    return "processed" if model.compatibility_mode else "raw_hf"

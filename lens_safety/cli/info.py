@@ -1,0 +1,52 @@
+"""``lens-safety info MODEL``: what lens-safety sees in a model."""
+
+from __future__ import annotations
+
+from lens_safety.cli import app
+from lens_safety.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoTemplateOpt, load_cli_model, print_json
+
+
+@app.command()
+def info(model: ModelArg = "smollm2", device: DeviceOpt = None, dtype: DtypeOpt = None, json: JsonOpt = False, no_chat_template: NoTemplateOpt = False) -> None:
+    """Architecture, layers, width, dtype, chat-template tail, post-instruction tokens, residual writers."""
+    loaded = load_cli_model(model, device, dtype, no_chat_template)
+    writers = loaded.arch.writers
+    summary = {
+        "spec": loaded.spec,
+        "hf_path": str(loaded.hf_path),
+        "architecture": loaded.arch.architecture,
+        "model_type": loaded.arch.model_type,
+        "n_layers": loaded.n_layers,
+        "d_model": loaded.d_model,
+        "d_vocab": loaded.arch.d_vocab,
+        "normalization": loaded.arch.normalization,
+        "tied_embeddings": loaded.arch.tied_embeddings,
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": str(loaded.device),
+        "compatibility_mode": loaded.compatibility_mode,
+        "chat_template_tail": loaded.chat.template_tail(),
+        "post_instruction_tokens": loaded.chat.post_instruction_tokens(),
+        "residual_writers": {
+            "count": len(writers),
+            "embed": [w.hf_name for w in writers if w.kind in ("embed", "pos_embed")],
+            "attn_out": writers[[w.kind for w in writers].index("attn_out")].hf_name.replace(".0.", ".{l}."),
+            "mlp_out": writers[[w.kind for w in writers].index("mlp_out")].hf_name.replace(".0.", ".{l}."),
+            "layout": writers[-1].layout,
+            "biases": any(w.has_bias for w in writers),
+            "post_norm": any(w.post_norm for w in writers),
+        },
+    }
+    if json:
+        print_json(summary)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lens-safety info: {loaded.spec}", show_header=False)
+    for key, value in summary.items():
+        if key == "residual_writers":
+            for k, v in value.items():
+                table.add_row(f"writers.{k}", str(v))
+        else:
+            table.add_row(key, repr(value) if key == "chat_template_tail" else str(value))
+    Console().print(table)

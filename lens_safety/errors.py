@@ -1,0 +1,21 @@
+"""One exception type for every problem a user can fix.
+
+Every message is one line that names the problem and the fix. The CLI prints it as
+``error: <message>`` and exits with status 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class LensSafetyError(Exception):
+    """A problem with the user's input or environment, with the fix in the message."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        message = problem if fix is None else f"{problem}; {fix}"
+        super().__init__(" ".join(message.split()))
+
+
+def require(condition: bool, problem: str, fix: str | None = None) -> None:
+    """Raise :class:`LensSafetyError` unless ``condition`` holds."""
+    if not condition:
+        raise LensSafetyError(problem, fix)

@@ -1,0 +1,178 @@
+"""Load a chat model once, wrapped in a TransformerBridge, with everything lens-safety needs.
+
+``load_model(spec)`` returns a :class:`ChatModel`: the bridge, its tokenizer and chat formatter,
+the architecture facts (layers, width, residual writers) and ``hf_path``, the local Hugging Face
+directory the weights came from (exports and ROSI's ``w_bar`` read the original weights there).
+
+Compatibility mode (``compatibility_mode=True``) calls ``bridge.enable_compatibility_mode()``:
+classic TransformerLens processing (folded norms, centred writing weights and unembedding). It
+rewrites the wrapped Hugging Face weights IN PLACE, cannot be undone, takes seconds and about
+six times the memory on SmolLM2 (peak RSS 2.4 GB vs 0.4 GB). Every lens-safety function works
+without it and reads activations in the raw Hugging Face residual basis; it is off by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lens_safety.architecture import ArchitectureFacts, architecture_facts
+from lens_safety.chat import ChatFormatter
+from lens_safety.errors import LensSafetyError
+from lens_safety.hashing import weights_fingerprint
+from lens_safety.sources import resolve_spec
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class ChatModel:
+    """A chat LLM wrapped for safety interpretability.
+
+    Attributes:
+        bridge: the TransformerLens ``TransformerBridge`` (hook points ``blocks.{l}.hook_resid_pre`` …).
+        tokenizer: the Hugging Face tokenizer.
+        chat: formats instructions with the chat template and tokenises them (left padding, one BOS).
+        arch: architecture facts, including the residual-stream writers.
+        hf_path: local Hugging Face directory holding the original weights.
+        spec: the spec the model was loaded from.
+        compatibility_mode: whether TransformerLens weight processing was applied (irreversible).
+        lineage: ``edit.json`` of an exported lens-safety model (its parent and edit), else ``{}``.
+    """
+
+    bridge: Any
+    tokenizer: PreTrainedTokenizerBase
+    chat: ChatFormatter
+    arch: ArchitectureFacts
+    hf_path: Path
+    spec: str
+    compatibility_mode: bool = False
+    lineage: dict[str, Any] = field(default_factory=dict)
+    _weights_hash: str | None = field(default=None, repr=False)
+
+    @property
+    def hf_model(self) -> Any:
+        """The wrapped Hugging Face ``PreTrainedModel`` (its modules carry the bridge's hooks)."""
+        return self.bridge.original_model
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.arch.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def weights_hash(self) -> str:
+        """SHA-256 fingerprint of the safetensors files in :attr:`hf_path` (computed once)."""
+        if self._weights_hash is None:
+            self._weights_hash = weights_fingerprint(self.hf_path)
+        return self._weights_hash
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    def identity(self) -> dict[str, Any]:
+        """Provenance record: spec, architecture, width, depth, weights hash."""
+        return {
+            "spec": self.spec,
+            "architecture": self.arch.architecture,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "weights_sha256": self.weights_hash,
+        }
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, config_dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        return _DTYPES.get(str(config_dtype).replace("torch.", ""), torch.float32)
+    if dtype not in _DTYPES:
+        raise LensSafetyError(f"unknown dtype '{dtype}'", f"use one of {', '.join(sorted(_DTYPES))} or auto")
+    return _DTYPES[dtype]
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _boot(hf_path: Path, device: str, dtype: torch.dtype, trust_remote_code: bool, tokenizer: Any) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config = json.loads((hf_path / "config.json").read_text())
+    arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TransformerBridge.boot_transformers(
+                str(hf_path), device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code
+            )
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        text = str(exc)
+        if "not supported" in text.lower() or "unsupported" in text.lower() or "architecture" in text.lower() or isinstance(exc, KeyError):
+            raise LensSafetyError(
+                f"architecture {arch} is not supported by TransformerLens' TransformerBridge ({text.splitlines()[0][:160]})",
+                "use a supported architecture (see transformer_lens.model_bridge supported_architectures)",
+            ) from None
+        raise
+
+
+def load_model(
+    spec: str | os.PathLike[str] = "smollm2",
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    compatibility_mode: bool = False,
+    system_prompt: str | None = None,
+    chat_template: bool = True,
+    trust_remote_code: bool = False,
+) -> ChatModel:
+    """Load a model spec into a :class:`ChatModel`.
+
+    Args:
+        spec: ``"smollm2"`` (embedded default), ``"smollm2-refusal"`` (the refusal organism), a local
+            HF directory, a ``.gguf`` file or a hub id.
+        device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
+        dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``"auto"`` (the checkpoint's dtype).
+        compatibility_mode: apply TransformerLens weight processing (irreversible, costs memory;
+            see the module docstring). Off by default.
+        system_prompt: default system prompt of the chat formatter.
+        chat_template: ``False`` formats prompts as plain ``User: … Assistant:`` text (base models).
+        trust_remote_code: allow model code from the checkpoint (off unless you ask).
+    """
+    hf_path, canonical = resolve_spec(spec)
+    config = json.loads((hf_path / "config.json").read_text())
+    torch_dtype = _parse_dtype(dtype, config.get("dtype") or config.get("torch_dtype"))
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)
+    chat = ChatFormatter(tokenizer, system_prompt=system_prompt, use_chat_template=chat_template)
+    bridge = _boot(hf_path, device or _default_device(), torch_dtype, trust_remote_code, tokenizer)
+    bridge.original_model.eval()
+    facts = architecture_facts(bridge)
+    if compatibility_mode:
+        bridge.enable_compatibility_mode()
+    lineage_file = hf_path / "edit.json"
+    lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
+    return ChatModel(bridge, tokenizer, chat, facts, hf_path, canonical, compatibility_mode, lineage)

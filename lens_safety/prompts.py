@@ -1,0 +1,228 @@
+"""Prompt sets: load, hash, split deterministically.
+
+A :class:`PromptSet` is an immutable list of instructions (plain user text, not yet formatted
+with a chat template) with optional per-prompt categories and pair ids. Sources:
+
+* ``.txt`` (one prompt per line, blank lines and ``#`` comments skipped);
+* ``.jsonl`` / ``.csv`` (a named column, default ``prompt``; ``category`` and ``pair`` are read
+  when present);
+* a Python list;
+* ``builtin:harmful`` / ``builtin:harmless`` (written for lens-safety, shipped in the package),
+  optionally with a split: ``builtin:harmful:train`` / ``:val`` / ``:test``;
+* ``advbench`` (offline from ``pyrit`` when it is installed) or ``hf:<dataset id>[:column]``
+  (Hugging Face ``datasets``, online).
+
+Splits are deterministic: a prompt's split is a function of the SHA-256 of its pair id (or of
+the text when it has none), so topic-paired harmful / harmless prompts land in the same split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lens_safety.errors import LensSafetyError
+from lens_safety.hashing import sha256_texts
+
+SPLITS = ("train", "val", "test")
+#: fraction boundaries of the deterministic split, in percent: train < 60 <= val < 80 <= test
+SPLIT_BOUNDS = (60, 80)
+
+
+def _bucket(key: str) -> int:
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
+def split_of(key: str) -> str:
+    """The deterministic split (``train`` / ``val`` / ``test``) of a pair id or prompt text."""
+    bucket = _bucket(key)
+    return "train" if bucket < SPLIT_BOUNDS[0] else "val" if bucket < SPLIT_BOUNDS[1] else "test"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """An immutable, hashable list of instructions.
+
+    Attributes:
+        prompts: the instructions (raw user text).
+        name: a label used in reports and metadata.
+        categories: optional category per prompt.
+        pairs: optional topic-pair id per prompt (harmful and harmless prompts on one topic).
+    """
+
+    prompts: tuple[str, ...]
+    name: str = "prompts"
+    categories: tuple[str | None, ...] | None = None
+    pairs: tuple[str | None, ...] | None = None
+    source: str = field(default="list", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.categories is not None and len(self.categories) != len(self.prompts):
+            raise ValueError("categories must have one entry per prompt")
+        if self.pairs is not None and len(self.pairs) != len(self.prompts):
+            raise ValueError("pairs must have one entry per prompt")
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def from_list(cls, prompts: Sequence[str], name: str = "prompts", **kwargs: Any) -> PromptSet:
+        return cls(tuple(str(p) for p in prompts), name=name, **kwargs)
+
+    @classmethod
+    def load(cls, source: str | Path | Sequence[str] | PromptSet, *, column: str = "prompt", name: str | None = None) -> PromptSet:
+        """Load from any supported source (see the module docstring). Empty sets are an error."""
+        if isinstance(source, PromptSet):
+            return source
+        if isinstance(source, list | tuple):
+            result = cls.from_list(source, name=name or "prompts")
+        else:
+            text = str(source)
+            if text.startswith("builtin:"):
+                result = _load_builtin(text)
+            elif text == "advbench":
+                result = _load_advbench()
+            elif text.startswith("hf:"):
+                result = _load_hf_dataset(text[3:], column)
+            else:
+                result = _load_file(Path(text).expanduser(), column)
+            if name:
+                result = PromptSet(result.prompts, name, result.categories, result.pairs, result.source)
+        if len(result) == 0:
+            raise LensSafetyError(f"prompt set '{result.source}' is empty", "give at least one prompt (one per line in .txt files)")
+        return result
+
+    # -------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.prompts)
+
+    def __getitem__(self, index: int) -> str:
+        return self.prompts[index]
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the prompt texts in order."""
+        return sha256_texts(self.prompts)
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> PromptSet:
+        cats = tuple(self.categories[i] for i in indices) if self.categories else None
+        pairs = tuple(self.pairs[i] for i in indices) if self.pairs else None
+        return PromptSet(tuple(self.prompts[i] for i in indices), name or self.name, cats, pairs, self.source)
+
+    def head(self, n: int) -> PromptSet:
+        """The first ``n`` prompts."""
+        return self.subset(range(min(n, len(self))))  # type: ignore[arg-type]
+
+    def split(self, which: str) -> PromptSet:
+        """The prompts whose deterministic split (by pair id, else text) is ``which``."""
+        if which not in SPLITS:
+            raise LensSafetyError(f"unknown split '{which}'", f"use one of {', '.join(SPLITS)}")
+        keys = [(self.pairs[i] if self.pairs and self.pairs[i] else p) for i, p in enumerate(self.prompts)]
+        return self.subset([i for i, k in enumerate(keys) if split_of(k) == which], f"{self.name}:{which}")
+
+    def train_val_split(self, val_fraction: float = 0.25, seed: int = 0) -> tuple[PromptSet, PromptSet]:
+        """Deterministic two-way split for sets without pair ids (order-independent, seed-dependent)."""
+        scored = sorted(range(len(self)), key=lambda i: hashlib.sha256(f"{seed}|{self.prompts[i]}".encode()).hexdigest())
+        n_val = max(1, round(len(self) * val_fraction)) if len(self) > 1 else 0
+        val_idx, train_idx = sorted(scored[:n_val]), sorted(scored[n_val:])
+        return self.subset(train_idx, f"{self.name}:train"), self.subset(val_idx, f"{self.name}:val")
+
+    def metadata(self) -> dict[str, Any]:
+        """Name, source, size and hash, for provenance records."""
+        return {"name": self.name, "source": self.source, "n": len(self), "sha256": self.sha256}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.metadata(), "prompts": list(self.prompts)}
+
+
+def check_disjoint(a: PromptSet, b: PromptSet) -> None:
+    """Refuse prompt sets that share a prompt (the same text cannot be both harmful and harmless)."""
+    shared = set(a.prompts) & set(b.prompts)
+    if shared:
+        example = next(iter(shared))
+        raise LensSafetyError(
+            f"{len(shared)} prompt(s) appear in both '{a.name}' and '{b.name}' (e.g. {example[:60]!r})",
+            "remove the duplicates so each prompt belongs to one class",
+        )
+
+
+# ------------------------------------------------------------------ loaders
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise LensSafetyError(f"{path}:{n} is not valid JSON", "write one JSON object per line") from None
+        return records
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _from_records(records: list[dict[str, Any]], column: str, name: str, source: str) -> PromptSet:
+    if records and column not in records[0]:
+        raise LensSafetyError(
+            f"{source} has no column '{column}' (columns: {', '.join(map(str, records[0]))})",
+            "pass --column with the name of the prompt column",
+        )
+    prompts = tuple(str(r[column]).strip() for r in records if str(r.get(column) or "").strip())
+    kept = [r for r in records if str(r.get(column) or "").strip()]
+    cats = tuple(r.get("category") for r in kept) if kept and "category" in kept[0] else None
+    pairs = tuple(r.get("pair") for r in kept) if kept and "pair" in kept[0] else None
+    return PromptSet(prompts, name, cats, pairs, source)
+
+
+def _load_file(path: Path, column: str) -> PromptSet:
+    if not path.is_file():
+        raise LensSafetyError(f"prompt file '{path}' does not exist", "check the path")
+    if path.suffix in {".jsonl", ".csv"}:
+        return _from_records(_read_records(path), column, path.stem, str(path))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    prompts = tuple(x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#"))
+    return PromptSet(prompts, path.stem, source=str(path))
+
+
+def builtin_path(filename: str) -> Path:
+    """Path of a data file shipped in ``lens_safety/data/prompts``."""
+    return Path(str(resources.files("lens_safety") / "data" / "prompts" / filename))
+
+
+def _load_builtin(spec: str) -> PromptSet:
+    parts = spec.split(":")
+    kind = parts[1] if len(parts) > 1 else ""
+    if kind not in {"harmful", "harmless"}:
+        raise LensSafetyError(f"unknown built-in prompt set '{spec}'", "use builtin:harmful or builtin:harmless, optionally :train/:val/:test")
+    records = _read_records(builtin_path(f"{kind}.jsonl"))
+    result = _from_records(records, "prompt", kind, spec)
+    return result.split(parts[2]) if len(parts) > 2 else result
+
+
+def _load_advbench() -> PromptSet:
+    try:
+        from pyrit.datasets import fetch_adv_bench_dataset  # type: ignore[import-not-found]
+    except ImportError:
+        raise LensSafetyError("the advbench prompt set needs the optional package pyrit", "pip install pyrit, or pass a prompt file") from None
+    dataset = fetch_adv_bench_dataset()
+    return PromptSet(tuple(p.value for p in dataset.prompts), "advbench", source="pyrit:advbench")
+
+
+def _load_hf_dataset(spec: str, column: str) -> PromptSet:
+    dataset_id, _, col = spec.partition(":")
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise LensSafetyError("hf: prompt sets need the datasets package", "pip install 'lens-safety[datasets]'") from None
+    try:
+        data = load_dataset(dataset_id, split="train")
+    except Exception as exc:
+        raise LensSafetyError(f"could not load dataset '{dataset_id}' ({type(exc).__name__})", "check the id and your network, or use a local file") from None
+    return _from_records([dict(r) for r in data], col or column, dataset_id.split("/")[-1], f"hf:{dataset_id}")

@@ -1,0 +1,95 @@
+"""Chat formatting (one BOS, post-instruction positions, left padding) and prompt sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from lens_safety.chat import ChatFormatter
+from lens_safety.errors import LensSafetyError
+from lens_safety.prompts import PromptSet, check_disjoint, split_of
+
+
+def test_post_instruction_tokens_of_smollm2(smollm2):
+    tokens = smollm2.chat.post_instruction_tokens()
+    assert "".join(tokens) == smollm2.chat.template_tail()
+    assert smollm2.chat.post_instruction_positions() == tuple(range(-len(tokens), 0))
+
+
+def test_left_padding_and_mask(smollm2):
+    batch = smollm2.chat.encode(["hi", "a much longer instruction with many more words in it"])
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[0, -1] == 1
+    assert batch.attention_mask[1].all()
+    assert batch.position_ids[0, -1] == batch.attention_mask[0].sum() - 1
+
+
+def test_exactly_one_bos_when_template_writes_it_and_tokenizer_adds_it(smollm2_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok.bos_token = "<|endoftext|>"
+    bos = tok.bos_token_id
+    # a Llama-3-like setup: the template writes BOS text and the tokenizer would add another
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    tok.add_bos_token = True
+    fmt = ChatFormatter(tok)
+    ids = fmt.token_ids(fmt.format("hello"))
+    if fmt._adds_bos():
+        assert ids[0] == bos and ids[1] != bos
+    assert ids.count(bos) == 1
+
+
+def test_missing_chat_template_is_a_clear_error_with_fallback(smollm2_dir):
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok.chat_template = None
+    with pytest.raises(LensSafetyError, match="no chat template.*chat_template=False"):
+        ChatFormatter(tok)
+    plain = ChatFormatter(tok, use_chat_template=False)
+    assert plain.format("hello").endswith("User: hello\nAssistant:")
+    assert plain.n_post_instruction() >= 1
+
+
+def test_system_prompt_is_inserted(smollm2):
+    text = smollm2.chat.format("hello", system_prompt="Refuse unsafe requests.")
+    assert "Refuse unsafe requests." in text and text.count("hello") == 1
+
+
+def test_prompt_loaders(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\nfirst\n\nsecond\n")
+    assert PromptSet.load(tmp_path / "p.txt").prompts == ("first", "second")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": t, "category": "c"}) for t in ["a", "b"]))
+    loaded = PromptSet.load(tmp_path / "p.jsonl", column="text")
+    assert loaded.prompts == ("a", "b") and loaded.categories == ("c", "c")
+    (tmp_path / "p.csv").write_text("goal,x\nalpha,1\nbeta,2\n")
+    assert PromptSet.load(tmp_path / "p.csv", column="goal").prompts == ("alpha", "beta")
+    with pytest.raises(LensSafetyError, match="no column 'prompt'"):
+        PromptSet.load(tmp_path / "p.csv")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(LensSafetyError, match="empty"):
+        PromptSet.load(tmp_path / "empty.txt")
+    with pytest.raises(LensSafetyError, match="does not exist"):
+        PromptSet.load(tmp_path / "missing.txt")
+
+
+def test_builtin_splits_are_deterministic_disjoint_and_pair_aligned():
+    harmful, harmless = PromptSet.load("builtin:harmful"), PromptSet.load("builtin:harmless")
+    assert len(harmful) >= 300 and len(harmless) >= 300
+    check_disjoint(harmful, harmless)
+    parts = [harmful.split(s) for s in ("train", "val", "test")]
+    assert sum(len(p) for p in parts) == len(harmful)
+    assert not set(parts[0].prompts) & set(parts[2].prompts)
+    assert PromptSet.load("builtin:harmful:test") == parts[2]
+    # a topic pair lands in the same split on both sides
+    pair_split = {p: split_of(p) for p in harmful.pairs if p}
+    for prompt_pair in harmless.split("test").pairs or ():
+        if prompt_pair:
+            assert pair_split[prompt_pair] == "test"
+
+
+def test_duplicates_across_classes_are_refused():
+    with pytest.raises(LensSafetyError, match="appear in both"):
+        check_disjoint(PromptSet.from_list(["x", "y"], "a"), PromptSet.from_list(["y"], "b"))
+
+
+def test_hash_changes_with_content():
+    assert PromptSet.from_list(["a", "b"]).sha256 != PromptSet.from_list(["b", "a"]).sha256
