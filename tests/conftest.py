@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from lens_safety.testing import TINY_ARCHITECTURES, make_tiny_model  # noqa: E402
+from lens_safety.testing import TINY_ARCHITECTURES, make_tiny_model
 
 
 @pytest.fixture(scope="session")

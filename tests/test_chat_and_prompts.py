@@ -42,7 +42,7 @@ def test_exactly_one_bos_when_template_writes_it_and_tokenizer_adds_it(smollm2_d
 def test_missing_chat_template_is_a_clear_error_with_fallback(smollm2_dir):
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     tok.chat_template = None
-    with pytest.raises(LensSafetyError, match="no chat template.*chat_template=False"):
+    with pytest.raises(LensSafetyError, match=r"no chat template.*chat_template=False"):
         ChatFormatter(tok)
     plain = ChatFormatter(tok, use_chat_template=False)
     assert plain.format("hello").endswith("User: hello\nAssistant:")

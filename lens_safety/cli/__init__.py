@@ -22,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 @app.callback()
 def _root() -> None:
     """Safety interpretability for chat LLMs: refusal directions, probes, ROSI edits, export, SRR."""

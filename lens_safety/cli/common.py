@@ -10,12 +10,29 @@ from typing import Annotated, Any
 
 import typer
 
-ModelArg = Annotated[str, typer.Argument(help="Model spec: 'smollm2' (embedded default), 'smollm2-refusal', a local HF dir, a .gguf file or a hub id.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, … (default: cuda when available).")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32 (default), bfloat16, float16 or auto.")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Model spec: 'smollm2' (embedded default), 'smollm2-refusal', a local HF dir, a .gguf file or a hub id."
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda, … (default: cuda when available).")
+]
+DtypeOpt = Annotated[
+    str | None, typer.Option("--dtype", help="float32 (default), bfloat16, float16 or auto.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
-NoTemplateOpt = Annotated[bool, typer.Option("--no-chat-template", help="Format prompts as plain 'User: … Assistant:' (models without a chat template).")]
-SystemPromptOpt = Annotated[str | None, typer.Option("--system-prompt", help="System prompt used when formatting prompts.")]
+NoTemplateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-chat-template",
+        help="Format prompts as plain 'User: … Assistant:' (models without a chat template).",
+    ),
+]
+SystemPromptOpt = Annotated[
+    str | None, typer.Option("--system-prompt", help="System prompt used when formatting prompts.")
+]
 
 
 def quiet_libraries() -> None:
@@ -32,12 +49,20 @@ def quiet_libraries() -> None:
         pass
 
 
-def load_cli_model(spec: str, device: str | None, dtype: str | None, no_chat_template: bool = False, system_prompt: str | None = None) -> Any:
+def load_cli_model(
+    spec: str,
+    device: str | None,
+    dtype: str | None,
+    no_chat_template: bool = False,
+    system_prompt: str | None = None,
+) -> Any:
     """Load a model for a CLI command with quiet libraries."""
     quiet_libraries()
     from lens_safety.models import load_model
 
-    return load_model(spec, device=device, dtype=dtype, chat_template=not no_chat_template, system_prompt=system_prompt)
+    return load_model(
+        spec, device=device, dtype=dtype, chat_template=not no_chat_template, system_prompt=system_prompt
+    )
 
 
 def print_json(data: Any) -> None:

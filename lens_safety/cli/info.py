@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from lens_safety.cli import app
-from lens_safety.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoTemplateOpt, load_cli_model, print_json
+from lens_safety.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    NoTemplateOpt,
+    load_cli_model,
+    print_json,
+)
 
 
 @app.command()
-def info(model: ModelArg = "smollm2", device: DeviceOpt = None, dtype: DtypeOpt = None, json: JsonOpt = False, no_chat_template: NoTemplateOpt = False) -> None:
+def info(
+    model: ModelArg = "smollm2",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json: JsonOpt = False,
+    no_chat_template: NoTemplateOpt = False,
+) -> None:
     """Architecture, layers, width, dtype, chat-template tail, post-instruction tokens, residual writers."""
     loaded = load_cli_model(model, device, dtype, no_chat_template)
     writers = loaded.arch.writers

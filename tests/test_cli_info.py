@@ -1,0 +1,94 @@
+"""The ``info`` command and the foundation's bad-input contract: one line, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lens_safety.cli import main
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else int(code)), out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_info_json_on_embedded_default(smollm2, capsys):
+    code, out, _ = run_cli(["info", "smollm2", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["n_layers"] == 30 and data["d_model"] == 576
+    assert data["architecture"] == "LlamaForCausalLM" and data["tied_embeddings"] is True
+    assert data["residual_writers"]["count"] == 1 + 2 * 30
+    assert data["residual_writers"]["attn_out"] == "model.layers.{l}.self_attn.o_proj"
+    assert "".join(data["post_instruction_tokens"]) == data["chat_template_tail"]
+
+
+def test_info_tiny_gpt2_reports_conv1d_biases_and_pos_embed(tiny_dirs, capsys):
+    code, out, _ = run_cli(["info", str(tiny_dirs["gpt2"]), "--json"], capsys)
+    assert code == 0
+    writers = json.loads(out)["residual_writers"]
+    assert writers["layout"] == "conv1d" and writers["biases"] is True
+    assert writers["embed"] == ["transformer.wte", "transformer.wpe"]
+
+
+def test_unknown_spec(capsys):
+    code, _, err = run_cli(["info", "no-such-model"], capsys)
+    assert_one_line_error(code, err, "no-such-model", "check the spelling")
+
+
+def test_missing_directory(capsys, tmp_path):
+    code, _, err = run_cli(["info", str(tmp_path / "absent") + "/"], capsys)
+    assert_one_line_error(code, err, "absent", "does not exist")
+
+
+def test_directory_without_config(capsys, tmp_path):
+    code, _, err = run_cli(["info", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "no config.json")
+
+
+def test_unsupported_architecture(capsys, tmp_path, smollm2_dir: Path):
+    config = AutoConfig.for_model(
+        "biogpt",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, tmp_path / name)
+    code, _, err = run_cli(["info", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "BioGptForCausalLM", "not supported")
+
+
+def test_tokenizer_without_chat_template_and_explicit_fallback(capsys, tmp_path, tiny_dirs):
+    target = tmp_path / "no-template"
+    shutil.copytree(tiny_dirs["llama"], target)
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(["info", str(target)], capsys)
+    assert_one_line_error(code, err, "no chat template", "--no-chat-template")
+    code, out, _ = run_cli(["info", str(target), "--no-chat-template", "--json"], capsys)
+    assert code == 0
+    assert json.loads(out)["chat_template_tail"] == "\nAssistant:"
