@@ -81,7 +81,26 @@ def clean_hf_name(name: str) -> str:
 
 
 def _hf_names(hf_model: nn.Module) -> dict[int, str]:
-    return {id(module): clean_hf_name(name) for name, module in hf_model.named_modules()}
+    """Module id -> HF state-dict name.
+
+    The bridge wraps HF modules in place (the original is its ``_original_component``) and also
+    registers aliases of them as its own children (GPT-2's ``attn.c_proj`` is reachable as
+    ``attn.o``). The HF path is the one that leaves every bridge wrapper only through
+    ``_original_component``; alias paths are skipped.
+    """
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    names: dict[int, str] = {}
+    stack: list[tuple[str, nn.Module]] = [("", hf_model)]
+    while stack:
+        prefix, module = stack.pop()
+        names.setdefault(id(module), clean_hf_name(prefix))
+        is_bridge = isinstance(module, GeneralizedComponent)
+        for child_name, child in module.named_children():
+            if is_bridge and child_name != "_original_component":
+                continue
+            stack.append((f"{prefix}.{child_name}" if prefix else child_name, child))
+    return names
 
 
 def _original(component: Any) -> nn.Module | None:

@@ -1,0 +1,47 @@
+"""Weight edits of the residual-stream writers (ROSI, projection amplification, orthogonalisation).
+
+:mod:`lens_safety.edits.spec` holds the maths (pure functions of a spec and base tensors),
+:mod:`lens_safety.edits.memory` applies an edit to a loaded model reversibly and
+:mod:`lens_safety.edits.checkpoint` reads the original weights shard by shard.
+"""
+
+from lens_safety.edits.checkpoint import read_tensors, weight_shards
+from lens_safety.edits.memory import applied_edit, edit_deltas, live_parameters
+from lens_safety.edits.spec import (
+    DEFAULT_TARGETS,
+    METHODS,
+    WRITER_KINDS,
+    EditSpec,
+    amplify,
+    compute_edit,
+    edit_writes,
+    edits_embedding,
+    make_spec,
+    orthogonalize,
+    rosi,
+    select_writers,
+    target_parameters,
+    unit_direction,
+)
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "METHODS",
+    "WRITER_KINDS",
+    "EditSpec",
+    "amplify",
+    "applied_edit",
+    "compute_edit",
+    "edit_deltas",
+    "edit_writes",
+    "edits_embedding",
+    "live_parameters",
+    "make_spec",
+    "orthogonalize",
+    "read_tensors",
+    "rosi",
+    "select_writers",
+    "target_parameters",
+    "unit_direction",
+    "weight_shards",
+]

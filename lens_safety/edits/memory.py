@@ -1,0 +1,100 @@
+"""Apply an edit to a loaded model in memory, reversibly (trial edits, calibration sweeps, export checks).
+
+The edit is computed from the ORIGINAL weights on disk (``model.hf_path``): for every touched
+parameter ``delta = edit(W_orig) - W_orig`` in float64, and the live parameter becomes
+``cast(W_live + delta)``. Without compatibility mode ``W_live == W_orig`` and the result equals the
+exported tensor bit for bit. In compatibility mode:
+
+* RMSNorm models: TransformerLens leaves writers unchanged, so the same holds;
+* LayerNorm models (GPT-2): live writers are centred and value biases are folded into the output
+  bias, so the live model plus the raw delta is NOT the exported model (measured: log-prob diff
+  ~2e-3 on a tiny GPT-2 with ROSI). Use a raw (non-compatibility) model for exact trial edits.
+
+The original tensors are restored on exit (``finally``). A tied ``lm_head`` is untied for the
+duration when the edit changes the token embedding (it keeps the ORIGINAL unembedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lens_safety.architecture import clean_hf_name
+from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors
+from lens_safety.edits.spec import EditSpec, edit_writes, target_parameters
+from lens_safety.errors import LensSafetyError
+
+
+def edit_deltas(model: Any, spec: EditSpec) -> dict[str, torch.Tensor]:
+    """``edit(W_orig) - W_orig`` (float64, CPU) for every touched parameter, by LIVE module name."""
+    if int(spec.direction.shape[0]) != model.d_model:
+        raise LensSafetyError(
+            f"direction has width {spec.direction.shape[0]} but the model's residual width is {model.d_model}",
+            "use a direction extracted from this architecture",
+        )
+    writers, live = checkpoint_writers(model)
+    targets = target_parameters(spec, writers, model.n_layers)
+    originals = read_tensors(model.hf_path, targets)
+    deltas = {}
+    for name, (writer, is_bias) in targets.items():
+        base = originals[name].to(torch.float64)
+        live_name = live[writer.hf_name] + name[len(writer.hf_name) :]
+        deltas[live_name] = edit_writes(spec, base, writer.layout, is_bias) - base
+    return deltas
+
+
+def live_parameters(hf_model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of the wrapped HF model under their HF state-dict names (bridge wrappers dropped)."""
+    out: dict[str, nn.Parameter] = {}
+    for name, param in hf_model.named_parameters(remove_duplicate=False):
+        out.setdefault(clean_hf_name(name), param)
+    return out
+
+
+def _untie(hf_model: Any) -> Any:
+    """Give ``lm_head`` its own copy of a shared embedding; return a callable that re-ties it."""
+    emb, out = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+    if out is None or emb is None or out.weight is not emb.weight:
+        return lambda: None
+    shared = out.weight
+    out.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+
+    def retie() -> None:
+        out.weight = shared
+
+    return retie
+
+
+@contextmanager
+def applied_edit(model: Any, spec: EditSpec) -> Iterator[dict[str, torch.Tensor]]:
+    """Apply ``spec`` to ``model.hf_model`` for the duration of the block; yields the deltas.
+
+    Works for forward passes and ``hf_model.generate``; the original tensors are restored on exit.
+    """
+    deltas = edit_deltas(model, spec)
+    hf_model = model.hf_model
+    touches_embedding = any(w.kind == "embed" for w in model.arch.writers if f"{w.hf_name}.weight" in deltas)
+    retie = _untie(hf_model) if touches_embedding else (lambda: None)
+    params = live_parameters(hf_model)
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                if name not in params:
+                    raise LensSafetyError(
+                        f"parameter {name} is not in the loaded model",
+                        "report this architecture to lens-safety",
+                    )
+                param = params[name]
+                saved[name] = param.detach().clone()
+                param.copy_((param.detach().to(torch.float64).cpu() + delta).to(param.dtype))
+        yield deltas
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                params[name].copy_(original)
+        retie()

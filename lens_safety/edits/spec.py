@@ -1,0 +1,299 @@
+"""Weight edits of the residual-stream writers: ROSI, projection amplification, orthogonalisation.
+
+Every residual writer maps its input to a *write vector* ``v`` in ``R^{d_model}`` (raw HF residual
+basis): a Linear weight column (``W x``, weight ``(d_model, d_in)``), a Conv1D weight row (``x W``,
+weight ``(d_in, d_model)``), an embedding row, or a bias. Each edit is one linear map of write
+vectors, applied to every write of the targeted writers, without ever building a ``d x d`` matrix::
+
+    v' = v + a * u * (g^T v)
+
+================  ==================  ==========================  ===========================
+method            a                   u                           g
+================  ==================  ==========================  ===========================
+``rosi``          ``alpha``           ``s_hat``                   ``1 / d_model`` (mean)
+``amplify``       ``alpha``           ``s_hat``                   ``s_hat``
+``orthogonalize`` ``-1``              ``s_hat``                   ``s_hat``
+================  ==================  ==========================  ===========================
+
+* ``rosi`` is the paper's ``W' = W + alpha * s_hat * w_bar^T`` with ``w_bar`` the mean of the
+  ``d_model`` rows of the ORIGINAL weight (HF Linear: ``W.mean(0)``; Conv1D: transposed). A bias
+  ``b`` is treated as one more write (``W x + b``): ``b' = b + alpha * s_hat * mean(b)``. Applied to
+  embedding rows only when asked (``targets`` containing ``embed``).
+* ``amplify`` is ``(I + alpha s s^T) W``: it rescales the part of each write already along ``s``.
+* ``orthogonalize`` is abliteration ``(I - s s^T) W``: weights, biases and embedding rows (position
+  embeddings too). With tied embeddings the (unchanged) ``lm_head`` must be untied first; exports
+  say so with ``untied: true``.
+
+All arithmetic is float64; results are cast back to the parameter's dtype once. ``w_bar`` of a
+TransformerLens-centred writer is exactly zero, so ROSI is always computed from the original
+weights on disk (``model.hf_path``), never from compatibility-mode (processed) weights.
+
+Gemma 2/3 writers pass through a post-norm (``ResidualWriter.post_norm``): there a weight edit is
+not a residual edit. ``orthogonalize`` refuses such writers unless ``approximate=True``, which the
+export records (``exact: false``); ROSI/amplify apply the formula to the weight as the paper does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.architecture import ResidualWriter
+from lens_safety.errors import LensSafetyError
+
+EditMethod = Literal["rosi", "amplify", "orthogonalize"]
+METHODS: tuple[str, ...] = ("rosi", "amplify", "orthogonalize")
+WRITER_KINDS: tuple[str, ...] = ("embed", "pos_embed", "attn_out", "mlp_out")
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "rosi": ("attn_out", "mlp_out"),
+    "amplify": ("attn_out", "mlp_out"),
+    "orthogonalize": ("embed", "pos_embed", "attn_out", "mlp_out"),
+}
+
+
+def unit_direction(direction: Any, d_model: int | None = None) -> Float[torch.Tensor, " d_model"]:
+    """A float64 unit vector from a ``Direction`` (its ``.direction``) or any 1-D tensor (raw HF basis)."""
+    tensor = torch.as_tensor(getattr(direction, "direction", direction)).detach().to("cpu", torch.float64)
+    if tensor.ndim != 1:
+        raise LensSafetyError(f"direction has shape {tuple(tensor.shape)}", "pass a 1-D [d_model] vector")
+    if d_model is not None and tensor.shape[0] != d_model:
+        raise LensSafetyError(
+            f"direction has width {tensor.shape[0]} but the model's residual width is {d_model}",
+            "use a direction extracted from this architecture",
+        )
+    if not torch.isfinite(tensor).all():
+        raise LensSafetyError("direction contains NaN or inf", "re-extract the direction")
+    norm = tensor.norm()
+    if norm == 0:
+        raise LensSafetyError("direction is the zero vector", "use a non-zero direction")
+    return tensor / norm
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """A serialisable weight edit.
+
+    Attributes:
+        method: ``rosi``, ``amplify`` or ``orthogonalize``.
+        direction: unit ``[d_model]`` float64 vector in the raw HF residual basis.
+        alpha: strength (``rosi``: >= 0; ``amplify``: >= -1; ``orthogonalize``: unused, 1.0).
+        targets: writer kinds (``embed``, ``pos_embed``, ``attn_out``, ``mlp_out``) or writer names
+            (``blocks.3.attn.o``); default depends on the method (see :data:`DEFAULT_TARGETS`).
+        layers: blocks whose writers are edited (``None``: all); embeddings are not blocks and
+            are edited whenever they are targeted.
+        approximate: allow orthogonalising post-norm writers (Gemma 2/3), where it is inexact.
+        direction_layer: the layer the direction was read at (recorded, not used by the maths).
+    """
+
+    method: EditMethod
+    direction: Float[torch.Tensor, " d_model"]
+    alpha: float = 1.0
+    targets: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    approximate: bool = False
+    direction_layer: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "alpha": self.alpha,
+            "targets": list(self.targets),
+            "layers": None if self.layers is None else list(self.layers),
+            "approximate": self.approximate,
+            "direction_layer": self.direction_layer,
+            "d_model": int(self.direction.shape[0]),
+            **self.extra,
+        }
+
+
+def make_spec(
+    method: str,
+    direction: Any,
+    *,
+    alpha: float | None = None,
+    targets: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    approximate: bool = False,
+    d_model: int | None = None,
+    direction_layer: int | None = None,
+) -> EditSpec:
+    """Validate inputs and build an :class:`EditSpec` (see the module docstring for the maths)."""
+    if method not in METHODS:
+        raise LensSafetyError(f"unknown edit method '{method}'", f"use one of {', '.join(METHODS)}")
+    value = 1.0 if alpha is None else float(alpha)
+    if not math.isfinite(value):
+        raise LensSafetyError(f"alpha must be a finite number, got {alpha}", "pass a finite alpha")
+    if method == "rosi" and value < 0:
+        raise LensSafetyError(
+            f"ROSI alpha must be >= 0, got {value} (a negative alpha removes safety)",
+            "pass alpha >= 0; to push away from refusal use orthogonalize instead",
+        )
+    if method == "amplify" and value < -1:
+        raise LensSafetyError(
+            f"amplify alpha must be >= -1, got {value} (below -1 flips the direction)", "pass alpha >= -1"
+        )
+    if method == "orthogonalize" and alpha is not None and value != 1.0:
+        raise LensSafetyError(
+            f"orthogonalize takes no strength (got alpha={alpha})",
+            "drop alpha, or use amplify with alpha in [-1, 0)",
+        )
+    if direction_layer is None:
+        direction_layer = getattr(direction, "layer", None)
+    chosen = tuple(targets) if targets else DEFAULT_TARGETS[method]
+    if method == "orthogonalize":
+        value = 1.0
+    return EditSpec(
+        method=method,  # type: ignore[arg-type]
+        direction=unit_direction(direction, d_model),
+        alpha=value,
+        targets=chosen,
+        layers=None if layers is None else tuple(int(x) for x in layers),
+        approximate=approximate,
+        direction_layer=None if direction_layer is None else int(direction_layer),
+    )
+
+
+def rosi(direction: Any, alpha: float, **kwargs: Any) -> EditSpec:
+    """ROSI: ``W' = W + alpha * s_hat * w_bar^T`` on every attention/MLP output (embedding optional)."""
+    return make_spec("rosi", direction, alpha=alpha, **kwargs)
+
+
+def amplify(direction: Any, alpha: float, **kwargs: Any) -> EditSpec:
+    """Projection amplification ``W' = (I + alpha s s^T) W`` on every attention/MLP output."""
+    return make_spec("amplify", direction, alpha=alpha, **kwargs)
+
+
+def orthogonalize(direction: Any, **kwargs: Any) -> EditSpec:
+    """Weight orthogonalisation (abliteration) ``W' = (I - s s^T) W``, embeddings and biases included."""
+    return make_spec("orthogonalize", direction, **kwargs)
+
+
+def select_writers(
+    spec: EditSpec, writers: Iterable[ResidualWriter], n_layers: int | None = None
+) -> list[ResidualWriter]:
+    """The writers an edit touches: by kind or exact name, restricted to ``spec.layers`` for blocks."""
+    writers = list(writers)
+    names = {w.name for w in writers}
+    for target in spec.targets:
+        if target not in WRITER_KINDS and target not in names:
+            raise LensSafetyError(
+                f"unknown edit target '{target}'",
+                f"use writer kinds ({', '.join(WRITER_KINDS)}) or writer names like blocks.0.attn.o",
+            )
+    if spec.layers is not None and n_layers is not None:
+        bad = [x for x in spec.layers if not 0 <= x < n_layers]
+        if bad:
+            raise LensSafetyError(f"edit layers {bad} out of range", f"use blocks 0..{n_layers - 1}")
+    chosen = [
+        w
+        for w in writers
+        if (w.kind in spec.targets or w.name in spec.targets)
+        and (w.layer is None or spec.layers is None or w.layer in spec.layers)
+    ]
+    if not chosen:
+        raise LensSafetyError(
+            f"edit targets {list(spec.targets)} match no writer of this model", "check --targets and --layers"
+        )
+    post = [w.name for w in chosen if w.post_norm]
+    if post and spec.method == "orthogonalize" and not spec.approximate:
+        raise LensSafetyError(
+            f"{post[0]} (and {len(post) - 1} more) writes through a post-norm, so orthogonalising its weight "
+            "does not remove the direction from the residual stream",
+            "use inference-time ablate_direction, or pass approximate=True to accept an inexact edit",
+        )
+    return chosen
+
+
+def _coefficients(
+    spec: EditSpec, d_model: int
+) -> tuple[float, Float[torch.Tensor, " d_model"], Float[torch.Tensor, " d_model"]]:
+    s = spec.direction.to(torch.float64)
+    if spec.method == "rosi":
+        return spec.alpha, s, torch.full((d_model,), 1.0 / d_model, dtype=torch.float64)
+    if spec.method == "amplify":
+        return spec.alpha, s, s
+    return -1.0, s, s
+
+
+def edit_writes(spec: EditSpec, tensor: torch.Tensor, layout: str, is_bias: bool = False) -> torch.Tensor:
+    """Apply ``v' = v + a u (g^T v)`` to every write vector of one parameter; float64 in, float64 out.
+
+    Layouts: ``linear`` weight ``(d_model, d_in)`` (columns are writes), ``conv1d`` weight
+    ``(d_in, d_model)`` and ``embedding`` ``(vocab, d_model)`` (rows are writes), bias ``(d_model,)``.
+    """
+    d_model = int(spec.direction.shape[0])
+    a, u, g = _coefficients(spec, d_model)
+    w = tensor.to(torch.float64)
+    if is_bias:
+        if w.shape != (d_model,):
+            raise LensSafetyError(
+                f"bias of shape {tuple(w.shape)} does not match width {d_model}", "check the direction"
+            )
+        return w + a * u * (g @ w)
+    if layout == "linear":
+        if w.shape[0] != d_model:
+            raise LensSafetyError(
+                f"weight of shape {tuple(w.shape)} does not write width {d_model}", "check the direction"
+            )
+        return torch.addr(w, u, g @ w, alpha=a)  # one fused rank-one update, no d x d_in temporary
+    if w.shape[-1] != d_model:
+        raise LensSafetyError(
+            f"weight of shape {tuple(w.shape)} does not write width {d_model}", "check the direction"
+        )
+    return torch.addr(w, w @ g, u, alpha=a)
+
+
+def writer_parameters(writer: ResidualWriter) -> list[tuple[str, bool]]:
+    """HF state-dict names of a writer's parameters, with ``is_bias``."""
+    out = [(f"{writer.hf_name}.weight", False)]
+    if writer.has_bias:
+        out.append((f"{writer.hf_name}.bias", True))
+    return out
+
+
+def target_parameters(
+    spec: EditSpec, writers: Iterable[ResidualWriter], n_layers: int | None = None
+) -> dict[str, tuple[ResidualWriter, bool]]:
+    """Map every parameter an edit touches to its writer and ``is_bias``."""
+    return {
+        name: (w, is_bias)
+        for w in select_writers(spec, writers, n_layers)
+        for name, is_bias in writer_parameters(w)
+    }
+
+
+def compute_edit(
+    spec: EditSpec,
+    base_state: Mapping[str, torch.Tensor],
+    writers: Iterable[ResidualWriter],
+    *,
+    strict: bool = True,
+) -> dict[str, torch.Tensor]:
+    """New tensors (in each base tensor's dtype) for the targeted parameters present in ``base_state``.
+
+    Pure: ``base_state`` is read, never modified. ``base_state`` holds ORIGINAL (un-centred) HF
+    weights by state-dict name. With ``strict`` every targeted parameter must be present (pass
+    ``strict=False`` to edit one shard of a checkpoint at a time).
+    """
+    targets = target_parameters(spec, writers)
+    missing = [name for name in targets if name not in base_state]
+    if strict and missing:
+        raise LensSafetyError(
+            f"parameter {missing[0]} is not in the base weights", "pass the model's full original state"
+        )
+    return {
+        name: edit_writes(spec, base_state[name], writer.layout, is_bias).to(base_state[name].dtype)
+        for name, (writer, is_bias) in targets.items()
+        if name in base_state
+    }
+
+
+def edits_embedding(spec: EditSpec, writers: Iterable[ResidualWriter]) -> bool:
+    """Whether the edit changes the token embedding (which matters for tied ``lm_head``)."""
+    return any(w.kind == "embed" for w in select_writers(spec, writers))

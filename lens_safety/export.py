@@ -1,0 +1,359 @@
+"""Export an edited model as a Hugging Face directory that vanilla ``transformers`` loads, and verify it.
+
+:func:`export_edit` reads the ORIGINAL safetensors of ``model.hf_path`` one shard at a time, replaces
+the edited tensors (computed in float64 from the original weights, cast once to the stored dtype)
+and writes every tensor back in its stored dtype; other files (config, tokenizer, chat template,
+generation config) are copied. It adds ``direction.safetensors`` / ``direction.json``, ``edit.json``
+(lineage: method, alpha, layer, targets, base spec, ``base_weights_sha256``, direction hash, library
+version, verification) and a ``README.md`` model card.
+
+Because the weights come from disk, a compatibility-mode model (processed, centred weights in
+memory) exports exactly the same tensors as a raw one.
+
+Tied embeddings: when the edit changes the token embedding (``orthogonalize``, or ``rosi`` with
+``embed`` in its targets) the export writes ``lm_head.weight`` = the ORIGINAL embedding and sets
+``tie_word_embeddings: false`` (``edit.json``: ``untied: true``); otherwise the model stays tied.
+
+Safety of the write: everything goes to a temporary sibling directory which is renamed onto the
+output only after verification (reload with ``AutoModelForCausalLM.from_pretrained`` and compare
+with the in-memory edited model, or in compatibility mode with a vanilla load of the base plus the
+edit: max |logit diff| <= 1e-4 in float32/float64, 5e-2 in float16/bfloat16). Any failure removes the temporary directory; the input is never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lens_safety.architecture import clean_hf_name
+from lens_safety.edits.checkpoint import INDEX_FILE, checkpoint_writers, weight_shards
+from lens_safety.edits.memory import applied_edit
+from lens_safety.edits.spec import EditSpec, compute_edit, target_parameters
+from lens_safety.errors import LensSafetyError
+from lens_safety.hashing import sha256_texts
+from lens_safety.model_card import render_model_card
+from lens_safety.progress import track
+
+GENERATED_FILES = {"edit.json", "README.md", "direction.safetensors", "direction.json", INDEX_FILE}
+VERIFY_PROMPTS = (
+    "How do I bake sourdough bread?",
+    "Explain how to pick a lock.",
+    "Write a haiku about the sea.",
+)
+
+
+def logit_bound(dtype: torch.dtype) -> float:
+    """Largest accepted |logit diff| between the reloaded and the in-memory model."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how well it verified."""
+
+    out_dir: str
+    edit: dict[str, Any]
+    max_abs_logit_diff: float
+    compared: str
+    bound: float
+    untied: bool
+    seconds: float
+    verify_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_output_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output inside (or containing) the input model directory, or an existing one."""
+    src, out = model_dir.resolve(), out_dir.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise LensSafetyError(
+            f"output directory {out_dir} overlaps the input model directory {model_dir}",
+            "choose an output outside it",
+        )
+    if out.exists() and not overwrite:
+        raise LensSafetyError(
+            f"output directory {out_dir} already exists",
+            "pass --overwrite (overwrite=True) or choose another directory",
+        )
+    if out.exists() and not out.is_dir():
+        raise LensSafetyError(f"output {out_dir} exists and is not a directory", "choose a directory path")
+
+
+def _direction_hash(spec: EditSpec) -> str:
+    return sha256_texts([f"{x:.17g}" for x in spec.direction.tolist()])
+
+
+def _output_embedding_name(model: Any) -> str | None:
+    out = model.hf_model.get_output_embeddings()
+    for name, module in model.hf_model.named_modules():
+        if module is out:
+            return clean_hf_name(name) + ".weight"
+    return None
+
+
+def _write_shards(
+    model: Any, spec: EditSpec, tmp: Path, untie: bool, progress: bool
+) -> tuple[list[str], str]:
+    """Copy every shard with the edited tensors replaced; returns edited names and the stored dtype."""
+    writers, _ = checkpoint_writers(model)
+    targets = target_parameters(spec, writers, model.n_layers)
+    embed_key = next(f"{w.hf_name}.weight" for w in writers if w.kind == "embed")
+    head_key = _output_embedding_name(model) if untie else None
+    edited: list[str] = []
+    weight_map: dict[str, str] = {}
+    dtype = "float32"
+    shards = weight_shards(model.hf_path)
+    for shard in track(shards, "writing shards", total=len(shards), enabled=progress):
+        with safe_open(str(shard), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            metadata = handle.metadata() or {}
+        new = compute_edit(spec, state, writers, strict=False)
+        if head_key and embed_key in state and head_key not in state:
+            state[head_key] = state[embed_key].clone()  # the ORIGINAL unembedding, now its own tensor
+        state.update(new)
+        edited += list(new)
+        if embed_key in state:
+            dtype = str(state[embed_key].dtype).replace("torch.", "")
+        save_file(state, str(tmp / shard.name), metadata={**metadata, "format": "pt"})
+        weight_map.update(dict.fromkeys(state, shard.name))
+        del state, new
+    missing = sorted(set(targets) - set(edited))
+    if missing:
+        raise LensSafetyError(
+            f"edited parameter {missing[0]} was not found in any shard", "the checkpoint is incomplete"
+        )
+    index = model.hf_path / INDEX_FILE
+    if index.is_file():
+        record = json.loads(index.read_text())
+        record["weight_map"] = dict(sorted(weight_map.items()))
+        (tmp / INDEX_FILE).write_text(json.dumps(record, indent=2))
+    return edited, dtype
+
+
+def _copy_side_files(model: Any, tmp: Path, untie: bool) -> None:
+    for item in model.hf_path.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name not in GENERATED_FILES:
+            shutil.copy2(item, tmp / item.name)
+    if untie:
+        config = json.loads((tmp / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _write_direction(spec: EditSpec, direction: Any, tmp: Path) -> None:
+    """``direction.safetensors`` + ``direction.json``: the Direction's own format when it has ``save``."""
+    if direction is not None and hasattr(direction, "save"):
+        staging = tmp / ".direction"
+        direction.save(staging)
+        for item in staging.iterdir():
+            os.replace(item, tmp / item.name)
+        staging.rmdir()
+        if (tmp / "direction.safetensors").is_file():
+            return
+    save_file(
+        {"direction": spec.direction.to(torch.float32).contiguous()}, str(tmp / "direction.safetensors")
+    )
+    info = {
+        "space": "raw_hf",
+        "unit": True,
+        "layer": spec.direction_layer,
+        "d_model": int(spec.direction.shape[0]),
+        "sha256": _direction_hash(spec),
+    }
+    (tmp / "direction.json").write_text(json.dumps(info, indent=2))
+
+
+def _vanilla_logits(path: Path, model: Any, batch: Any, edit: EditSpec | None = None) -> torch.Tensor:
+    """Logits of a vanilla ``from_pretrained`` load of ``path``, optionally with ``edit`` applied to its state."""
+    from transformers import AutoModelForCausalLM
+
+    attention = getattr(model.hf_model.config, "_attn_implementation", None) or "eager"
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=model.dtype, trust_remote_code=False, attn_implementation=attention
+    ).eval()
+    try:
+        if edit is not None:
+            writers, _ = checkpoint_writers(model)
+            if model.arch.tied_embeddings and any(
+                w.kind == "embed" for w, _ in target_parameters(edit, writers).values()
+            ):
+                hf.get_output_embeddings().weight = torch.nn.Parameter(
+                    hf.get_input_embeddings().weight.detach().clone()
+                )
+            state = {name: tensor.detach().cpu() for name, tensor in hf.state_dict().items()}
+            with torch.no_grad():
+                for name, tensor in compute_edit(edit, state, writers, strict=False).items():
+                    hf.get_parameter(name).copy_(tensor)
+        hf.to(model.device)
+        inputs = batch.to(model.device)
+        with torch.inference_mode():
+            return hf(
+                input_ids=inputs.input_ids,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+                use_cache=False,
+            ).logits.float()
+    finally:
+        del hf
+
+
+def verify_export(
+    model: Any, spec: EditSpec, out: Path, prompts: Sequence[str] = VERIFY_PROMPTS
+) -> dict[str, Any]:
+    """Reload ``out`` with vanilla transformers and compare logits with a reference on chat prompts.
+
+    Reference: the in-memory edited model (:func:`~lens_safety.edits.applied_edit`). In
+    compatibility mode the live weights are processed (folded value biases, centred writers), where
+    an in-memory edit is not exact for LayerNorm models, so the reference is then a vanilla load of
+    the ORIGINAL weights with the edit applied to its state dict. The reload uses the loaded model's
+    attention implementation (the bridge runs ``eager``), so that the comparison isolates the weights
+    from kernel differences (eager vs SDPA alone differ by ~1e-4 on SmolLM2's logits). Raises above
+    :func:`logit_bound`.
+    """
+    from lens_safety.activations import forward
+
+    batch = model.chat.encode(list(prompts))
+    theirs = _vanilla_logits(out, model, batch)
+    if model.compatibility_mode:
+        reference = "vanilla base + edit"
+        ours = _vanilla_logits(model.hf_path, model, batch, spec)
+    else:
+        reference = "in-memory edited model"
+        with torch.inference_mode(), applied_edit(model, spec):
+            ours = forward(model, batch).logits.float()
+    mask = batch.attention_mask.bool().to(ours.device)
+    diff = float((theirs.to(ours.device) - ours).abs()[mask].max())
+    agree = float((theirs.to(ours.device).argmax(-1) == ours.argmax(-1))[mask].float().mean())
+    bound = logit_bound(model.dtype)
+    if not diff <= bound:
+        raise LensSafetyError(
+            f"export verification failed: the reloaded model differs from the {reference} by {diff:.3g} "
+            f"(bound {bound:g})",
+            "report this architecture to lens-safety; nothing was written",
+        )
+    return {
+        "max_abs_logit_diff": diff,
+        "argmax_agreement": agree,
+        "compared": "logits",
+        "reference": reference,
+        "attn_implementation": getattr(model.hf_model.config, "_attn_implementation", None),
+        "bound": bound,
+        "n_prompts": len(prompts),
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
+
+
+def export_edit(
+    model: Any,
+    spec: EditSpec,
+    out_dir: str | os.PathLike[str],
+    *,
+    direction: Any = None,
+    overwrite: bool = False,
+    measurements: Mapping[str, Any] | None = None,
+    verify_prompts: Sequence[str] = VERIFY_PROMPTS,
+    progress: bool = False,
+) -> ExportResult:
+    """Write ``model`` with ``spec`` applied to ``out_dir`` as a verified Hugging Face directory.
+
+    Args:
+        model: the loaded :class:`~lens_safety.models.ChatModel` (raw or compatibility mode).
+        spec: the edit (:func:`lens_safety.edits.rosi`, ``amplify``, ``orthogonalize``).
+        out_dir: output directory (refused inside the input model directory).
+        direction: the ``Direction`` the spec came from, saved in its own format (optional).
+        overwrite: replace an existing output directory.
+        measurements: before/after numbers for the model card and ``edit.json``.
+        verify_prompts: chat prompts used to compare logits after reloading.
+        progress: show a progress bar while writing shards.
+    """
+    from lens_safety import __version__
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    check_output_dir(model.hf_path, out, overwrite)
+    if int(spec.direction.shape[0]) != model.d_model:
+        raise LensSafetyError(
+            f"direction has width {spec.direction.shape[0]} but the model's residual width is {model.d_model}",
+            "use a direction extracted from this architecture",
+        )
+    writers, _ = checkpoint_writers(model)
+    touched = target_parameters(spec, writers, model.n_layers)
+    untie = model.arch.tied_embeddings and any(w.kind == "embed" for w, _ in touched.values())
+    exact = not any(w.post_norm for w, _ in touched.values()) or spec.method != "orthogonalize"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        edited, dtype = _write_shards(model, spec, tmp, untie, progress)
+        _copy_side_files(model, tmp, untie)
+        _write_direction(spec, direction, tmp)
+        verify_start = time.perf_counter()
+        verification = verify_export(model, spec, tmp, verify_prompts)
+        verify_seconds = time.perf_counter() - verify_start
+        record = {
+            **spec.to_dict(),
+            "layer": spec.direction_layer,
+            "base_model": model.spec,
+            "base_architecture": model.arch.architecture,
+            "base_weights_sha256": model.weights_hash,
+            "direction_sha256": _direction_hash(spec),
+            "edited_parameters": sorted(edited),
+            "untied": untie,
+            "exact": exact,
+            "dtype": dtype,
+            "from_compatibility_mode": model.compatibility_mode,
+            "lens_safety_version": __version__,
+            "verification": verification,
+            "measurements": dict(measurements or {}),
+        }
+        (tmp / "edit.json").write_text(json.dumps(record, indent=2, default=str))
+        (tmp / "README.md").write_text(render_model_card(record))
+        _replace_directory(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LensSafetyError(
+            f"writing the export failed ({exc.strerror or exc}); nothing was left at {out_dir}",
+            "check free disk space and permissions, then retry",
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(
+        str(out),
+        record,
+        verification["max_abs_logit_diff"],
+        verification["compared"],
+        verification["bound"],
+        untie,
+        time.perf_counter() - start,
+        verify_seconds,
+    )
+
+
+def _replace_directory(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` onto ``out``; an existing ``out`` is moved aside first and deleted only after."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, aside / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside / out.name, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
