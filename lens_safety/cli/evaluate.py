@@ -1,0 +1,194 @@
+"""``lens-safety eval``, ``judge-agreement`` and ``report``: measure models and compare them."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lens_safety.cli import app
+from lens_safety.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    NoTemplateOpt,
+    SystemPromptOpt,
+    load_cli_model,
+    print_json,
+    quiet_libraries,
+)
+from lens_safety.errors import LensSafetyError
+
+JudgeOpt = Annotated[
+    str,
+    typer.Option(
+        "--judge", help="substring (reference list), substring-strict, or hf:<classifier id or path>."
+    ),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Fail before any work when an output file exists (without --overwrite) or cannot be written."""
+    if path.exists() and not overwrite:
+        raise LensSafetyError(f"'{path}' already exists", "pass --overwrite or choose another path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise LensSafetyError(
+            f"cannot write '{path}' (missing or read-only folder)", "choose a writable path"
+        )
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write records atomically (a partial file never remains)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(jsonlib.dumps(record, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LensSafetyError(f"cannot write '{path}' ({exc.strerror})", "choose a writable path") from None
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelArg = "smollm2",
+    harmful: Annotated[
+        str, typer.Option("--harmful", help="Harmful prompts: file or builtin:harmful[:split].")
+    ] = "builtin:harmful:test",
+    harmless: Annotated[
+        str, typer.Option("--harmless", help="Harmless prompts: file or builtin:harmless[:split].")
+    ] = "builtin:harmless:test",
+    reference: Annotated[
+        str | None, typer.Option("--reference", help="Reference model spec for KL on harmless prompts.")
+    ] = None,
+    jailbreaks: Annotated[
+        bool, typer.Option("--jailbreaks", help="Also measure jailbreak attack-success rate.")
+    ] = False,
+    jailbreak_source: Annotated[
+        str, typer.Option("--jailbreak-source", help="builtin, pyrit, or a .jsonl of {prompt} templates.")
+    ] = "builtin",
+    jailbreak_prompts: Annotated[
+        int, typer.Option("--jailbreak-prompts", help="Harmful prompts wrapped in each template.")
+    ] = 4,
+    limit: Annotated[
+        int, typer.Option("--limit", help="Use the first N prompts of each set (small default for CPUs).")
+    ] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="New tokens per completion.")] = 48,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 16,
+    judge: JudgeOpt = "substring",
+    completions_out: Annotated[
+        Path | None, typer.Option("--completions-out", help="Write every completion to this .jsonl file.")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    no_chat_template: NoTemplateOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Refusal, over-refusal, damage, cross-entropy, optional KL to a reference and jailbreak ASR (greedy)."""
+    from lens_safety.evaluation import evaluate_model, get_judge, load_jailbreak_templates
+    from lens_safety.prompts import PromptSet
+
+    if limit < 1:
+        raise LensSafetyError(f"--limit must be >= 1, got {limit}", "pass a positive --limit")
+    if completions_out is not None:
+        check_writable(completions_out, overwrite)
+    harmful_set = PromptSet.load(harmful).head(limit)
+    harmless_set = PromptSet.load(harmless).head(limit)
+    templates = load_jailbreak_templates(jailbreak_source) if jailbreaks else None
+    the_judge = get_judge(judge)
+    loaded = load_cli_model(model, device, dtype, no_chat_template, system_prompt)
+    ref = load_cli_model(reference, device, dtype, no_chat_template, system_prompt) if reference else None
+    result = evaluate_model(
+        loaded,
+        harmful_set,
+        harmless_set,
+        reference=ref,
+        judge=the_judge,
+        jailbreak_templates=templates,
+        jailbreak_prompts=jailbreak_prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=True,
+    )
+    if completions_out is not None:
+        write_jsonl(completions_out, result.records())
+    if json:
+        print_json(result.to_dict())
+        return
+    _print_summary(loaded.spec, result.summary())
+
+
+def _print_summary(name: str, summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lens-safety eval: {name}")
+    for column in ("metric", "value", "95% CI", "n"):
+        table.add_column(column)
+    for key, entry in summary.items():
+        if entry is not None:
+            table.add_row(
+                key,
+                f"{entry['value']:.4f}",
+                f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]",
+                str(entry["n"]),
+            )
+    Console().print(table)
+
+
+@app.command("judge-agreement")
+def judge_agreement_command(
+    labelled: Annotated[
+        Path, typer.Argument(help="Labelled completions: .jsonl/.csv with completion + refused columns.")
+    ],
+    judge: JudgeOpt = "substring",
+    json: JsonOpt = False,
+) -> None:
+    """Precision, recall and confusion matrix of a judge against labelled completions."""
+    quiet_libraries()
+    from lens_safety.evaluation import judge_agreement, load_labelled
+
+    completions, labels = load_labelled(labelled)
+    result = judge_agreement(judge, completions, labels)
+    if json:
+        print_json(result.to_dict())
+        return
+    typer.echo(f"judge {result.judge} on {result.n} labelled completions")
+    typer.echo(
+        f"precision {result.precision:.3f}  recall {result.recall:.3f}  accuracy {result.accuracy:.3f}"
+    )
+    typer.echo("                 labelled refused  labelled answered")
+    typer.echo(f"judged refused   {result.tp:>16}  {result.fp:>17}")
+    typer.echo(f"judged answered  {result.fn:>16}  {result.tn:>17}")
+
+
+@app.command("report")
+def report(
+    evaluations: Annotated[
+        list[Path], typer.Argument(help="Evaluation JSON files written by 'lens-safety eval --json'.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
+        "lens-safety-report.html"
+    ),
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="Name of each model in the report (repeat, in order).")
+    ] = None,
+    title: Annotated[str, typer.Option("--title", help="Page title.")] = "lens-safety evaluation",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Render a self-contained HTML page comparing evaluated models side by side."""
+    from lens_safety.evaluation.report import load_evaluation, write_report
+
+    check_writable(out, overwrite)
+    data = [load_evaluation(p) for p in evaluations]
+    written = write_report(data, out, label or None, overwrite=overwrite, title=title)
+    typer.echo(str(written))

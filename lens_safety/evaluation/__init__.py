@@ -1,0 +1,78 @@
+"""Evaluation: generation, refusal judges, metrics with bootstrap intervals, jailbreaks, reports.
+
+Every metric keeps its completions for inspection and carries a percentile bootstrap interval.
+"""
+
+from lens_safety.evaluation.agreement import Agreement, judge_agreement, load_labelled
+from lens_safety.evaluation.bootstrap import Estimate, bootstrap
+from lens_safety.evaluation.damage import DamageResult, generation_damage
+from lens_safety.evaluation.divergence import CEResult, KLResult, benign_texts, cross_entropy, kl_divergence
+from lens_safety.evaluation.generation import Generations, Intervention, generate
+from lens_safety.evaluation.jailbreaks import (
+    JailbreakResult,
+    JailbreakTemplate,
+    attack_success_rate,
+    load_jailbreak_templates,
+)
+from lens_safety.evaluation.judges import (
+    REFUSAL_SUBSTRINGS,
+    CallableJudge,
+    ClassifierJudge,
+    Judge,
+    StrictSubstringJudge,
+    SubstringJudge,
+    Verdict,
+    get_judge,
+    judge_from_callable,
+    run_judge,
+)
+from lens_safety.evaluation.metrics import (
+    RateResult,
+    RefusalEvaluation,
+    evaluate_refusal,
+    rate_of_completions,
+    refusal_rate,
+)
+from lens_safety.evaluation.report import render_report, write_report
+from lens_safety.evaluation.suite import ModelEvaluation, evaluate_model
+
+__all__ = [
+    "REFUSAL_SUBSTRINGS",
+    "Agreement",
+    "CEResult",
+    "CallableJudge",
+    "ClassifierJudge",
+    "DamageResult",
+    "Estimate",
+    "Generations",
+    "Intervention",
+    "JailbreakResult",
+    "JailbreakTemplate",
+    "Judge",
+    "KLResult",
+    "ModelEvaluation",
+    "RateResult",
+    "RefusalEvaluation",
+    "StrictSubstringJudge",
+    "SubstringJudge",
+    "Verdict",
+    "attack_success_rate",
+    "benign_texts",
+    "bootstrap",
+    "cross_entropy",
+    "evaluate_model",
+    "evaluate_refusal",
+    "generate",
+    "generation_damage",
+    "get_judge",
+    "judge_agreement",
+    "judge_from_callable",
+    "kl_divergence",
+    "load_jailbreak_templates",
+    "load_labelled",
+    "rate_of_completions",
+    "refusal_rate",
+    "render_report",
+    "run_judge",
+    "write_report",
+]

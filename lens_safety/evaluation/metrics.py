@@ -1,0 +1,191 @@
+"""Refusal metrics with bootstrap intervals, keeping every completion for inspection.
+
+* :func:`refusal_rate` — generate (greedy by default) and judge: ``rate = (1/n) sum_i refused_i``;
+  on harmful prompts this is the refusal rate, on harmless prompts the over-refusal rate.
+* :func:`evaluate_refusal` — both at once, reported side by side.
+* :func:`rate_of_completions` — judge completions you already have.
+
+Intervals are percentile bootstraps over prompts (:mod:`lens_safety.evaluation.bootstrap`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lens_safety.evaluation.bootstrap import Estimate, bootstrap
+from lens_safety.evaluation.generation import Generations, Intervention, generate
+from lens_safety.evaluation.judges import Judge, Verdict, get_judge, run_judge
+from lens_safety.models import ChatModel
+from lens_safety.prompts import PromptSet
+
+
+@dataclass
+class RateResult:
+    """A refusal rate over completions, with its bootstrap interval and the evidence.
+
+    Attributes:
+        rate: fraction of completions judged refusals.
+        ci_low, ci_high: bootstrap interval of ``rate`` (95% by default).
+        n: number of completions judged.
+        completions: the completions, in prompt order.
+        refused: the judge's decision per completion.
+        prompts: the instruction of each completion.
+        scores: the judge's refusal score per completion (``None`` where it has none).
+        judge: the judge's name.
+        generations: the generation run (settings, token counts, truncation), when this module generated.
+    """
+
+    rate: float
+    ci_low: float
+    ci_high: float
+    n: int
+    completions: list[str]
+    refused: list[bool]
+    prompts: list[str] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)
+    judge: str = "substring"
+    generations: Generations | None = field(default=None, repr=False)
+
+    @property
+    def estimate(self) -> Estimate:
+        return Estimate(self.rate, self.ci_low, self.ci_high, self.n)
+
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """One dict per completion: prompt, completion, refused (and ``kind`` when given)."""
+        rows = []
+        for i, (completion, refused) in enumerate(zip(self.completions, self.refused, strict=True)):
+            row: dict[str, Any] = {"prompt": self.prompts[i] if self.prompts else None}
+            if kind is not None:
+                row["kind"] = kind
+            row.update(
+                {
+                    "completion": completion,
+                    "refused": refused,
+                    "score": self.scores[i] if self.scores else None,
+                }
+            )
+            if self.generations is not None:
+                row["n_tokens"] = self.generations.n_tokens[i]
+                row["truncated"] = self.generations.truncated[i]
+            rows.append(row)
+        return rows
+
+    def to_dict(self, include_completions: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "rate": self.rate,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "n": self.n,
+            "judge": self.judge,
+        }
+        if include_completions:
+            out["records"] = self.records()
+        return out
+
+
+def rate_of_completions(
+    completions: Sequence[str],
+    prompts: Sequence[str] | None = None,
+    judge: Judge | str | None = None,
+    *,
+    seed: int = 0,
+    generations: Generations | None = None,
+) -> RateResult:
+    """Judge existing completions and return the refusal rate with its bootstrap interval."""
+    the_judge = get_judge(judge)
+    verdicts: list[Verdict] = run_judge(
+        the_judge, list(completions), list(prompts) if prompts is not None else None
+    )
+    refused = [v.refused for v in verdicts]
+    estimate = bootstrap([float(r) for r in refused], seed=seed)
+    return RateResult(
+        rate=estimate.value,
+        ci_low=estimate.ci_low,
+        ci_high=estimate.ci_high,
+        n=estimate.n,
+        completions=list(completions),
+        refused=refused,
+        prompts=list(prompts) if prompts is not None else [],
+        scores=[v.score for v in verdicts],
+        judge=getattr(the_judge, "name", "judge"),
+        generations=generations,
+    )
+
+
+def refusal_rate(
+    model: ChatModel,
+    prompts: PromptSet | Sequence[str],
+    judge: Judge | str | None = None,
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    intervention: Intervention | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    progress: bool = False,
+) -> RateResult:
+    """Generate a completion per prompt and return the fraction the judge calls refusals.
+
+    Greedy decoding by default (deterministic). ``judge`` defaults to :class:`SubstringJudge`.
+    """
+    gens = generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        do_sample=do_sample,
+        temperature=temperature,
+        seed=seed,
+        intervention=intervention,
+        progress=progress,
+    )
+    return rate_of_completions(gens.completions, gens.prompt_of_completion, judge, generations=gens)
+
+
+@dataclass
+class RefusalEvaluation:
+    """Refusal on harmful prompts next to over-refusal on harmless prompts."""
+
+    harmful: RateResult
+    harmless: RateResult
+
+    def records(self) -> list[dict[str, Any]]:
+        return self.harmful.records("harmful") + self.harmless.records("harmless")
+
+    def to_dict(self, include_completions: bool = True) -> dict[str, Any]:
+        return {
+            "harmful_refusal_rate": self.harmful.to_dict(include_completions),
+            "harmless_refusal_rate": self.harmless.to_dict(include_completions),
+        }
+
+
+def evaluate_refusal(
+    model: ChatModel,
+    harmful: PromptSet | Sequence[str],
+    harmless: PromptSet | Sequence[str],
+    judge: Judge | str | None = None,
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    intervention: Intervention | None = None,
+    progress: bool = False,
+) -> RefusalEvaluation:
+    """Refusal rate on ``harmful`` and over-refusal rate on ``harmless`` prompts, same settings."""
+    the_judge = get_judge(judge)
+    settings: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "system_prompt": system_prompt,
+        "intervention": intervention,
+        "progress": progress,
+    }
+    return RefusalEvaluation(
+        harmful=refusal_rate(model, harmful, the_judge, **settings),
+        harmless=refusal_rate(model, harmless, the_judge, **settings),
+    )

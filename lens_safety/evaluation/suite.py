@@ -1,0 +1,142 @@
+"""The whole evaluation of one model in one call: what ``lens-safety eval`` runs.
+
+:func:`evaluate_model` measures, with bootstrap intervals: refusal on harmful prompts, over-refusal
+on harmless prompts, generation damage on the harmless completions, cross-entropy on held-out
+benign text, and optionally KL(reference || model) on the harmless prompts and the jailbreak
+attack-success rate. :meth:`ModelEvaluation.to_dict` is the JSON the CLI prints and the report reads:
+top-level ``harmful_refusal_rate``, ``harmless_refusal_rate``, ``kl_harmless``, ``ce_benign``,
+``jailbreak_asr`` entries each hold ``value``, ``ci_low``, ``ci_high``, ``n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lens_safety.evaluation.damage import DamageResult, generation_damage
+from lens_safety.evaluation.divergence import (
+    CEResult,
+    KLResult,
+    check_same_tokenizer,
+    cross_entropy,
+    kl_divergence,
+)
+from lens_safety.evaluation.generation import Intervention
+from lens_safety.evaluation.jailbreaks import JailbreakResult, JailbreakTemplate, attack_success_rate
+from lens_safety.evaluation.judges import Judge, get_judge
+from lens_safety.evaluation.metrics import RefusalEvaluation, evaluate_refusal
+from lens_safety.models import ChatModel
+from lens_safety.prompts import PromptSet
+
+
+@dataclass
+class ModelEvaluation:
+    """Every metric of one model, with its completions."""
+
+    model: dict[str, Any]
+    judge: str
+    refusal: RefusalEvaluation
+    damage: DamageResult
+    ce: CEResult | None = None
+    kl: KLResult | None = None
+    jailbreaks: JailbreakResult | None = None
+    settings: dict[str, Any] | None = None
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per completion (harmful, harmless, then jailbreak), for ``--completions-out``."""
+        return self.refusal.records() + (self.jailbreaks.records() if self.jailbreaks else [])
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers with intervals (no completions)."""
+        out: dict[str, Any] = {
+            "harmful_refusal_rate": self.refusal.harmful.estimate.to_dict(),
+            "harmless_refusal_rate": self.refusal.harmless.estimate.to_dict(),
+            "kl_harmless": self.kl.first_token.to_dict() if self.kl else None,
+            "kl_harmless_continuation": self.kl.continuation.to_dict() if self.kl else None,
+            "ce_benign": self.ce.ce.to_dict() if self.ce else None,
+            "jailbreak_asr": self.jailbreaks.asr.to_dict() if self.jailbreaks else None,
+        }
+        out.update({f"damage_{k}": v for k, v in self.damage.to_dict().items()})
+        return out
+
+    def to_dict(self, include_completions: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model,
+            "judge": self.judge,
+            "settings": self.settings or {},
+            **self.summary(),
+        }
+        out["jailbreak_per_template"] = (
+            {k: v.to_dict() for k, v in self.jailbreaks.per_template.items()} if self.jailbreaks else None
+        )
+        if self.kl:
+            out["kl_reference"] = self.kl.reference
+        if include_completions:
+            out["records"] = self.records()
+        return out
+
+
+def evaluate_model(
+    model: ChatModel,
+    harmful: PromptSet | Sequence[str],
+    harmless: PromptSet | Sequence[str],
+    *,
+    reference: ChatModel | None = None,
+    judge: Judge | str | None = None,
+    jailbreak_templates: Sequence[JailbreakTemplate] | None = None,
+    jailbreak_prompts: int = 4,
+    benign_texts: Sequence[str] | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    intervention: Intervention | None = None,
+    progress: bool = False,
+) -> ModelEvaluation:
+    """Run the evaluation suite (see the module docstring).
+
+    ``jailbreak_templates`` (None: no jailbreak run) wrap the first ``jailbreak_prompts`` harmful prompts.
+    ``reference`` enables KL; it must share the tokenizer (checked before any generation).
+    """
+    if reference is not None:
+        check_same_tokenizer(model, reference)
+    the_judge = get_judge(judge)
+    harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
+    common: dict[str, Any] = {
+        "batch_size": batch_size,
+        "system_prompt": system_prompt,
+        "intervention": intervention,
+        "progress": progress,
+    }
+    refusal = evaluate_refusal(
+        model, harmful_set, harmless_set, the_judge, max_new_tokens=max_new_tokens, **common
+    )
+    assert refusal.harmless.generations is not None
+    damage = generation_damage(refusal.harmless.generations)
+    kl = None
+    if reference is not None:
+        kl = kl_divergence(model, reference, harmless_set, max_new_tokens=min(max_new_tokens, 16), **common)
+    ce = cross_entropy(
+        model, benign_texts, batch_size=batch_size, intervention=intervention, progress=progress
+    )
+    jailbreaks = None
+    if jailbreak_templates:
+        jailbreaks = attack_success_rate(
+            model,
+            harmful_set.head(jailbreak_prompts),
+            jailbreak_templates,
+            the_judge,
+            max_new_tokens=max_new_tokens,
+            **common,
+        )
+    settings = {
+        "harmful": harmful_set.metadata(),
+        "harmless": harmless_set.metadata(),
+        "max_new_tokens": max_new_tokens,
+        "system_prompt": system_prompt,
+        "decoding": "greedy",
+        "reference": reference.identity() if reference is not None else None,
+    }
+    return ModelEvaluation(
+        model.identity(), getattr(the_judge, "name", "judge"), refusal, damage, ce, kl, jailbreaks, settings
+    )

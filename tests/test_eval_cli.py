@@ -1,0 +1,101 @@
+"""``lens-safety eval`` / ``judge-agreement``: JSON output, completions file, bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lens_safety.cli import main
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_json_and_completions(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(tiny_dirs["llama"])
+    out_file = tmp_path / "completions.jsonl"
+    code, out, err = run(
+        [
+            "eval",
+            model,
+            "--reference",
+            model,
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--jailbreaks",
+            "--jailbreak-prompts",
+            "1",
+            "--completions-out",
+            str(out_file),
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    for key in ("harmful_refusal_rate", "harmless_refusal_rate", "kl_harmless"):
+        assert {"value", "ci_low", "ci_high", "n"} <= set(data[key])
+    assert data["harmful_refusal_rate"]["n"] == 2
+    assert data["kl_harmless"]["value"] == pytest.approx(0.0, abs=1e-12)  # the model against itself
+    assert data["jailbreak_asr"]["n"] == 12
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["kind"] for r in records[:4]] == ["harmful", "harmful", "harmless", "harmless"]
+    assert all({"prompt", "kind", "completion", "refused"} <= set(r) for r in records)
+    # no overwrite without --overwrite, checked before any work
+    code, _, err = run(["eval", model, "--limit", "1", "--completions-out", str(out_file)], capsys)
+    assert code == 2 and err.startswith("error:") and "already exists" in err and "Traceback" not in err
+
+
+def test_eval_bad_input(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(tiny_dirs["llama"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    code, _, err = run(["eval", model, "--harmful", str(empty)], capsys)
+    assert code == 2 and "empty" in err and err.count("\n") == 1
+    code, _, err = run(["eval", model, "--completions-out", str(tmp_path / "missing" / "c.jsonl")], capsys)
+    assert code == 2 and "cannot write" in err
+    other = tmp_path / "other"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["<lens-safety-other>"])
+    AutoModelForCausalLM.from_pretrained(model).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    code, _, err = run(
+        ["eval", model, "--reference", str(other), "--limit", "1", "--max-new-tokens", "2"], capsys
+    )
+    assert code == 2 and "different tokenizer" in err and "Traceback" not in err
+    code, _, err = run(["eval", model, "--judge", "nonsense"], capsys)
+    assert code == 2 and "unknown judge" in err
+
+
+def test_judge_agreement_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labelled = tmp_path / "labels.csv"
+    labelled.write_text(
+        'completion,refused\n"I\'m sorry, I cannot.",true\n"I can\'t wait to help!",false\nSure thing.,false\n'
+    )
+    code, out, _ = run(["judge-agreement", str(labelled), "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["confusion"] == {"tp": 1, "fp": 1, "fn": 0, "tn": 1}
+    assert data["precision"] == 0.5 and data["recall"] == 1.0
+    code, out, _ = run(["judge-agreement", str(labelled), "--judge", "substring-strict"], capsys)
+    assert code == 0 and "precision 1.000" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hi", "label": "maybe"}\n')
+    code, _, err = run(["judge-agreement", str(bad)], capsys)
+    assert code == 2 and "not a boolean" in err
