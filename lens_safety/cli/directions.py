@@ -1,0 +1,348 @@
+"""``lens-safety directions`` and ``lens-safety probe``: find a refusal direction, probe every layer."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lens_safety.cli import app
+from lens_safety.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    NoTemplateOpt,
+    SystemPromptOpt,
+    load_cli_model,
+    print_json,
+)
+from lens_safety.errors import LensSafetyError
+
+HarmfulOpt = Annotated[
+    str, typer.Option("--harmful", help="Harmful prompts: .txt/.jsonl/.csv file or builtin:harmful.")
+]
+HarmlessOpt = Annotated[
+    str, typer.Option("--harmless", help="Harmless prompts: .txt/.jsonl/.csv file or builtin:harmless.")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
+
+
+def _parse_auto(value: str, name: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise LensSafetyError(
+            f"--{name} must be 'auto' or an integer, got '{value}'", f"pass e.g. --{name} auto"
+        ) from None
+
+
+def _parse_ints(value: str | None, name: str) -> list[int] | None:
+    if value is None or value == "all":
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise LensSafetyError(
+            f"--{name} must be comma-separated integers, got '{value}'", f"pass e.g. --{name} -1,-2"
+        ) from None
+
+
+def _load_classes(harmful: str, harmless: str) -> tuple[Any, Any]:
+    from lens_safety.probing import validate_classes
+    from lens_safety.prompts import PromptSet
+
+    harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
+    validate_classes(harmful_set, harmless_set)
+    return harmful_set, harmless_set
+
+
+def _write_figures(
+    report: Any, model: Any, figures: Path, batch_size: int, system_prompt: str | None
+) -> list[str]:
+    from lens_safety import viz
+    from lens_safety.activations import collect_activations
+
+    candidates, direction = report.candidates, report.direction
+    written = {
+        "direction_norms": viz.direction_norms_figure(candidates),
+        "separation": viz.separation_figure(candidates),
+        "mean_projections": viz.mean_projections_figure(candidates, direction.position),
+        "cosine": viz.cosine_heatmap(
+            viz.candidate_cosines(direction.directions),
+            title=f"Cosine of candidates across layers (position {direction.position})",
+        ),
+    }
+    if report.selection is not None:
+        written["selection"] = viz.selection_scores_figure(report.selection)
+    reads = [
+        collect_activations(
+            model, p, positions=(direction.position,), batch_size=batch_size, system_prompt=system_prompt
+        ).tensor[:, :, 0]
+        for p in report.heldout
+    ]
+    written["projection_scatter"] = viz.projection_scatter(
+        reads[0], reads[1], list(range(model.n_layers)), direction.directions, direction.layer
+    )
+    figures.mkdir(parents=True, exist_ok=True)
+    for name, fig in written.items():
+        viz.figure_html(fig, figures / f"{name}.html")
+    return sorted(f"figures/{name}.html" for name in written)
+
+
+@app.command()
+def directions(
+    model: ModelArg = "smollm2",
+    harmful: HarmfulOpt = "builtin:harmful",
+    harmless: HarmlessOpt = "builtin:harmless",
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Output directory (direction.safetensors, direction.json, figures/)."),
+    ] = Path("direction"),
+    method: Annotated[str, typer.Option("--method", help="mean-diff (default), pca or probe.")] = "mean-diff",
+    layer: Annotated[str, typer.Option("--layer", help="auto (selection) or a block index.")] = "auto",
+    position: Annotated[
+        str, typer.Option("--position", help="auto (selection) or a negative position.")
+    ] = "auto",
+    score_layers: Annotated[
+        str | None,
+        typer.Option("--score-layers", help="Layers selection scores: 'all' (default) or e.g. 8,10,12."),
+    ] = None,
+    score_positions: Annotated[
+        str,
+        typer.Option(
+            "--score-positions",
+            help="Positions selection scores: -1 (default), 'all' post-instruction, or e.g. -1,-2.",
+        ),
+    ] = "-1",
+    n_val: Annotated[
+        int, typer.Option("--n-val", help="Validation prompts per class used by selection.")
+    ] = 16,
+    ablation: Annotated[
+        str,
+        typer.Option(
+            "--ablation",
+            help="Selection's bypass/KL ablation: zero (Arditi) or affine (set to harmless mean).",
+        ),
+    ] = "zero",
+    filter_train: Annotated[
+        bool,
+        typer.Option(
+            "--filter-train", help="Keep only refused harmful / answered harmless training prompts."
+        ),
+    ] = False,
+    system_prompt: SystemPromptOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output directory.")
+    ] = False,
+    no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the HTML figures.")] = False,
+    batch_size: BatchOpt = 16,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    no_chat_template: NoTemplateOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Extract candidate refusal directions, select one, write DIR/direction.safetensors, .json and figures."""
+    from lens_safety.directions import METHODS, find_direction
+    from lens_safety.selection import SelectionConfig
+
+    if method not in METHODS:
+        raise LensSafetyError(f"unknown method '{method}'", f"use one of {', '.join(METHODS)}")
+    if ablation not in ("zero", "affine"):
+        raise LensSafetyError(f"unknown ablation '{ablation}'", "use zero or affine")
+    if out.exists() and not overwrite:
+        raise LensSafetyError(
+            f"output directory {out} already exists", "pass --overwrite or choose another --out"
+        )
+    chosen_layer, chosen_position = _parse_auto(layer, "layer"), _parse_auto(position, "position")
+    layers_to_score = _parse_ints(score_layers, "score-layers")
+    harmful_set, harmless_set = _load_classes(harmful, harmless)
+    loaded = load_cli_model(model, device, dtype, no_chat_template)
+    positions_to_score = _parse_ints(score_positions, "score-positions") or list(
+        loaded.chat.post_instruction_positions(system_prompt)
+    )
+    config = SelectionConfig(
+        layers=layers_to_score,
+        positions=positions_to_score,
+        n_val=n_val,
+        batch_size=batch_size,
+        ablation=ablation,
+    )  # type: ignore[arg-type]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = find_direction(
+            loaded,
+            harmful_set,
+            harmless_set,
+            method=method,
+            layer=chosen_layer,
+            position=chosen_position,  # type: ignore[arg-type]
+            selection=config,
+            system_prompt=system_prompt,
+            filter_train=filter_train,
+            batch_size=batch_size,
+            progress=True,
+        )
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
+    try:
+        report.direction.save(staging, overwrite=True)
+        files = ["direction.safetensors", "direction.json"]
+        if not no_figures:
+            files += _write_figures(report, loaded, staging / "figures", batch_size, system_prompt)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), str(out))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if report.selection is not None:
+        typer.echo(("warning: " if report.selection.fallback else "") + report.selection.message, err=True)
+    for item in caught:
+        if "barely refuses" not in str(item.message):
+            typer.echo(f"warning: {item.message}", err=True)
+    _print_direction_summary(report, out, files, json)
+
+
+def _print_direction_summary(report: Any, out: Path, files: list[str], as_json: bool) -> None:
+    d = report.direction
+    projections_h, projections_b = d.metadata["harmful_projection"], d.metadata["harmless_projection"]
+    scores = (
+        {s.layer: s for s in report.selection.scores if s.position == d.position} if report.selection else {}
+    )
+    per_layer = []
+    for layer in range(d.n_layers):
+        row: dict[str, Any] = {
+            "layer": layer,
+            "norm": float(d.directions[layer].norm()),
+            "effect_size": d.metadata["effect_size"][layer],
+            "harmful_projection": projections_h[layer],
+            "harmless_projection": projections_b[layer],
+        }
+        if layer in scores:
+            s = scores[layer]
+            row.update(
+                {
+                    "bypass": s.bypass,
+                    "induce": s.induce,
+                    "kl": s.kl,
+                    "passed": s.passed,
+                    "rejected": s.rejected,
+                }
+            )
+        per_layer.append(row)
+    summary = {
+        "out": str(out),
+        "files": files,
+        "layer": d.layer,
+        "position": d.position,
+        "method": d.method,
+        "heldout_accuracy": report.heldout_accuracy,
+        "fallback": None if report.selection is None else report.selection.fallback,
+        "selection_message": None if report.selection is None else report.selection.message,
+        "per_layer": per_layer,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"direction: layer {d.layer}, position {d.position}, {d.method}; held-out accuracy {report.heldout_accuracy:.3f}"
+    )
+    for column in (
+        "layer",
+        "norm",
+        "Cohen's d",
+        "harmful proj",
+        "harmless proj",
+        "bypass",
+        "induce",
+        "kl",
+        "status",
+    ):
+        table.add_column(column)
+    for row in per_layer:
+        status = "" if "passed" not in row else ("passed" if row["passed"] else "; ".join(row["rejected"]))
+        cells = [
+            row["layer"],
+            row["norm"],
+            row["effect_size"],
+            row["harmful_projection"],
+            row["harmless_projection"],
+            row.get("bypass"),
+            row.get("induce"),
+            row.get("kl"),
+        ]
+        table.add_row(
+            *[("" if c is None else f"{c:.3g}" if isinstance(c, float) else str(c)) for c in cells], status
+        )
+    Console().print(table)
+    Console().print(f"wrote {', '.join(files)} to {out}")
+
+
+@app.command()
+def probe(
+    model: ModelArg = "smollm2",
+    harmful: HarmfulOpt = "builtin:harmful",
+    harmless: HarmlessOpt = "builtin:harmless",
+    position: Annotated[int, typer.Option("--position", help="Negative token position to probe.")] = -1,
+    n_bootstrap: Annotated[
+        int, typer.Option("--n-bootstrap", help="Bootstrap resamples for the confidence intervals.")
+    ] = 1000,
+    system_prompt: SystemPromptOpt = None,
+    batch_size: BatchOpt = 16,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    no_chat_template: NoTemplateOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Per-layer held-out accuracy and AUROC of a logistic probe and of the mean-difference projection."""
+    from lens_safety.probing import probe_layers
+
+    if position >= 0:
+        raise LensSafetyError(f"--position must be negative, got {position}", "use e.g. --position -1")
+    harmful_set, harmless_set = _load_classes(harmful, harmless)
+    loaded = load_cli_model(model, device, dtype, no_chat_template)
+    report = probe_layers(
+        loaded,
+        harmful_set,
+        harmless_set,
+        position=position,
+        n_bootstrap=n_bootstrap,
+        system_prompt=system_prompt,
+        batch_size=batch_size,
+        progress=True,
+    )
+    if json:
+        print_json(report.to_dict())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"probe: position {position}, train {report.n_train}, held-out {report.n_test}")
+    for column in (
+        "layer",
+        "probe acc [95% CI]",
+        "probe AUROC",
+        "mean-diff acc [95% CI]",
+        "mean-diff AUROC",
+        "Cohen's d",
+    ):
+        table.add_column(column)
+    for r in report.layers:
+        table.add_row(
+            str(r.layer),
+            f"{r.probe_accuracy:.3f} [{r.probe_accuracy_ci[0]:.3f}, {r.probe_accuracy_ci[1]:.3f}]",
+            f"{r.probe_auroc:.3f}",
+            f"{r.mean_diff_accuracy:.3f} [{r.mean_diff_accuracy_ci[0]:.3f}, {r.mean_diff_accuracy_ci[1]:.3f}]",
+            f"{r.mean_diff_auroc:.3f}",
+            f"{r.effect_size:.2f}",
+        )
+    Console().print(table)

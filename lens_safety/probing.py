@@ -1,0 +1,298 @@
+"""Layer-wise probing: how linearly separable are harmful and harmless prompts at each layer?
+
+For every layer ``l`` (activations at one position, raw HF basis, ``resid_pre`` by default):
+
+* a logistic probe fitted on the training split, scored on held-out prompts (accuracy, AUROC);
+* the difference-in-means projection ``s(x) = r_hat . x`` with ``r = mu_harmful - mu_harmless``
+  (training split), thresholded at the midpoint of the two training class means
+  ``(r_hat . mu_harmful + r_hat . mu_harmless) / 2``; AUROC uses ``s`` itself;
+* 95% bootstrap confidence intervals (percentile, classes resampled separately) of every
+  held-out score;
+* the cosine similarity of the mean-difference directions of every pair of layers.
+
+Splits: prompt sets with topic-pair ids use the library's deterministic split (``train`` vs
+``val`` + ``test``), so both prompts of a topic pair land on the same side; other sets use
+:meth:`~lens_safety.prompts.PromptSet.train_val_split`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+
+from lens_safety.errors import LensSafetyError
+from lens_safety.prompts import PromptSet, check_disjoint, split_of
+
+Interval = tuple[float, float]
+
+
+# ------------------------------------------------------------------ data helpers
+def validate_classes(harmful: PromptSet, harmless: PromptSet) -> None:
+    """Each class needs >= 2 prompts and no prompt may be in both (one-line errors)."""
+    for prompts, label in ((harmful, "harmful"), (harmless, "harmless")):
+        if len(prompts) < 2:
+            raise LensSafetyError(
+                f"the {label} prompt set '{prompts.name}' has {len(prompts)} prompt(s)",
+                "give at least 2 prompts per class",
+            )
+    check_disjoint(harmful, harmless)
+
+
+def split_heldout(prompts: PromptSet, heldout_fraction: float = 0.25) -> tuple[PromptSet, PromptSet]:
+    """Deterministic ``(train, held_out)`` split, topic pairs kept together (see module docstring)."""
+    if prompts.pairs and any(prompts.pairs):
+        keys = [pair or text for pair, text in zip(prompts.pairs, prompts.prompts, strict=True)]
+        train_idx = [i for i, key in enumerate(keys) if split_of(key) == "train"]
+        held_idx = [i for i, key in enumerate(keys) if split_of(key) != "train"]
+        if len(train_idx) >= 2 and len(held_idx) >= 1:
+            return prompts.subset(train_idx, f"{prompts.name}:train"), prompts.subset(
+                held_idx, f"{prompts.name}:heldout"
+            )
+    return prompts.train_val_split(heldout_fraction)
+
+
+def paired_indices(harmful: PromptSet, harmless: PromptSet) -> list[tuple[int, int]] | None:
+    """``(i_harmful, j_harmless)`` of prompts sharing a topic-pair id, or None without pair ids."""
+    if not harmful.pairs or not harmless.pairs:
+        return None
+    where = {pair: j for j, pair in enumerate(harmless.pairs) if pair}
+    pairs = [(i, where[p]) for i, p in enumerate(harmful.pairs) if p and p in where]
+    return pairs or None
+
+
+# ------------------------------------------------------------------ scores
+def auroc(scores_positive: np.ndarray, scores_negative: np.ndarray) -> float:
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties count 1/2."""
+    pos = np.asarray(scores_positive, dtype=np.float64)[:, None]
+    neg = np.asarray(scores_negative, dtype=np.float64)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def accuracy(scores_positive: np.ndarray, scores_negative: np.ndarray, threshold: float) -> float:
+    """Fraction classified correctly by ``score > threshold`` (positives) / ``<=`` (negatives)."""
+    correct = (np.asarray(scores_positive) > threshold).sum() + (
+        np.asarray(scores_negative) <= threshold
+    ).sum()
+    return float(correct / (len(scores_positive) + len(scores_negative)))
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray, np.ndarray], float],
+    positive: np.ndarray,
+    negative: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of ``statistic(positive, negative)``, classes resampled separately."""
+    if n_resamples < 1:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_resamples)
+    for k in range(n_resamples):
+        values[k] = statistic(
+            positive[rng.integers(0, len(positive), len(positive))],
+            negative[rng.integers(0, len(negative), len(negative))],
+        )
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+def effect_size(scores_positive: np.ndarray, scores_negative: np.ndarray) -> float:
+    """Cohen's d: mean difference over the pooled standard deviation."""
+    a, b = np.asarray(scores_positive, np.float64), np.asarray(scores_negative, np.float64)
+    pooled = np.sqrt(
+        ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / max(len(a) + len(b) - 2, 1)
+    )
+    return (
+        float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("inf") * np.sign(a.mean() - b.mean())
+    )
+
+
+def projection_accuracy(
+    direction: Float[torch.Tensor, " d_model"],
+    train_harmful: Float[torch.Tensor, "n_h d_model"],
+    train_harmless: Float[torch.Tensor, "n_b d_model"],
+    test_harmful: Float[torch.Tensor, "m_h d_model"],
+    test_harmless: Float[torch.Tensor, "m_b d_model"],
+) -> float:
+    """Held-out accuracy of ``r_hat . x > midpoint of the training class-mean projections``."""
+    unit = direction.double() / direction.double().norm()
+    threshold = 0.5 * float(train_harmful.double().mean(0) @ unit + train_harmless.double().mean(0) @ unit)
+    return accuracy(
+        (test_harmful.double() @ unit).numpy(), (test_harmless.double() @ unit).numpy(), threshold
+    )
+
+
+# ------------------------------------------------------------------ per-layer probing
+@dataclass
+class LayerProbe:
+    """Held-out scores at one layer (intervals are 95% bootstrap percentiles)."""
+
+    layer: int
+    probe_accuracy: float
+    probe_accuracy_ci: Interval
+    probe_auroc: float
+    probe_auroc_ci: Interval
+    mean_diff_accuracy: float
+    mean_diff_accuracy_ci: Interval
+    mean_diff_auroc: float
+    mean_diff_auroc_ci: Interval
+    direction_norm: float
+    effect_size: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class ProbeReport:
+    """Per-layer probing results and the layer x layer cosine matrix of mean-difference directions."""
+
+    layers: list[LayerProbe]
+    cosine: Float[torch.Tensor, "n_layers n_layers"]
+    position: int
+    hook: str
+    n_train: tuple[int, int]
+    n_test: tuple[int, int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def best_layer(self, score: str = "mean_diff_accuracy") -> int:
+        """Layer with the highest value of ``score`` (earliest on ties)."""
+        return max(self.layers, key=lambda r: (getattr(r, score), -r.layer)).layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "hook": self.hook,
+            "n_train": list(self.n_train),
+            "n_test": list(self.n_test),
+            "layers": [r.to_dict() for r in self.layers],
+            "cosine": self.cosine.tolist(),
+            "metadata": self.metadata,
+        }
+
+
+def probe_activations(
+    train_harmful: Float[torch.Tensor, "n_h n_layers d_model"],
+    train_harmless: Float[torch.Tensor, "n_b n_layers d_model"],
+    test_harmful: Float[torch.Tensor, "m_h n_layers d_model"],
+    test_harmless: Float[torch.Tensor, "m_b n_layers d_model"],
+    layers: Sequence[int],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    regularization: float = 1.0,
+    position: int = -1,
+    hook: str = "resid_pre",
+    progress: bool = False,
+) -> ProbeReport:
+    """Probe every layer from activations already read (axis 1 indexes ``layers``)."""
+    from lens_safety.directions.methods import fit_logistic
+    from lens_safety.progress import track
+
+    results, units = [], []
+    for k in track(range(len(layers)), "probing layers", total=len(layers), enabled=progress):
+        th, tb, eh, eb = (
+            x[:, k].double() for x in (train_harmful, train_harmless, test_harmful, test_harmless)
+        )
+        weights, bias, _ = fit_logistic(th, tb, regularization=regularization)
+        ph, pb = eh.numpy() @ weights + bias, eb.numpy() @ weights + bias
+        r = th.mean(0) - tb.mean(0)
+        unit = r / r.norm() if r.norm() > 0 else r
+        units.append(unit)
+        mid = 0.5 * float(th.mean(0) @ unit + tb.mean(0) @ unit)
+        sh, sb = (eh @ unit).numpy(), (eb @ unit).numpy()
+
+        def boot(stat: Callable[[np.ndarray, np.ndarray], float], a: np.ndarray, b: np.ndarray) -> Interval:
+            return bootstrap_interval(stat, a, b, n_resamples=n_bootstrap, seed=seed)
+
+        def probe_acc(a: np.ndarray, b: np.ndarray) -> float:
+            return accuracy(a, b, 0.0)
+
+        def md_acc(a: np.ndarray, b: np.ndarray, mid: float = mid) -> float:
+            return accuracy(a, b, mid)
+
+        results.append(
+            LayerProbe(
+                layer=int(layers[k]),
+                probe_accuracy=probe_acc(ph, pb),
+                probe_accuracy_ci=boot(probe_acc, ph, pb),
+                probe_auroc=auroc(ph, pb),
+                probe_auroc_ci=boot(auroc, ph, pb),
+                mean_diff_accuracy=md_acc(sh, sb),
+                mean_diff_accuracy_ci=boot(md_acc, sh, sb),
+                mean_diff_auroc=auroc(sh, sb),
+                mean_diff_auroc_ci=boot(auroc, sh, sb),
+                direction_norm=float(r.norm()),
+                effect_size=effect_size((th @ unit).numpy(), (tb @ unit).numpy()),
+            )
+        )
+    stacked = torch.stack(units)
+    cosine = (stacked @ stacked.T).float()
+    n_train, n_test = (len(train_harmful), len(train_harmless)), (len(test_harmful), len(test_harmless))
+    return ProbeReport(results, cosine, position, hook, n_train, n_test)
+
+
+def probe_layers(
+    model: Any,
+    harmful: PromptSet | Sequence[str] | str,
+    harmless: PromptSet | Sequence[str] | str,
+    *,
+    position: int = -1,
+    layers: Sequence[int] | None = None,
+    hook: str = "resid_pre",
+    heldout_fraction: float = 0.25,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    system_prompt: str | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> ProbeReport:
+    """Read activations of both classes, split them (see module docstring) and probe every layer."""
+    from lens_safety.activations import collect_activations
+
+    harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
+    validate_classes(harmful_set, harmless_set)
+    (train_h, test_h), (train_b, test_b) = (
+        split_heldout(harmful_set, heldout_fraction),
+        split_heldout(harmless_set, heldout_fraction),
+    )
+    reads = [
+        collect_activations(
+            model,
+            p,
+            layers=layers,
+            positions=(position,),
+            hook=hook,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            progress=progress,
+        )
+        for p in (train_h, train_b, test_h, test_b)
+    ]
+    tensors = [r.tensor[:, :, 0] for r in reads]
+    report = probe_activations(
+        *tensors,
+        reads[0].layers,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        position=position,
+        hook=hook,
+        progress=progress,
+    )
+    report.metadata = {
+        "model": model.identity(),
+        "harmful": harmful_set.metadata(),
+        "harmless": harmless_set.metadata(),
+        "system_prompt": system_prompt,
+        "space": reads[0].space,
+    }
+    return report

@@ -1,0 +1,364 @@
+"""Arditi-style selection of one refusal direction among the (layer, position) candidates.
+
+Refusal metric (no generation): at the last prompt position, with next-token probabilities ``p``
+(float64) and refusal-start tokens ``R``, ``m = log(sum_{t in R} p_t + eps) - log(sum_{t not in R} p_t + eps)``,
+``eps = 1e-8``. ``R`` is derived from the tokenizer (first token of "I", "As", "Sorry", " I", …)
+unless given.
+
+Scores per candidate ``(l, i)`` on validation prompts (default 16 + 16):
+
+* ``bypass`` — mean ``m`` on harmful prompts with ``r_hat`` ablated at every layer and position
+  (lower is better). ``ablation="affine"`` sets the projection to the harmless mean projection of
+  each layer instead of 0 (:func:`~lens_safety.interventions.ablate_direction` with ``reference``);
+* ``induce`` — mean ``m`` on harmless prompts with the raw ``r`` added at layer ``l`` (all positions);
+* ``kl`` — mean ``KL(p_baseline || p_ablated)`` at the last position on harmless prompts.
+
+Rule: argmin ``bypass`` subject to ``induce > 0``, ``kl < 0.1``, ``l < 0.8 L`` and finite scores.
+Every candidate's row records why it was rejected and where 0 sits between the class means
+(``zero_at``: 0 = harmless mean, 1 = harmful mean; > 1 means plain ablation moves harmless prompts
+PAST the harmful mean, toward refusal). When nothing passes — a model that does not refuse — the
+result says so and falls back to the candidate with the best held-out separation (Cohen's d of
+validation projections onto ``r_hat``) among layers ``< 0.8 L``; ``fallback`` is True.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.activations import batches, collect_activations, forward
+from lens_safety.errors import LensSafetyError
+from lens_safety.interventions import ablate_direction, add_direction
+from lens_safety.probing import effect_size
+from lens_safety.progress import track
+from lens_safety.prompts import PromptSet
+
+if TYPE_CHECKING:
+    from lens_safety.directions.extraction import Candidates
+
+#: words whose first token starts a refusal (with and without a leading space)
+REFUSAL_STARTS: tuple[str, ...] = (
+    "I",
+    "As",
+    "Sorry",
+    "I'm",
+    "Unfortunately",
+    " I",
+    " As",
+    " Sorry",
+    " Unfortunately",
+)
+EPS = 1e-8
+
+
+class NoRefusalWarning(UserWarning):
+    """No candidate passed the selection filters; the fallback rule was used."""
+
+
+def refusal_token_ids(tokenizer: Any, words: Sequence[str] | None = None) -> list[int]:
+    """Sorted unique first-token ids of the refusal-start words (default :data:`REFUSAL_STARTS`)."""
+    ids = set()
+    for word in words or REFUSAL_STARTS:
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if tokens:
+            ids.add(int(tokens[0]))
+    if not ids:
+        raise LensSafetyError(
+            "no refusal-start tokens could be derived", "pass refusal_tokens=['I', 'Sorry', ...]"
+        )
+    return sorted(ids)
+
+
+def refusal_metric(
+    logits: Float[torch.Tensor, "batch d_vocab"], refusal_ids: Sequence[int]
+) -> Float[torch.Tensor, " batch"]:
+    """``log(sum_R p + eps) - log(sum_notR p + eps)`` from last-position logits, in float64."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    in_r = probs[:, list(refusal_ids)].sum(-1)
+    return torch.log(in_r + EPS) - torch.log((1 - in_r).clamp_min(0) + EPS)
+
+
+@dataclass
+class SelectionConfig:
+    """What selection scores and how (defaults keep it affordable on CPU)."""
+
+    layers: Sequence[int] | None = None
+    positions: Sequence[int] = (-1,)
+    n_val: int = 16
+    batch_size: int = 16
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    max_layer_fraction: float = 0.8
+    ablation: Literal["zero", "affine"] = "zero"
+    refusal_tokens: Sequence[str] | None = None
+    system_prompt: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = None if self.layers is None else list(self.layers)
+        out["positions"] = list(self.positions)
+        out["refusal_tokens"] = None if self.refusal_tokens is None else list(self.refusal_tokens)
+        return out
+
+
+@dataclass
+class CandidateScore:
+    """One scored candidate: scores, class-mean projections and why it was (not) chosen."""
+
+    layer: int
+    position: int
+    bypass: float
+    induce: float
+    kl: float
+    separation: float
+    harmful_projection: float
+    harmless_projection: float
+    zero_at: float
+    rejected: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.rejected
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class Selection:
+    """The chosen (layer, position), every scored candidate, and how the choice was made."""
+
+    layer: int
+    position: int
+    scores: list[CandidateScore]
+    fallback: bool
+    rule: str
+    message: str
+    baseline_harmful: float
+    baseline_harmless: float
+    refusal_token_ids: list[int]
+    config: SelectionConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "position": self.position,
+            "fallback": self.fallback,
+            "rule": self.rule,
+            "message": self.message,
+            "baseline_refusal_metric": {"harmful": self.baseline_harmful, "harmless": self.baseline_harmless},
+            "refusal_token_ids": self.refusal_token_ids,
+            "config": self.config.to_dict(),
+            "candidates": [s.to_dict() for s in self.scores],
+        }
+
+
+# ------------------------------------------------------------------ forward helpers
+def last_logits(
+    model: Any, prompts: PromptSet, batch_size: int, system_prompt: str | None
+) -> Iterator[torch.Tensor]:
+    """Last-position logits ``[batch, d_vocab]`` of each left-padded batch."""
+    with torch.inference_mode():
+        for batch in batches(model, prompts, batch_size, system_prompt):
+            yield forward(model, batch, logits_to_keep=1).logits[:, -1].double().cpu()
+
+
+def mean_metric(
+    model: Any,
+    prompts: PromptSet,
+    ids: Sequence[int],
+    config: SelectionConfig,
+    hooks: AbstractContextManager[Any],
+) -> float:
+    """Mean refusal metric over ``prompts`` under the intervention ``hooks``."""
+    with hooks:
+        values = [
+            refusal_metric(x, ids)
+            for x in last_logits(model, prompts, config.batch_size, config.system_prompt)
+        ]
+    return float(torch.cat(values).mean())
+
+
+def mean_kl(
+    model: Any,
+    prompts: PromptSet,
+    baseline: torch.Tensor,
+    config: SelectionConfig,
+    hooks: AbstractContextManager[Any],
+) -> float:
+    """Mean ``KL(baseline || intervened)`` of next-token distributions at the last position."""
+    with hooks:
+        logprobs = torch.cat(
+            [
+                torch.log_softmax(x, -1)
+                for x in last_logits(model, prompts, config.batch_size, config.system_prompt)
+            ]
+        )
+    return float((baseline.exp() * (baseline - logprobs)).sum(-1).mean())
+
+
+def _zero_at(harmful_projection: float, harmless_projection: float) -> float:
+    gap = harmful_projection - harmless_projection
+    return -harmless_projection / gap if gap != 0 else math.nan
+
+
+# ------------------------------------------------------------------ selection
+def select_direction(
+    model: Any,
+    candidates: Candidates,
+    val_harmful: PromptSet | Sequence[str],
+    val_harmless: PromptSet | Sequence[str],
+    config: SelectionConfig | None = None,
+    *,
+    progress: bool = False,
+) -> Selection:
+    """Score candidates on validation prompts and pick one (see the module docstring)."""
+    config = config or SelectionConfig(system_prompt=candidates.system_prompt)
+    harmful = PromptSet.load(val_harmful).head(config.n_val)
+    harmless = PromptSet.load(val_harmless).head(config.n_val)
+    if len(harmful) < 2 or len(harmless) < 2:
+        raise LensSafetyError(
+            "selection needs at least 2 validation prompts per class",
+            "give more prompts or pass --layer/--position",
+        )
+    layers = tuple(candidates.layers if config.layers is None else config.layers)
+    positions = tuple(config.positions)
+    missing = [x for x in layers if x not in candidates.layers] + [
+        p for p in positions if p not in candidates.positions
+    ]
+    if missing:
+        raise LensSafetyError(
+            f"no extracted candidate for layer/position {missing}",
+            "score only extracted layers and positions",
+        )
+    ids = refusal_token_ids(model.tokenizer, config.refusal_tokens)
+    base_h = mean_metric(model, harmful, ids, config, nullcontext())
+    base_b = mean_metric(model, harmless, ids, config, nullcontext())
+    baseline = torch.cat(
+        [
+            torch.log_softmax(x, -1)
+            for x in last_logits(model, harmless, config.batch_size, config.system_prompt)
+        ]
+    )
+    val_reads = [
+        collect_activations(
+            model,
+            p,
+            layers=layers,
+            positions=positions,
+            batch_size=config.batch_size,
+            system_prompt=config.system_prompt,
+        )
+        for p in (harmful, harmless)
+    ]
+    max_layer = config.max_layer_fraction * model.n_layers
+    scores: list[CandidateScore] = []
+    grid = [(layer, pos) for pos in positions for layer in layers]
+    for layer, pos in track(grid, "scoring candidates", total=len(grid), enabled=progress):
+        if float(candidates.vector(layer, pos).norm()) == 0:  # e.g. layer 0 at a fixed template token
+            nan = math.nan
+            scores.append(
+                CandidateScore(
+                    layer, pos, nan, nan, nan, nan, 0.0, 0.0, nan, ["zero vector (classes identical here)"]
+                )
+            )
+            continue
+        unit = candidates.unit(layer, pos)
+        reference: float | dict[int, float] = (
+            candidates.reference_projections(layer, pos) if config.ablation == "affine" else 0.0
+        )
+        bypass = mean_metric(
+            model, harmful, ids, config, ablate_direction(model, unit.float(), reference=reference)
+        )
+        induce = mean_metric(
+            model,
+            harmless,
+            ids,
+            config,
+            add_direction(model, candidates.vector(layer, pos).float(), layer=layer),
+        )
+        kl = mean_kl(
+            model, harmless, baseline, config, ablate_direction(model, unit.float(), reference=reference)
+        )
+        sep = effect_size(*((r.at(layer, pos).double() @ unit).numpy() for r in val_reads))
+        p, k = candidates.positions.index(pos), candidates.layers.index(layer)
+        hp, bp = float(candidates.harmful_projection[p, k]), float(candidates.harmless_projection[p, k])
+        reasons = []
+        if not all(math.isfinite(v) for v in (bypass, induce, kl)):
+            reasons.append("NaN score")
+        if not induce > config.induce_threshold:
+            reasons.append(f"induce {induce:.3g} <= {config.induce_threshold:g}")
+        if not kl < config.kl_threshold:
+            reasons.append(f"kl {kl:.3g} >= {config.kl_threshold:g}")
+        if not layer < max_layer:
+            reasons.append(f"layer {layer} >= {config.max_layer_fraction:g} L")
+        scores.append(CandidateScore(layer, pos, bypass, induce, kl, sep, hp, bp, _zero_at(hp, bp), reasons))
+    return _choose(scores, config, max_layer, base_h, base_b, ids)
+
+
+def _choose(
+    scores: list[CandidateScore],
+    config: SelectionConfig,
+    max_layer: float,
+    base_h: float,
+    base_b: float,
+    ids: list[int],
+) -> Selection:
+    passed = [s for s in scores if s.passed]
+    baseline_text = f"baseline refusal metric harmful {base_h:.2f} vs harmless {base_b:.2f}"
+    if passed:
+        best = min(passed, key=lambda s: (s.bypass, s.layer, -s.position))
+        rule = f"argmin bypass ({config.ablation} ablation) s.t. induce > {config.induce_threshold:g}, kl < {config.kl_threshold:g}, layer < {config.max_layer_fraction:g} L"
+        message = (
+            f"selected layer {best.layer}, position {best.position}: bypass {best.bypass:.2f}, induce {best.induce:.2f}, "
+            f"kl {best.kl:.3f} ({len(passed)}/{len(scores)} candidates passed; {baseline_text})"
+        )
+        fallback = False
+    else:
+        pool = [s for s in scores if s.layer < max_layer and math.isfinite(s.separation)] or scores
+        best = max(pool, key=lambda s: (s.separation if math.isfinite(s.separation) else -math.inf, -s.layer))
+        rule = f"fallback: best held-out separation (Cohen's d on validation projections) among layers < {config.max_layer_fraction:g} L"
+        message = (
+            f"no candidate passed the selection filters ({len(scores)} scored; {baseline_text}): this model barely refuses, "
+            f"so ablating or adding a direction cannot be scored against its refusals; falling back to the best held-out "
+            f"separation: layer {best.layer}, position {best.position} (Cohen's d {best.separation:.2f})"
+        )
+        fallback = True
+        warnings.warn(message, NoRefusalWarning, stacklevel=3)
+    return Selection(best.layer, best.position, scores, fallback, rule, message, base_h, base_b, ids, config)
+
+
+def filter_by_refusal(
+    model: Any,
+    harmful: PromptSet,
+    harmless: PromptSet,
+    *,
+    refusal_tokens: Sequence[str] | None = None,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+) -> tuple[PromptSet, PromptSet]:
+    """Arditi's training filter: keep harmful prompts with metric > 0 and harmless with metric < 0."""
+    ids = refusal_token_ids(model.tokenizer, refusal_tokens)
+    kept = []
+    for prompts, keep_refused in ((harmful, True), (harmless, False)):
+        metric = torch.cat(
+            [refusal_metric(x, ids) for x in last_logits(model, prompts, batch_size, system_prompt)]
+        )
+        indices = [i for i, v in enumerate(metric.tolist()) if (v > 0) == keep_refused]
+        if len(indices) < 2:
+            which = (
+                "harmful prompts the model refuses" if keep_refused else "harmless prompts the model answers"
+            )
+            raise LensSafetyError(
+                f"only {len(indices)} {which} remain after the refusal filter",
+                "drop the filter (this model barely refuses) or add prompts",
+            )
+        kept.append(prompts.subset(indices, f"{prompts.name}:filtered"))
+    return kept[0], kept[1]

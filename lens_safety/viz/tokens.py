@@ -1,0 +1,63 @@
+"""Token view: each token's projection onto a direction, as a circuitsvis colored-tokens widget.
+
+``token_projections`` reads ``resid_pre`` of one layer at EVERY token of the formatted prompt
+(chat template included) and returns ``r_hat . x_i`` per token, in the raw HF residual basis.
+``token_projection_view`` renders those values with circuitsvis (an HTML object that notebooks
+display and ``str()`` turns into an HTML string).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.activations import HookName, collect_activations
+
+
+def token_projections(
+    model: Any,
+    prompt: str,
+    direction: Float[torch.Tensor, " d_model"] | Any,
+    *,
+    layer: int | None = None,
+    hook: HookName = "resid_pre",
+    system_prompt: str | None = None,
+) -> tuple[list[str], list[float]]:
+    """``(tokens, r_hat . x_i)`` for every token of the formatted ``prompt`` at ``layer``.
+
+    ``direction`` is a tensor or a :class:`~lens_safety.directions.Direction` (then ``layer``
+    defaults to the direction's layer).
+    """
+    if layer is None:
+        layer = int(getattr(direction, "layer", model.n_layers // 2))
+    vector = torch.as_tensor(getattr(direction, "direction", direction)).double()
+    unit = vector / vector.norm()
+    ids = model.chat.token_ids(model.chat.format(prompt, system_prompt))
+    acts = collect_activations(
+        model,
+        [prompt],
+        layers=[layer],
+        positions=tuple(range(-len(ids), 0)),
+        hook=hook,
+        system_prompt=system_prompt,
+    )
+    values = (acts.tensor[0, 0].double() @ unit).tolist()
+    tokens = [model.tokenizer.decode([i]) for i in ids]
+    return tokens, values
+
+
+def token_projection_view(
+    model: Any,
+    prompt: str,
+    direction: Float[torch.Tensor, " d_model"] | Any,
+    *,
+    layer: int | None = None,
+    system_prompt: str | None = None,
+) -> Any:
+    """circuitsvis ``colored_tokens`` of each token's projection onto the direction."""
+    from circuitsvis.tokens import colored_tokens
+
+    tokens, values = token_projections(model, prompt, direction, layer=layer, system_prompt=system_prompt)
+    return colored_tokens(tokens=tokens, values=values)
