@@ -175,7 +175,7 @@ def test_other_checkpoint_warns_unless_lineage_names_it(tiny_dirs, tmp_path, smo
         load_direction(tmp_path / "d", sibling)
     message = str(record[0].message)
     assert parent.weights_hash[:12] in message and sibling.weights_hash[:12] in message
-    sibling.lineage = {"parent": {"spec": parent.spec, "weights_sha256": parent.weights_hash}}
+    sibling.lineage = {"base_spec": parent.spec, "base_weights_sha256": parent.weights_hash}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_direction(tmp_path / "d", sibling)

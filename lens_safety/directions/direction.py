@@ -199,7 +199,7 @@ class Direction:
                 "extract a direction from this architecture",
             )
         source_hash = source.get("weights_sha256")
-        if source_hash and source_hash != model.weights_hash and not _mentions(model.lineage, source_hash):
+        if source_hash and source_hash != model.weights_hash and source_hash not in _ancestors(model.lineage):
             warnings.warn(
                 f"direction was extracted from {source.get('spec', '?')} (weights {source_hash[:12]}) and is applied to "
                 f"{model.spec} (weights {model.weights_hash[:12]}), another checkpoint of the same architecture",
@@ -208,13 +208,10 @@ class Direction:
             )
 
 
-def _mentions(record: Any, value: str) -> bool:
-    """Whether ``value`` appears anywhere (as a string) in a nested JSON record."""
-    if isinstance(record, dict):
-        return any(_mentions(v, value) for v in record.values())
-    if isinstance(record, list | tuple):
-        return any(_mentions(v, value) for v in record)
-    return isinstance(record, str) and record == value
+def _ancestors(lineage: dict[str, Any]) -> set[str]:
+    """Weights hashes a model derives from, as recorded in its ``edit.json`` (parent and earlier)."""
+    found = {str(lineage["base_weights_sha256"])} if lineage.get("base_weights_sha256") else set()
+    return found | {str(h) for h in lineage.get("ancestors_weights_sha256", [])}
 
 
 def load_direction(path: str | Path, model: Any = None) -> Direction:
