@@ -22,6 +22,7 @@ edit: max |logit diff| <= 1e-4 in float32/float64, 5e-2 in float16/bfloat16). An
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -37,9 +38,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lens_safety.architecture import clean_hf_name
-from lens_safety.edits.checkpoint import INDEX_FILE, checkpoint_writers, weight_shards
+from lens_safety.edits.checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    checkpoint_writers,
+    read_header,
+    stream_edit_shard,
+    weight_shards,
+)
 from lens_safety.edits.memory import applied_edit
-from lens_safety.edits.spec import EditSpec, compute_edit, target_parameters
+from lens_safety.edits.spec import EditSpec, compute_edit, edit_writes_inplace, target_parameters
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_texts
 from lens_safety.model_card import render_model_card
@@ -104,43 +112,70 @@ def _output_embedding_name(model: Any) -> str | None:
     return None
 
 
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+UNTIED_HEAD_SHARD = "lm_head.safetensors"
+
+
 def _write_shards(
     model: Any, spec: EditSpec, tmp: Path, untie: bool, progress: bool
 ) -> tuple[list[str], str]:
-    """Copy every shard with the edited tensors replaced; returns edited names and the stored dtype."""
-    writers, _ = checkpoint_writers(model)
+    """Copy every shard byte for byte, then overwrite only the edited tensors' bytes in the copy.
+
+    Untouched tensors are never decoded or re-encoded (the copy is the kernel's), so the cost is one
+    file copy plus the rank-one update of the edited tensors, computed in float64 from the ORIGINAL
+    tensors in reusable buffers (:func:`~lens_safety.edits.checkpoint.stream_edit_shard`) and cast
+    once to the stored dtype. An untied ``lm_head`` (the original embedding) goes
+    to its own extra shard listed in a (new or updated) ``model.safetensors.index.json``. Returns
+    the edited names and the stored dtype of the token embedding.
+    """
+    writers = checkpoint_writers(model)
     targets = target_parameters(spec, writers, model.n_layers)
     embed_key = next(f"{w.hf_name}.weight" for w in writers if w.kind == "embed")
     head_key = _output_embedding_name(model) if untie else None
+    edits = {
+        name: functools.partial(edit_writes_inplace, spec, layout=writer.layout, is_bias=is_bias)
+        for name, (writer, is_bias) in targets.items()
+    }
     edited: list[str] = []
     weight_map: dict[str, str] = {}
     dtype = "float32"
     shards = weight_shards(model.hf_path)
     for shard in track(shards, "writing shards", total=len(shards), enabled=progress):
-        with safe_open(str(shard), framework="pt") as handle:
-            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            metadata = handle.metadata() or {}
-        new = compute_edit(spec, state, writers, strict=False)
-        if head_key and embed_key in state and head_key not in state:
-            state[head_key] = state[embed_key].clone()  # the ORIGINAL unembedding, now its own tensor
-        state.update(new)
-        edited += list(new)
-        if embed_key in state:
-            dtype = str(state[embed_key].dtype).replace("torch.", "")
-        save_file(state, str(tmp / shard.name), metadata={**metadata, "format": "pt"})
-        weight_map.update(dict.fromkeys(state, shard.name))
-        del state, new
+        _, header = read_header(shard)
+        keys = [key for key in header if key != "__metadata__"]
+        weight_map.update(dict.fromkeys(keys, shard.name))
+        if embed_key in header:
+            dtype = _DTYPE_NAMES.get(header[embed_key]["dtype"], header[embed_key]["dtype"])
+        edited += stream_edit_shard(shard, tmp / shard.name, edits)
     missing = sorted(set(targets) - set(edited))
     if missing:
         raise LensSafetyError(
             f"edited parameter {missing[0]} was not found in any shard", "the checkpoint is incomplete"
         )
     index = model.hf_path / INDEX_FILE
-    if index.is_file():
-        record = json.loads(index.read_text())
+    record = json.loads(index.read_text()) if index.is_file() else None
+    if head_key and head_key not in weight_map:
+        embedding = read_tensors_from(model.hf_path / weight_map[embed_key], [embed_key])[embed_key]
+        head_shard = UNTIED_HEAD_SHARD
+        if record is None:  # one file becomes two shards + index (transformers prefers model.safetensors)
+            first, head_shard = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+            os.replace(tmp / SINGLE_FILE, tmp / first)
+            weight_map = dict.fromkeys(weight_map, first)
+        save_file({head_key: embedding.contiguous()}, str(tmp / head_shard), metadata={"format": "pt"})
+        weight_map[head_key] = head_shard
+        if record is None:
+            total = sum((tmp / name).stat().st_size for name in set(weight_map.values()))
+            record = {"metadata": {"total_size": total}}
+    if record is not None:
         record["weight_map"] = dict(sorted(weight_map.items()))
         (tmp / INDEX_FILE).write_text(json.dumps(record, indent=2))
     return edited, dtype
+
+
+def read_tensors_from(shard: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of one safetensors file (CPU, stored dtype)."""
+    with safe_open(str(shard), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in names}
 
 
 def _copy_side_files(model: Any, tmp: Path, untie: bool) -> None:
@@ -188,7 +223,7 @@ def _vanilla_logits(path: Path, model: Any, batch: Any, edit: EditSpec | None = 
     ).eval()
     try:
         if edit is not None:
-            writers, _ = checkpoint_writers(model)
+            writers = checkpoint_writers(model)
             if model.arch.tied_embeddings and any(
                 w.kind == "embed" for w, _ in target_parameters(edit, writers).values()
             ):
@@ -267,6 +302,7 @@ def export_edit(
     overwrite: bool = False,
     measurements: Mapping[str, Any] | None = None,
     verify_prompts: Sequence[str] = VERIFY_PROMPTS,
+    extra_files: Mapping[str, str] | None = None,
     progress: bool = False,
 ) -> ExportResult:
     """Write ``model`` with ``spec`` applied to ``out_dir`` as a verified Hugging Face directory.
@@ -279,6 +315,8 @@ def export_edit(
         overwrite: replace an existing output directory.
         measurements: before/after numbers for the model card and ``edit.json``.
         verify_prompts: chat prompts used to compare logits after reloading.
+        extra_files: ``{file name: text}`` written next to the model (e.g. ``calibration.json``);
+            plain names only, never one of the files the export itself writes.
         progress: show a progress bar while writing shards.
     """
     from lens_safety import __version__
@@ -291,16 +329,22 @@ def export_edit(
             f"direction has width {spec.direction.shape[0]} but the model's residual width is {model.d_model}",
             "use a direction extracted from this architecture",
         )
-    writers, _ = checkpoint_writers(model)
+    writers = checkpoint_writers(model)
     touched = target_parameters(spec, writers, model.n_layers)
     untie = model.arch.tied_embeddings and any(w.kind == "embed" for w, _ in touched.values())
     exact = not any(w.post_norm for w, _ in touched.values()) or spec.method != "orthogonalize"
+    for name in extra_files or {}:
+        taken = name in GENERATED_FILES or (model.hf_path / name).exists() or name.endswith(".safetensors")
+        if Path(name).name != name or taken:
+            raise LensSafetyError(f"extra file name '{name}' is not allowed", "use a plain, unused file name")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         edited, dtype = _write_shards(model, spec, tmp, untie, progress)
         _copy_side_files(model, tmp, untie)
         _write_direction(spec, direction, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         verify_start = time.perf_counter()
         verification = verify_export(model, spec, tmp, verify_prompts)
         verify_seconds = time.perf_counter() - verify_start

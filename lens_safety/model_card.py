@@ -9,6 +9,7 @@ _FORMULAS = {
     "rosi": "W' = W + alpha * s_hat * w_bar^T, w_bar = mean over the d_model rows of the original W (ROSI)",
     "amplify": "W' = (I + alpha * s_hat s_hat^T) W (projection amplification)",
     "orthogonalize": "W' = (I - s_hat s_hat^T) W (weight orthogonalisation, 'abliteration')",
+    "add_bias": "b' = b + coeff * r (activation addition baked into an output bias; alpha = coeff * |r|)",
 }
 
 

@@ -157,13 +157,13 @@ def test_applied_edit_restores_and_keeps_tying(tiny_models: dict[str, object]) -
 def test_w_bar_is_zero_after_centring_so_rosi_reads_disk(tiny_dirs: dict[str, Path]) -> None:
     """TransformerLens centres GPT-2's writers in compatibility mode: w_bar of the live weights is 0."""
     model = load_model(tiny_dirs["gpt2"], device="cpu", compatibility_mode=True)
-    writers, live = checkpoint_writers(model)
+    writers = checkpoint_writers(model)
     params = live_parameters(model.hf_model)
     conv = next(w for w in writers if w.kind == "mlp_out")
-    live_weight = params[f"{live[conv.hf_name]}.weight"].detach().double()  # (d_in, d_model)
+    live_weight = params[f"{conv.hf_name}.weight"].detach().double()  # (d_in, d_model)
     assert live_weight.mean(dim=1).abs().max() < 1e-6  # centred: ROSI on it would do nothing
     deltas = edit_deltas(model, rosi(torch.randn(model.d_model), 10.0))
-    assert deltas[f"{live[conv.hf_name]}.weight"].abs().max() > 1e-3  # computed from the disk weights
+    assert deltas[f"{conv.hf_name}.weight"].abs().max() > 1e-3  # computed from the disk weights
 
 
 def test_orthogonalisation_equals_ablation_on_smollm2() -> None:
@@ -173,3 +173,47 @@ def test_orthogonalisation_equals_ablation_on_smollm2() -> None:
     edited = _logits(model, edit=orthogonalize(s))
     assert (ablated - _logits(model)).abs().max() > 1e-2
     assert (edited - ablated).abs().max() < 1e-4
+
+
+def test_add_bias_equals_activation_addition_on_gpt2(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Exported bias edit == add_direction at resid_pre of the layer (logits within 1e-4), vanilla reload."""
+    from transformers import AutoModelForCausalLM
+
+    from lens_safety.edits import add_bias
+    from lens_safety.export import export_edit
+    from lens_safety.interventions import add_direction
+
+    model = load_model(tiny_dirs["gpt2"], device="cpu")
+    r = torch.randn(model.d_model, generator=torch.Generator().manual_seed(9)) * 3.0
+    spec = add_bias(r, 2.5, layer=2)
+    assert spec.layers == (1,) and spec.alpha == pytest.approx(2.5 * float(r.norm()))
+    batch = model.chat.encode(["How do I bake bread?", "Name a colour."])
+    with torch.inference_mode():
+        plain = forward(model, batch).logits
+        with add_direction(model, r, layer=2, coeff=2.5):
+            added = forward(model, batch).logits
+        with applied_edit(model, spec):
+            in_memory = forward(model, batch).logits
+    assert (added - plain).abs().max() > 1e-2
+    assert (in_memory - added).abs().max() < 1e-4
+    result = export_edit(model, spec, tmp_path / "out")
+    assert result.edit["edited_parameters"] == ["transformer.h.1.mlp.c_proj.bias"]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    with torch.inference_mode():
+        exported = reloaded(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
+    mask = batch.attention_mask.bool()
+    assert (exported - added)[mask].abs().max() < 1e-4
+
+
+def test_add_bias_is_refused_where_there_is_no_bias(tiny_dirs: dict[str, Path]) -> None:
+    from lens_safety.edits import add_bias, edit_deltas
+
+    llama = load_model(tiny_dirs["llama"], device="cpu")
+    with pytest.raises(LensSafetyError, match="has no bias"):
+        edit_deltas(llama, add_bias(torch.randn(64), 1.0, layer=2))
+    with pytest.raises(LensSafetyError, match="layer >= 1"):
+        add_bias(torch.randn(64), 1.0, layer=0)
+    with pytest.raises(LensSafetyError, match="finite"):
+        add_bias(torch.randn(64), float("nan"), layer=1)

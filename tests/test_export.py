@@ -194,3 +194,31 @@ def test_smollm2_rosi_export_verifies(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "chat_template.jinja").is_file() or "chat_template" in (
         tmp_path / "out" / "tokenizer_config.json"
     ).read_text()
+
+
+def test_streamed_export_is_bitwise_the_pure_edit_and_carries_extra_files(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The copy-and-patch writer produces exactly compute_edit's tensors; other bytes are untouched."""
+    from safetensors.torch import load_file
+
+    from lens_safety.edits import amplify, compute_edit
+    from lens_safety.edits.checkpoint import checkpoint_writers
+
+    model = load_model(tiny_dirs["llama"], device="cpu")
+    spec = amplify(_direction(64), 0.7, layers=[0, 2])
+    export_edit(model, spec, tmp_path / "out", extra_files={"calibration.json": "{}"})
+    base = load_file(str(tiny_dirs["llama"] / "model.safetensors"))
+    new = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = compute_edit(spec, base, checkpoint_writers(model))
+    assert sorted(expected) == sorted(
+        json.loads((tmp_path / "out" / "edit.json").read_text())["edited_parameters"]
+    )
+    assert len(expected) == 4 and base.keys() == new.keys()
+    for name in base:
+        assert torch.equal(new[name], expected.get(name, base[name])), name
+    assert (tmp_path / "out" / "calibration.json").read_text() == "{}"
+    for bad in ("config.json", "edit.json", "../x.txt", "w.safetensors"):
+        with pytest.raises(LensSafetyError, match="not allowed"):
+            export_edit(model, spec, tmp_path / "other", extra_files={bad: "x"})
+    assert not (tmp_path / "other").exists()

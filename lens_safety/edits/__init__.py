@@ -1,4 +1,4 @@
-"""Weight edits of the residual-stream writers (ROSI, projection amplification, orthogonalisation).
+"""Weight edits of the residual-stream writers (ROSI, amplification, orthogonalisation, added bias).
 
 :mod:`lens_safety.edits.spec` holds the maths (pure functions of a spec and base tensors),
 :mod:`lens_safety.edits.memory` applies an edit to a loaded model reversibly and
@@ -12,9 +12,11 @@ from lens_safety.edits.spec import (
     METHODS,
     WRITER_KINDS,
     EditSpec,
+    add_bias,
     amplify,
     compute_edit,
     edit_writes,
+    edit_writes_inplace,
     edits_embedding,
     make_spec,
     orthogonalize,
@@ -29,11 +31,13 @@ __all__ = [
     "METHODS",
     "WRITER_KINDS",
     "EditSpec",
+    "add_bias",
     "amplify",
     "applied_edit",
     "compute_edit",
     "edit_deltas",
     "edit_writes",
+    "edit_writes_inplace",
     "edits_embedding",
     "live_parameters",
     "make_spec",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import replace
+import math
+import shutil
+import struct
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,39 +60,91 @@ def read_tensors(hf_path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]
     return out
 
 
-def _adapter_path(bridge: Any, writer_name: str) -> str | None:
-    """HF module path of a TransformerLens component, joined from the adapter's ``.name`` of each part."""
-    node: Any = bridge
-    parts: list[str] = []
-    for piece in writer_name.split("."):
-        node = node[int(piece)] if piece.isdigit() else getattr(node, piece, None)
-        if node is None:
-            return None
-        name = getattr(node, "name", None)  # containers (the block list) carry no name
-        if isinstance(name, str) and name:
-            parts.append(name)
-    return ".".join(parts)
+def checkpoint_keys(hf_path: Path) -> set[str]:
+    """Every tensor name stored in the checkpoint at ``hf_path`` (reads headers only)."""
+    return {key for shard in weight_shards(hf_path) for key in shard_keys(shard)}
 
 
-def checkpoint_writers(model: Any) -> tuple[tuple[ResidualWriter, ...], dict[str, str]]:
-    """Writers renamed to their checkpoint (state-dict) module names, and ``{checkpoint: live}`` names.
+def checkpoint_writers(model: Any) -> tuple[ResidualWriter, ...]:
+    """The model's residual writers, checked against the checkpoint at ``model.hf_path``.
 
-    The bridge can move HF modules (GPT-2's ``attn.c_proj`` lives at ``attn.o`` inside the booted
-    model), so a writer's live module path is not always its name in the saved checkpoint. The
-    adapter records each component's original HF name; the result is checked against the keys of
-    the checkpoint at ``model.hf_path``.
+    ``ResidualWriter.hf_name`` is the state-dict module name on every supported architecture
+    (``model.layers.3.self_attn.o_proj``, GPT-2's ``transformer.h.3.attn.c_proj``), so it names the
+    saved tensors directly; a writer whose ``{hf_name}.weight`` (or declared bias) is absent from the
+    checkpoint is an error rather than a silent no-op edit.
     """
-    keys = {key for shard in weight_shards(model.hf_path) for key in shard_keys(shard)}
-    writers: list[ResidualWriter] = []
-    live: dict[str, str] = {}
+    keys = checkpoint_keys(model.hf_path)
     for writer in model.arch.writers:
-        candidates = [writer.hf_name, _adapter_path(model.bridge, writer.name)]
-        found = next((c for c in candidates if c and f"{c}.weight" in keys), None)
-        if found is None:
+        needed = [f"{writer.hf_name}.weight"] + ([f"{writer.hf_name}.bias"] if writer.has_bias else [])
+        absent = [name for name in needed if name not in keys]
+        if absent:
             raise LensSafetyError(
-                f"writer {writer.name} ({writer.hf_name}) has no weight in the checkpoint at {model.hf_path}",
+                f"writer {writer.name} ({absent[0]}) is not in the checkpoint at {model.hf_path}",
                 "re-save the checkpoint with save_pretrained, or report this architecture to lens-safety",
             )
-        writers.append(replace(writer, hf_name=found))
-        live[found] = writer.hf_name
-    return tuple(writers), live
+    return tuple(model.arch.writers)
+
+
+#: safetensors dtype codes of the floating dtypes a checkpoint may store
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+}
+
+
+def read_header(shard: Path) -> tuple[int, dict[str, Any]]:
+    """The byte offset where tensor data starts, and the JSON header of a safetensors file."""
+    with open(shard, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header: dict[str, Any] = json.loads(handle.read(size))
+    return 8 + size, header
+
+
+_TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+
+
+def stream_edit_shard(
+    shard: Path,
+    target: Path,
+    edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+) -> list[str]:
+    """Copy ``shard`` to ``target`` byte for byte, then rewrite the named tensors through ``edits``.
+
+    Each edit receives the ORIGINAL tensor as a float64 view of one reusable work buffer and
+    returns the edited float64 tensor (it may work in place); the result is cast once to the
+    stored dtype and written over the same byte range. Untouched tensors are never decoded, and
+    no per-tensor memory is allocated (two buffers sized for the largest edited tensor).
+    """
+    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+        raise LensSafetyError("exporting needs a little-endian machine", "export on x86-64 or arm64")
+    start, header = read_header(shard)
+    names = [name for name in edits if name in header]
+    shutil.copyfile(shard, target)
+    if not names:
+        return []
+    sizes = [math.prod(header[name]["shape"]) for name in names]
+    work = torch.empty(max(sizes), dtype=torch.float64)
+    raw = torch.empty(max(sizes) * 8, dtype=torch.uint8)
+    with open(shard, "rb") as source, open(target, "r+b") as sink:
+        for name, size in zip(names, sizes, strict=True):
+            entry = header[name]
+            dtype = _TORCH_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise LensSafetyError(
+                    f"{name} is stored as {entry['dtype']}", "edit floating-point checkpoints only"
+                )
+            first, last = entry["data_offsets"]
+            stored = raw[: last - first]
+            source.seek(start + first)
+            if source.readinto(memoryview(stored.numpy())) != last - first:
+                raise LensSafetyError(f"{shard.name} is truncated at {name}", "re-download the checkpoint")
+            original = stored.view(dtype).view(entry["shape"])
+            buffer = work[:size].view(entry["shape"])
+            buffer.copy_(original)
+            result = edits[name](buffer)
+            stored.view(dtype).view(entry["shape"]).copy_(result)
+            sink.seek(start + first)
+            sink.write(memoryview(stored.numpy()))
+    return names

@@ -30,20 +30,19 @@ from lens_safety.errors import LensSafetyError
 
 
 def edit_deltas(model: Any, spec: EditSpec) -> dict[str, torch.Tensor]:
-    """``edit(W_orig) - W_orig`` (float64, CPU) for every touched parameter, by LIVE module name."""
+    """``edit(W_orig) - W_orig`` (float64, CPU) for every touched parameter, by HF state-dict name."""
     if int(spec.direction.shape[0]) != model.d_model:
         raise LensSafetyError(
             f"direction has width {spec.direction.shape[0]} but the model's residual width is {model.d_model}",
             "use a direction extracted from this architecture",
         )
-    writers, live = checkpoint_writers(model)
+    writers = checkpoint_writers(model)
     targets = target_parameters(spec, writers, model.n_layers)
     originals = read_tensors(model.hf_path, targets)
     deltas = {}
     for name, (writer, is_bias) in targets.items():
         base = originals[name].to(torch.float64)
-        live_name = live[writer.hf_name] + name[len(writer.hf_name) :]
-        deltas[live_name] = edit_writes(spec, base, writer.layout, is_bias) - base
+        deltas[name] = edit_writes(spec, base, writer.layout, is_bias) - base
     return deltas
 
 

@@ -46,13 +46,14 @@ from jaxtyping import Float
 from lens_safety.architecture import ResidualWriter
 from lens_safety.errors import LensSafetyError
 
-EditMethod = Literal["rosi", "amplify", "orthogonalize"]
-METHODS: tuple[str, ...] = ("rosi", "amplify", "orthogonalize")
+EditMethod = Literal["rosi", "amplify", "orthogonalize", "add_bias"]
+METHODS: tuple[str, ...] = ("rosi", "amplify", "orthogonalize")  # rank-one writer edits (make_spec)
 WRITER_KINDS: tuple[str, ...] = ("embed", "pos_embed", "attn_out", "mlp_out")
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "rosi": ("attn_out", "mlp_out"),
     "amplify": ("attn_out", "mlp_out"),
     "orthogonalize": ("embed", "pos_embed", "attn_out", "mlp_out"),
+    "add_bias": ("mlp_out",),
 }
 
 
@@ -201,7 +202,7 @@ def select_writers(
             f"edit targets {list(spec.targets)} match no writer of this model", "check --targets and --layers"
         )
     post = [w.name for w in chosen if w.post_norm]
-    if post and spec.method == "orthogonalize" and not spec.approximate:
+    if post and spec.method in ("orthogonalize", "add_bias") and not spec.approximate:
         raise LensSafetyError(
             f"{post[0]} (and {len(post) - 1} more) writes through a post-norm, so orthogonalising its weight "
             "does not remove the direction from the residual stream",
@@ -230,6 +231,8 @@ def edit_writes(spec: EditSpec, tensor: torch.Tensor, layout: str, is_bias: bool
     d_model = int(spec.direction.shape[0])
     a, u, g = _coefficients(spec, d_model)
     w = tensor.to(torch.float64)
+    if spec.method == "add_bias":
+        return _added_bias(spec, w, is_bias)
     if is_bias:
         if w.shape != (d_model,):
             raise LensSafetyError(
@@ -260,11 +263,20 @@ def writer_parameters(writer: ResidualWriter) -> list[tuple[str, bool]]:
 def target_parameters(
     spec: EditSpec, writers: Iterable[ResidualWriter], n_layers: int | None = None
 ) -> dict[str, tuple[ResidualWriter, bool]]:
-    """Map every parameter an edit touches to its writer and ``is_bias``."""
+    """Map every parameter an edit touches to its writer and ``is_bias`` (``add_bias``: biases only)."""
+    chosen = select_writers(spec, writers, n_layers)
+    if spec.method == "add_bias":
+        missing = [w.name for w in chosen if not w.has_bias]
+        if missing:
+            raise LensSafetyError(
+                f"{missing[0]} has no bias to carry the added vector (Llama-family writers have none)",
+                "use inference-time add_direction, or an architecture with output biases such as GPT-2",
+            )
     return {
         name: (w, is_bias)
-        for w in select_writers(spec, writers, n_layers)
+        for w in chosen
         for name, is_bias in writer_parameters(w)
+        if is_bias or spec.method != "add_bias"
     }
 
 
@@ -297,3 +309,82 @@ def compute_edit(
 def edits_embedding(spec: EditSpec, writers: Iterable[ResidualWriter]) -> bool:
     """Whether the edit changes the token embedding (which matters for tied ``lm_head``)."""
     return any(w.kind == "embed" for w in select_writers(spec, writers))
+
+
+def edit_writes_inplace(
+    spec: EditSpec, work: torch.Tensor, layout: str, is_bias: bool = False
+) -> torch.Tensor:
+    """:func:`edit_writes` computed in place in a float64 ``work`` tensor (same ops, same bits).
+
+    Used by the export to edit tensors in reusable buffers instead of fresh allocations.
+    """
+    if work.dtype != torch.float64:
+        raise TypeError("work must be float64")
+    d_model = int(spec.direction.shape[0])
+    a, u, g = _coefficients(spec, d_model)
+    if spec.method == "add_bias":
+        work.copy_(_added_bias(spec, work, is_bias))
+        return work
+    if is_bias:
+        if work.shape != (d_model,):
+            raise LensSafetyError(
+                f"bias of shape {tuple(work.shape)} does not match width {d_model}", "check the direction"
+            )
+        work.copy_(work + a * u * (g @ work))
+        return work
+    if layout == "linear":
+        if work.shape[0] != d_model:
+            raise LensSafetyError(
+                f"weight of shape {tuple(work.shape)} does not write width {d_model}", "check the direction"
+            )
+        return work.addr_(u, g @ work, alpha=a)
+    if work.shape[-1] != d_model:
+        raise LensSafetyError(
+            f"weight of shape {tuple(work.shape)} does not write width {d_model}", "check the direction"
+        )
+    return work.addr_(work @ g, u, alpha=a)
+
+
+def _added_bias(spec: EditSpec, bias: torch.Tensor, is_bias: bool) -> torch.Tensor:
+    """``b' = b + alpha * s_hat`` (``alpha * s_hat`` is the added vector ``coeff * r``), float64."""
+    if not is_bias or bias.shape != spec.direction.shape:
+        raise LensSafetyError(
+            f"add_bias edits a [d_model] bias, got a tensor of shape {tuple(bias.shape)}", "report this"
+        )
+    return bias + spec.alpha * spec.direction.to(torch.float64)
+
+
+def add_bias(direction_or_vector: Any, coeff: float, layer: int, *, via: str = "mlp_out") -> EditSpec:
+    """Activation addition ``x^(layer) <- x^(layer) + coeff * r`` baked into a writer's output bias.
+
+    ``r`` follows :func:`lens_safety.interventions.add_direction` exactly: a ``Direction``'s
+    ``.direction`` (unit) or the given ``[d_model]`` tensor as is (raw HF basis), so
+    ``add_bias(r, c, l)`` exported equals ``add_direction(model, r, layer=l, coeff=c)`` at every
+    position. ``via="mlp_out"`` (default) adds to the MLP-output bias of block ``layer - 1``, whose
+    write IS the residual entering block ``layer``; ``via="attn_out"`` adds to the attention-output
+    bias of block ``layer`` instead, which the attention of block ``layer`` does not see (it equals
+    adding at ``blocks.{layer}.hook_resid_mid``). Writers without a bias (the Llama family) are
+    refused; post-norm writers (Gemma 2/3) make it inexact and are refused unless ``approximate``.
+    Stored as ``direction = r / |r|``, ``alpha = coeff * |r|``.
+    """
+    vector = torch.as_tensor(getattr(direction_or_vector, "direction", direction_or_vector))
+    vector = vector.detach().to("cpu", torch.float64)
+    if not math.isfinite(float(coeff)):
+        raise LensSafetyError(f"coeff must be a finite number, got {coeff}", "pass a finite coeff")
+    if via not in ("mlp_out", "attn_out"):
+        raise LensSafetyError(f"unknown bias slot '{via}'", "use mlp_out or attn_out")
+    block = int(layer) - 1 if via == "mlp_out" else int(layer)
+    if block < 0:
+        raise LensSafetyError(
+            f"layer {layer} has no MLP before it to carry the bias", "use layer >= 1, or via='attn_out'"
+        )
+    unit = unit_direction(vector)
+    return EditSpec(
+        method="add_bias",
+        direction=unit,
+        alpha=float(coeff) * float(vector.norm()),
+        targets=(via,),
+        layers=(block,),
+        direction_layer=int(layer),
+        extra={"coeff": float(coeff), "vector_norm": float(vector.norm()), "bias_slot": via},
+    )

@@ -1,0 +1,184 @@
+"""``lens-safety rosi`` / ``ablate`` end to end (tiny model, and SmolLM2 once) and their bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lens_safety.cli import main
+from lens_safety.directions import Direction
+
+FAST = ["--n-train", "16", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4"]
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_rosi_end_to_end_on_a_tiny_model(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "edited"
+    argv = ["rosi", str(tiny_dirs["llama"]), "--out", str(out), "--layer", "1", "--alphas", "10,100"]
+    code, stdout, err = run([*argv, *FAST, "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    for key in ("alpha", "layer", "targets", "max_abs_logit_diff", "harmful_refusal", "harmless_refusal"):
+        assert key in summary, key
+    assert summary["layer"] == 1 and summary["targets"] == ["attn_out", "mlp_out"]
+    assert summary["alpha"] in (10.0, 100.0) and summary["max_abs_logit_diff"] <= 1e-4
+    assert set(summary["harmful_refusal"]) == {"before", "after"}
+    assert [p["alpha"] for p in summary["calibration"]] == [10.0, 100.0]
+    # a random tiny model never refuses: the choice must say so, not pretend
+    assert summary["alpha_choice"] == "fallback" and "no alpha met" in summary["message"]
+    assert "no alpha met" in err
+    record = json.loads((out / "edit.json").read_text())
+    assert record["alpha"] == summary["alpha"] and record["measurements"]["alpha_choice"] == "fallback"
+    assert json.loads((out / "calibration.json").read_text())["parameter"] == "alpha"
+    assert (out / "calibration.html").is_file() and "harmful_refusal" in (out / "README.md").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out))  # vanilla transformers loads it
+    assert reloaded.config.num_hidden_layers == 3
+    # the saved direction repairs another model with a fixed alpha (no sweep), then ablate uses it too
+    code, stdout, err = run(
+        [
+            "rosi",
+            str(tiny_dirs["llama"]),
+            "--out",
+            str(tmp_path / "fixed"),
+            "--direction",
+            str(out),
+            "--alpha",
+            "20",
+            "--n-test",
+            "0",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    fixed = json.loads(stdout)
+    assert fixed["alpha"] == 20.0 and fixed["alpha_choice"] == "fixed" and "harmful_refusal" not in fixed
+    code, stdout, err = run(
+        [
+            "ablate",
+            str(tiny_dirs["llama"]),
+            "--out",
+            str(tmp_path / "ablated"),
+            "--direction",
+            str(out),
+            "--n-test",
+            "0",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    ablated = json.loads(stdout)
+    assert ablated["method"] == "orthogonalize" and "embed" in ablated["targets"]
+    assert json.loads((tmp_path / "ablated" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def _bad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code, stdout, err = run(argv, capsys)
+    assert code == 2, (stdout, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_bad_inputs_fail_in_one_line_and_write_nothing(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(tiny_dirs["llama"])
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    assert "already exists" in _bad(["rosi", model, "--out", str(taken)], capsys)
+    assert (taken / "keep.txt").read_text() == "mine"
+    assert "finite" in _bad(["rosi", model, "--out", str(tmp_path / "a"), "--alpha", "nan"], capsys)
+    assert "removes safety" in _bad(["rosi", model, "--out", str(tmp_path / "a"), "--alpha", "-3"], capsys)
+    assert "--alphas" in _bad(["rosi", model, "--out", str(tmp_path / "a"), "--alphas", "0,1"], capsys)
+    assert "--layer" in _bad(["rosi", model, "--out", str(tmp_path / "a"), "--layer", "x"], capsys)
+    narrow = tmp_path / "narrow"
+    Direction(torch.randn(3, 32), layer=1, position=-1, method="mean-diff").save(narrow)
+    message = _bad(
+        [
+            "rosi",
+            model,
+            "--out",
+            str(tmp_path / "a"),
+            "--direction",
+            str(narrow),
+            "--alpha",
+            "5",
+            "--n-test",
+            "0",
+        ],
+        capsys,
+    )
+    assert "width 32" in message
+    message = _bad(
+        [
+            "rosi",
+            model,
+            "--out",
+            str(tiny_dirs["llama"] / "inside"),
+            "--direction",
+            str(narrow),
+            "--alpha",
+            "5",
+            "--n-test",
+            "0",
+        ],
+        capsys,
+    )
+    assert "overlaps the input" in message
+    assert not (tiny_dirs["llama"] / "inside").exists()
+    message = _bad(
+        ["ablate", model, "--out", str(tmp_path / "a"), "--blocks", "7-9", "--n-test", "0"], capsys
+    )
+    assert "--blocks" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["narrow", "taken"]  # nothing else written
+
+
+def test_rosi_on_smollm2_with_a_tiny_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "smol"
+    code, stdout, err = run(
+        [
+            "rosi",
+            "--out",
+            str(out),
+            "--layer",
+            "20",
+            "--alphas",
+            "30",
+            "--n-train",
+            "8",
+            "--n-val",
+            "4",
+            "--n-test",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["layer"] == 20 and summary["alpha"] == 30.0 and summary["max_abs_logit_diff"] <= 1e-4
+    assert summary["edited_parameters"] == 60  # o_proj and down_proj of 30 blocks
+    point = summary["calibration"][0]
+    assert point["harmless_kl"] > 0 and 0 <= point["harmful_refusal"] <= 1
+    assert (out / "model.safetensors").is_file() and (out / "direction.safetensors").is_file()
