@@ -52,7 +52,7 @@ def _script(monkeypatch, model, values: list[tuple[float, float, float]]) -> lis
         seen.append(_edited_blocks(model, before))
         return next(feed)
 
-    monkeypatch.setattr(calibration._Measurer, "measure", measure)
+    monkeypatch.setattr(calibration.Measurer, "measure", measure)
     return seen
 
 

@@ -1,0 +1,161 @@
+"""Measure refusal, over-refusal and first-token KL with each edit applied and reverted."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.calibration.results import CalibrationBounds, CalibrationPoint
+from lens_safety.edits import applied_edit
+from lens_safety.edits.spec import EditSpec
+from lens_safety.evaluation.judges import Judge, get_judge
+from lens_safety.evaluation.metrics import refusal_rate
+from lens_safety.progress import track
+from lens_safety.prompts import PromptSet
+from lens_safety.selection import last_logits
+
+
+@dataclass
+class Measurer:
+    """Measures refusal / over-refusal / first-token KL of the model in its current state."""
+
+    model: Any
+    harmful: PromptSet
+    harmless: PromptSet
+    judge: Judge
+    max_new_tokens: int
+    batch_size: int
+    system_prompt: str | None
+    baseline_logprobs: Float[torch.Tensor, "n_harmless vocab"] | None = None
+
+    def _last_logprobs(self) -> Float[torch.Tensor, "n_harmless vocab"]:
+        rows = last_logits(self.model, self.harmless, self.batch_size, self.system_prompt)
+        return torch.cat([torch.log_softmax(x.double(), -1) for x in rows])
+
+    def measure(self) -> tuple[float, float, float]:
+        rates = [
+            refusal_rate(
+                self.model,
+                prompts,
+                self.judge,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+                system_prompt=self.system_prompt,
+            ).rate
+            for prompts in (self.harmful, self.harmless)
+        ]
+        logprobs = self._last_logprobs()
+        if self.baseline_logprobs is None:
+            self.baseline_logprobs = logprobs
+        base = self.baseline_logprobs
+        kl = float((base.exp() * (base - logprobs)).sum(-1).mean())
+        return rates[0], rates[1], max(kl, 0.0)
+
+
+def make_point(
+    label: str,
+    alpha: float,
+    direction_layer: int | None,
+    blocks: tuple[int, ...] | None,
+    values: tuple[float, float, float],
+    bounds: CalibrationBounds,
+) -> CalibrationPoint:
+    harmful, harmless, kl = values
+    return CalibrationPoint(
+        label,
+        alpha,
+        direction_layer,
+        blocks,
+        harmful,
+        harmless,
+        kl,
+        meets_target=harmful >= bounds.target_refusal,
+        within_over_refusal=harmless <= bounds.max_over_refusal,
+        within_kl=kl <= bounds.max_kl,
+    )
+
+
+def measure_sweep(
+    model: Any,
+    specs: Sequence[tuple[str, EditSpec]],
+    harmful: Any,
+    harmless: Any,
+    *,
+    bounds: CalibrationBounds,
+    judge: Judge | str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None,
+    progress: bool,
+) -> tuple[CalibrationPoint, list[CalibrationPoint], dict[str, Any]]:
+    """Measure the unedited model once, then every spec with its edit applied and reverted."""
+    harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
+    the_judge = get_judge(judge)
+    measurer = Measurer(
+        model, harmful_set, harmless_set, the_judge, max_new_tokens, batch_size, system_prompt
+    )
+    baseline = make_point("unedited", 0.0, None, (), measurer.measure(), bounds)
+    points = []
+    for label, spec in track(specs, "calibrating", total=len(specs), enabled=progress):
+        with applied_edit(model, spec):
+            values = measurer.measure()
+        points.append(make_point(label, spec.alpha, spec.direction_layer, spec.layers, values, bounds))
+    settings = {
+        "n_harmful": len(harmful_set),
+        "n_harmless": len(harmless_set),
+        "harmful": harmful_set.metadata(),
+        "harmless": harmless_set.metadata(),
+        "judge": getattr(the_judge, "name", type(the_judge).__name__),
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+        "system_prompt": system_prompt,
+    }
+    return baseline, points, settings
+
+
+def failure_reason(points: Sequence[CalibrationPoint], bounds: CalibrationBounds, what: str) -> str:
+    reaching = [p for p in points if p.meets_target]
+    if not reaching:
+        best = max(p.harmful_refusal for p in points)
+        return (
+            f"no {what} met the bounds: none reached harmful refusal {bounds.target_refusal:g} "
+            f"(best {best:.3g})"
+        )
+    over = sum(not p.within_over_refusal for p in reaching)
+    kl = sum(not p.within_kl for p in reaching)
+    return (
+        f"no {what} met the bounds: the {len(reaching)} reaching harmful refusal {bounds.target_refusal:g} "
+        f"broke over-refusal <= {bounds.max_over_refusal:g} ({over}) or KL <= {bounds.max_kl:g} ({kl})"
+    )
+
+
+def fallback_point(points: Sequence[CalibrationPoint]) -> CalibrationPoint | None:
+    safe = [p for p in points if p.within_over_refusal and p.within_kl]
+    if not safe:
+        return None
+    return max(safe, key=lambda p: (p.harmful_refusal, -p.alpha))
+
+
+def least_collateral(
+    points: Sequence[CalibrationPoint],
+) -> CalibrationPoint | None:
+    passing = [p for p in points if p.passed]
+    if not passing:
+        return None
+    return min(passing, key=lambda p: (p.harmless_refusal, p.harmless_kl, p.n_blocks))
+
+
+def measure_kwargs(
+    judge: Judge | str | None, max_new_tokens: int, batch_size: int, system_prompt: str | None, progress: bool
+) -> dict[str, Any]:
+    return {
+        "judge": judge,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "system_prompt": system_prompt,
+        "progress": progress,
+    }
