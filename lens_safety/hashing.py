@@ -24,15 +24,24 @@ def sha256_texts(texts: Iterable[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """SHA-256 over every ``*.safetensors`` file of a Hugging Face directory, in name order.
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The model's own safetensors files: the shards its index names, else ``model*.safetensors``.
 
-    The result is cached next to nothing: callers that need it repeatedly keep it.
+    Other safetensors files in the directory (``direction.safetensors`` of an exported model, an
+    adapter) are not weights of the model and are left out.
     """
     model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / name for name in shards]
+    return sorted(model_dir.glob("model*.safetensors"))
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """SHA-256 over the model's weight files (see :func:`weight_files`), in name order."""
     digest = hashlib.sha256()
-    for file in files:
+    for file in weight_files(model_dir):
         digest.update(file.name.encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()

@@ -93,3 +93,21 @@ def test_duplicates_across_classes_are_refused():
 
 def test_hash_changes_with_content():
     assert PromptSet.from_list(["a", "b"]).sha256 != PromptSet.from_list(["b", "a"]).sha256
+
+
+def test_weights_fingerprint_ignores_non_weight_safetensors(tiny_dirs, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lens_safety.hashing import weights_fingerprint
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_dirs["llama"], copy)
+    before = weights_fingerprint(copy)
+    import torch
+
+    save_file({"direction": torch.ones(3)}, copy / "direction.safetensors")
+    assert weights_fingerprint(copy) == before
+    save_file({"x": torch.ones(3)}, copy / "model.safetensors")
+    assert weights_fingerprint(copy) != before
