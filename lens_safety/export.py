@@ -100,6 +100,12 @@ def check_output_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
         raise LensSafetyError(f"output {out_dir} exists and is not a directory", "choose a directory path")
 
 
+def _ancestors(lineage: dict[str, Any]) -> list[str]:
+    """Weights hashes the base model itself derives from (its parent, then earlier ancestors)."""
+    parent = [str(lineage["base_weights_sha256"])] if lineage.get("base_weights_sha256") else []
+    return parent + [str(h) for h in lineage.get("ancestors_weights_sha256", [])]
+
+
 def _direction_hash(spec: EditSpec) -> str:
     return sha256_texts([f"{x:.17g}" for x in spec.direction.tolist()])
 
@@ -354,6 +360,7 @@ def export_edit(
             "base_model": model.spec,
             "base_architecture": model.arch.architecture,
             "base_weights_sha256": model.weights_hash,
+            "ancestors_weights_sha256": _ancestors(model.lineage),
             "direction_sha256": _direction_hash(spec),
             "edited_parameters": sorted(edited),
             "untied": untie,

@@ -52,7 +52,8 @@ class ChatModel:
         hf_path: local Hugging Face directory holding the original weights.
         spec: the spec the model was loaded from.
         compatibility_mode: whether TransformerLens weight processing was applied (irreversible).
-        lineage: ``edit.json`` of an exported lens-safety model (its parent and edit), else ``{}``.
+        lineage: ``edit.json`` of an exported lens-safety model (its parent and edit) or
+            ``organism.json`` of the refusal organism (its base and adapter), else ``{}``.
     """
 
     bridge: Any
@@ -152,6 +153,17 @@ def _boot(hf_path: Path, device: str, dtype: torch.dtype, trust_remote_code: boo
         raise
 
 
+#: files in which lens-safety records where a model comes from (an exported edit, the organism)
+LINEAGE_FILES = ("edit.json", "organism.json")
+
+
+def _read_lineage(hf_path: Path) -> dict[str, Any]:
+    for name in LINEAGE_FILES:
+        if (hf_path / name).is_file():
+            return dict(json.loads((hf_path / name).read_text()))
+    return {}
+
+
 def load_model(
     spec: str | os.PathLike[str] = "smollm2",
     *,
@@ -185,6 +197,5 @@ def load_model(
     facts = architecture_facts(bridge)
     if compatibility_mode:
         bridge.enable_compatibility_mode()
-    lineage_file = hf_path / "edit.json"
-    lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
+    lineage = _read_lineage(hf_path)
     return ChatModel(bridge, tokenizer, chat, facts, hf_path, canonical, compatibility_mode, lineage)

@@ -131,6 +131,28 @@ def test_edit_json_model_card_and_lineage(tiny_dirs: dict[str, Path], tmp_path: 
     exported = load_model(tmp_path / "out", device="cpu")
     assert exported.lineage["base_weights_sha256"] == model.weights_hash
     assert exported.lineage["method"] == "rosi"
+    assert exported.lineage["ancestors_weights_sha256"] == []
+
+
+def test_lineage_chains_through_repeated_edits(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """An edit of an edited model records its grandparent, so the grandparent's direction loads silently."""
+    import warnings
+
+    from lens_safety.directions import Direction, load_direction
+
+    base = load_model(tiny_dirs["llama"], device="cpu")
+    Direction(torch.randn(base.n_layers, base.d_model), 1, -1, "mean-diff", {"model": base.identity()}).save(
+        tmp_path / "dir"
+    )
+    export_edit(base, orthogonalize(_direction(64)), tmp_path / "child")
+    child = load_model(tmp_path / "child", device="cpu")
+    export_edit(child, rosi(_direction(64), ALPHA), tmp_path / "grandchild")
+    grandchild = load_model(tmp_path / "grandchild", device="cpu")
+    assert grandchild.lineage["base_weights_sha256"] == child.weights_hash
+    assert grandchild.lineage["ancestors_weights_sha256"] == [base.weights_hash]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_direction(tmp_path / "dir", grandchild)
 
 
 def test_output_checks(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
