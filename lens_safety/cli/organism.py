@@ -1,0 +1,171 @@
+"""``lens-safety organism train|eval``: rebuild and measure the refusal model organism."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lens_safety.cli import app
+from lens_safety.cli.common import JsonOpt, print_json, quiet_libraries
+from lens_safety.errors import LensSafetyError
+
+organism_app = typer.Typer(
+    help="The refusal model organism (smollm2-refusal): rebuild its adapter, measure it.",
+    no_args_is_help=True,
+)
+app.add_typer(organism_app, name="organism")
+
+SplitOpt = Annotated[
+    str, typer.Option("--split", help="Prompt split to evaluate on: test (held out) or val.")
+]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", help="Evaluate only the first N harmful and N harmless prompts.")
+]
+TokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", help="Greedy tokens generated per prompt for the judge.")
+]
+
+
+def _rates(evaluation: dict) -> str:
+    hf, hl = evaluation["harmful_refusal"], evaluation["harmless_refusal"]
+    kl = evaluation.get("kl_to_base")
+    kl_text = (
+        ""
+        if kl is None
+        else f", KL to base {kl:.4f} [{evaluation['kl_interval'][0]:.4f}, {evaluation['kl_interval'][1]:.4f}]"
+    )
+    return (
+        f"harmful refusal {hf['rate']:.3f} ({hf['refused']}/{hf['n']}, 95% CI {hf['interval'][0]:.3f}-{hf['interval'][1]:.3f}), "
+        f"harmless over-refusal {hl['rate']:.3f} ({hl['refused']}/{hl['n']}, 95% CI {hl['interval'][0]:.3f}-{hl['interval'][1]:.3f}){kl_text}"
+    )
+
+
+@organism_app.command("train")
+def train(
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for the rebuilt adapter (default: a new cache dir)."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Training epochs (default: the shipped config).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Random seed (default: the shipped config).")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="torch threads (bitwise reproducibility needs the shipped value)."),
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Measure the rebuilt adapter on the held-out test split.")
+    ] = True,
+    install: Annotated[
+        bool, typer.Option("--install", help="Replace the adapter shipped in the package with the rebuild.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out directory.")
+    ] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Retrain the organism's LoRA adapter (seeded, CPU) and report whether it matches the shipped one."""
+    quiet_libraries()
+    from lens_safety.organism.adapter import shipped_adapter_dir
+    from lens_safety.organism.build import read_training_record, train_organism
+    from lens_safety.organism.rebuild import compare_adapters, evaluate_adapter, record_evaluation
+    from lens_safety.organism.train import TrainingConfig
+    from lens_safety.sources import cache_dir
+
+    shipped = shipped_adapter_dir()
+    base_config = dict(read_training_record(shipped).get("config") or TrainingConfig().to_dict())
+    base_config["target_modules"] = tuple(base_config.get("target_modules", TrainingConfig().target_modules))
+    overrides = {
+        k: v for k, v in {"epochs": epochs, "seed": seed, "threads": threads}.items() if v is not None
+    }
+    config = TrainingConfig(**{**base_config, **overrides})
+    target = (
+        out if out is not None else cache_dir() / "organism" / f"rebuild-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise LensSafetyError(
+            f"output directory {target} already exists and is not empty",
+            "pass --overwrite or choose another --out",
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        run = train_organism(config, tmp, progress=not json)
+        if evaluate:
+            evaluation = evaluate_adapter(tmp, progress=not json)
+            record_evaluation(tmp, evaluation, "test")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {"out_dir": str(target), **read_training_record(target)}
+    if (shipped / "adapter_model.safetensors").is_file():
+        summary["matches_shipped"] = compare_adapters(target, shipped).to_dict()
+        summary["shipped_evaluation"] = read_training_record(shipped).get("evaluation")
+    if install:
+        for name in ("adapter_model.safetensors", "adapter_config.json", "training.json"):
+            shutil.copy2(target / name, shipped / name)
+        summary["installed_to"] = str(shipped)
+    if json:
+        print_json(summary)
+        return
+    typer.echo(
+        f"adapter written to {target} ({run.record['adapter_bytes'] / 1e6:.2f} MB, sha256 {run.adapter_sha256[:16]}…)"
+    )
+    typer.echo(
+        f"training wall time {run.record['training']['wall_seconds']:.0f} s, {run.record['training']['steps']} steps"
+    )
+    if "evaluation" in summary:
+        typer.echo("rebuild, test split: " + _rates(summary["evaluation"]["test"]))
+    match = summary.get("matches_shipped")
+    if match:
+        verdict = (
+            "bitwise identical to the shipped adapter"
+            if match["sha256_equal"]
+            else f"differs from the shipped adapter (max |diff| {match['max_abs_diff']})"
+        )
+        typer.echo(f"rebuild {verdict}")
+        if not match["sha256_equal"] and summary.get("shipped_evaluation"):
+            typer.echo("shipped, test split: " + _rates(summary["shipped_evaluation"]["test"]))
+    if install:
+        typer.echo(f"installed into {shipped}")
+
+
+@organism_app.command("eval")
+def evaluate_cmd(
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="Adapter directory (default: the shipped one).")
+    ] = None,
+    split: SplitOpt = "test",
+    limit: LimitOpt = None,
+    max_new_tokens: TokensOpt = 48,
+    json: JsonOpt = False,
+) -> None:
+    """Held-out harmful refusal, harmless over-refusal (substring judge, greedy) and first-token KL to the base."""
+    quiet_libraries()
+    from lens_safety.organism.rebuild import evaluate_adapter
+
+    if split not in {"test", "val"}:
+        raise LensSafetyError(
+            f"unknown split '{split}' for evaluation", "use --split test (held out) or --split val"
+        )
+    if adapter is not None and not adapter.is_dir():
+        raise LensSafetyError(
+            f"adapter directory {adapter} does not exist",
+            "pass a directory written by lens-safety organism train",
+        )
+    evaluation = evaluate_adapter(adapter, split, limit, max_new_tokens, progress=not json)
+    if json:
+        print_json(evaluation.to_dict())
+        return
+    typer.echo(f"smollm2-refusal, {split} split: " + _rates(evaluation.to_dict()))

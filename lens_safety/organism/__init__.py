@@ -1,0 +1,26 @@
+"""The refusal model organism: a LoRA fine-tune of SmolLM2-135M-Instruct that refuses harmful requests.
+
+``load_model("smollm2-refusal")`` merges the adapter shipped in ``lens_safety/data/organism`` (hash
+checked, safetensors only) into the embedded base model; ``lens-safety organism train`` rebuilds it
+and ``lens-safety organism eval`` measures held-out refusal, over-refusal and KL to the base.
+"""
+
+from lens_safety.organism.adapter import materialize_organism, shipped_adapter_dir, verify_adapter
+from lens_safety.organism.build import TrainingRun, train_organism
+from lens_safety.organism.data import SFTExample, build_examples
+from lens_safety.organism.evaluate import OrganismEvaluation, evaluate_organism
+from lens_safety.organism.train import TrainingConfig, fit_lora
+
+__all__ = [
+    "OrganismEvaluation",
+    "SFTExample",
+    "TrainingConfig",
+    "TrainingRun",
+    "build_examples",
+    "evaluate_organism",
+    "fit_lora",
+    "materialize_organism",
+    "shipped_adapter_dir",
+    "train_organism",
+    "verify_adapter",
+]

