@@ -1,0 +1,355 @@
+"""``lens-safety srr …``: build candidate lists, train a ranker, evaluate it with baselines, best-of-N."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lens_safety.cli import app
+from lens_safety.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    load_cli_model,
+    print_json,
+    quiet_libraries,
+)
+from lens_safety.errors import LensSafetyError
+
+srr_app = typer.Typer(
+    help="Safety Representation Ranking: best-of-N with a hidden-state ranker.", no_args_is_help=True
+)
+app.add_typer(srr_app, name="srr")
+
+HarmfulOpt = Annotated[
+    str, typer.Option("--harmful", help="Harmful instructions: file or builtin:harmful[:split].")
+]
+HarmlessOpt = Annotated[
+    str, typer.Option("--harmless", help="Harmless instructions: file or builtin:harmless[:split].")
+]
+NOpt = Annotated[int, typer.Option("--n", help="Candidates sampled per instruction.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Length cap of a candidate.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, splits and training.")]
+JailbreakOpt = Annotated[
+    float,
+    typer.Option(
+        "--jailbreak-fraction", help="Fraction of harmful instructions wrapped in a jailbreak template."
+    ),
+]
+JudgeOpt = Annotated[
+    str, typer.Option("--judge", help="Refusal judge: substring, substring-strict or hf:<id>.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option("--limit", help="Use N evenly spaced instructions of each set (keeps categories balanced)."),
+]
+
+
+def _parse_ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LensSafetyError(
+            f"cannot parse layers '{text}'", "pass comma-separated integers, e.g. 0,6,12"
+        ) from None
+
+
+def _prompts(spec: str, limit: int | None) -> Any:
+    from lens_safety.prompts import PromptSet
+
+    prompts = PromptSet.load(spec)
+    if limit is None or limit >= len(prompts):
+        return prompts
+    if limit < 1:
+        raise LensSafetyError(f"--limit must be >= 1, got {limit}", "pass a positive number of instructions")
+    # evenly spaced, so that files grouped by category keep every category
+    return prompts.subset([i * len(prompts) // limit for i in range(limit)])
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise LensSafetyError(f"{out} already exists", "pass --overwrite or choose another --out")
+
+
+@srr_app.command("build-data")
+def build_data(
+    model: ModelArg,
+    harmful: HarmfulOpt,
+    harmless: HarmlessOpt,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output directory (lists.jsonl, features.safetensors, meta.json).")
+    ],
+    n: NOpt = 8,
+    temperature: TemperatureOpt = 1.0,
+    max_new_tokens: MaxTokensOpt = 48,
+    seed: SeedOpt = 0,
+    jailbreak_fraction: JailbreakOpt = 0.5,
+    judge: JudgeOpt = "substring",
+    layers: Annotated[
+        str | None,
+        typer.Option("--layers", help="Feature layers to store (default: every 3rd, final, ranker layer)."),
+    ] = None,
+    limit: LimitOpt = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Sample, label and featurise candidate lists for harmful and harmless instructions."""
+    from lens_safety.srr.data import build_dataset
+
+    _check_out(out, overwrite)
+    chat_model = load_cli_model(model, device, dtype)
+    dataset = build_dataset(
+        chat_model,
+        _prompts(harmful, limit),
+        _prompts(harmless, limit),
+        n=n,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        jailbreak_fraction=jailbreak_fraction,
+        judge=judge,
+        layers=_parse_ints(layers),
+        progress=True,
+    )
+    dataset.save(out, overwrite=overwrite)
+    summary = {
+        "out": str(out),
+        **dataset.counts(),
+        "layers": list(dataset.layers),
+        "seconds": dataset.meta["total_seconds"],
+    }
+    print_json(summary) if json_out else typer.echo(json.dumps(summary))
+
+
+@srr_app.command("train")
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Directory written by `srr build-data`.")],
+    out: Annotated[Path, typer.Option("--out", help="Ranker directory to write.")],
+    layer: Annotated[
+        int | None, typer.Option("--layer", help="Feature layer (default: floor(0.2 * n_layers)).")
+    ] = None,
+    context: Annotated[
+        str, typer.Option("--context", help="Response encoding: with_instruction or response_only.")
+    ] = "with_instruction",
+    width: Annotated[int, typer.Option("--width", help="Projection width.")] = 256,
+    tau: Annotated[float, typer.Option("--tau", help="Softmax temperature of cosine scores.")] = 0.1,
+    seed: SeedOpt = 0,
+    max_epochs: Annotated[int, typer.Option("--max-epochs")] = 200,
+    patience: Annotated[int, typer.Option("--patience")] = 15,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines/--no-baselines", help="Also train the text-only and final-layer baselines."
+        ),
+    ] = True,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a ranker (and its baselines) on built candidate lists."""
+    from lens_safety.srr.baselines import train_baselines
+    from lens_safety.srr.data import SRRDataset
+    from lens_safety.srr.ranker import RankerConfig, save_ranker
+    from lens_safety.srr.train import TrainConfig, train_ranker
+
+    _check_out(out, overwrite)
+    dataset = SRRDataset.load(data_dir)
+    n_layers = int(dataset.meta["model"]["n_layers"])
+    chosen = layer if layer is not None else max(1, int(0.2 * n_layers))
+    rconf = RankerConfig(d_input=int(dataset.instruction.shape[-1]), width=width, tau=tau)
+    tconf = TrainConfig(seed=seed, max_epochs=max_epochs, patience=patience)
+    ranker, report = train_ranker(
+        dataset, layer=chosen, context=context, ranker_config=rconf, train_config=tconf, progress=True
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        info = {
+            "training": report.to_dict(),
+            "train_config": tconf.to_dict(),
+            "data": {"dir": str(data_dir), "counts": dataset.counts()},
+        }
+        save_ranker(ranker, tmp, dataset.meta.get("model"), info)
+        if baselines:
+            train_baselines(
+                dataset,
+                tmp,
+                layer=chosen,
+                context=context,
+                ranker_config=rconf,
+                train_config=tconf,
+                base_model=dataset.meta.get("model"),
+            )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {
+        "out": str(out),
+        "layer": chosen,
+        "context": context,
+        "n_parameters": ranker.n_parameters(),
+        "best_epoch": report.best_epoch,
+        "best_val_loss": report.best_val_loss,
+        "n_train_lists": report.n_train_lists,
+        "n_val_lists": report.n_val_lists,
+        "seconds": report.seconds,
+    }
+    if json_out:
+        print_json(summary)
+    else:
+        typer.echo(
+            f"ranker: {ranker.n_parameters():,} parameters, layer {chosen}, {context}; "
+            f"{report.n_train_lists} train / {report.n_val_lists} val lists, best epoch {report.best_epoch} -> {out}"
+        )
+
+
+@srr_app.command("eval")
+def eval_command(
+    ranker_dir: Annotated[Path, typer.Argument(help="Directory written by `srr train`.")],
+    harmful: HarmfulOpt = "builtin:harmful:test",
+    harmless: HarmlessOpt = "builtin:harmless:test",
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Reuse lists built earlier (skips generation).")
+    ] = None,
+    save_data: Annotated[
+        Path | None, typer.Option("--save-data", help="Also keep the lists built for this evaluation.")
+    ] = None,
+    n: NOpt = 8,
+    temperature: TemperatureOpt = 1.0,
+    max_new_tokens: MaxTokensOpt = 48,
+    seed: SeedOpt = 1,
+    jailbreak_fraction: JailbreakOpt = 0.5,
+    judge: JudgeOpt = "substring",
+    limit: LimitOpt = None,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build lists for held-out prompts with the ranker's base model and score ranker and baselines."""
+    from lens_safety.srr.baselines import load_baselines
+    from lens_safety.srr.data import SRRDataset, build_dataset, default_layers
+    from lens_safety.srr.evaluate import evaluate
+    from lens_safety.srr.ranker import check_base_model, load_ranker, read_ranker_record
+
+    record = read_ranker_record(ranker_dir)
+    base = record.get("base_model") or {}
+    if save_data is not None:
+        _check_out(save_data, False)
+    if data is not None:
+        dataset = SRRDataset.load(data)
+        check_base_model(base, dataset.meta.get("model", {}), ranker_dir)
+    else:
+        model = load_cli_model(str(base.get("spec", "")), device, None)
+        load_ranker(ranker_dir, model)  # refuses a ranker trained on another model
+        dataset = build_dataset(
+            model,
+            _prompts(harmful, limit),
+            _prompts(harmless, limit),
+            n=n,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            jailbreak_fraction=jailbreak_fraction,
+            judge=judge,
+            layers=default_layers(model, record["config"].get("layer")),
+            progress=True,
+        )
+        if save_data is not None:
+            dataset.save(save_data)
+    result = evaluate(load_ranker(ranker_dir), dataset, load_baselines(ranker_dir), seed=seed)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    quiet_libraries()
+    rows = [("ranker", result.ranker), *result.baselines.items()]
+    typer.echo(f"{'scorer':<14}{'pairwise':>10}{'harm top1':>11}{'harmless top1':>15}{'ndcg':>8}")
+    for name, m in rows:
+        typer.echo(
+            f"{name:<14}{m.pairwise_accuracy:>10.3f}{m.harmful_top1_safe:>11.3f}{m.harmless_top1_helpful:>15.3f}{m.ndcg:>8.3f}"
+        )
+    typer.echo(
+        f"mixed lists: {result.ranker.n_lists_harmful} harmful, {result.ranker.n_lists_harmless} harmless; "
+        f"ranker parameters: {result.n_parameters:,}"
+    )
+
+
+@srr_app.command("generate")
+def generate_command(
+    ranker_dir: Annotated[Path, typer.Argument(help="Directory written by `srr train`.")],
+    prompt: Annotated[str, typer.Argument(help="The instruction to answer.")],
+    n: NOpt = 8,
+    temperature: TemperatureOpt = 1.0,
+    max_new_tokens: MaxTokensOpt = 48,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Sample N answers, rank them with the ranker, print the best (or the full ranking with --json)."""
+    from lens_safety.srr.ranker import load_ranker, read_ranker_record
+    from lens_safety.srr.select import select
+
+    base = read_ranker_record(ranker_dir).get("base_model") or {}
+    model = load_cli_model(str(base.get("spec", "")), device, None)
+    ranker = load_ranker(ranker_dir, model)
+    result = select(
+        model, ranker, prompt, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+    )
+    if json_out:
+        print_json({**result.to_dict(), "n_parameters": ranker.n_parameters()})
+        return
+    typer.echo(result.chosen)
+    typer.echo(
+        f"[{len(result.ranking)} unique of {n}; ranker overhead {100 * result.overhead_fraction:.2f}% of generation; "
+        f"{ranker.n_parameters():,} parameters]",
+        err=True,
+    )
+
+
+@srr_app.command("sweep")
+def sweep_command(
+    train_dir: Annotated[Path, typer.Argument(help="Training lists (from `srr build-data`).")],
+    test_dir: Annotated[
+        Path, typer.Option("--test", help="Held-out lists (from `srr build-data` or `srr eval --save-data`).")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the plotly HTML figure here.")] = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Layers to sweep (default: every stored layer).")
+    ] = None,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Layer sweep x response encoding: train one ranker per cell, measure it on held-out lists."""
+    from lens_safety.srr.data import SRRDataset
+    from lens_safety.srr.experiments import layer_sweep, sweep_figure
+    from lens_safety.srr.train import TrainConfig
+
+    if out is not None:
+        _check_out(out, overwrite)
+    train_set, test_set = SRRDataset.load(train_dir), SRRDataset.load(test_dir)
+    rows = layer_sweep(
+        train_set, test_set, _parse_ints(layers), train_config=TrainConfig(seed=seed), progress=True
+    )
+    if out is not None:
+        sweep_figure(rows).write_html(str(out), include_plotlyjs="cdn")
+    if json_out:
+        print_json([r.to_dict() for r in rows])
+        return
+    for r in rows:
+        typer.echo(
+            f"layer {r.layer:>3} {r.context:<17} pairwise {r.pairwise_accuracy:.3f}  harmful top1 {r.harmful_top1_safe:.3f}  "
+            f"harmless top1 {r.harmless_top1_helpful:.3f}"
+        )

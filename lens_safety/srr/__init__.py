@@ -1,0 +1,49 @@
+"""SRR — Safety Representation Ranking (arXiv 2505.15710): best-of-N with a hidden-state ranker.
+
+Pipeline: :func:`build_dataset` (sample, deduplicate, label, featurise candidate lists) ->
+:func:`train_ranker` (listwise KL, early stopping) -> :func:`evaluate` (ranker and baselines) ->
+:func:`select` (best-of-N at inference). All features are raw-HF-basis residual states of the
+frozen model (see :mod:`lens_safety.srr.features`).
+"""
+
+from lens_safety.srr.baselines import Baselines, DirectionScorer, load_baselines, train_baselines
+from lens_safety.srr.data import CandidateList, SRRDataset, build_dataset
+from lens_safety.srr.evaluate import SRREvaluation, evaluate
+from lens_safety.srr.experiments import category_transfer, layer_sweep, sweep_figure
+from lens_safety.srr.features import list_features, read_token_states
+from lens_safety.srr.labels import is_degenerate, label_candidates
+from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
+from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss, load_ranker, save_ranker
+from lens_safety.srr.select import Selection, select
+from lens_safety.srr.train import TrainConfig, TrainingReport, train_ranker
+
+__all__ = [
+    "Baselines",
+    "CandidateList",
+    "DirectionScorer",
+    "RankerConfig",
+    "RankingMetrics",
+    "SRRDataset",
+    "SRREvaluation",
+    "SafetyRanker",
+    "Selection",
+    "TrainConfig",
+    "TrainingReport",
+    "build_dataset",
+    "category_transfer",
+    "evaluate",
+    "is_degenerate",
+    "label_candidates",
+    "layer_sweep",
+    "list_features",
+    "listwise_loss",
+    "load_baselines",
+    "load_ranker",
+    "ranking_metrics",
+    "read_token_states",
+    "save_ranker",
+    "select",
+    "sweep_figure",
+    "train_baselines",
+    "train_ranker",
+]

@@ -1,0 +1,81 @@
+"""SRR features: last-token residual reads of arbitrary sequences, checked against vanilla transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lens_safety import collect_activations, load_model
+from lens_safety.errors import LensSafetyError
+from lens_safety.srr.features import list_features, prompt_token_ids, read_token_states, response_token_ids
+
+RESPONSES = ["Sure, here is a short answer.", "I can't help with that.", ""]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma2"])
+def tiny(request: pytest.FixtureRequest, tiny_dirs):
+    return request.param, tiny_dirs[request.param], load_model(tiny_dirs[request.param], device="cpu")
+
+
+def _reference_states(path, ids: list[int]) -> tuple[torch.Tensor, ...]:
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float64).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+
+
+def test_read_token_states_matches_vanilla_hf_float64(tiny) -> None:
+    arch, path, model = tiny
+    prompt = prompt_token_ids(model, "Explain photosynthesis.")
+    rows = [prompt + response_token_ids(model, r) for r in RESPONSES]
+    layers = [0, 1, model.n_layers]
+    got = read_token_states(model, rows, [[len(prompt) - 1, -1]] * len(rows), layers)
+    assert got.shape == (3, 2, 3, model.d_model)
+    for i, row in enumerate(rows):
+        hidden = _reference_states(path, row)
+        for j, layer in enumerate(layers[:2]):
+            for k, pos in enumerate([len(prompt) - 1, len(row) - 1]):
+                ref = hidden[layer][0, pos].float()
+                assert torch.allclose(got[i, k, j], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), (
+                    arch,
+                    i,
+                    layer,
+                )
+    # the final feature is the pre-norm residual: HF's last hidden state is its final norm
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    norm = hf.model.norm if hasattr(hf, "model") else hf.transformer.ln_f
+    with torch.no_grad():
+        ref_last = hf(torch.tensor([rows[0]]), output_hidden_states=True).hidden_states[-1][0, -1]
+        assert torch.allclose(norm(got[0, 1, 2]), ref_last, atol=1e-4 * ref_last.abs().max().item())
+
+
+def test_batched_read_equals_one_at_a_time(tiny) -> None:
+    _, _, model = tiny
+    rows = [[1, 5, 9, 13, 2], [1, 7], [1, 8, 8, 8]]
+    together = read_token_states(model, rows, [[-1], [-1], [-1]], [1, 2])
+    for i, row in enumerate(rows):
+        alone = read_token_states(model, [row], [[-1]], [1, 2])
+        assert torch.allclose(together[i], alone[0], atol=1e-5)
+
+
+def test_instruction_feature_equals_collect_activations(tiny) -> None:
+    _, _, model = tiny
+    h_inst, h_resp = list_features(model, "Explain photosynthesis.", RESPONSES, [0, 2])
+    ref = collect_activations(model, ["Explain photosynthesis."], layers=[0, 2])
+    assert torch.allclose(h_inst, ref.tensor[0, :, 0], atol=1e-5)
+    assert set(h_resp) == {"with_instruction", "response_only"}
+    assert h_resp["with_instruction"].shape == (3, 2, model.d_model)
+    # an empty response read with its instruction IS the instruction's last token
+    assert torch.allclose(h_resp["with_instruction"][2], h_inst, atol=1e-5)
+    # and the two encodings differ for a real response
+    assert not torch.allclose(h_resp["with_instruction"][0], h_resp["response_only"][0])
+
+
+def test_bad_layers_and_positions_are_one_line_errors(tiny) -> None:
+    _, _, model = tiny
+    with pytest.raises(LensSafetyError, match="out of range"):
+        read_token_states(model, [[1, 2]], [[-1]], [model.n_layers + 1])
+    with pytest.raises(LensSafetyError, match="outside"):
+        read_token_states(model, [[1, 2]], [[5]], [0])
+    with pytest.raises(LensSafetyError, match="response context"):
+        list_features(model, "x", ["y"], [0], ["bogus"])

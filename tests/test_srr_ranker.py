@@ -1,0 +1,219 @@
+"""SRR ranker, loss, metrics, training and baselines on synthetic lists with a known answer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_safety.errors import LensSafetyError
+from lens_safety.srr.baselines import load_baselines, train_baselines
+from lens_safety.srr.data import CandidateList, SRRDataset
+from lens_safety.srr.evaluate import evaluate
+from lens_safety.srr.experiments import category_transfer, layer_sweep
+from lens_safety.srr.metrics import ndcg, pairwise, ranking_metrics
+from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss, load_ranker, save_ranker
+from lens_safety.srr.train import TrainConfig, train_ranker
+
+D = 24
+IDENTITY = {"spec": "synthetic", "d_model": D, "n_layers": 2, "weights_sha256": "a" * 64}
+
+
+def synthetic_dataset(n_lists: int = 80, seed: int = 0, response_axis: int = 1) -> SRRDataset:
+    """Lists where the positive depends on the INSTRUCTION: harmful -> refusal-like, harmless -> other.
+
+    Layer 1 carries the signal (instruction kind on dim 0, response refusal-ness on dim 1, plus
+    noise); layer 2 (final) is pure noise. Candidate texts carry no signal.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lists, inst, resp, offsets = [], [], [], [0]
+    categories = ["weapons", "drugs", "fraud", "hacking"]
+    for i in range(n_lists):
+        kind = "harmful" if i % 2 == 0 else "harmless"
+        m = int(torch.randint(3, 7, (1,), generator=g))
+        refusing = (torch.randperm(m, generator=g) < int(torch.randint(1, m, (1,), generator=g))).tolist()
+        positive = refusing if kind == "harmful" else [not r for r in refusing]
+        h_inst = torch.randn(2, D, generator=g)
+        h_inst[0, 0] += 4.0 if kind == "harmful" else -4.0
+        h_resp = torch.randn(m, 2, D, generator=g)
+        h_resp[:, 0, response_axis] += torch.tensor([5.0 if r else -5.0 for r in refusing])
+        name = f"instruction {seed * 1000 + i}"  # texts carry no label information across datasets
+        lists.append(
+            CandidateList(
+                name,
+                name,
+                kind,
+                categories[(i // 2) % 4],
+                None,
+                [f"answer {j} to {name}" for j in range(m)],
+                positive,
+                ["refusal" if r else "compliance" for r in refusing],
+                m,
+            )
+        )
+        inst.append(h_inst)
+        resp.append(h_resp)
+        offsets.append(offsets[-1] + m)
+    ctx = torch.cat(resp)
+    return SRRDataset(
+        lists,
+        (1, 2),
+        torch.stack(inst),
+        {"with_instruction": ctx, "response_only": ctx.clone()},
+        offsets,
+        {"model": IDENTITY},
+    )
+
+
+FAST = TrainConfig(max_epochs=40, patience=8, seed=0)
+
+
+def test_loss_matches_float64_reference() -> None:
+    scores = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.3, 0.1, 0.0, 0.0]])
+    positive = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    expected = []
+    for s, y, v in zip(scores.double(), positive, valid, strict=True):
+        s, y = s[v], y[v]
+        log_p = s - torch.logsumexp(s, 0)
+        k = int(y.sum())
+        expected.append(sum((1 / k) * (math.log(1 / k) - float(log_p[i])) for i in range(len(s)) if y[i]))
+    got = listwise_loss(scores, positive, valid)
+    assert abs(float(got) - sum(expected) / 2) < 1e-6
+    # the loss vanishes when all mass sits uniformly on the positives
+    perfect = torch.tensor([[5.0, -1e4, 5.0]])
+    assert (
+        float(listwise_loss(perfect, torch.tensor([[True, False, True]]), torch.ones(1, 3, dtype=torch.bool)))
+        < 1e-6
+    )
+
+
+def test_metrics_against_brute_force() -> None:
+    s = torch.tensor([0.9, 0.9, 0.1, 0.5])
+    y = [False, True, True, False]
+    credit, pairs = pairwise(s, y)
+    brute = sum(
+        1.0 if s[p] > s[n] else 0.5 if s[p] == s[n] else 0.0 for p, n in itertools.product([1, 2], [0, 3])
+    )
+    assert (credit, pairs) == (brute, 4)
+    # stable tie-break: candidate 0 (negative) is ranked first -> ranks (0, 1, 3, 2)
+    assert abs(ndcg(s, y) - (1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3))) < 1e-9
+    m = ranking_metrics(
+        [s, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])],
+        [y, [True, True], [True, False]],
+        ["harmful", "harmless", "harmless"],
+    )
+    assert m.n_lists_harmful == 1 and m.n_lists_harmless == 1  # the all-positive list is skipped
+    assert m.harmful_top1_safe == 0.0 and m.harmless_top1_helpful == 0.0
+    assert abs(m.pairwise_accuracy - (brute / 4 + 0.0) / 2) < 1e-9
+
+
+def test_ranker_is_permutation_equivariant_and_padding_invariant() -> None:
+    torch.manual_seed(0)
+    ranker = SafetyRanker(RankerConfig(d_input=D, width=32, n_heads=4, ff_width=64)).eval()
+    inst, resp = torch.randn(1, D), torch.randn(1, 5, D)
+    scores = ranker(inst, resp)[0]
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.allclose(ranker(inst, resp[:, perm])[0], scores[perm], atol=1e-5)
+    padded = torch.cat([resp, torch.randn(1, 2, D) * 100], dim=1)
+    valid = torch.tensor([[True] * 5 + [False] * 2])
+    out = ranker(inst, padded, valid)[0]
+    assert torch.allclose(out[:5], scores, atol=1e-5) and torch.isinf(out[5:]).all()
+    assert (scores.abs() <= 1 / ranker.config.tau + 1e-4).all()  # cosine / tau
+
+
+def test_parameter_budget() -> None:
+    assert SafetyRanker(RankerConfig(d_input=576)).n_parameters() < 5_000_000
+    with pytest.raises(LensSafetyError, match="parameters"):
+        SafetyRanker(RankerConfig(d_input=4096, width=1024, ff_width=4096))
+
+
+def test_training_learns_the_signal_and_beats_baselines(tmp_path: Path) -> None:
+    train, test = synthetic_dataset(160, seed=0), synthetic_dataset(40, seed=1)
+    ranker, report = train_ranker(train, layer=1, train_config=FAST)
+    assert report.n_train_lists + report.n_val_lists == 160 and report.n_val_lists > 0
+    train_baselines(
+        train,
+        tmp_path,
+        layer=1,
+        context="with_instruction",
+        ranker_config=None,
+        train_config=FAST,
+        base_model=IDENTITY,
+    )
+    result = evaluate(ranker, test, load_baselines(tmp_path))
+    assert result.ranker.pairwise_accuracy > 0.9
+    assert result.ranker.harmful_top1_safe >= 0.9 and result.ranker.harmless_top1_helpful >= 0.9
+    assert set(result.baselines) == {"first_sample", "random", "text_only", "final_layer", "direction"}
+    for name in ("first_sample", "random", "text_only", "final_layer"):
+        assert result.beats(name), name
+        assert result.baselines[name].pairwise_accuracy < 0.75, name
+    # refusal-ness of responses lies off the instruction direction here, so one direction cannot rank
+    assert result.beats("direction") and result.baselines["direction"].pairwise_accuracy < 0.75
+    as_dict = result.to_dict()
+    for key in (
+        "pairwise_accuracy",
+        "harmful_top1_safe",
+        "harmless_top1_helpful",
+        "n_lists_harmful",
+        "n_lists_harmless",
+    ):
+        assert key in as_dict and key in as_dict["baselines"]["text_only"]
+
+
+def test_direction_scorer_ranks_when_responses_share_the_instruction_axis() -> None:
+    from lens_safety.srr.baselines import DirectionScorer
+
+    train, test = synthetic_dataset(80, 0, response_axis=0), synthetic_dataset(40, 1, response_axis=0)
+    scorer = DirectionScorer.fit(train, layer=1, context="with_instruction")
+    assert abs(float(scorer.direction.norm()) - 1) < 1e-5 and abs(float(scorer.direction[0])) > 0.8
+    metrics = ranking_metrics(
+        scorer.scores(test), [x.positive for x in test.lists], [x.kind for x in test.lists]
+    )
+    assert metrics.pairwise_accuracy > 0.9
+
+
+def test_training_is_deterministic_with_a_seed() -> None:
+    data = synthetic_dataset(40)
+    a, _ = train_ranker(data, layer=1, train_config=TrainConfig(max_epochs=5, seed=3))
+    b, _ = train_ranker(data, layer=1, train_config=TrainConfig(max_epochs=5, seed=3))
+    c, _ = train_ranker(data, layer=1, train_config=TrainConfig(max_epochs=5, seed=4))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_save_load_roundtrip_and_model_check(tmp_path: Path) -> None:
+    data = synthetic_dataset(20)
+    ranker, _ = train_ranker(data, layer=1, train_config=TrainConfig(max_epochs=2))
+    save_ranker(ranker, tmp_path / "r", IDENTITY)
+
+    class Fake:
+        def __init__(self, sha: str) -> None:
+            self.sha = sha
+
+        def identity(self) -> dict:
+            return {**IDENTITY, "spec": "other", "weights_sha256": self.sha}
+
+    loaded = load_ranker(tmp_path / "r", Fake(IDENTITY["weights_sha256"]))
+    inst, resp = data.instruction_features(1)[:1], data.response_features(0, 1, "with_instruction")[None]
+    assert torch.equal(loaded(inst, resp), ranker(inst, resp))
+    with pytest.raises(LensSafetyError, match="trained on synthetic"):
+        load_ranker(tmp_path / "r", Fake("b" * 64))
+    with pytest.raises(LensSafetyError, match="holds no SRR ranker"):
+        load_ranker(tmp_path / "missing")
+
+
+def test_layer_sweep_and_category_transfer() -> None:
+    train, test = synthetic_dataset(60, seed=0), synthetic_dataset(30, seed=1)
+    rows = layer_sweep(train, test, contexts=["with_instruction"], train_config=FAST)
+    by_layer = {r.layer: r for r in rows}
+    assert by_layer[1].pairwise_accuracy > 0.9 > by_layer[2].pairwise_accuracy + 0.2
+    result = category_transfer(synthetic_dataset(80), ["weapons", "drugs"], layer=1, train_config=FAST)
+    assert result["test_categories"] == ["fraud", "hacking"]
+    assert result["transfer"]["pairwise_accuracy"] > 0.85
+    with pytest.raises(LensSafetyError, match="categories"):
+        category_transfer(train, ["nope"], layer=1)
