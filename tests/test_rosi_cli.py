@@ -163,6 +163,10 @@ def test_rosi_on_smollm2_with_a_tiny_sweep(tmp_path: Path, capsys: pytest.Captur
             "20",
             "--alphas",
             "30",
+            "--max-over-refusal",  # 4 validation prompts: one over-refusal is 0.25; the
+            "1",  # collateral bounds are not what this end-to-end run checks
+            "--max-kl",
+            "100",
             "--n-train",
             "8",
             "--n-val",
