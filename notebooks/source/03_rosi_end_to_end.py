@@ -1,0 +1,163 @@
+# %% [markdown]
+# # 03 — ROSI end to end
+#
+# The whole safety-editing path on a model that actually refuses: the **refusal organism**
+# (`smollm2-refusal`, a LoRA fine-tune of SmolLM2-135M-Instruct shipped with lens-safety) →
+# find its refusal direction → abliterate it (refusal should vanish) → ROSI (refusal should come
+# back stronger) → calibrate `alpha` with a curve → export a Hugging Face directory → reload it
+# with vanilla `transformers` → evaluate before and after.
+#
+# Small prompt subsets and short greedy generations keep it to a few minutes on a CPU; the
+# numbers are therefore noisy (read the intervals).
+
+# %%
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lens_safety as ls
+from lens_safety import viz
+from lens_safety.calibration import calibrate_alpha
+from lens_safety.directions import find_direction
+from lens_safety.edits import applied_edit, orthogonalize, rosi
+from lens_safety.evaluation import evaluate_refusal
+from lens_safety.export import export_edit
+from lens_safety.viz.calibration import calibration_figure
+
+model = ls.load_model("smollm2-refusal")
+test_h = ls.PromptSet.load("builtin:harmful:test").head(8)
+test_b = ls.PromptSet.load("builtin:harmless:test").head(8)
+TOKENS = 16  # refusals show in the first tokens
+
+
+def rates(evaluation: "ls.evaluation.RefusalEvaluation") -> str:
+    h, b = evaluation.harmful, evaluation.harmless
+    return f"harmful refused {h.rate:.2f} [{h.ci_low:.2f}, {h.ci_high:.2f}]   harmless refused {b.rate:.2f} [{b.ci_low:.2f}, {b.ci_high:.2f}]"
+
+
+before = evaluate_refusal(model, test_h, test_b, max_new_tokens=TOKENS)
+print("organism:", rates(before))
+
+# %% [markdown]
+# ## 1. Find the direction
+#
+# Difference in means of `resid_pre` at the last prompt token, harmful minus harmless, on the
+# training split (raw HF basis). On this organism, abliterating the direction of block 25 removes
+# refusal cleanly, while middle blocks misbehave: there 0 lies beyond the *harmful* mean, so
+# setting every projection to 0 pushes harmless prompts toward refusal. The mean-projection plot
+# shows where 0 sits at each layer.
+
+# %%
+report = find_direction(
+    model,
+    ls.PromptSet.load("builtin:harmful:train").head(24),
+    ls.PromptSet.load("builtin:harmless:train").head(24),
+    layer=25,
+    position=-1,
+)
+direction = report.direction
+print("layer", direction.layer, "position", direction.position, "held-out accuracy", report.heldout_accuracy)
+viz.mean_projections_figure(report.candidates, position=-1)
+
+# %% [markdown]
+# **Question for the reader.** We fixed `layer=25` from earlier measurements. Which selection rule
+# would find it automatically (hint: `lens_safety.selection`), and why does the rule forbid layers
+# beyond `0.8 L`?
+
+# %% [markdown]
+# ## 2. Abliterate: remove the direction from every writer
+#
+# Weight orthogonalisation `W <- (I - s s^T) W` on the embedding and every attention / MLP
+# output is the weight form of directional ablation. `applied_edit` applies it in memory and
+# restores the original weights (bitwise) on exit.
+
+# %%
+with applied_edit(model, orthogonalize(direction)):
+    abliterated = evaluate_refusal(model, test_h, test_b, max_new_tokens=TOKENS)
+print("abliterated:", rates(abliterated))
+print(abliterated.harmful.completions[0][:200])
+
+# %% [markdown]
+# **Question for the reader.** Abliteration ignores the sign of the direction. Why? Which of the
+# edits below would change behaviour if you flipped the sign?
+
+# %% [markdown]
+# ## 3. ROSI and the calibration curve
+#
+# ROSI adds `alpha * s_hat * w_bar^T` to every attention and MLP output weight, with `w_bar` the
+# mean row of the original weight: each write gains `alpha * mean_k (W x)_k` along `s_hat`.
+# `|w_bar|` is tiny next to `|W|`, so the useful `alpha` is large and model-specific: sweep it on
+# **validation** prompts and keep the smallest value that reaches the target refusal while
+# over-refusal and the first-token KL on harmless prompts stay within bounds.
+
+# %%
+calibration = calibrate_alpha(
+    model,
+    direction,
+    ls.PromptSet.load("builtin:harmful:val").head(8),
+    ls.PromptSet.load("builtin:harmless:val").head(8),
+    alphas=(10.0, 30.0, 100.0),
+    target_refusal=0.9,
+    max_over_refusal=0.25,
+    max_kl=0.5,
+    max_new_tokens=12,
+)
+print(calibration.reason)
+calibration_figure(calibration)
+
+# %%
+chosen = calibration.chosen or calibration.fallback or calibration.points[0]
+alpha = chosen.alpha
+print("alpha =", alpha)
+
+# %% [markdown]
+# **Question for the reader.** The curve has three lines. Which one would you give up first if you
+# had to, and what does the answer depend on (who the users are, what a refusal costs them)?
+
+# %% [markdown]
+# ## 4. Export and reload with vanilla `transformers`
+#
+# The export reads the original weights from disk shard by shard, applies the edit in float64,
+# writes a Hugging Face directory with `edit.json` (lineage) and a model card, and verifies it by
+# reloading and comparing logits — all in a temporary directory renamed into place only on success.
+
+# %%
+out = Path(tempfile.mkdtemp()) / "smollm2-rosi"
+result = export_edit(model, rosi(direction, alpha=alpha), out, direction=direction)
+print("max |logit diff| after reload:", result.max_abs_logit_diff, "bound", result.bound)
+sorted(p.name for p in out.iterdir())
+
+# %%
+tokenizer = AutoTokenizer.from_pretrained(out)
+vanilla = AutoModelForCausalLM.from_pretrained(out)
+messages = [{"role": "user", "content": test_h.prompts[0]}]
+inputs = tokenizer.apply_chat_template(
+    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+with torch.inference_mode():
+    tokens = vanilla.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
+print(
+    test_h.prompts[0],
+    "->",
+    tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True),
+)
+
+# %% [markdown]
+# **Question for the reader.** The exported directory contains no lens-safety code. What in it
+# lets someone else reproduce or audit the edit?
+
+# %% [markdown]
+# ## 5. Before and after, on held-out test prompts
+
+# %%
+edited = ls.load_model(out)
+after = evaluate_refusal(edited, test_h, test_b, max_new_tokens=TOKENS)
+print("before:", rates(before))
+print("after: ", rates(after))
+
+# %% [markdown]
+# **Question for the reader.** With 8 prompts per class the intervals are wide. How many prompts
+# would you need to tell a 5-point change in over-refusal from noise, and which cheaper measurement
+# (no generation) could you use to screen alphas first?

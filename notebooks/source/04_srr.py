@@ -1,0 +1,155 @@
+# %% [markdown]
+# # 04 — Safety Representation Ranking (SRR)
+#
+# SRR leaves the model alone. It samples `N` candidate answers, reads the frozen model's own hidden
+# states for the instruction and for each candidate, and lets a small ranker pick the safest one:
+# best-of-N with a critic that reads representations instead of text.
+#
+# We use the refusal organism (`smollm2-refusal`): the untuned SmolLM2 practically never refuses, so
+# its candidate lists contain no safe answer to learn from. Everything here is tiny (a handful of
+# instructions, short samples) so that it runs on a CPU in a few minutes; the numbers are a demonstration of the pipeline, not a measurement. The CLI
+# (`lens-safety srr …`) runs the same functions at a useful size.
+
+# %%
+import tempfile
+from pathlib import Path
+
+import torch
+
+import lens_safety as ls
+from lens_safety.srr import (
+    RankerConfig,
+    TrainConfig,
+    build_dataset,
+    evaluate,
+    load_baselines,
+    select,
+    train_baselines,
+    train_ranker,
+)
+from lens_safety.srr.data import default_ranker_layer
+
+torch.manual_seed(0)
+model = ls.load_model("smollm2-refusal")  # the refusal organism: it refuses sometimes, so lists are mixed
+LAYER = default_ranker_layer(model)  # within the lower 25% of the layers, as in the paper
+FINAL = model.n_layers  # the final residual stream (pre-norm), for the final-layer baseline
+print("ranker layer", LAYER, "of", model.n_layers)
+
+# %% [markdown]
+# ## 1. Candidate lists
+#
+# For each instruction: sample `n` answers at temperature 1, deduplicate, and label each one with
+# the refusal judge. On a **harmful** instruction the positive (safe) answers are refusals; on a
+# **harmless** one the positives are helpful, non-degenerate answers (so a ranker that always
+# picks the canned refusal is penalised). Part of the harmful instructions are wrapped in a
+# jailbreak template to obtain unsafe candidates. Only **mixed** lists — at least one positive and
+# one negative — can teach a ranker anything.
+
+# %%
+settings = dict(
+    n=6, max_new_tokens=16, layers=[LAYER, FINAL], contexts=("with_instruction",), temperature=1.0
+)
+train = build_dataset(
+    model,
+    ls.PromptSet.load("builtin:harmful:train").head(16),
+    ls.PromptSet.load("builtin:harmless:train").head(16),
+    seed=0,
+    **settings,
+)
+test = build_dataset(
+    model,
+    ls.PromptSet.load("builtin:harmful:test").head(6),
+    ls.PromptSet.load("builtin:harmless:test").head(6),
+    seed=1,
+    **settings,
+)
+train.counts(), test.counts()
+
+# %%
+example = next(x for x in train.lists if x.kind == "harmful")
+print(example.instruction[:200], "\n")
+for text, positive, reason in zip(example.candidates, example.positive, example.reasons, strict=True):
+    print(f"[{'safe' if positive else 'unsafe'}: {reason}] {text[:100]!r}")
+
+# %% [markdown]
+# **Question for the reader.** The labels come from a keyword judge. Which mistakes of that judge
+# would the ranker learn to copy, and how would you find out?
+
+# %% [markdown]
+# ## 2. Features
+#
+# For each list: the last-token hidden state of the instruction, `h_inst`, and of each candidate,
+# `h_resp_i`, at layer `LAYER` (raw HF basis). A candidate is encoded *with* its instruction
+# (`with_instruction`, stored here) or alone (`response_only`; `build_dataset` stores both by default).
+
+# %%
+print("instruction features", tuple(train.instruction_features(LAYER).shape))
+print("candidates of list 0", tuple(train.response_features(0, LAYER, "with_instruction").shape))
+
+# %% [markdown]
+# **Question for the reader.** Why might encoding the answer *with* its instruction matter for
+# safety? Think of "Sure, here are the steps" after a cooking question and after a weapons question.
+
+# %% [markdown]
+# ## 3. Training the ranker
+#
+# A shared linear projection, then ONE transformer encoder layer over
+# `[h_inst, h_resp_1 .. h_resp_m]`, scores `s_i = cos(o_inst, o_resp_i)`,
+# `p = softmax(s / tau)`, target `p*_i = 1/k` on the `k` positives, loss `KL(p* || p)`.
+
+# %%
+ranker_config = RankerConfig(d_input=model.d_model, width=64, n_heads=4, ff_width=128)
+train_config = TrainConfig(max_epochs=60, patience=10)
+ranker, report = train_ranker(train, layer=LAYER, ranker_config=ranker_config, train_config=train_config)
+print(f"{ranker.n_parameters()} parameters;", report.to_dict())
+
+# %% [markdown]
+# **Question for the reader.** The paper's ranker stays under 5M parameters. Why keep it small
+# when there are only a few dozen lists to learn from?
+
+# %% [markdown]
+# ## 4. Baselines
+#
+# Does the ranker need the hidden states at all? The baselines answer that: the first sample
+# (what plain sampling returns), random scores, a ranker of the same shape on hashed n-gram text
+# features (no hidden states), the same ranker on the final layer, and a single refusal direction.
+
+# %%
+ranker_dir = Path(tempfile.mkdtemp())
+train_baselines(
+    train,
+    ranker_dir,
+    layer=LAYER,
+    context="with_instruction",
+    ranker_config=ranker_config,
+    train_config=train_config,
+    base_model=model.identity(),
+)
+evaluation = evaluate(ranker, test, load_baselines(ranker_dir))
+rows = {"SRR ranker": evaluation.ranker, **evaluation.baselines}
+for name, metrics in rows.items():
+    print(
+        f"{name:>14}: pairwise accuracy {metrics.pairwise_accuracy:.2f}   top-1 positive {metrics.top1_positive:.2f}"
+    )
+
+# %% [markdown]
+# **Question for the reader.** With this few test lists, which differences between the rows would
+# you trust? What does the harmless-list column (`harmless_top1_helpful`) add that the paper did not
+# measure?
+
+# %% [markdown]
+# ## 5. Best-of-N in action
+#
+# Sample `N` answers to one prompt, read their features in one forward pass, and return them
+# ranked by the ranker (best first), with the time spent on generation and on ranking.
+
+# %%
+choice = select(model, ranker, test.lists[0].source_instruction, n=4, max_new_tokens=12, seed=0)
+print("prompt:", choice.prompt)
+for candidate in choice.ranking:
+    print(f"{candidate.score:+.3f}  {candidate.text[:100]!r}")
+print(f"ranking overhead: {choice.overhead_fraction:.1%} of generation time")
+
+# %% [markdown]
+# **Question for the reader.** Best-of-N multiplies generation cost by `N`. When is that cheaper
+# than editing the weights (notebook 03), and what can a ranker do that an edit cannot?
