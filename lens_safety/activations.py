@@ -206,19 +206,12 @@ def collect_activations(
         system_prompt: overrides the formatter's default system prompt.
         progress: show a progress bar.
     """
-    prompt_set = PromptSet.load(prompts)
-    layer_ids = resolve_layers(model, layers)
-    pos = resolve_positions(model, positions, system_prompt)
-    chunks = [
-        _read_batch(model, batch, layer_ids, pos, hook)
-        for batch in track(
-            batches(model, prompt_set, batch_size, system_prompt),
-            f"reading {hook}",
-            total=-(-len(prompt_set) // batch_size),
-            enabled=progress,
-        )
-    ]
-    return Activations(torch.cat(chunks), layer_ids, pos, hook, _space(model), prompt_set, system_prompt)
+    prompt_set, layer_ids, pos, chunks = _read_all(
+        model, prompts, layers, positions, hook, batch_size, system_prompt, progress
+    )
+    return Activations(
+        torch.cat(list(chunks)), layer_ids, pos, hook, _space(model), prompt_set, system_prompt
+    )
 
 
 def sum_activations(
@@ -233,21 +226,38 @@ def sum_activations(
     progress: bool = False,
 ) -> ActivationSums:
     """Streaming mode: float64 per-(layer, position) sums; memory flat in the number of prompts."""
-    prompt_set = PromptSet.load(prompts)
-    layer_ids = resolve_layers(model, layers)
-    pos = resolve_positions(model, positions, system_prompt)
+    _, layer_ids, pos, chunks = _read_all(
+        model, prompts, layers, positions, hook, batch_size, system_prompt, progress
+    )
     sums = torch.zeros(len(layer_ids), len(pos), model.d_model, dtype=torch.float64)
     count = 0
-    for batch in track(
-        batches(model, prompt_set, batch_size, system_prompt),
-        f"summing {hook}",
-        total=-(-len(prompt_set) // batch_size),
-        enabled=progress,
-    ):
-        chunk = _read_batch(model, batch, layer_ids, pos, hook)
+    for chunk in chunks:
         sums += chunk.double().sum(0)
         count += chunk.shape[0]
     return ActivationSums(sums, count, layer_ids, pos, hook, _space(model))
+
+
+def _read_all(
+    model: ChatModel,
+    prompts: PromptSet | Sequence[str],
+    layers: Sequence[int] | None,
+    positions: PositionSpec,
+    hook: str,
+    batch_size: int,
+    system_prompt: str | None,
+    progress: bool,
+) -> tuple[PromptSet, tuple[int, ...], tuple[int, ...], Iterator[torch.Tensor]]:
+    """Validate the request; return the prompts, layers, positions and a lazy stream of batch reads."""
+    prompt_set = PromptSet.load(prompts)
+    layer_ids = resolve_layers(model, layers)
+    pos = resolve_positions(model, positions, system_prompt)
+    encoded = track(
+        batches(model, prompt_set, batch_size, system_prompt),
+        f"reading {hook}",
+        total=-(-len(prompt_set) // batch_size),
+        enabled=progress,
+    )
+    return prompt_set, layer_ids, pos, (_read_batch(model, batch, layer_ids, pos, hook) for batch in encoded)
 
 
 def _space(model: ChatModel) -> str:
