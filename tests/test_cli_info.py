@@ -6,18 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
+from cli_runner import run_cli
 from transformers import AutoConfig, AutoModelForCausalLM
-
-from lens_safety.cli import main
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

@@ -6,18 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from lens_safety.cli import main
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_runner import run_cli as run
 
 
 def test_eval_json_and_completions(

@@ -7,22 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli as run
 from transformers import AutoModelForCausalLM
 
-from lens_safety.cli import main
 from lens_safety.directions import Direction
 
 FAST = ["--n-train", "16", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4"]
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_rosi_end_to_end_on_a_tiny_model(
