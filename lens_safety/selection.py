@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -325,10 +326,19 @@ def _choose(
         pool = [s for s in scores if s.layer < max_layer and math.isfinite(s.separation)] or scores
         best = max(pool, key=lambda s: (s.separation if math.isfinite(s.separation) else -math.inf, -s.layer))
         rule = f"fallback: best held-out separation (Cohen's d on validation projections) among layers < {config.max_layer_fraction:g} L"
+        if base_h > 0 and base_h > base_b:  # the model refuses: say which filters rejected everything
+            kinds = Counter(reason.split(" ")[0] for score in scores for reason in score.rejected)
+            why = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
+            diagnosis = (
+                f"this model refuses, but every candidate failed a filter (rejections by filter: {why}); "
+                "refusal may be mediated beyond the layer bound or need an affine ablation (see the table)"
+            )
+        else:
+            diagnosis = "this model barely refuses, so ablating or adding a direction cannot be scored against its refusals"
         message = (
-            f"no candidate passed the selection filters ({len(scores)} scored; {baseline_text}): this model barely refuses, "
-            f"so ablating or adding a direction cannot be scored against its refusals; falling back to the best held-out "
-            f"separation: layer {best.layer}, position {best.position} (Cohen's d {best.separation:.2f})"
+            f"no candidate passed the selection filters ({len(scores)} scored; {baseline_text}): {diagnosis}; "
+            f"falling back to the best held-out separation: layer {best.layer}, position {best.position} "
+            f"(Cohen's d {best.separation:.2f})"
         )
         fallback = True
         warnings.warn(message, NoRefusalWarning, stacklevel=3)

@@ -165,3 +165,20 @@ def test_smollm2_selection_says_it_barely_refuses(smollm2):
     assert selection.fallback
     assert "barely refuses" in selection.message and "falling back" in selection.message
     assert selection.layer in (8, 14)
+
+
+def test_fallback_message_tells_a_refusing_model_from_one_that_barely_refuses():
+    """When every candidate fails a filter, the message says why instead of blaming the model."""
+    from lens_safety.selection import CandidateScore, SelectionConfig, _choose
+
+    scores = [
+        CandidateScore(10, -1, 1.0, 0.5, 0.3, 2.0, 1.0, -1.0, 0.5, ["kl 0.3 >= 0.1"]),
+        CandidateScore(25, -1, -2.0, 0.4, 0.01, 4.0, 5.0, 0.0, 0.0, ["layer 25 >= 0.8 L"]),
+    ]
+    with pytest.warns(NoRefusalWarning) as record:
+        refusing = _choose(scores, SelectionConfig(), 24.0, 3.86, -4.19, [1])
+    assert refusing.fallback and refusing.layer == 10  # the only candidate below the layer bound
+    assert "this model refuses" in refusing.message and "kl 1" in refusing.message and "layer 1" in refusing.message
+    assert "barely refuses" not in str(record[0].message)
+    with pytest.warns(NoRefusalWarning, match="barely refuses"):
+        _choose(scores, SelectionConfig(), 24.0, -3.3, -4.1, [1])
