@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is kept")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats; the best of each is kept"
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM

@@ -178,7 +178,11 @@ def test_fallback_message_tells_a_refusing_model_from_one_that_barely_refuses():
     with pytest.warns(NoRefusalWarning) as record:
         refusing = _choose(scores, SelectionConfig(), 24.0, 3.86, -4.19, [1])
     assert refusing.fallback and refusing.layer == 10  # the only candidate below the layer bound
-    assert "this model refuses" in refusing.message and "kl 1" in refusing.message and "layer 1" in refusing.message
+    assert (
+        "this model refuses" in refusing.message
+        and "kl 1" in refusing.message
+        and "layer 1" in refusing.message
+    )
     assert "barely refuses" not in str(record[0].message)
     with pytest.warns(NoRefusalWarning, match="barely refuses"):
         _choose(scores, SelectionConfig(), 24.0, -3.3, -4.1, [1])
