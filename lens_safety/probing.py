@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,6 +54,31 @@ def split_heldout(prompts: PromptSet, heldout_fraction: float = 0.25) -> tuple[P
                 held_idx, f"{prompts.name}:heldout"
             )
     return prompts.train_val_split(heldout_fraction)
+
+
+def split_train_val_test(
+    prompts: PromptSet, heldout_fraction: float = 0.4
+) -> tuple[PromptSet, PromptSet, PromptSet]:
+    """Deterministic ``(train, val, test)`` split: extract on train, select on val, report on test.
+
+    Sets with topic-pair ids use the library's pair-aligned ``train`` / ``val`` / ``test`` split
+    (60 / 20 / 20). Other sets hold out ``heldout_fraction`` and halve it into val and test; with
+    fewer than 4 held-out prompts, val and test are the same prompts (too few to keep selection and
+    report apart, and selection needs 2 per class — callers say so).
+    """
+    if prompts.pairs and any(prompts.pairs):
+        parts = tuple(prompts.split(which) for which in ("train", "val", "test"))
+        if len(parts[0]) >= 2 and len(parts[1]) >= 1 and len(parts[2]) >= 1:
+            return parts  # type: ignore[return-value]
+    train, held = prompts.train_val_split(heldout_fraction)
+    if len(held) < 4:
+        return train, held, held
+    n_val = len(held) // 2
+    return (
+        train,
+        held.subset(range(n_val), f"{prompts.name}:val"),
+        held.subset(range(n_val, len(held)), f"{prompts.name}:test"),
+    )
 
 
 def paired_indices(harmful: PromptSet, harmless: PromptSet) -> list[tuple[int, int]] | None:
@@ -147,6 +172,7 @@ class LayerProbe:
     mean_diff_auroc_ci: Interval
     direction_norm: float
     effect_size: float
+    probe_regularization: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -189,12 +215,17 @@ def probe_activations(
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
-    regularization: float = 1.0,
+    regularization: float | Literal["cv"] = "cv",
     position: int = -1,
     hook: str = "resid_pre",
     progress: bool = False,
 ) -> ProbeReport:
-    """Probe every layer from activations already read (axis 1 indexes ``layers``)."""
+    """Probe every layer from activations already read (axis 1 indexes ``layers``).
+
+    ``regularization``: the probe's inverse L2 strength ``C``, or ``"cv"`` (default) to choose it
+    per layer by cross-validation on the training split
+    (:func:`~lens_safety.directions.methods.fit_logistic`).
+    """
     from lens_safety.directions.methods import fit_logistic
     from lens_safety.progress import track
 
@@ -203,7 +234,7 @@ def probe_activations(
         th, tb, eh, eb = (
             x[:, k].double() for x in (train_harmful, train_harmless, test_harmful, test_harmless)
         )
-        weights, bias, _ = fit_logistic(th, tb, regularization=regularization)
+        weights, bias, _, chosen_c = fit_logistic(th, tb, regularization=regularization)
         ph, pb = eh.numpy() @ weights + bias, eb.numpy() @ weights + bias
         r = th.mean(0) - tb.mean(0)
         unit = r / r.norm() if r.norm() > 0 else r
@@ -233,6 +264,7 @@ def probe_activations(
                 mean_diff_auroc_ci=boot(auroc, sh, sb),
                 direction_norm=float(r.norm()),
                 effect_size=effect_size((th @ unit).numpy(), (tb @ unit).numpy()),
+                probe_regularization=chosen_c,
             )
         )
     stacked = torch.stack(units)

@@ -17,8 +17,12 @@ Rule: argmin ``bypass`` subject to ``induce > 0``, ``kl < 0.1``, ``l < 0.8 L`` a
 Every candidate's row records why it was rejected and where 0 sits between the class means
 (``zero_at``: 0 = harmless mean, 1 = harmful mean; > 1 means plain ablation moves harmless prompts
 PAST the harmful mean, toward refusal). When nothing passes — a model that does not refuse — the
-result says so and falls back to the candidate with the best held-out separation (Cohen's d of
-validation projections onto ``r_hat``) among layers ``< 0.8 L``; ``fallback`` is True.
+result says so and falls back (``fallback`` is True). For a model that DOES refuse, the layer bound
+is relaxed first: if candidates at or beyond ``0.8 L`` pass every other filter (refusal mediated
+late, as in a refusal fine-tune of late blocks), the one with the lowest ``bypass`` among them is
+chosen and the message says so. Otherwise — or for a model that does not refuse — the candidate with
+the best held-out separation (Cohen's d of validation projections onto ``r_hat``) among layers
+``< 0.8 L`` is chosen.
 """
 
 from __future__ import annotations
@@ -313,6 +317,7 @@ def _choose(
     ids: list[int],
 ) -> Selection:
     passed = [s for s in scores if s.passed]
+    refuses = base_h > 0 and base_h > base_b
     baseline_text = f"baseline refusal metric harmful {base_h:.2f} vs harmless {base_b:.2f}"
     if passed:
         best = min(passed, key=lambda s: (s.bypass, s.layer, -s.position))
@@ -322,16 +327,30 @@ def _choose(
             f"kl {best.kl:.3f} ({len(passed)}/{len(scores)} candidates passed; {baseline_text})"
         )
         fallback = False
+    elif refuses and (beyond := [s for s in scores if _only_layer_bound(s)]):
+        best = min(beyond, key=lambda s: (s.bypass, s.layer, -s.position))
+        rule = (
+            f"relaxed: argmin bypass among candidates failing ONLY layer < {config.max_layer_fraction:g} L "
+            f"(induce > {config.induce_threshold:g}, kl < {config.kl_threshold:g} still hold)"
+        )
+        message = (
+            f"no candidate below {config.max_layer_fraction:g} L passed, but {len(beyond)} beyond it pass every other "
+            f"filter: refusal in this model is mediated late (e.g. a refusal fine-tune that only changed late "
+            f"blocks); selected layer {best.layer}, position {best.position}: bypass {best.bypass:.2f}, "
+            f"induce {best.induce:.2f}, kl {best.kl:.3f} ({baseline_text})"
+        )
+        fallback = True
+        warnings.warn(message, NoRefusalWarning, stacklevel=3)
     else:
         pool = [s for s in scores if s.layer < max_layer and math.isfinite(s.separation)] or scores
         best = max(pool, key=lambda s: (s.separation if math.isfinite(s.separation) else -math.inf, -s.layer))
         rule = f"fallback: best held-out separation (Cohen's d on validation projections) among layers < {config.max_layer_fraction:g} L"
-        if base_h > 0 and base_h > base_b:  # the model refuses: say which filters rejected everything
+        if refuses:  # say which filters rejected everything
             kinds = Counter(reason.split(" ")[0] for score in scores for reason in score.rejected)
             why = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
             diagnosis = (
                 f"this model refuses, but every candidate failed a filter (rejections by filter: {why}); "
-                "refusal may be mediated beyond the layer bound or need an affine ablation (see the table)"
+                "refusal may need an affine ablation (see the table)"
             )
         else:
             diagnosis = "this model barely refuses, so ablating or adding a direction cannot be scored against its refusals"
@@ -343,6 +362,11 @@ def _choose(
         fallback = True
         warnings.warn(message, NoRefusalWarning, stacklevel=3)
     return Selection(best.layer, best.position, scores, fallback, rule, message, base_h, base_b, ids, config)
+
+
+def _only_layer_bound(score: CandidateScore) -> bool:
+    """True when the layer bound is the only filter this candidate failed."""
+    return bool(score.rejected) and all(reason.startswith("layer ") for reason in score.rejected)
 
 
 def filter_by_refusal(

@@ -88,6 +88,22 @@ def test_no_alpha_meeting_the_bounds_is_reported_with_a_fallback(tiny, monkeypat
     assert worst.chosen is None and worst.fallback is None and "none reached" in worst.reason
 
 
+def test_over_refusal_bound_is_a_rise_over_the_unedited_model_unless_absolute(tiny, monkeypatch) -> None:
+    # the unedited model already over-refuses 0.16: alpha 3 adds 0.08 (inside 0.1), alpha 10 adds 0.14
+    scripted = [(0.5, 0.16, 0.0), (0.92, 0.24, 0.02), (0.97, 0.30, 0.03)]
+    _script(monkeypatch, tiny, scripted)
+    relative = calibrate_alpha(tiny, torch.randn(64), HARMFUL, HARMLESS, alphas=[3, 10])
+    assert relative.chosen is not None and relative.chosen.alpha == 3.0
+    assert [p.within_over_refusal for p in relative.points] == [True, False]
+    assert relative.to_dict()["over_refusal_limit"] == pytest.approx(0.26)
+    _script(monkeypatch, tiny, scripted)
+    absolute = calibrate_alpha(
+        tiny, torch.randn(64), HARMFUL, HARMLESS, alphas=[3, 10], over_refusal_relative=False
+    )
+    assert absolute.chosen is None and absolute.fallback is None
+    assert "over-refusal <= 0.1 " in absolute.reason and absolute.to_dict()["over_refusal_limit"] == 0.1
+
+
 def test_bad_calibration_input(tiny) -> None:
     s = torch.randn(64)
     for alphas, match in (([math.nan], "finite"), ([-1.0], "> 0"), ([0.0], "> 0"), ([], "no alphas")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -84,6 +85,38 @@ def planted(n: int = 60, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torc
     axis /= axis.norm()
     noise = lambda: torch.randn(n, d, generator=generator, dtype=torch.float64)  # noqa: E731
     return noise() + 3 * axis, noise() - 1 * axis, axis
+
+
+def test_probe_regularization_is_chosen_by_deterministic_cross_validation():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from lens_safety.directions.methods import PROBE_C_GRID, fit_logistic
+
+    harmful, harmless, _ = planted(n=30)
+    fit = fit_logistic(harmful, harmless)
+    again = fit_logistic(harmful, harmless)
+    assert np.array_equal(fit.weights, again.weights) and fit.regularization == again.regularization
+    # independent recomputation of the CV scores on the same scaled features
+    features = torch.cat([harmful, harmless]).numpy()
+    features = features / np.linalg.norm(features, axis=1).mean()
+    labels = np.r_[np.ones(30), np.zeros(30)]
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(features, labels))
+    scores = {
+        c: np.mean(
+            [
+                LogisticRegression(C=c, max_iter=5000, tol=1e-8)
+                .fit(features[tr], labels[tr])
+                .score(features[te], labels[te])
+                for tr, te in folds
+            ]
+        )
+        for c in PROBE_C_GRID
+    }
+    best = max(scores.values())
+    assert fit.regularization == min(c for c, v in scores.items() if v == best)
+    assert fit_logistic(harmful[:1], harmless).regularization == 1.0  # too few to cross-validate
+    assert fit_logistic(harmful, harmless, regularization=7.0).regularization == 7.0
 
 
 def test_methods_recover_a_planted_direction_with_the_harmful_sign():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,65 @@ def test_target_loss_matches_float64_full_logits_reference() -> None:
         per_row.append(torch.stack(terms).mean())
     assert torch.allclose(loss, torch.stack(per_row).mean(), rtol=1e-12, atol=1e-12)
     assert (labels[mask == 0] == -100).all()
+
+
+def test_distillation_loss_matches_float64_reference_with_first_token_weight() -> None:
+    torch.manual_seed(1)
+    examples = _toy_examples(4)
+    ids, _, labels = collate(examples, [0, 1, 2, 3], pad_id=0)
+    hidden = torch.randn(ids.shape[0], ids.shape[1], 16, dtype=torch.float64)
+    head = torch.nn.Linear(16, 400, bias=False).double()
+    base_logits = torch.randn(ids.shape[0], ids.shape[1], 400, dtype=torch.float64)
+    where = labels[:, 1:] != -100
+    base_log_probs = torch.log_softmax(base_logits[:, :-1][where], -1)
+    distill = torch.tensor([True, False, True, False])
+    loss = per_example_target_loss(hidden, head, labels, base_log_probs, distill, first_token_weight=3.0)
+    logits = head(hidden)
+    per_row = []
+    for row in range(ids.shape[0]):  # reference: explicit loop, KL written from its definition
+        terms, weights = [], []
+        for t in range(1, ids.shape[1]):
+            if labels[row, t] == -100:
+                continue
+            student = torch.log_softmax(logits[row, t - 1], -1)
+            if distill[row]:
+                teacher = torch.log_softmax(base_logits[row, t - 1], -1)
+                terms.append(sum(teacher.exp()[v] * (teacher[v] - student[v]) for v in range(400)))
+            else:
+                terms.append(-student[labels[row, t]])
+            weights.append(3.0 if not weights else 1.0)
+        per_row.append(sum(w * x for w, x in zip(weights, terms, strict=True)) / sum(weights))
+    assert torch.allclose(loss, torch.stack(per_row).mean(), rtol=1e-10, atol=1e-10)
+    # a teacher that forbids tokens (log p = -inf) still gives a finite loss and finite gradients
+    hidden.requires_grad_(True)
+    forbidding = base_log_probs.clone()
+    forbidding[:, :5] = -torch.inf
+    forbidding = forbidding - torch.logsumexp(forbidding, -1, keepdim=True)
+    suppressed = per_example_target_loss(hidden, head, labels, forbidding, distill)
+    suppressed.backward()
+    assert torch.isfinite(suppressed) and torch.isfinite(hidden.grad).all()
+
+
+def test_distillation_is_zero_at_the_base_and_unknown_objective_is_refused(tiny_llama: Path) -> None:
+    examples = [TokenizedExample(e.input_ids, e.target_start, refusal=False) for e in _toy_examples(4)]
+    config = TrainingConfig(
+        rank=4,
+        alpha=8,
+        first_layer=0,
+        epochs=1,
+        batch_size=4,
+        lr=0.0,
+        max_steps=1,
+        harmless_objective="kl",
+        suppress_refusal_start=False,
+    )
+    fit = fit_lora(tiny_llama, examples, config)  # lr 0 + B = 0: the adapted model IS the base
+    assert abs(fit.losses[0]) < 1e-6
+    # the teacher forbidding refusal-start tokens at the first target position is no longer the base
+    suppressing = fit_lora(tiny_llama, examples, replace(config, suppress_refusal_start=True))
+    assert suppressing.losses[0] > 1e-6
+    with pytest.raises(LensSafetyError, match="unknown harmless objective 'mse'"):
+        fit_lora(tiny_llama, examples, TrainingConfig(harmless_objective="mse"))
 
 
 def test_batches_group_similar_lengths_and_cover_every_example() -> None:

@@ -173,16 +173,34 @@ def test_fallback_message_tells_a_refusing_model_from_one_that_barely_refuses():
 
     scores = [
         CandidateScore(10, -1, 1.0, 0.5, 0.3, 2.0, 1.0, -1.0, 0.5, ["kl 0.3 >= 0.1"]),
-        CandidateScore(25, -1, -2.0, 0.4, 0.01, 4.0, 5.0, 0.0, 0.0, ["layer 25 >= 0.8 L"]),
+        CandidateScore(25, -1, -2.0, 0.4, 0.2, 4.0, 5.0, 0.0, 0.0, ["kl 0.2 >= 0.1", "layer 25 >= 0.8 L"]),
     ]
     with pytest.warns(NoRefusalWarning) as record:
         refusing = _choose(scores, SelectionConfig(), 24.0, 3.86, -4.19, [1])
     assert refusing.fallback and refusing.layer == 10  # the only candidate below the layer bound
     assert (
         "this model refuses" in refusing.message
-        and "kl 1" in refusing.message
+        and "kl 2" in refusing.message
         and "layer 1" in refusing.message
     )
     assert "barely refuses" not in str(record[0].message)
     with pytest.warns(NoRefusalWarning, match="barely refuses"):
         _choose(scores, SelectionConfig(), 24.0, -3.3, -4.1, [1])
+
+
+def test_refusal_mediated_beyond_the_layer_bound_is_found_and_explained():
+    """A refusing model whose only working candidates sit beyond 0.8 L gets one of them, said loudly."""
+    from lens_safety.selection import CandidateScore, SelectionConfig, _choose
+
+    scores = [
+        CandidateScore(10, -1, 1.0, 0.5, 0.3, 2.0, 1.0, -1.0, 0.5, ["kl 0.3 >= 0.1"]),
+        CandidateScore(25, -1, -2.0, 0.4, 0.01, 4.0, 5.0, 0.0, 0.0, ["layer 25 >= 0.8 L"]),
+        CandidateScore(26, -1, -1.0, 0.4, 0.01, 5.0, 5.0, 0.0, 0.0, ["layer 26 >= 0.8 L"]),
+        CandidateScore(27, -1, -3.0, -0.1, 0.01, 5.0, 5.0, 0.0, 0.0, ["induce", "layer 27 >= 0.8 L"]),
+    ]
+    with pytest.warns(NoRefusalWarning, match="mediated late"):
+        chosen = _choose(scores, SelectionConfig(), 24.0, 3.86, -4.19, [1])
+    assert chosen.fallback and chosen.layer == 25  # lowest bypass among those failing ONLY the bound
+    assert chosen.rule.startswith("relaxed") and "2 beyond it" in chosen.message
+    with pytest.warns(NoRefusalWarning, match="barely refuses"):  # a non-refusing model is not relaxed
+        assert _choose(scores, SelectionConfig(), 24.0, -3.3, -4.1, [1]).layer == 10

@@ -14,7 +14,9 @@ default):
 
 The unedited model is measured once (``baseline``). The rule for :func:`calibrate_alpha` is the
 issue's: the SMALLEST alpha whose point reaches ``harmful_refusal >= target_refusal`` while
-``harmless_refusal <= max_over_refusal`` and ``harmless_kl <= max_kl``. When none does,
+``harmless_refusal <= unedited harmless_refusal + max_over_refusal`` (an edit is judged by the
+over-refusal it ADDS; ``over_refusal_relative=False`` makes ``max_over_refusal`` an absolute ceiling)
+and ``harmless_kl <= max_kl``. When none does,
 ``chosen`` is ``None``, ``reason`` says which bound failed, and ``fallback`` is the point with the
 highest harmful refusal among those inside both collateral bounds (smallest alpha on ties), or
 ``None`` when no point stays inside them. :func:`calibrate_layer` and

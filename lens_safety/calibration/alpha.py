@@ -39,6 +39,7 @@ def calibrate_alpha(
     target_refusal: float = 0.9,
     max_over_refusal: float = 0.1,
     max_kl: float = 0.1,
+    over_refusal_relative: bool = True,
     layers: Sequence[int] | None = None,
     targets: Sequence[str] | None = None,
     max_new_tokens: int = 24,
@@ -56,7 +57,9 @@ def calibrate_alpha(
         harmful_val, harmless_val: validation prompts (any :meth:`PromptSet.load` source).
         method: ``rosi`` (``W + alpha s w_bar^T``) or ``amplify`` (``(I + alpha s s^T) W``).
         alphas: strengths to try (default :data:`DEFAULT_ALPHAS`; swept in increasing order).
-        target_refusal, max_over_refusal, max_kl: the bounds (see the module docstring).
+        target_refusal, max_over_refusal, max_kl, over_refusal_relative: the bounds
+            (:class:`CalibrationBounds`; by default ``max_over_refusal`` is the accepted RISE over
+            the unedited model).
         layers: blocks whose writers are edited (``None``: all); targets: writer kinds or names.
         max_new_tokens, batch_size, system_prompt, judge: how refusal is measured.
         progress: progress bar over the points.
@@ -65,7 +68,7 @@ def calibrate_alpha(
         raise LensSafetyError(
             f"alpha calibration needs a strength-controlled method, got '{method}'", "use rosi or amplify"
         )
-    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl)
+    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl, over_refusal_relative)
     grid = check_alphas(method, DEFAULT_ALPHAS[method] if alphas is None else alphas)
     specs = [
         (
@@ -92,7 +95,7 @@ def calibrate_alpha(
         if baseline.meets_target:
             reason += " (the unedited model already reaches the target refusal)"
     else:
-        reason = failure_reason(points, bounds, "alpha")
+        reason = failure_reason(points, bounds, "alpha", baseline)
     settings = {**settings, "alphas": list(grid), "blocks": None if layers is None else list(layers)}
     return CalibrationResult(
         "alpha", method, bounds, baseline, points, chosen, reason, fallback_point(points), settings

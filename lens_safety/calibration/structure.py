@@ -54,7 +54,7 @@ def structural_calibration(
     reason = (
         f"{chosen.label}: meets every bound with the least over-refusal, then KL, then fewest blocks"
         if chosen is not None
-        else failure_reason(points, bounds, parameter)
+        else failure_reason(points, bounds, parameter, baseline)
     )
     return CalibrationResult(
         parameter,
@@ -81,6 +81,7 @@ def calibrate_layer(
     target_refusal: float = 0.9,
     max_over_refusal: float = 0.1,
     max_kl: float = 0.1,
+    over_refusal_relative: bool = True,
     layers: Sequence[int] | None = None,
     targets: Sequence[str] | None = None,
     max_new_tokens: int = 24,
@@ -105,7 +106,7 @@ def calibrate_layer(
     bad = [x for x in chosen_layers if not 0 <= x < n]
     if bad or not chosen_layers:
         raise LensSafetyError(f"candidate layers {bad or '[]'} out of range", f"use layers 0..{n - 1}")
-    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl)
+    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl, over_refusal_relative)
     specs = [
         (
             f"layer {l}",
@@ -140,6 +141,7 @@ def calibrate_block_range(
     target_refusal: float = 0.9,
     max_over_refusal: float = 0.1,
     max_kl: float = 0.1,
+    over_refusal_relative: bool = True,
     targets: Sequence[str] | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 16,
@@ -152,7 +154,7 @@ def calibrate_block_range(
     candidates = block_ranges(model.n_layers, layer) if ranges is None else dict(ranges)
     if not candidates:
         raise LensSafetyError("no block ranges to try", "pass at least one range")
-    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl)
+    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl, over_refusal_relative)
     specs = [
         (
             label,

@@ -63,7 +63,9 @@ def make_point(
     blocks: tuple[int, ...] | None,
     values: tuple[float, float, float],
     bounds: CalibrationBounds,
+    over_refusal_limit: float,
 ) -> CalibrationPoint:
+    """A measured point with its bound checks (``over_refusal_limit``: see :class:`CalibrationBounds`)."""
     harmful, harmless, kl = values
     return CalibrationPoint(
         label,
@@ -74,7 +76,7 @@ def make_point(
         harmless,
         kl,
         meets_target=harmful >= bounds.target_refusal,
-        within_over_refusal=harmless <= bounds.max_over_refusal,
+        within_over_refusal=harmless <= over_refusal_limit + 1e-12,
         within_kl=kl <= bounds.max_kl,
     )
 
@@ -98,12 +100,14 @@ def measure_sweep(
     measurer = Measurer(
         model, harmful_set, harmless_set, the_judge, max_new_tokens, batch_size, system_prompt
     )
-    baseline = make_point("unedited", 0.0, None, (), measurer.measure(), bounds)
+    unedited = measurer.measure()
+    limit = bounds.over_refusal_limit(unedited[1])
+    baseline = make_point("unedited", 0.0, None, (), unedited, bounds, limit)
     points = []
     for label, spec in track(specs, "calibrating", total=len(specs), enabled=progress):
         with applied_edit(model, spec):
             values = measurer.measure()
-        points.append(make_point(label, spec.alpha, spec.direction_layer, spec.layers, values, bounds))
+        points.append(make_point(label, spec.alpha, spec.direction_layer, spec.layers, values, bounds, limit))
     settings = {
         "n_harmful": len(harmful_set),
         "n_harmless": len(harmless_set),
@@ -117,7 +121,9 @@ def measure_sweep(
     return baseline, points, settings
 
 
-def failure_reason(points: Sequence[CalibrationPoint], bounds: CalibrationBounds, what: str) -> str:
+def failure_reason(
+    points: Sequence[CalibrationPoint], bounds: CalibrationBounds, what: str, baseline: CalibrationPoint
+) -> str:
     reaching = [p for p in points if p.meets_target]
     if not reaching:
         best = max(p.harmful_refusal for p in points)
@@ -129,7 +135,9 @@ def failure_reason(points: Sequence[CalibrationPoint], bounds: CalibrationBounds
     kl = sum(not p.within_kl for p in reaching)
     return (
         f"no {what} met the bounds: the {len(reaching)} reaching harmful refusal {bounds.target_refusal:g} "
-        f"broke over-refusal <= {bounds.max_over_refusal:g} ({over}) or KL <= {bounds.max_kl:g} ({kl})"
+        f"broke over-refusal <= {bounds.over_refusal_limit(baseline.harmless_refusal):.3g}"
+        f"{' (unedited + ' + format(bounds.max_over_refusal, 'g') + ')' if bounds.over_refusal_relative else ''} "
+        f"({over}) or KL <= {bounds.max_kl:g} ({kl})"
     )
 
 

@@ -290,8 +290,19 @@ def rosi(
         float, typer.Option("--target-refusal", help="Harmful refusal to reach.")
     ] = 0.9,
     max_over_refusal: Annotated[
-        float, typer.Option("--max-over-refusal", help="Largest accepted harmless refusal.")
+        float,
+        typer.Option(
+            "--max-over-refusal",
+            help="Largest accepted rise of harmless refusal over the unedited model "
+            "(an absolute ceiling with --absolute-over-refusal).",
+        ),
     ] = 0.1,
+    absolute_over_refusal: Annotated[
+        bool,
+        typer.Option(
+            "--absolute-over-refusal", help="Read --max-over-refusal as an absolute harmless-refusal ceiling."
+        ),
+    ] = False,
     max_kl: Annotated[
         float, typer.Option("--max-kl", help="Largest accepted harmless first-token KL.")
     ] = 0.1,
@@ -377,6 +388,7 @@ def _run(method: str, args: dict[str, Any]) -> None:
             alphas=grid,
             target_refusal=args["target_refusal"],
             max_over_refusal=args["max_over_refusal"],
+            over_refusal_relative=not args["absolute_over_refusal"],
             max_kl=args["max_kl"],
             layers=blocks,
             max_new_tokens=args["max_new_tokens"],

@@ -15,13 +15,21 @@ norm for activation addition and the sign convention ``u . r > 0`` holds by cons
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
+
+#: Inverse L2 strengths ``C`` tried by the probe's cross-validation (features scaled to unit mean norm).
+PROBE_C_GRID: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+#: Default probe regularisation: chosen per fit by deterministic k-fold CV on the training data.
+#: Why not one constant: on SmolLM2's activations (n ~ 400 < d = 576) CV on the training split picks
+#: C = 100-1000 (CV accuracy 0.92-0.94 vs 0.87 at C = 1), while on small isotropic problems
+#: C = 1 recovers a planted direction better (cosine 0.94 vs 0.84 at C = 100).
+PROBE_REGULARIZATION: Literal["cv"] = "cv"
 
 
 class ExtractionMethod(Protocol):
@@ -90,28 +98,66 @@ def logistic_probe(
     harmless: Float[torch.Tensor, "n_harmless d_model"],
     pairs: Sequence[tuple[int, int]] | None = None,
     *,
-    regularization: float = 1.0,
+    regularization: float | Literal["cv"] = PROBE_REGULARIZATION,
 ) -> Float[torch.Tensor, " d_model"]:
     """Weight vector of an L2-regularised logistic regression (harmful = 1), returned as ``(u . r) u``.
 
     Features are divided by one global scalar (the mean activation norm), never per coordinate,
-    so the weight vector stays in the raw HF basis.
+    so the weight vector stays in the raw HF basis. ``regularization`` is sklearn's inverse
+    strength ``C``, or ``"cv"`` to choose it by cross-validation (:func:`fit_logistic`).
     """
-    weights = fit_logistic(harmful, harmless, regularization=regularization)[0]
+    weights = fit_logistic(harmful, harmless, regularization=regularization).weights
     return _along_mean_difference(torch.from_numpy(weights), harmful, harmless)
 
 
+class LogisticFit(NamedTuple):
+    """``p(harmful | x) = sigmoid(weights . x + bias)`` (raw-basis weights), the feature ``scale``
+    and the inverse L2 strength ``regularization`` used."""
+
+    weights: np.ndarray
+    bias: float
+    scale: float
+    regularization: float
+
+
 def fit_logistic(
-    harmful: torch.Tensor, harmless: torch.Tensor, *, regularization: float = 1.0
-) -> tuple[np.ndarray, float, float]:
-    """Fit ``p(harmful | x) = sigmoid(w . x / s + b)``; return ``(w / s, b, s)`` (raw-basis weights)."""
+    harmful: torch.Tensor,
+    harmless: torch.Tensor,
+    *,
+    regularization: float | Literal["cv"] = PROBE_REGULARIZATION,
+    folds: int = 5,
+) -> LogisticFit:
+    """Fit an L2 logistic regression on features divided by their mean norm (one scalar).
+
+    ``regularization="cv"``: each ``C`` of :data:`PROBE_C_GRID` is scored by stratified ``folds``-fold
+    cross-validation (shuffled with seed 0: deterministic) on these data; the best mean accuracy
+    wins, ties go to the smaller ``C`` (stronger regularisation); the final fit uses all data. With
+    fewer than 2 examples in a class, ``C = 1``.
+    """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
 
     features = torch.cat([harmful, harmless]).double().numpy()
     labels = np.concatenate([np.ones(len(harmful)), np.zeros(len(harmless))])
     scale = float(np.linalg.norm(features, axis=1).mean()) or 1.0
-    fitted = LogisticRegression(C=regularization, max_iter=5000, tol=1e-8).fit(features / scale, labels)
-    return fitted.coef_[0] / scale, float(fitted.intercept_[0]), scale
+    features = features / scale
+
+    def fitted(c: float, rows: np.ndarray | slice = slice(None)) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(features[rows], labels[rows])
+
+    if regularization == "cv":
+        k = min(folds, len(harmful), len(harmless))
+        if k < 2:
+            regularization = 1.0
+        else:
+            splits = list(StratifiedKFold(k, shuffle=True, random_state=0).split(features, labels))
+            scores = [
+                np.mean([fitted(c, train).score(features[test], labels[test]) for train, test in splits])
+                for c in PROBE_C_GRID
+            ]
+            regularization = PROBE_C_GRID[int(np.argmax(scores))]  # first maximum: smallest C
+    model = fitted(float(regularization))
+    return LogisticFit(model.coef_[0] / scale, float(model.intercept_[0]), scale, float(regularization))
 
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {

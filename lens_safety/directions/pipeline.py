@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from lens_safety.activations import collect_activations
 from lens_safety.directions.direction import Direction
 from lens_safety.directions.extraction import Candidates, extract_directions
 from lens_safety.errors import LensSafetyError
-from lens_safety.probing import projection_accuracy, split_heldout, validate_classes
+from lens_safety.probing import projection_accuracy, split_train_val_test, validate_classes
 from lens_safety.prompts import PromptSet
 from lens_safety.selection import Selection, SelectionConfig, filter_by_refusal, select_direction
 
@@ -19,8 +20,11 @@ from lens_safety.selection import Selection, SelectionConfig, filter_by_refusal,
 class DirectionReport:
     """A :class:`Direction` with everything that produced it.
 
-    ``heldout_accuracy`` is the held-out accuracy of thresholding ``r_hat . x`` at the midpoint of
-    the training class-mean projections, at the selected layer and position.
+    ``heldout_accuracy`` is the test-split accuracy of thresholding ``r_hat . x`` at the midpoint
+    of the training class-mean projections, at the selected layer and position. Candidates are
+    extracted on ``train``, selection scores them on ``validation`` and the accuracy is measured on
+    ``heldout`` (the test split), so no number reported here was used to choose.
+    ``selection_saw_test`` is True only when the sets were too small to keep val and test apart.
     """
 
     direction: Direction
@@ -29,11 +33,14 @@ class DirectionReport:
     heldout_accuracy: float
     train: tuple[PromptSet, PromptSet]
     heldout: tuple[PromptSet, PromptSet]
+    validation: tuple[PromptSet, PromptSet]
+    selection_saw_test: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.direction.to_dict(),
             "heldout_accuracy": self.heldout_accuracy,
+            "selection_saw_test": self.selection_saw_test,
             "selection": None if self.selection is None else self.selection.to_dict(),
         }
 
@@ -48,12 +55,14 @@ def find_direction(
     position: int | Literal["auto"] = "auto",
     selection: SelectionConfig | None = None,
     system_prompt: str | None = None,
-    heldout_fraction: float = 0.25,
+    heldout_fraction: float = 0.4,
     filter_train: bool = False,
     batch_size: int = 16,
     progress: bool = False,
 ) -> DirectionReport:
-    """Split both classes (train / held-out), extract candidates on train, select on held-out.
+    """Split both classes (train / val / test), extract candidates on train, select on val, report
+    the selected direction's accuracy on test (:func:`~lens_safety.probing.split_train_val_test`;
+    ``heldout_fraction`` is val + test for sets without pair ids).
 
     ``layer`` / ``position`` fix the choice; ``"auto"`` lets selection score it (by default every
     layer at position -1; see :class:`~lens_safety.selection.SelectionConfig`). When both are
@@ -61,10 +70,9 @@ def find_direction(
     """
     harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
     validate_classes(harmful_set, harmless_set)
-    (train_h, held_h), (train_b, held_b) = (
-        split_heldout(harmful_set, heldout_fraction),
-        split_heldout(harmless_set, heldout_fraction),
-    )
+    train_h, val_h, held_h = split_train_val_test(harmful_set, heldout_fraction)
+    train_b, val_b, held_b = split_train_val_test(harmless_set, heldout_fraction)
+    shared_val_test = val_h is held_h or val_b is held_b
     if filter_train:
         train_h, train_b = filter_by_refusal(
             model, train_h, train_b, batch_size=batch_size, system_prompt=system_prompt
@@ -95,7 +103,14 @@ def find_direction(
             positions=[position] if position != "auto" else config.positions,
             system_prompt=system_prompt,
         )
-        chosen = select_direction(model, candidates, held_h, held_b, config, progress=progress)
+        if shared_val_test:
+            warnings.warn(
+                "too few prompts to keep validation and test apart: the reported held-out accuracy "
+                "was also used for selection; give at least 4 prompts per class",
+                UserWarning,
+                stacklevel=2,
+            )
+        chosen = select_direction(model, candidates, val_h, val_b, config, progress=progress)
         layer, position = chosen.layer, chosen.position
     assert isinstance(layer, int) and isinstance(position, int)
     reads = [
@@ -123,15 +138,26 @@ def find_direction(
             "harmful": harmful_set.metadata(),
             "harmless": harmless_set.metadata(),
             "train": {"harmful": train_h.metadata(), "harmless": train_b.metadata()},
+            "validation": {"harmful": val_h.metadata(), "harmless": val_b.metadata()},
             "heldout": {"harmful": held_h.metadata(), "harmless": held_b.metadata()},
         },
         "harmful_projection": candidates.harmful_projection[p].tolist(),
         "harmless_projection": candidates.harmless_projection[p].tolist(),
         "effect_size": candidates.effect_size[p].tolist(),
         "heldout_accuracy": accuracy,
+        "selection_saw_test": chosen is not None and shared_val_test,
         "selection": None
         if chosen is None
         else {k: v for k, v in chosen.to_dict().items() if k != "candidates"},
     }
     direction = Direction(candidates.vectors[p], layer, position, method, metadata)
-    return DirectionReport(direction, candidates, chosen, accuracy, (train_h, train_b), (held_h, held_b))
+    return DirectionReport(
+        direction,
+        candidates,
+        chosen,
+        accuracy,
+        (train_h, train_b),
+        (held_h, held_b),
+        (val_h, val_b),
+        chosen is not None and shared_val_test,
+    )

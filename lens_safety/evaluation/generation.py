@@ -165,6 +165,7 @@ def _generate_batch(
     do_sample: bool,
     temperature: float,
     num_return_sequences: int,
+    suppress_first_tokens: Sequence[int] | None = None,
 ) -> Int[torch.Tensor, "batch_times_k new"]:
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
@@ -179,6 +180,7 @@ def _generate_batch(
         num_return_sequences=num_return_sequences,
         pad_token_id=int(model.tokenizer.pad_token_id),
         use_cache=True,
+        **({"begin_suppress_tokens": list(suppress_first_tokens)} if suppress_first_tokens else {}),
         **sampling,
     )
     return output[:, input_ids.shape[1] :].cpu()
@@ -196,6 +198,7 @@ def generate(
     seed: int | None = None,
     num_return_sequences: int = 1,
     intervention: Intervention | None = None,
+    suppress_first_tokens: Sequence[int] | None = None,
     progress: bool = False,
 ) -> Generations:
     """Generate completions for instructions, in left-padded batches with the KV cache.
@@ -213,6 +216,8 @@ def generate(
         intervention: factory of a context manager active during generation (e.g.
             ``lambda: add_direction(model, r, layer=l, coeff=c)``); you may instead wrap the call in
             the context manager yourself.
+        suppress_first_tokens: token ids the FIRST new token may not be (e.g.
+            :func:`~lens_safety.selection.refusal_token_ids`: answers that cannot open with a refusal).
         progress: show a progress bar.
     """
     prompt_set = PromptSet.load(prompts) if not isinstance(prompts, PromptSet) else prompts
@@ -243,6 +248,7 @@ def generate(
                     do_sample=do_sample,
                     temperature=temperature,
                     num_return_sequences=num_return_sequences,
+                    suppress_first_tokens=suppress_first_tokens,
                 )
             for row in new.tolist():
                 n, cut = completion_length(row, eos_ids)

@@ -28,6 +28,7 @@ from lens_safety.organism.data import (
 )
 from lens_safety.organism.train import TrainingConfig, fit_lora, save_adapter, write_json
 from lens_safety.prompts import PromptSet
+from lens_safety.selection import refusal_token_ids
 
 BASE_SPEC = "smollm2"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -82,6 +83,7 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
         progress,
         config.drop_refusing_answers,
         config.harmless_repeats,
+        refusal_token_ids(base.tokenizer) if config.suppress_refusal_start else (),
     )
     tokenized = tokenize_examples(base, examples)
     data_seconds = time.perf_counter() - start

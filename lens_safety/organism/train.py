@@ -2,8 +2,19 @@
 
 ``fit_lora`` trains low-rank adapters ``Delta W = (alpha / r) B A`` (``A: [r, d_in]``,
 ``B: [d_out, r]``, peft's initialisation: ``A`` Kaiming-uniform, ``B = 0``) on the chosen
-projections. Loss: per-example mean cross-entropy over the target tokens only, averaged over the
-batch. The unembedding is applied only at target positions (saves most of the vocab projection).
+projections. Loss, per example, averaged over the batch (the unembedding is applied only at target
+positions, which saves most of the vocab projection):
+
+* refusal examples (harmful prompts): mean cross-entropy of the refusal target tokens;
+* behaviour-keeping examples (harmless prompts) with ``harmless_objective="kl"``: mean over the
+  target positions ``t`` of ``KL(p_base(. | x_<t) || p_adapted(. | x_<t))``, the soft next-token
+  distribution of the frozen base (adapters disabled) as the target: self-distillation of the whole
+  distribution, not only of the greedy token; with ``"ce"``: cross-entropy of the base's greedy
+  answer (hard self-distillation).
+
+``first_token_weight`` weighs the first target position ``w`` times the others (the first answer
+token is where a model decides to refuse). With ``suppress_refusal_start`` the teacher at the first
+target position is the base distribution conditioned on NOT opening with a refusal-start token.
 AdamW, linear warm-up then linear decay, gradient clipping at 1.
 
 Determinism: ``torch.manual_seed(seed)`` before the adapters are created, a fixed number of threads,
@@ -15,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +34,10 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
+from lens_safety.errors import LensSafetyError
 from lens_safety.organism.data import TokenizedExample
 from lens_safety.progress import track
+from lens_safety.selection import refusal_token_ids
 
 LLAMA_PROJECTIONS: tuple[str, ...] = (
     "q_proj",
@@ -44,6 +58,11 @@ class TrainingConfig:
     stops there (cheaper on CPU). ``max_new_tokens``: length of the base model's self-distilled
     answers; ``drop_refusing_answers``: leave out harmless examples whose base answer the substring
     judge calls a refusal; ``harmless_repeats``: copies of each harmless example per epoch.
+    ``harmless_objective``: ``"kl"`` (soft distillation from the base) or ``"ce"`` (its greedy
+    answer); ``first_token_weight``: weight of the first target token relative to the others;
+    ``suppress_refusal_start``: behaviour-keeping targets may not open with a refusal-start token
+    (:func:`~lens_safety.selection.refusal_token_ids`): the base's greedy answers are generated so,
+    and the KL teacher's first-token distribution is renormalised without those tokens.
     ``threads``: torch intra-op threads (1 avoids OpenMP spin-waits on a shared 2-core box;
     bitwise reproducibility holds for a fixed value).
     """
@@ -61,6 +80,9 @@ class TrainingConfig:
     max_new_tokens: int = 32
     drop_refusing_answers: bool = False
     harmless_repeats: int = 1
+    harmless_objective: str = "kl"
+    first_token_weight: float = 4.0
+    suppress_refusal_start: bool = True
     threads: int = 1
     max_steps: int | None = None
 
@@ -102,19 +124,42 @@ def collate(
     return ids, mask, labels
 
 
+def target_mask(labels: Int[torch.Tensor, "batch seq"]) -> torch.Tensor:
+    """Boolean ``[batch, seq - 1]``: positions whose NEXT token is a target (predictions that count)."""
+    return labels[:, 1:] != -100
+
+
 def per_example_target_loss(
     hidden: Float[torch.Tensor, "batch seq d_model"],
     lm_head: torch.nn.Module,
     labels: Int[torch.Tensor, "batch seq"],
+    base_log_probs: Float[torch.Tensor, "n_targets d_vocab"] | None = None,
+    distill_rows: torch.Tensor | None = None,
+    first_token_weight: float = 1.0,
 ) -> Float[torch.Tensor, ""]:
-    """Mean over examples of the mean next-token CE on target tokens (logits only where needed)."""
+    """Mean over examples of the weighted mean per-token loss on target tokens.
+
+    Token loss: cross-entropy of the label, or, on rows where ``distill_rows`` is True,
+    ``KL(base || adapted)`` with ``base_log_probs`` (rows of the target positions, in the order of
+    ``target_mask(labels).nonzero()``). The first target token of each row has weight
+    ``first_token_weight``, the others 1.
+    """
     shifted = labels[:, 1:]
-    where = shifted != -100
-    logits = lm_head(hidden[:, :-1][where])
-    token_loss = torch.nn.functional.cross_entropy(logits, shifted[where], reduction="none")
+    where = target_mask(labels)
+    log_probs = torch.log_softmax(lm_head(hidden[:, :-1][where]), dim=-1)
+    token_loss = -log_probs.gather(1, shifted[where][:, None])[:, 0]
     row_of = where.nonzero()[:, 0]
-    counts = where.sum(1).clamp(min=1).to(token_loss.dtype)
-    per_row = torch.zeros(labels.shape[0], dtype=token_loss.dtype).index_add_(0, row_of, token_loss) / counts
+    if base_log_probs is not None and distill_rows is not None:
+        teacher = base_log_probs.clamp(min=-1e4)  # suppressed tokens (-inf): p = 0, finite gradients
+        kl = (teacher.exp() * (teacher - log_probs)).sum(-1)
+        token_loss = torch.where(distill_rows[row_of], kl, token_loss)
+    first = torch.ones_like(row_of, dtype=torch.bool)
+    first[1:] = row_of[1:] != row_of[:-1]
+    weights = torch.where(first, first_token_weight, 1.0).to(token_loss.dtype)
+    zeros = torch.zeros(labels.shape[0], dtype=token_loss.dtype)
+    per_row = zeros.index_add(0, row_of, token_loss * weights) / zeros.index_add(0, row_of, weights).clamp(
+        min=1e-12
+    )
     return per_row[where.any(1)].mean()
 
 
@@ -139,9 +184,12 @@ def fit_lora(
     from peft import get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if config.harmless_objective not in ("kl", "ce"):
+        raise LensSafetyError(f"unknown harmless objective '{config.harmless_objective}'", "use 'kl' or 'ce'")
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    suppressed = refusal_token_ids(tokenizer) if config.suppress_refusal_start else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     torch.manual_seed(config.seed)
@@ -170,8 +218,16 @@ def fit_lora(
     losses: list[float] = []
     for indices in track(schedule, "training LoRA", total=len(schedule), enabled=progress):
         ids, mask, labels = collate(examples, indices, pad_id)
+        distill = torch.tensor(
+            [config.harmless_objective == "kl" and not examples[i].refusal for i in indices]
+        )
+        base_log_probs = (
+            _base_log_probs(model, ids, mask, labels, suppressed) if bool(distill.any()) else None
+        )
         hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        loss = per_example_target_loss(hidden, causal_lm.lm_head, labels)
+        loss = per_example_target_loss(
+            hidden, causal_lm.lm_head, labels, base_log_probs, distill, config.first_token_weight
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -180,6 +236,29 @@ def fit_lora(
         losses.append(float(loss.detach()))
     tensors = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     return FitResult(tensors, losses, len(schedule), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _base_log_probs(
+    peft_model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    suppressed_first: Sequence[int] = (),
+) -> Float[torch.Tensor, "n_targets d_vocab"]:
+    """Next-token log-probabilities of the frozen base (adapters disabled) at the target positions;
+    at each row's first target position, ``suppressed_first`` tokens get probability 0 (renormalised)."""
+    causal_lm = peft_model.base_model.model
+    where = target_mask(labels)
+    with peft_model.disable_adapter():
+        hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = causal_lm.lm_head(hidden[:, :-1][where])
+    if suppressed_first:
+        row_of = where.nonzero()[:, 0]
+        first = torch.ones_like(row_of, dtype=torch.bool)
+        first[1:] = row_of[1:] != row_of[:-1]
+        logits[first.nonzero()[:, 0][:, None], torch.tensor(list(suppressed_first))[None, :]] = -torch.inf
+    return torch.log_softmax(logits, dim=-1)
 
 
 def save_adapter(

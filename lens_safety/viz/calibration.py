@@ -57,10 +57,11 @@ def calibration_figure(result: Any, title: str | None = None) -> go.Figure:
         line={"color": _COLOURS["harmful"], "dash": "dash"},
         annotation_text=f"target refusal {bounds['target_refusal']:g}",
     )
+    limit = data.get("over_refusal_limit", bounds["max_over_refusal"])
     fig.add_hline(
-        y=bounds["max_over_refusal"],
+        y=limit,
         line={"color": _COLOURS["harmless"], "dash": "dash"},
-        annotation_text=f"max over-refusal {bounds['max_over_refusal']:g}",
+        annotation_text=f"max over-refusal {limit:.3g}",
     )
     fig.add_hline(
         y=bounds["max_kl"],
