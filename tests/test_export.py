@@ -244,3 +244,30 @@ def test_streamed_export_is_bitwise_the_pure_edit_and_carries_extra_files(
         with pytest.raises(LensSafetyError, match="not allowed"):
             export_edit(model, spec, tmp_path / "other", extra_files={bad: "x"})
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("method", ["rosi", "orthogonalize"])
+def test_sharded_checkpoint_exports_shard_by_shard(
+    tiny_dirs: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    """A checkpoint split over several shards (+ index) exports the same weights as a single file."""
+    sharded = tmp_path / "sharded"
+    vanilla = AutoModelForCausalLM.from_pretrained(str(tiny_dirs["gpt2"]), dtype=torch.float32)
+    vanilla.save_pretrained(str(sharded), max_shard_size="100KB")
+    for item in tiny_dirs["gpt2"].iterdir():  # tokenizer and chat template
+        if item.suffix != ".safetensors" and not (sharded / item.name).exists():
+            (sharded / item.name).write_bytes(item.read_bytes())
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    s = _direction(vanilla.config.n_embd)
+    spec = rosi(s, ALPHA) if method == "rosi" else orthogonalize(s)
+    from_shards = export_edit(load_model(sharded, device="cpu"), spec, tmp_path / "a")
+    from_single = export_edit(load_model(tiny_dirs["gpt2"], device="cpu"), spec, tmp_path / "b")
+    assert from_shards.max_abs_logit_diff <= 1e-4
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) <= {p.name for p in (tmp_path / "a").glob("*.safetensors")}
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert from_shards.untied == (method == "orthogonalize")
+    assert sorted(from_shards.edit["edited_parameters"]) == sorted(from_single.edit["edited_parameters"])

@@ -79,3 +79,61 @@ def test_bad_layers_and_positions_are_one_line_errors(tiny) -> None:
         read_token_states(model, [[1, 2]], [[5]], [0])
     with pytest.raises(LensSafetyError, match="response context"):
         list_features(model, "x", ["y"], [0], ["bogus"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_states_read_while_sampling_equal_a_separate_pass(tiny_dirs, arch: str) -> None:
+    """``generated`` features == ``read_token_states`` over prompt + the tokens the model read."""
+    from lens_safety.srr.capture import read_call, sample_with_states
+
+    model = load_model(tiny_dirs[arch], device="cpu")
+    prompts = ["Explain photosynthesis.", "Write a haiku about tea.", "How do locks work?"]
+    layers = [0, 2, model.n_layers]
+    sampled = sample_with_states(
+        model, prompts, n=3, layers=layers, max_new_tokens=6, seed=3, batch_size=2, temperature=1.5
+    )
+    gens = sampled.generations
+    assert sampled.responses.shape == (9, 3, model.d_model) and sampled.instruction.shape == (
+        3,
+        3,
+        model.d_model,
+    )
+    assert gens.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    seen_cut = False
+    for j, ids in enumerate(gens.token_ids):
+        prompt = prompt_token_ids(model, prompts[gens.prompt_index[j]])
+        read = ids[: read_call(gens.n_tokens[j], gens.truncated[j])]  # response tokens the model read
+        seen_cut |= gens.truncated[j]
+        ref = read_token_states(model, [prompt + read], [[len(prompt) - 1, -1]], layers)[0]
+        scale = ref.abs().max().item()
+        assert torch.allclose(sampled.responses[j], ref[1], atol=1e-4 * scale), (arch, j)
+        assert torch.allclose(sampled.instruction[gens.prompt_index[j]], ref[0], atol=1e-4 * scale)
+    assert seen_cut  # the truncated rule was exercised (random tiny models rarely stop early)
+    again = sample_with_states(
+        model, prompts, n=3, layers=layers, max_new_tokens=6, seed=3, batch_size=2, temperature=1.5
+    )
+    assert again.generations.completions == gens.completions and torch.equal(
+        again.responses, sampled.responses
+    )
+    plain = sample_with_states(model, prompts, n=3, max_new_tokens=6, seed=3, batch_size=2, temperature=1.5)
+    assert plain.generations.completions == gens.completions  # capturing does not change the samples
+    with pytest.raises(LensSafetyError, match="read while sampling"):
+        list_features(model, prompts[0], ["x"], layers, ["generated"])
+
+
+def test_states_of_completions_that_ended_are_read_at_their_last_token(smollm2) -> None:
+    """A completion that emitted end-of-sequence had ALL its tokens read: its feature is the last one's."""
+    from lens_safety.srr.capture import sample_with_states
+
+    prompts = ["What is the capital of France?"]
+    sampled = sample_with_states(
+        smollm2, prompts, n=2, layers=[3], max_new_tokens=48, seed=0, temperature=0.3
+    )
+    gens = sampled.generations
+    assert not all(gens.truncated), gens.completions  # a short answer that stopped by itself
+    prompt = prompt_token_ids(smollm2, prompts[0])
+    for j, ids in enumerate(gens.token_ids):
+        if gens.truncated[j]:
+            continue
+        ref = read_token_states(smollm2, [prompt + ids], [[-1]], [3])[0, 0]
+        assert torch.allclose(sampled.responses[j], ref, atol=1e-4 * ref.abs().max().item())

@@ -169,3 +169,39 @@ def evaluate_cmd(
         print_json(evaluation.to_dict())
         return
     typer.echo(f"smollm2-refusal, {split} split: " + _rates(evaluation.to_dict()))
+
+
+@organism_app.command("demo")
+def demo_cmd(
+    limit: LimitOpt = None,
+    alphas: Annotated[
+        str, typer.Option("--alphas", help="ROSI strengths swept on val for the repair (comma-separated).")
+    ] = "3,10,30,100",
+    max_new_tokens: TokensOpt = 48,
+    json: JsonOpt = False,
+) -> None:
+    """Organism -> its refusal direction -> abliteration -> ROSI repair -> ROSI on the base, held out."""
+    quiet_libraries()
+    from lens_safety.cli.rosi import parse_alphas
+    from lens_safety.organism.demonstration import demonstrate
+
+    grid = parse_alphas(alphas)
+    if limit is not None and limit < 2:
+        raise LensSafetyError(f"--limit {limit} leaves too few prompts", "use --limit 2 or more")
+    result = demonstrate(
+        alphas=grid or (3.0, 10.0, 30.0, 100.0),
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        progress=not json,
+    )
+    if json:
+        print_json(result.to_dict())
+        return
+    d = result.direction
+    typer.echo(
+        f"direction: layer {d['layer']}, position {d['position']} ({d['method']}), "
+        f"held-out accuracy {d['heldout_accuracy']:.3f}; {d['selection_message']}"
+    )
+    typer.echo(f"repair alpha {result.alpha:g} ({result.alpha_rule})")
+    for stage in result.stages:
+        typer.echo(stage.line())

@@ -141,7 +141,11 @@ def train(
         int | None, typer.Option("--layer", help="Feature layer (default: floor(0.2 * n_layers)).")
     ] = None,
     context: Annotated[
-        str, typer.Option("--context", help="Response encoding: with_instruction or response_only.")
+        str,
+        typer.Option(
+            "--context",
+            help="Response encoding: with_instruction, response_only or generated (read while sampling).",
+        ),
     ] = "with_instruction",
     width: Annotated[int, typer.Option("--width", help="Projection width.")] = 256,
     tau: Annotated[float, typer.Option("--tau", help="Softmax temperature of cosine scores.")] = 0.1,

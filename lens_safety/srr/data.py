@@ -32,12 +32,18 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.generation import generate
 from lens_safety.evaluation.judges import Judge, get_judge
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet, builtin_path
-from lens_safety.srr.features import CONTEXTS, check_context, check_layers, list_features
+from lens_safety.srr.capture import SampledStates, sample_with_states
+from lens_safety.srr.features import (
+    CONTEXTS,
+    POST_HOC_CONTEXTS,
+    check_context,
+    check_layers,
+    list_features,
+)
 from lens_safety.srr.labels import label_candidates
 
 LISTS_FILE = "lists.jsonl"
@@ -95,16 +101,21 @@ class CandidateList:
         return cls(**{k: record[k] for k in keys if k in record})
 
 
-def deduplicate(texts: Sequence[str]) -> list[str]:
-    """Unique texts in first-seen order (compared after collapsing whitespace)."""
+def first_occurrences(texts: Sequence[str]) -> list[int]:
+    """Indices of the unique texts in first-seen order (compared after collapsing whitespace)."""
     seen: set[str] = set()
-    out: list[str] = []
-    for text in texts:
+    out: list[int] = []
+    for index, text in enumerate(texts):
         key = re.sub(r"\s+", " ", text).strip()
         if key not in seen:
             seen.add(key)
-            out.append(text)
+            out.append(index)
     return out
+
+
+def deduplicate(texts: Sequence[str]) -> list[str]:
+    """Unique texts in first-seen order (compared after collapsing whitespace)."""
+    return [texts[i] for i in first_occurrences(texts)]
 
 
 def load_jailbreaks() -> list[dict[str, str]]:
@@ -280,23 +291,25 @@ def _sample(
     max_new_tokens: int,
     seed: int,
     progress: bool,
-) -> list[list[str]]:
+    capture_layers: Sequence[int] | None = None,
+) -> tuple[list[list[str]], SampledStates | None]:
+    """Completions grouped by prompt, and their ``generated`` features when ``capture_layers``."""
     if n < 2:
         raise LensSafetyError(
             f"n = {n} candidates cannot be ranked", "sample at least 2 candidates per instruction (--n)"
         )
-    gens = generate(
+    sampled = sample_with_states(
         model,
         prompts,
+        n=n,
+        layers=capture_layers or (),
         max_new_tokens=max_new_tokens,
         batch_size=max(1, 64 // n),
-        do_sample=True,
         temperature=temperature,
         seed=seed,
-        num_return_sequences=n,
         progress=progress,
     )
-    return gens.grouped()
+    return sampled.generations.grouped(), sampled if capture_layers else None
 
 
 def build_dataset(
@@ -326,7 +339,8 @@ def build_dataset(
         jailbreak_fraction: fraction of harmful instructions wrapped in a jailbreak template.
         judge: refusal judge (default: the substring judge).
         layers: feature layers (default :func:`default_layers`).
-        contexts: response encodings to store (``with_instruction``, ``response_only``).
+        contexts: response encodings to store (``with_instruction``, ``response_only``,
+            ``generated``: read while sampling, see :mod:`lens_safety.srr.capture`).
     """
     started = time.perf_counter()
     judge_obj = get_judge(judge)
@@ -349,21 +363,31 @@ def build_dataset(
     ]
     if not specs:
         raise LensSafetyError("no instructions to build lists from", "pass harmful and/or harmless prompts")
-    samples = _sample(model, [s[0] for s in specs], n, temperature, max_new_tokens, seed, progress)
+    capture = layer_ids if "generated" in contexts else None
+    post_hoc = [c for c in contexts if c in POST_HOC_CONTEXTS]
+    samples, sampled = _sample(
+        model, [s[0] for s in specs], n, temperature, max_new_tokens, seed, progress, capture
+    )
     generation_seconds = time.perf_counter() - started
     lists: list[CandidateList] = []
     inst_rows: list[torch.Tensor] = []
     resp_rows: dict[str, list[torch.Tensor]] = {c: [] for c in contexts}
     offsets = [0]
-    for (prompt, source, kind, category, jb), sampled in track(
-        list(zip(specs, samples, strict=True)), "reading features", len(specs), progress
+    for i, ((prompt, source, kind, category, jb), drawn) in enumerate(
+        track(list(zip(specs, samples, strict=True)), "reading features", len(specs), progress)
     ):
-        candidates = deduplicate(sampled)
+        keep = first_occurrences(drawn)
+        candidates = [drawn[j] for j in keep]
         positive, reasons = label_candidates(judge_obj, kind, prompt, candidates)
         lists.append(
-            CandidateList(prompt, source, kind, category, jb, candidates, positive, reasons, len(sampled))
+            CandidateList(prompt, source, kind, category, jb, candidates, positive, reasons, len(drawn))
         )
-        h_inst, h_resp = list_features(model, prompt, candidates, layer_ids, contexts)
+        h_resp: dict[str, torch.Tensor] = {}
+        if post_hoc:
+            h_inst, h_resp = list_features(model, prompt, candidates, layer_ids, post_hoc)
+        if sampled is not None:
+            h_resp["generated"] = sampled.responses[[i * n + j for j in keep]]
+            h_inst = h_inst if post_hoc else sampled.instruction[i]
         inst_rows.append(h_inst)
         for context in contexts:
             resp_rows[context].append(h_resp[context])

@@ -5,7 +5,7 @@ Space: every feature is in the **raw HF residual basis** (compatibility mode off
 ``n_layers`` ("final") is ``blocks.{n_layers - 1}.hook_resid_post``, the last residual stream
 BEFORE the final norm (HF's own ``hidden_states[-1]`` has that norm applied; ours does not).
 
-Two encodings of a response (the SRR paper does not say which it used; both are offered and
+Three encodings of a response (the SRR paper does not say which it used; all are offered and
 measured):
 
 * ``with_instruction``: the chat-formatted prompt followed by the response tokens; the feature is
@@ -13,7 +13,10 @@ measured):
   feature is read in the same pass at the last prompt token, which is exactly the token
   :func:`~lens_safety.activations.collect_activations` reads at position ``-1`` (causal attention:
   the response does not change it);
-* ``response_only``: the response text alone (one BOS, no template); the feature is its last token.
+* ``response_only``: the response text alone (one BOS, no template); the feature is its last token;
+* ``generated``: ``with_instruction`` read WHILE sampling, from the forward calls that produced the
+  candidates (no extra pass; :mod:`lens_safety.srr.capture`). It differs from ``with_instruction``
+  only for candidates cut at ``max_new_tokens``, whose last sampled token was never read.
 
 :func:`read_token_states` is a lower-level reader of pre-tokenised sequences at arbitrary token
 positions, built on :func:`lens_safety.activations.forward` and :func:`lens_safety.activations.hooks`
@@ -33,8 +36,10 @@ from lens_safety.activations import forward, hook_point_name, hooks
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 
-ResponseContext = Literal["with_instruction", "response_only"]
-CONTEXTS: tuple[str, ...] = ("with_instruction", "response_only")
+ResponseContext = Literal["with_instruction", "response_only", "generated"]
+CONTEXTS: tuple[str, ...] = ("with_instruction", "response_only", "generated")
+#: contexts read by a separate pass after sampling (``generated`` is read while sampling)
+POST_HOC_CONTEXTS: tuple[str, ...] = ("with_instruction", "response_only")
 
 
 class _Done(Exception):
@@ -58,7 +63,8 @@ def check_layers(model: ChatModel, layers: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def _hook_for(model: ChatModel, layer: int) -> str:
+def hook_for_layer(model: ChatModel, layer: int) -> str:
+    """Hook name of a feature layer (``n_layers`` = the final block's ``resid_post``)."""
     if layer == model.n_layers:
         return hook_point_name("resid_post", model.n_layers - 1)
     return hook_point_name("resid_pre", layer)
@@ -117,7 +123,7 @@ def read_token_states(
 
         return read
 
-    fwd_hooks = [(_hook_for(model, layer), make_hook(layer)) for layer in layer_ids]
+    fwd_hooks = [(hook_for_layer(model, layer), make_hook(layer)) for layer in layer_ids]
     try:
         with torch.inference_mode(), hooks(model, fwd_hooks):
             forward(model, batch)
@@ -154,7 +160,7 @@ def list_features(
     instruction: str,
     responses: Sequence[str],
     layers: Sequence[int],
-    contexts: Sequence[str] = CONTEXTS,
+    contexts: Sequence[str] = POST_HOC_CONTEXTS,
     system_prompt: str | None = None,
 ) -> tuple[
     Float[torch.Tensor, "n_layers d_model"], dict[str, Float[torch.Tensor, "n_responses n_layers d_model"]]
@@ -167,6 +173,11 @@ def list_features(
     """
     for context in contexts:
         check_context(context)
+        if context not in POST_HOC_CONTEXTS:
+            raise LensSafetyError(
+                f"the '{context}' context is read while sampling, not from texts",
+                "use lens_safety.srr.capture.sample_with_states",
+            )
     if not responses:
         raise LensSafetyError("a candidate list has no responses", "give every list at least one response")
     prompt = prompt_token_ids(model, instruction, system_prompt)

@@ -2,8 +2,9 @@
 
 :func:`select` generates ``n`` candidates with the model's own decoding (sampling, seeded),
 deduplicates them, reads their features in ONE batched pass that stops at the ranker's layer
-(``with_instruction``: the prompt's last token and each response's last token in the same pass),
-scores them and returns the whole ranking. The ranker's overhead is reported as
+(``with_instruction``: the prompt's last token and each response's last token in the same pass;
+``generated``: no extra pass, the features are read while sampling), scores them and returns the
+whole ranking. The ranker's overhead is reported as
 ``ranking_seconds / generation_seconds`` (features + ranker forward, over candidate generation).
 """
 
@@ -19,7 +20,8 @@ import torch
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import generate
 from lens_safety.models import ChatModel
-from lens_safety.srr.data import deduplicate
+from lens_safety.srr.capture import sample_with_states
+from lens_safety.srr.data import first_occurrences
 from lens_safety.srr.features import list_features
 from lens_safety.srr.inputs import hashed_text_features
 from lens_safety.srr.metrics import ranking
@@ -104,19 +106,45 @@ def select(
         check_base_model(ranker.base_model, model.identity(), Path("<in memory>"))
     if n < 1:
         raise LensSafetyError(f"n must be >= 1, got {n}", "pass a positive --n")
-    gens = generate(
-        model,
-        [prompt],
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        seed=seed,
-        num_return_sequences=n,
-        batch_size=1,
-    )
-    candidates = deduplicate(gens.completions)
+    sampled = None
+    if ranker.config.features != "text" and ranker.config.context == "generated":
+        if ranker.config.layer is None:
+            raise LensSafetyError(
+                "the ranker records no feature layer", "retrain it with `lens-safety srr train`"
+            )
+        sampled = sample_with_states(
+            model,
+            [prompt],
+            n=n,
+            layers=[ranker.config.layer],
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=1,
+        )
+        gens = sampled.generations
+    else:
+        gens = generate(
+            model,
+            [prompt],
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            seed=seed,
+            num_return_sequences=n,
+            batch_size=1,
+        )
+    keep = first_occurrences(gens.completions)
+    candidates = [gens.completions[i] for i in keep]
     started = time.perf_counter()
-    scores = score_candidates(model, ranker, prompt, candidates)
+    if sampled is not None:  # features were read while sampling: only the ranker runs now
+        ranker.eval()
+        with torch.no_grad():
+            layer = sampled.layers.index(int(ranker.config.layer))  # type: ignore[arg-type]
+            inst, resp = sampled.instruction[:1, layer], sampled.responses[keep, layer]
+            scores = ranker(inst, resp.unsqueeze(0))[0]
+    else:
+        scores = score_candidates(model, ranker, prompt, candidates)
     ranking_seconds = time.perf_counter() - started
     ranked = [RankedCandidate(i, candidates[i], float(scores[i])) for i in ranking(scores)]
     return Selection(prompt, ranked[0].text, ranked, n, gens.seconds, ranking_seconds)

@@ -1,0 +1,142 @@
+"""SRR features read WHILE the candidates are sampled (response context ``generated``).
+
+Sampling with the KV cache already computes the residual stream of every token it reads: the
+prompt in the first (prefill) forward call, then one new token per call. Hooks on the feature
+layers keep, per call, the state at the last position of every row, so the features cost no
+extra forward pass (the point of SRR's "negligible overhead" claim).
+
+Which token: call 0 reads the prompt, its last state is the instruction feature (the same token
+:func:`~lens_safety.srr.features.list_features` reads). Call ``t >= 1`` reads response token
+``g_t``. A completion with ``c`` content tokens that ended with an end-of-sequence token had
+``g_c`` read at call ``c``; one cut at ``max_new_tokens`` (``c`` tokens, no end token) never had its
+last sampled token ``g_c`` read, so its feature is the state of ``g_{c-1}`` (call ``c - 1``). An
+empty completion's feature is the prompt's last state. Up to that one token, the feature equals a
+separate ``with_instruction`` pass over ``prompt + g_1..g_k`` (tested to float tolerance; the KV
+cache changes the order of floating-point sums, not the maths).
+
+Space: raw HF residual basis; layer ``l < n_layers`` is ``blocks.{l}.hook_resid_pre``, layer
+``n_layers`` is the final block's ``hook_resid_post`` (pre-norm), as in :mod:`.features`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.activations import hooks
+from lens_safety.evaluation.generation import Generations, generate
+from lens_safety.models import ChatModel
+from lens_safety.progress import track
+from lens_safety.srr.features import check_layers, hook_for_layer
+
+
+@dataclass
+class SampledStates:
+    """Samples and their features: ``instruction[i]`` for prompt ``i``, ``responses[j]`` for
+    completion ``j`` (prompt-major, as in :class:`~lens_safety.evaluation.Generations`)."""
+
+    generations: Generations
+    layers: tuple[int, ...]
+    instruction: Float[torch.Tensor, "n_prompts n_layers d_model"]
+    responses: Float[torch.Tensor, "n_completions n_layers d_model"]
+
+
+def read_call(n_tokens: int, truncated: bool) -> int:
+    """Index of the forward call that read a completion's last read token (module docstring)."""
+    return max(0, n_tokens - 1) if truncated else n_tokens
+
+
+@contextmanager
+def _record_last_positions(
+    model: ChatModel, layers: Sequence[int], calls: list[dict[int, list[torch.Tensor]]]
+) -> Iterator[None]:
+    """Append, per forward call, the last-position state of every row at each layer."""
+    record: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    calls.append(record)
+
+    def make_hook(layer: int):
+        def read(activation: torch.Tensor, hook: object) -> torch.Tensor:
+            record[layer].append(activation[:, -1].detach().float().cpu())
+            return activation
+
+        return read
+
+    with hooks(model, [(hook_for_layer(model, layer), make_hook(layer)) for layer in layers]):
+        yield
+
+
+def sample_with_states(
+    model: ChatModel,
+    prompts: Sequence[str],
+    *,
+    n: int,
+    layers: Sequence[int] = (),
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    seed: int | None = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> SampledStates:
+    """Sample ``n`` completions per prompt and keep their ``generated``-context features.
+
+    Prompts go ``batch_size`` at a time, batch ``b`` seeded with ``seed + b`` (reproducible, and
+    the same candidates whether or not ``layers`` are captured); each batch's states are reduced
+    to one row per completion before the next batch, so memory does not grow with the steps.
+    With ``layers=()`` nothing is captured (the feature tensors are empty).
+    """
+    layer_ids = check_layers(model, layers) if layers else ()
+    batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    parts: list[Generations] = []
+    instruction, responses = [], []
+    for b, batch in enumerate(track(batches, "sampling candidates", len(batches), progress)):
+        calls: list[dict[int, list[torch.Tensor]]] = []
+        gens = generate(
+            model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            batch_size=len(batch),
+            do_sample=True,
+            temperature=temperature,
+            seed=None if seed is None else seed + b,
+            num_return_sequences=n,
+            intervention=(lambda: _record_last_positions(model, layer_ids, calls)) if layer_ids else None,
+        )
+        parts.append(gens)
+        if not layer_ids:
+            continue
+        (record,) = calls
+        states = torch.stack([torch.stack(record[layer]) for layer in layer_ids], dim=2)
+        instruction.append(states[0, ::n])  # [n_calls, rows, n_layers, d] -> call 0, one row per prompt
+        steps = [read_call(k, cut) for k, cut in zip(gens.n_tokens, gens.truncated, strict=True)]
+        responses.append(states[torch.tensor(steps), torch.arange(len(steps))])
+    merged = concatenate(parts)
+    empty = torch.zeros(0, len(layer_ids), model.d_model)
+    return SampledStates(
+        merged,
+        layer_ids,
+        torch.cat(instruction) if instruction else empty,
+        torch.cat(responses) if responses else empty,
+    )
+
+
+def concatenate(parts: Sequence[Generations]) -> Generations:
+    """One :class:`Generations` from consecutive batches with the same settings."""
+    first = parts[0]
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part.prompts))
+    return replace(
+        first,
+        prompts=tuple(p for part in parts for p in part.prompts),
+        completions=[c for part in parts for c in part.completions],
+        n_tokens=[k for part in parts for k in part.n_tokens],
+        truncated=[t for part in parts for t in part.truncated],
+        prompt_index=[i + off for part, off in zip(parts, offsets, strict=False) for i in part.prompt_index],
+        token_ids=[t for part in parts for t in part.token_ids],
+        seconds=sum(part.seconds for part in parts),
+        seed=first.seed,
+    )
