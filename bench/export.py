@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,25 +51,27 @@ def main() -> None:
     spec = rosi(direction, args.alpha)
     plain, write, verify, ratios = [], [], [], []
     with tempfile.TemporaryDirectory(dir=model.hf_path.parent) as root:
+
+        def save_plain(i: int) -> float:
+            return synced(partial(vanilla.save_pretrained, Path(root) / f"plain{i}"))
+
+        def save_edited(i: int) -> tuple[float, float]:
+            results: list = []
+            seconds = synced(lambda: results.append(export_edit(model, spec, Path(root) / f"edited{i}")))
+            return seconds - results[0].verify_seconds, results[0].verify_seconds
+
         export_edit(model, spec, Path(root) / "warm-up")  # first-call costs out of the timings
         for i in range(args.repeats):
-            results: dict[str, float] = {}
-
-            def do_plain(i: int = i) -> None:
-                results["plain"] = synced(lambda: vanilla.save_pretrained(Path(root) / f"plain{i}"))
-
-            def do_export(i: int = i) -> None:
-                holder: list = []
-                total = synced(lambda: holder.append(export_edit(model, spec, Path(root) / f"edited{i}")))
-                results["verify"] = holder[0].verify_seconds
-                results["write"] = total - holder[0].verify_seconds
-
-            for step in (do_plain, do_export) if i % 2 == 0 else (do_export, do_plain):
-                step()
-            plain.append(results["plain"])
-            write.append(results["write"])
-            verify.append(results["verify"])
-            ratios.append(results["write"] / results["plain"])
+            if i % 2 == 0:  # alternate which side runs first
+                plain_s = save_plain(i)
+                write_s, verify_s = save_edited(i)
+            else:
+                write_s, verify_s = save_edited(i)
+                plain_s = save_plain(i)
+            plain.append(plain_s)
+            write.append(write_s)
+            verify.append(verify_s)
+            ratios.append(write_s / plain_s)
     report = {
         "model": args.model,
         "repeats": args.repeats,

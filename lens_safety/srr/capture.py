@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from jaxtyping import Float
@@ -103,7 +104,7 @@ def sample_with_states(
             temperature=temperature,
             seed=None if seed is None else seed + b,
             num_return_sequences=n,
-            intervention=(lambda: _record_last_positions(model, layer_ids, calls)) if layer_ids else None,
+            intervention=partial(_record_last_positions, model, layer_ids, calls) if layer_ids else None,
         )
         parts.append(gens)
         if not layer_ids:
