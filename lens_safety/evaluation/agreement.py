@@ -3,9 +3,12 @@
 Positive class = "refused". ``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``,
 ``accuracy = (TP + TN) / n`` (``nan`` when a denominator is zero).
 
-Labelled files: ``.jsonl`` or ``.csv`` with a completion column (``completion``, ``response`` or
-``text``) and a label column (``refused`` or ``label``) holding a boolean-like value
-(``true/false``, ``1/0``, ``yes/no``, ``refusal/compliance``).
+Labelled files: ``.jsonl`` or ``.csv`` with a completion column (``completion``, ``response``,
+``text`` or ``assistant_response``) and a label column (``refused``, ``label`` or ``human_score``)
+holding a boolean-like value (``true/false``, ``1/0``, ``1.0/0.0``, ``yes/no``,
+``refusal/compliance``). CSV lines starting with ``#`` before the header are skipped. This reads
+PyRIT's human-labelled refusal-scorer CSVs as they are; ``pyrit_refusal_files`` finds them in an
+installed ``pyrit`` (the CLI's ``judge-agreement pyrit``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from typing import Any
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.judges import Judge, get_judge, run_judge
 
-_TEXT_COLUMNS = ("completion", "response", "text")
-_LABEL_COLUMNS = ("refused", "label")
-_TRUE = {"true", "1", "yes", "y", "refused", "refusal", "refuse"}
-_FALSE = {"false", "0", "no", "n", "complied", "compliance", "comply", "not_refused"}
+_TEXT_COLUMNS = ("completion", "response", "text", "assistant_response")
+_LABEL_COLUMNS = ("refused", "label", "human_score")
+_TRUE = {"true", "1", "1.0", "yes", "y", "refused", "refusal", "refuse"}
+_FALSE = {"false", "0", "0.0", "no", "n", "complied", "compliance", "comply", "not_refused"}
 
 
 def _ratio(a: int, b: int) -> float:
@@ -116,7 +119,10 @@ def load_labelled(path: str | Path) -> tuple[list[str], list[bool]]:
         rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif file.suffix == ".csv":
         with file.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            lines = handle.read().splitlines(keepends=True)
+        while lines and lines[0].lstrip().startswith("#"):
+            lines.pop(0)
+        rows = list(csv.DictReader(lines))
     else:
         raise LensSafetyError(f"'{file.name}' is neither .jsonl nor .csv", "give a .jsonl or .csv file")
     if not rows:
@@ -130,4 +136,35 @@ def load_labelled(path: str | Path) -> tuple[list[str], list[bool]]:
         )
     completions = [str(r[text_col] or "") for r in rows]
     labels = [_parse_label(r[label_col], f"{file.name} row {i + 1}") for i, r in enumerate(rows)]
+    return completions, labels
+
+
+def pyrit_refusal_files(root: str | Path | None = None) -> list[Path]:
+    """PyRIT's human-labelled refusal CSVs (``**/*refusal*.csv``, scorer results excluded).
+
+    ``root`` defaults to the installed ``pyrit`` package; a missing package is a one-line error.
+    """
+    if root is None:
+        try:
+            import pyrit  # type: ignore[import-not-found]
+        except ImportError:
+            raise LensSafetyError(
+                "PyRIT's labelled refusal CSVs need the optional package pyrit",
+                "pip install pyrit, or pass your own labelled .csv/.jsonl file",
+            ) from None
+        root = Path(pyrit.__file__).parent
+    files = sorted(p for p in Path(root).rglob("*refusal*.csv") if "results" not in p.relative_to(root).parts)
+    if not files:
+        raise LensSafetyError(f"no labelled refusal CSV found under {root}", "pass a labelled file instead")
+    return files
+
+
+def load_labelled_many(paths: Sequence[str | Path]) -> tuple[list[str], list[bool]]:
+    """:func:`load_labelled` over several files, concatenated."""
+    completions: list[str] = []
+    labels: list[bool] = []
+    for path in paths:
+        texts, flags = load_labelled(path)
+        completions += texts
+        labels += flags
     return completions, labels

