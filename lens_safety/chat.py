@@ -147,7 +147,7 @@ class ChatFormatter:
         """The post-instruction tokens as strings (what positions ``-n..-1`` hold)."""
         ids = self.token_ids(self.format(_PROBE_INSTRUCTION, system_prompt))
         n = self.n_post_instruction(system_prompt)
-        return [self.tokenizer.decode([i]) for i in ids[-n:]]
+        return [str(self.tokenizer.decode([i])) for i in ids[-n:]]
 
     def template_tail(self, system_prompt: str | None = None) -> str:
         """The template text after the user's instruction."""

@@ -310,9 +310,12 @@ def probe_layers(
         )
         for p in (train_h, train_b, test_h, test_b)
     ]
-    tensors = [r.tensor[:, :, 0] for r in reads]
+    train_h_x, train_b_x, test_h_x, test_b_x = (r.tensor[:, :, 0] for r in reads)
     report = probe_activations(
-        *tensors,
+        train_h_x,
+        train_b_x,
+        test_h_x,
+        test_b_x,
         reads[0].layers,
         n_bootstrap=n_bootstrap,
         seed=seed,

@@ -127,13 +127,13 @@ class PromptSet:
 
     def head(self, n: int) -> PromptSet:
         """The first ``n`` prompts."""
-        return self.subset(range(min(n, len(self))))  # type: ignore[arg-type]
+        return self.subset(range(min(n, len(self))))
 
     def split(self, which: str) -> PromptSet:
         """The prompts whose deterministic split (by pair id, else text) is ``which``."""
         if which not in SPLITS:
             raise LensSafetyError(f"unknown split '{which}'", f"use one of {', '.join(SPLITS)}")
-        keys = [(self.pairs[i] if self.pairs and self.pairs[i] else p) for i, p in enumerate(self.prompts)]
+        keys = [(self.pairs[i] or p) if self.pairs else p for i, p in enumerate(self.prompts)]
         return self.subset([i for i, k in enumerate(keys) if split_of(k) == which], f"{self.name}:{which}")
 
     def train_val_split(self, val_fraction: float = 0.25, seed: int = 0) -> tuple[PromptSet, PromptSet]:

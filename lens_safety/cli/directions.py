@@ -6,7 +6,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -32,7 +32,7 @@ HarmlessOpt = Annotated[
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
 
 
-def _parse_auto(value: str, name: str) -> int | str:
+def _parse_auto(value: str, name: str) -> int | Literal["auto"]:
     if value == "auto":
         return "auto"
     try:
@@ -154,7 +154,12 @@ def directions(
 
     if method not in METHODS:
         raise LensSafetyError(f"unknown method '{method}'", f"use one of {', '.join(METHODS)}")
-    if ablation not in ("zero", "affine"):
+    ablation_kind: Literal["zero", "affine"]
+    if ablation == "zero":
+        ablation_kind = "zero"
+    elif ablation == "affine":
+        ablation_kind = "affine"
+    else:
         raise LensSafetyError(f"unknown ablation '{ablation}'", "use zero or affine")
     if out.exists() and not overwrite:
         raise LensSafetyError(
@@ -172,8 +177,8 @@ def directions(
         positions=positions_to_score,
         n_val=n_val,
         batch_size=batch_size,
-        ablation=ablation,
-    )  # type: ignore[arg-type]
+        ablation=ablation_kind,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = find_direction(
@@ -182,7 +187,7 @@ def directions(
             harmless_set,
             method=method,
             layer=chosen_layer,
-            position=chosen_position,  # type: ignore[arg-type]
+            position=chosen_position,
             selection=config,
             system_prompt=system_prompt,
             filter_train=filter_train,

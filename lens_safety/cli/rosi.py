@@ -418,7 +418,7 @@ def _run(method: str, args: dict[str, Any]) -> None:
         **measurements,
         **{k: v for k, v in extra.items() if k not in ("calibration", "calibration_baseline")},
     }
-    result = export_edit(
+    exported = export_edit(
         loaded,
         spec,
         out,
@@ -429,4 +429,4 @@ def _run(method: str, args: dict[str, Any]) -> None:
         progress=True,
     )
     extra["seconds"] = time.perf_counter() - started
-    _summary(result, the_direction, measurements, extra, args["json"])
+    _summary(exported, the_direction, measurements, extra, args["json"])

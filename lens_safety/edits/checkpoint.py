@@ -138,7 +138,7 @@ def stream_edit_shard(
             first, last = entry["data_offsets"]
             stored = raw[: last - first]
             source.seek(start + first)
-            if source.readinto(memoryview(stored.numpy())) != last - first:
+            if source.readinto(stored.numpy().data) != last - first:
                 raise LensSafetyError(f"{shard.name} is truncated at {name}", "re-download the checkpoint")
             original = stored.view(dtype).view(entry["shape"])
             buffer = work[:size].view(entry["shape"])
@@ -146,5 +146,5 @@ def stream_edit_shard(
             result = edits[name](buffer)
             stored.view(dtype).view(entry["shape"]).copy_(result)
             sink.seek(start + first)
-            sink.write(memoryview(stored.numpy()))
+            sink.write(stored.numpy().data)
     return names

@@ -46,7 +46,7 @@ class DamageResult:
     length_change: Estimate | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "repetition_rate": self.repetition_rate.to_dict(),
             "empty_rate": self.empty_rate.to_dict(),
             "truncated_rate": self.truncated_rate.to_dict(),

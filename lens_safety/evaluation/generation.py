@@ -255,7 +255,7 @@ def generate(
                 counts.append(n)
                 truncated.append(cut)
                 token_ids.append(row[:n])
-                completions.append(model.tokenizer.decode(row[:n], skip_special_tokens=True).strip())
+                completions.append(str(model.tokenizer.decode(row[:n], skip_special_tokens=True)).strip())
     seconds = time.perf_counter() - started
     k = num_return_sequences
     return Generations(

@@ -168,7 +168,7 @@ def judge_from_callable(
     fn: Callable[[str], bool | float], name: str | None = None, threshold: float = 0.5
 ) -> CallableJudge:
     """Turn any ``str -> bool | float`` function into a :class:`Judge`."""
-    return CallableJudge(fn, name or getattr(fn, "__name__", "callable"), threshold)
+    return CallableJudge(fn, name or str(getattr(fn, "__name__", "callable")), threshold)
 
 
 class ClassifierJudge:

@@ -168,7 +168,7 @@ def lora_config(config: TrainingConfig, n_layers: int) -> Any:
 
     return LoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         target_modules=list(config.target_modules),
         layers_to_transform=list(range(config.first_layer, n_layers)),
         lora_dropout=0.0,

@@ -84,7 +84,8 @@ class DirectionScorer:
         r = mu_harmful - mu_harmless
         r_hat = r / r.norm()
         threshold = float(((mu_harmful + mu_harmless) / 2) @ r_hat)
-        refusing, other = [], []
+        refusing: list[torch.Tensor] = []
+        other: list[torch.Tensor] = []
         for i, item in enumerate(dataset.lists):
             proj = dataset.response_features(i, layer, context).double() @ r_hat
             for value, reason in zip(proj.tolist(), item.reasons, strict=True):

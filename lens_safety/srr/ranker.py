@@ -106,12 +106,17 @@ class SafetyRanker(nn.Module):
     def set_standardization(self, features: Float[torch.Tensor, "n d_input"]) -> None:
         """Store per-dimension mean and std (float64 reduction, std floored at 1e-6) of training features."""
         data = features.double()
-        self.feature_mean.copy_(data.mean(0).float())
-        self.feature_std.copy_(data.std(0, unbiased=False).clamp_min(1e-6).float())
+        self._buffer("feature_mean").copy_(data.mean(0).float())
+        self._buffer("feature_std").copy_(data.std(0, unbiased=False).clamp_min(1e-6).float())
+
+    def _buffer(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        assert isinstance(value, torch.Tensor)
+        return value
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.standardize:
-            x = (x - self.feature_mean) / self.feature_std
+            x = (x - self._buffer("feature_mean")) / self._buffer("feature_std")
         return self.projection(x)
 
     def forward(
