@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lens_safety.calibration.results import CalibrationBounds, CalibrationResult
@@ -137,7 +137,7 @@ def calibrate_block_range(
     *,
     alpha: float,
     method: str = "rosi",
-    ranges: dict[str, Sequence[int] | None] | None = None,
+    ranges: Mapping[str, Sequence[int] | None] | None = None,
     target_refusal: float = 0.9,
     max_over_refusal: float = 0.1,
     max_kl: float = 0.1,

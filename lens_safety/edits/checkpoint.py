@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
 import sys
@@ -105,46 +106,73 @@ def read_header(shard: Path) -> tuple[int, dict[str, Any]]:
 _TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
+def _copy_range(source: Any, sink: Any, offset: int, count: int) -> None:
+    """Copy ``count`` bytes of ``source`` from ``offset`` to the current end of ``sink``, in-kernel
+    (``os.copy_file_range``; a plain read/write loop where the platform lacks it)."""
+    sink.flush()
+    done = 0
+    copy_range = getattr(os, "copy_file_range", None)
+    while done < count:
+        if copy_range is not None:
+            sink_position = sink.tell()
+            moved = copy_range(source.fileno(), sink.fileno(), count - done, offset + done, sink_position)
+            sink.seek(sink_position + moved)
+        else:  # pragma: no cover - non-Linux platforms
+            source.seek(offset + done)
+            chunk = source.read(min(count - done, 1 << 24))
+            moved = sink.write(chunk)
+        if moved <= 0:
+            raise LensSafetyError("the checkpoint ended early while copying it", "re-download the checkpoint")
+        done += moved
+
+
 def stream_edit_shard(
     shard: Path,
     target: Path,
     edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
 ) -> list[str]:
-    """Copy ``shard`` to ``target`` byte for byte, then rewrite the named tensors through ``edits``.
+    """Write ``shard`` to ``target`` with the named tensors rewritten through ``edits``, each byte once.
 
-    Each edit receives the ORIGINAL tensor as a float64 view of one reusable work buffer and
-    returns the edited float64 tensor (it may work in place); the result is cast once to the
-    stored dtype and written over the same byte range. Untouched tensors are never decoded, and
-    no per-tensor memory is allocated (two buffers sized for the largest edited tensor).
+    The file is written front to back: every untouched byte range (header, unedited tensors) is
+    copied in-kernel from the original, every edited tensor is written from memory. Each edit
+    receives the ORIGINAL tensor as a float64 view of one reusable work buffer and returns the
+    edited float64 tensor (it may work in place); the result is cast once to the stored dtype.
+    Untouched tensors are never decoded, and no per-tensor memory is allocated (two buffers sized
+    for the largest edited tensor).
     """
     if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
         raise LensSafetyError("exporting needs a little-endian machine", "export on x86-64 or arm64")
     start, header = read_header(shard)
-    names = [name for name in edits if name in header]
-    shutil.copyfile(shard, target)
+    names = sorted(
+        (name for name in edits if name in header), key=lambda name: header[name]["data_offsets"][0]
+    )
     if not names:
+        shutil.copyfile(shard, target)
         return []
+    for name in names:
+        if header[name]["dtype"] not in _TORCH_DTYPES:
+            raise LensSafetyError(
+                f"{name} is stored as {header[name]['dtype']}", "edit floating-point checkpoints only"
+            )
     sizes = [math.prod(header[name]["shape"]) for name in names]
     work = torch.empty(max(sizes), dtype=torch.float64)
     raw = torch.empty(max(sizes) * 8, dtype=torch.uint8)
-    with open(shard, "rb") as source, open(target, "r+b") as sink:
+    total = shard.stat().st_size
+    with open(shard, "rb") as source, open(target, "wb") as sink:
+        position = 0  # bytes of the file written so far
         for name, size in zip(names, sizes, strict=True):
             entry = header[name]
-            dtype = _TORCH_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                raise LensSafetyError(
-                    f"{name} is stored as {entry['dtype']}", "edit floating-point checkpoints only"
-                )
-            first, last = entry["data_offsets"]
+            dtype = _TORCH_DTYPES[entry["dtype"]]
+            first, last = (start + offset for offset in entry["data_offsets"])
+            _copy_range(source, sink, position, first - position)
             stored = raw[: last - first]
-            source.seek(start + first)
+            source.seek(first)
             if source.readinto(stored.numpy().data) != last - first:
                 raise LensSafetyError(f"{shard.name} is truncated at {name}", "re-download the checkpoint")
-            original = stored.view(dtype).view(entry["shape"])
             buffer = work[:size].view(entry["shape"])
-            buffer.copy_(original)
-            result = edits[name](buffer)
-            stored.view(dtype).view(entry["shape"]).copy_(result)
-            sink.seek(start + first)
+            buffer.copy_(stored.view(dtype).view(entry["shape"]))
+            stored.view(dtype).view(entry["shape"]).copy_(edits[name](buffer))
             sink.write(stored.numpy().data)
+            position = last
+        _copy_range(source, sink, position, total - position)
     return names
