@@ -79,9 +79,9 @@ class TrainingConfig:
     weight_decay: float = 0.0
     max_new_tokens: int = 32
     drop_refusing_answers: bool = False
-    harmless_repeats: int = 1
+    harmless_repeats: int = 2
     harmless_objective: str = "kl"
-    first_token_weight: float = 4.0
+    first_token_weight: float = 16.0
     suppress_refusal_start: bool = True
     threads: int = 1
     max_steps: int | None = None
