@@ -129,6 +129,13 @@ def target_mask(labels: Int[torch.Tensor, "batch seq"]) -> torch.Tensor:
     return labels[:, 1:] != -100
 
 
+def first_of_each_row(row_of: Int[torch.Tensor, " n_targets"]) -> torch.Tensor:
+    """Boolean mask of the first target position of each row (``row_of`` is sorted, as from ``nonzero``)."""
+    first = torch.ones_like(row_of, dtype=torch.bool)
+    first[1:] = row_of[1:] != row_of[:-1]
+    return first
+
+
 def per_example_target_loss(
     hidden: Float[torch.Tensor, "batch seq d_model"],
     lm_head: torch.nn.Module,
@@ -153,8 +160,7 @@ def per_example_target_loss(
         teacher = base_log_probs.clamp(min=-1e4)  # suppressed tokens (-inf): p = 0, finite gradients
         kl = (teacher.exp() * (teacher - log_probs)).sum(-1)
         token_loss = torch.where(distill_rows[row_of], kl, token_loss)
-    first = torch.ones_like(row_of, dtype=torch.bool)
-    first[1:] = row_of[1:] != row_of[:-1]
+    first = first_of_each_row(row_of)
     weights = torch.where(first, first_token_weight, 1.0).to(token_loss.dtype)
     zeros = torch.zeros(labels.shape[0], dtype=token_loss.dtype)
     per_row = zeros.index_add(0, row_of, token_loss * weights) / zeros.index_add(0, row_of, weights).clamp(
@@ -255,8 +261,7 @@ def _base_log_probs(
     logits = causal_lm.lm_head(hidden[:, :-1][where])
     if suppressed_first:
         row_of = where.nonzero()[:, 0]
-        first = torch.ones_like(row_of, dtype=torch.bool)
-        first[1:] = row_of[1:] != row_of[:-1]
+        first = first_of_each_row(row_of)
         logits[first.nonzero()[:, 0][:, None], torch.tensor(list(suppressed_first))[None, :]] = -torch.inf
     return torch.log_softmax(logits, dim=-1)
 
