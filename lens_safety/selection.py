@@ -21,8 +21,11 @@ result says so and falls back (``fallback`` is True). For a model that DOES refu
 is relaxed first: if candidates at or beyond ``0.8 L`` pass every other filter (refusal mediated
 late, as in a refusal fine-tune of late blocks), the one with the lowest ``bypass`` among them is
 chosen and the message says so. Otherwise — or for a model that does not refuse — the candidate with
-the best held-out separation (Cohen's d of validation projections onto ``r_hat``) among layers
-``< 0.8 L`` is chosen.
+the best held-out separation among layers ``< 0.8 L`` is chosen: the highest validation
+accuracy of ``r_hat . x > midpoint of the training class-mean projections`` (the rule the direction
+is reported with), ties broken by Cohen's d of the validation projections, then the earlier layer.
+Separation and accuracy use the WHOLE validation split (a read pass, cheap); the steering scores use
+its first ``n_val`` prompts per class.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from jaxtyping import Float
 from lens_safety.activations import batches, collect_activations, forward
 from lens_safety.errors import LensSafetyError
 from lens_safety.interventions import ablate_direction, add_direction
-from lens_safety.probing import effect_size
+from lens_safety.probing import accuracy, effect_size
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet
 
@@ -127,6 +130,7 @@ class CandidateScore:
     harmless_projection: float
     zero_at: float
     rejected: list[str] = field(default_factory=list)
+    accuracy: float = math.nan
 
     @property
     def passed(self) -> bool:
@@ -226,8 +230,8 @@ def select_direction(
 ) -> Selection:
     """Score candidates on validation prompts and pick one (see the module docstring)."""
     config = config or SelectionConfig(system_prompt=candidates.system_prompt)
-    harmful = PromptSet.load(val_harmful).head(config.n_val)
-    harmless = PromptSet.load(val_harmless).head(config.n_val)
+    all_harmful, all_harmless = PromptSet.load(val_harmful), PromptSet.load(val_harmless)
+    harmful, harmless = all_harmful.head(config.n_val), all_harmless.head(config.n_val)
     if len(harmful) < 2 or len(harmless) < 2:
         raise LensSafetyError(
             "selection needs at least 2 validation prompts per class",
@@ -261,7 +265,7 @@ def select_direction(
             batch_size=config.batch_size,
             system_prompt=config.system_prompt,
         )
-        for p in (harmful, harmless)
+        for p in (all_harmful, all_harmless)
     ]
     max_layer = config.max_layer_fraction * model.n_layers
     scores: list[CandidateScore] = []
@@ -292,9 +296,11 @@ def select_direction(
         kl = mean_kl(
             model, harmless, baseline, config, ablate_direction(model, unit.float(), reference=reference)
         )
-        sep = effect_size(*((r.at(layer, pos).double() @ unit).numpy() for r in val_reads))
+        val_h, val_b = ((r.at(layer, pos).double() @ unit).numpy() for r in val_reads)
+        sep = effect_size(val_h, val_b)
         p, k = candidates.positions.index(pos), candidates.layers.index(layer)
         hp, bp = float(candidates.harmful_projection[p, k]), float(candidates.harmless_projection[p, k])
+        val_accuracy = accuracy(val_h, val_b, 0.5 * (hp + bp))
         reasons = []
         if not all(math.isfinite(v) for v in (bypass, induce, kl)):
             reasons.append("NaN score")
@@ -304,7 +310,11 @@ def select_direction(
             reasons.append(f"kl {kl:.3g} >= {config.kl_threshold:g}")
         if not layer < max_layer:
             reasons.append(f"layer {layer} >= {config.max_layer_fraction:g} L")
-        scores.append(CandidateScore(layer, pos, bypass, induce, kl, sep, hp, bp, _zero_at(hp, bp), reasons))
+        scores.append(
+            CandidateScore(
+                layer, pos, bypass, induce, kl, sep, hp, bp, _zero_at(hp, bp), reasons, val_accuracy
+            )
+        )
     return _choose(scores, config, max_layer, base_h, base_b, ids)
 
 
@@ -343,8 +353,12 @@ def _choose(
         warnings.warn(message, NoRefusalWarning, stacklevel=3)
     else:
         pool = [s for s in scores if s.layer < max_layer and math.isfinite(s.separation)] or scores
-        best = max(pool, key=lambda s: (s.separation if math.isfinite(s.separation) else -math.inf, -s.layer))
-        rule = f"fallback: best held-out separation (Cohen's d on validation projections) among layers < {config.max_layer_fraction:g} L"
+        best = max(pool, key=_separation_key)
+        rule = (
+            "fallback: best held-out separation among layers < "
+            f"{config.max_layer_fraction:g} L (validation accuracy at the training midpoint, "
+            "then Cohen's d, then the earlier layer)"
+        )
         if refuses:  # say which filters rejected everything
             kinds = Counter(reason.split(" ")[0] for score in scores for reason in score.rejected)
             why = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
@@ -357,11 +371,20 @@ def _choose(
         message = (
             f"no candidate passed the selection filters ({len(scores)} scored; {baseline_text}): {diagnosis}; "
             f"falling back to the best held-out separation: layer {best.layer}, position {best.position} "
-            f"(Cohen's d {best.separation:.2f})"
+            f"(validation accuracy {best.accuracy:.3f}, Cohen's d {best.separation:.2f})"
         )
         fallback = True
         warnings.warn(message, NoRefusalWarning, stacklevel=3)
     return Selection(best.layer, best.position, scores, fallback, rule, message, base_h, base_b, ids, config)
+
+
+def _separation_key(score: CandidateScore) -> tuple[float, float, int]:
+    """Sort key of the fallback: validation accuracy, then Cohen's d, then the earlier layer."""
+
+    def finite(value: float) -> float:
+        return value if math.isfinite(value) else -math.inf
+
+    return (finite(score.accuracy), finite(score.separation), -score.layer)
 
 
 def _only_layer_bound(score: CandidateScore) -> bool:

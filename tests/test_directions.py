@@ -258,19 +258,25 @@ def test_selection_on_smollm2_takes_the_documented_fallback(smollm2_report):
     assert report.heldout_accuracy > 0.6  # clearly above chance on held-out, topic-paired prompts
 
 
-@pytest.fixture(scope="module", params=["mean-diff", "probe"])
+MEAN_DIFF_BELOW_BAR = pytest.mark.xfail(
+    strict=True,
+    reason="difference in means separates this deliberately hard harmless set (topic-paired, "
+    "alarming-but-benign prompts) less well than a probe: measured 0.763 on test (layer 23; val accuracy 0.72-0.85 across layers)",
+)
+
+
+@pytest.fixture(scope="module", params=["probe", pytest.param("mean-diff", marks=MEAN_DIFF_BELOW_BAR)])
 def full_report(request, smollm2):
     with pytest.warns(UserWarning, match="barely refuses"):
         return find_direction(smollm2, "builtin:harmful", "builtin:harmless", method=request.param)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 asks >= 0.90 on held-out prompts; measured on the full topic-paired built-in sets "
-    "(train 206/193, selection on val 62/65, test 52/62): mean-diff 0.763 (layer 17), probe 0.895 "
-    "(layer 22, one test prompt short)",
-)
 def test_selected_direction_separates_heldout_prompts_on_smollm2(full_report):
-    """Must hold (issue 3): the selected direction separates held-out prompts with accuracy >= 0.90."""
+    """Must hold (issue 3): the selected direction separates held-out prompts with accuracy >= 0.90.
+
+    Full topic-paired built-in sets: train 206/193, selection on val 62/65, reported on test 52/62.
+    Measured: probe 0.904 (layer 19, 103/114); mean-diff stays below (see the xfail below).
+    """
     assert full_report.heldout_accuracy >= 0.90
+    assert not full_report.selection_saw_test

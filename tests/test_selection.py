@@ -97,6 +97,22 @@ def test_no_passing_candidate_falls_back_loudly():
     assert "fallback" in chosen.rule and "no candidate passed" in chosen.message
 
 
+def test_fallback_ranks_validation_accuracy_before_cohens_d():
+    rows = [
+        score(3, -1.0, -1.0, 0.01, sep=4.0),
+        score(9, -1.0, -1.0, 0.01, sep=2.0),
+        score(12, -1.0, -1.0, 0.01, sep=3.0),
+        score(15, -1.0, -1.0, 0.01, sep=9.0),
+    ]
+    for row, acc in zip(rows, (0.80, 0.95, 0.95, float("nan")), strict=True):
+        row.accuracy = acc
+        row.rejected.append("induce")
+    with pytest.warns(NoRefusalWarning):
+        chosen = _choose(rows, SelectionConfig(), 24.0, -4.0, -4.1, [1])
+    # 9 and 12 tie on accuracy; 12 has the larger d. 15's NaN accuracy ranks last despite d = 9.
+    assert chosen.layer == 12 and "validation accuracy 0.950" in chosen.message
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_dirs):
     model = load_model(tiny_dirs["llama"], device="cpu")

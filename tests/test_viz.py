@@ -94,3 +94,37 @@ def test_token_projections_match_hf_hidden_states(tiny):
     assert torch.allclose(torch.tensor(values, dtype=torch.float64), hidden @ unit, rtol=1e-3, atol=1e-4)
     html = str(token_projection_view(model, "Write a poem about rain.", direction, layer=2))
     assert "<div" in html or "<script" in html
+
+
+def test_srr_sweep_figure_has_one_line_per_metric_and_context():
+    from lens_safety.srr import sweep_figure
+    from lens_safety.srr.experiments import SweepRow
+
+    rows = [
+        SweepRow(layer, context, 0.5 + layer / 100, 0.9, 0.8, 0.95, 3)
+        for context in ("generated", "with_instruction")
+        for layer in (12, 3, 6)
+    ]
+    figure = sweep_figure(rows)
+    assert len(figure.data) == 6  # 3 metrics x 2 contexts
+    first = figure.data[0]
+    assert first.name == "pairwise_accuracy (generated)"
+    assert list(first.x) == [3, 6, 12]  # sorted by layer
+    assert list(first.y) == [0.53, 0.56, 0.62]
+
+
+def test_srr_comparison_figure_groups_ranker_and_baselines():
+    from lens_safety.srr import comparison_figure
+    from lens_safety.srr.evaluate import SRREvaluation
+    from lens_safety.srr.metrics import RankingMetrics
+
+    def metrics(pairwise: float) -> RankingMetrics:
+        return RankingMetrics(pairwise, pairwise, 0.9, 0.7, 0.8, 0.9, 4, 3)
+
+    evaluation = SRREvaluation(metrics(0.95), {"first_sample": metrics(0.5), "text_only": metrics(0.6)}, {})
+    for source in (evaluation, evaluation.to_dict()):
+        figure = comparison_figure(source)
+        assert [trace.name for trace in figure.data] == ["SRR ranker", "first_sample", "text_only"]
+        assert list(figure.data[0].x) == ["pairwise_accuracy", "harmful_top1_safe", "harmless_top1_helpful"]
+        assert list(figure.data[1].y) == [0.5, 0.9, 0.7]
+        assert figure.layout.barmode == "group"

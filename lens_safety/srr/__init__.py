@@ -9,7 +9,7 @@ frozen model (see :mod:`lens_safety.srr.features`).
 from lens_safety.srr.baselines import Baselines, DirectionScorer, load_baselines, train_baselines
 from lens_safety.srr.data import CandidateList, SRRDataset, build_dataset
 from lens_safety.srr.evaluate import SRREvaluation, evaluate
-from lens_safety.srr.experiments import category_transfer, layer_sweep, sweep_figure
+from lens_safety.srr.experiments import category_transfer, comparison_figure, layer_sweep, sweep_figure
 from lens_safety.srr.features import list_features, read_token_states
 from lens_safety.srr.labels import is_degenerate, label_candidates
 from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
@@ -31,6 +31,7 @@ __all__ = [
     "TrainingReport",
     "build_dataset",
     "category_transfer",
+    "comparison_figure",
     "evaluate",
     "is_degenerate",
     "label_candidates",

@@ -139,3 +139,22 @@ def sweep_figure(rows: Sequence[SweepRow], title: str = "SRR layer sweep") -> An
         yaxis_range=[0, 1.02],
     )
     return figure
+
+
+def comparison_figure(evaluation: Any, title: str = "SRR ranker vs baselines") -> Any:
+    """Plotly grouped bars: the ranker and every baseline on pairwise accuracy and the two top-1 rates.
+
+    ``evaluation`` is an :class:`~lens_safety.srr.evaluate.SRREvaluation` or its ``to_dict()``.
+    """
+    import plotly.graph_objects as go
+
+    summary = evaluation.to_dict() if hasattr(evaluation, "to_dict") else dict(evaluation)
+    rows = {"SRR ranker": summary, **summary.get("baselines", {})}
+    metrics = ("pairwise_accuracy", "harmful_top1_safe", "harmless_top1_helpful")
+    figure = go.Figure()
+    for name, values in rows.items():
+        figure.add_trace(go.Bar(x=list(metrics), y=[values.get(m) for m in metrics], name=name))
+    figure.update_layout(
+        title=title, barmode="group", yaxis_title="score on mixed test lists", yaxis_range=[0, 1.02]
+    )
+    return figure

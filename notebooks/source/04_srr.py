@@ -21,6 +21,7 @@ from lens_safety.srr import (
     RankerConfig,
     TrainConfig,
     build_dataset,
+    comparison_figure,
     evaluate,
     load_baselines,
     select,
@@ -131,6 +132,7 @@ for name, metrics in rows.items():
     print(
         f"{name:>14}: pairwise accuracy {metrics.pairwise_accuracy:.2f}   top-1 positive {metrics.top1_positive:.2f}"
     )
+comparison_figure(evaluation)
 
 # %% [markdown]
 # **Question for the reader.** With this few test lists, which differences between the rows would
