@@ -44,15 +44,27 @@ def test_demonstration_leaves_no_exported_checkpoint_behind(
 ) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        demonstrate(
+        result = demonstrate(
             organism_spec=str(tiny_dirs["llama"]),
             base_spec=str(tiny_dirs["llama"]),
             alphas=(1.0,),
+            blocks=(0,),
+            targets=("mlp_out",),
             limit=2,
             max_new_tokens=2,
             work_dir=tmp_path,
         )
     assert list(tmp_path.iterdir()) == []
+    assert result.settings["blocks"] == [0] and result.settings["targets"] == ["mlp_out"]
+    assert result.calibration["settings"]["targets"] == ["mlp_out"]
+    assert [p["blocks"] for p in result.calibration["points"]] == [[0]]
+
+
+def test_demonstration_refuses_blocks_outside_the_organism(tiny_dirs: dict[str, Path]) -> None:
+    from lens_safety.errors import LensSafetyError
+
+    with pytest.raises(LensSafetyError, match=r"blocks \[5\] are outside the organism's blocks 0\.\.2"):
+        demonstrate(organism_spec=str(tiny_dirs["llama"]), base_spec=str(tiny_dirs["llama"]), blocks=(5,))
 
 
 @pytest.fixture(scope="module")

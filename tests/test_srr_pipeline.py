@@ -142,6 +142,20 @@ def test_cli_train_eval_generate_and_model_check(built: Path, tiny_dirs, tmp_pat
     assert (ranker_dir / "baselines" / "text_only" / "ranker.safetensors").is_file()
     code, _, err = run_cli(["srr", "train", str(built), "--out", str(ranker_dir)], capsys)
     assert code == 2 and "already exists" in err
+    small_dir = tmp_path / "small"
+    code, out, err = run_cli(
+        ["srr", "train", str(built), "--out", str(small_dir), "--layer", "1", "--width", "8"]
+        + ["--dropout", "0.3", "--weight-decay", "0.01", "--max-epochs", "2", "--no-baselines", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    record = json.loads((small_dir / "ranker.json").read_text())
+    assert record["config"]["width"] == 8 and record["config"]["ff_width"] == 16
+    assert record["config"]["dropout"] == 0.3 and record["train_config"]["weight_decay"] == 0.01
+    code, _, err = run_cli(
+        ["srr", "train", str(built), "--out", str(tmp_path / "bad"), "--dropout", "1.5"], capsys
+    )
+    assert code == 2 and "dropout" in err and not (tmp_path / "bad").exists()
 
     code, out, err = run_cli(["srr", "eval", str(ranker_dir), "--data", str(built), "--json"], capsys)
     assert code == 0, err

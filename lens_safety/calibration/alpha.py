@@ -96,7 +96,12 @@ def calibrate_alpha(
             reason += " (the unedited model already reaches the target refusal)"
     else:
         reason = failure_reason(points, bounds, "alpha", baseline)
-    settings = {**settings, "alphas": list(grid), "blocks": None if layers is None else list(layers)}
+    settings = {
+        **settings,
+        "alphas": list(grid),
+        "blocks": None if layers is None else list(layers),
+        "targets": list(specs[0][1].targets),
+    }
     return CalibrationResult(
         "alpha", method, bounds, baseline, points, chosen, reason, fallback_point(points), settings
     )

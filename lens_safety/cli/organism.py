@@ -178,18 +178,38 @@ def demo_cmd(
         str, typer.Option("--alphas", help="ROSI strengths swept on val for the repair (comma-separated).")
     ] = "3,10,30,100",
     max_new_tokens: TokensOpt = 48,
+    blocks: Annotated[
+        str | None,
+        typer.Option("--blocks", help="Blocks whose writers the repair edits: 'all' (default) or e.g. 5-14."),
+    ] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            "--targets",
+            help="Writer kinds the repair edits, comma-separated (attn_out, mlp_out; default: both).",
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Organism -> its refusal direction -> abliteration -> ROSI repair -> ROSI on the base, held out."""
     quiet_libraries()
-    from lens_safety.cli.rosi import parse_alphas
+    from lens_safety.cli.rosi import parse_alphas, parse_blocks
     from lens_safety.organism.demonstration import demonstrate
 
     grid = parse_alphas(alphas)
     if limit is not None and limit < 2:
         raise LensSafetyError(f"--limit {limit} leaves too few prompts", "use --limit 2 or more")
+    chosen_blocks = parse_blocks(blocks, n_layers=10**9)  # syntax here; demonstrate() checks the range
+    kinds = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [k for k in kinds or [] if k not in ("attn_out", "mlp_out")]
+    if unknown or kinds == []:
+        raise LensSafetyError(
+            f"--targets {targets} names no residual writer kind", "use attn_out, mlp_out or both"
+        )
     result = demonstrate(
         alphas=grid or (3.0, 10.0, 30.0, 100.0),
+        blocks=chosen_blocks,
+        targets=kinds,
         limit=limit,
         max_new_tokens=max_new_tokens,
         progress=not json,

@@ -149,6 +149,12 @@ def train(
     ] = "with_instruction",
     width: Annotated[int, typer.Option("--width", help="Projection width.")] = 256,
     tau: Annotated[float, typer.Option("--tau", help="Softmax temperature of cosine scores.")] = 0.1,
+    dropout: Annotated[
+        float, typer.Option("--dropout", help="Dropout in the encoder layer (paper: 0.1).")
+    ] = 0.1,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW weight decay (paper: 1e-4).")
+    ] = 1e-4,
     seed: SeedOpt = 0,
     max_epochs: Annotated[int, typer.Option("--max-epochs")] = 200,
     patience: Annotated[int, typer.Option("--patience")] = 15,
@@ -171,8 +177,15 @@ def train(
     dataset = SRRDataset.load(data_dir)
     n_layers = int(dataset.meta["model"]["n_layers"])
     chosen = layer if layer is not None else max(1, int(0.2 * n_layers))
-    rconf = RankerConfig(d_input=int(dataset.instruction.shape[-1]), width=width, tau=tau)
-    tconf = TrainConfig(seed=seed, max_epochs=max_epochs, patience=patience)
+    if not 0 <= dropout < 1 or weight_decay < 0 or width < 1:
+        raise LensSafetyError(
+            f"invalid ranker settings (width {width}, dropout {dropout}, weight decay {weight_decay})",
+            "use width >= 1, 0 <= dropout < 1 and weight decay >= 0",
+        )
+    rconf = RankerConfig(
+        d_input=int(dataset.instruction.shape[-1]), width=width, ff_width=2 * width, tau=tau, dropout=dropout
+    )
+    tconf = TrainConfig(seed=seed, max_epochs=max_epochs, patience=patience, weight_decay=weight_decay)
     ranker, report = train_ranker(
         dataset, layer=chosen, context=context, ranker_config=rconf, train_config=tconf, progress=True
     )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation import evaluate_refusal
 from lens_safety.evaluation.metrics import RefusalEvaluation
 from lens_safety.prompts import PromptSet
@@ -98,12 +99,17 @@ def demonstrate(
     max_over_refusal: float = 0.10,
     max_kl: float = 0.5,
     blocks: Sequence[int] | None = None,
+    targets: Sequence[str] | None = None,
     limit: int | None = None,
     max_new_tokens: int = 48,
     work_dir: Path | None = None,
     progress: bool = False,
 ) -> Demonstration:
-    """Run the five stages (module docstring); ``limit`` caps every split at its first N prompts."""
+    """Run the five stages (module docstring); ``limit`` caps every split at its first N prompts.
+
+    ``blocks`` / ``targets`` restrict the repair (and the base stage) to the writers of those blocks
+    / of those kinds (e.g. ``("mlp_out",)``); default: every writer of every block.
+    """
     from lens_safety.calibration import calibrate_alpha
     from lens_safety.directions import find_direction
     from lens_safety.edits import applied_edit, orthogonalize, rosi
@@ -122,6 +128,12 @@ def demonstrate(
         return StageRates.from_evaluation(name, evaluation)
 
     organism = load_model(organism_spec, device="cpu")
+    outside = [b for b in blocks or () if not 0 <= b < organism.n_layers]
+    if outside:
+        raise LensSafetyError(
+            f"blocks {outside} are outside the organism's blocks 0..{organism.n_layers - 1}",
+            f"use blocks 0..{organism.n_layers - 1}",
+        )
     stages = [rates("organism", organism)]
     # find_direction splits the full sets into the same pair-aligned train / val / test
     full = [PromptSet.load(f"builtin:{kind}") for kind in ("harmful", "harmless")]
@@ -142,18 +154,19 @@ def demonstrate(
             over_refusal_relative=False,
             max_kl=max_kl,
             layers=blocks,
+            targets=targets,
             max_new_tokens=max_new_tokens,
             progress=progress,
         )
         point = calibration.chosen or calibration.fallback or calibration.points[0]
         rule = "chosen" if calibration.chosen else "fallback" if calibration.fallback else "first alpha"
-        repair = rosi(direction, point.alpha, layers=blocks)
+        repair = rosi(direction, point.alpha, layers=blocks, targets=targets)
         repaired_dir = Path(root) / "repaired"
         export_edit(abliterated, repair, repaired_dir, direction=direction)
         stages.append(rates("repaired", load_model(repaired_dir, device="cpu")))
     base = load_model(base_spec, device="cpu")
     base_stage = rates("base", base)
-    with applied_edit(base, rosi(direction, point.alpha, layers=blocks)):
+    with applied_edit(base, rosi(direction, point.alpha, layers=blocks, targets=targets)):
         stages += [base_stage, rates("base+rosi", base)]
     return Demonstration(
         stages,
@@ -176,5 +189,6 @@ def demonstrate(
             "max_new_tokens": max_new_tokens,
             "judge": "substring",
             "blocks": None if blocks is None else list(blocks),
+            "targets": None if targets is None else list(targets),
         },
     )
