@@ -143,9 +143,9 @@ def test_cli_train_eval_generate_and_model_check(built: Path, tiny_dirs, tmp_pat
     code, _, err = run_cli(["srr", "train", str(built), "--out", str(ranker_dir)], capsys)
     assert code == 2 and "already exists" in err
     small_dir = tmp_path / "small"
+    settings = ["--width", "8", "--dropout", "0.3", "--weight-decay", "0.01", "--max-epochs", "2"]
     code, out, err = run_cli(
-        ["srr", "train", str(built), "--out", str(small_dir), "--layer", "1", "--width", "8"]
-        + ["--dropout", "0.3", "--weight-decay", "0.01", "--max-epochs", "2", "--no-baselines", "--json"],
+        ["srr", "train", str(built), "--out", str(small_dir), "--layer", "1", *settings, "--no-baselines"],
         capsys,
     )
     assert code == 0, err
