@@ -45,8 +45,8 @@ print("organism:", rates(before))
 #
 # Difference in means of `resid_pre` at the last prompt token, harmful minus harmless, on the
 # training split (raw HF basis). On the shipped organism, `find_direction` over every layer picks
-# block 18 (`lens-safety organism demo`), and abliterating that direction removes refusal on
-# held-out prompts (0/52 harmful refused). Where ablation works depends on where 0 sits between the
+# block 19 (`lens-safety organism demo`), and abliterating that direction removes refusal on
+# held-out prompts (5/52 harmful refused, down from 52/52). Where ablation works depends on where 0 sits between the
 # class means: if it lies beyond the *harmful* mean, setting every projection to 0 pushes harmless
 # prompts toward refusal. The mean-projection plot shows where 0 sits at each layer.
 
@@ -55,7 +55,7 @@ report = find_direction(
     model,
     ls.PromptSet.load("builtin:harmful:train").head(24),
     ls.PromptSet.load("builtin:harmless:train").head(24),
-    layer=18,
+    layer=19,
     position=-1,
 )
 direction = report.direction
@@ -63,7 +63,7 @@ print("layer", direction.layer, "position", direction.position, "held-out accura
 viz.mean_projections_figure(report.candidates, position=-1)
 
 # %% [markdown]
-# **Question for the reader.** We fixed `layer=18` from the demonstration's selection. Which selection rule
+# **Question for the reader.** We fixed `layer=19` from the demonstration's selection. Which selection rule
 # would find it automatically (hint: `lens_safety.selection`), and why does the rule forbid layers
 # beyond `0.8 L`?
 
