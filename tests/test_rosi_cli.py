@@ -176,3 +176,16 @@ def test_rosi_on_smollm2_with_a_tiny_sweep(tmp_path: Path, capsys: pytest.Captur
     point = summary["calibration"][0]
     assert point["harmless_kl"] > 0 and 0 <= point["harmful_refusal"] <= 1
     assert (out / "model.safetensors").is_file() and (out / "direction.safetensors").is_file()
+
+
+def test_parse_blocks_checks_the_range_only_when_the_depth_is_known() -> None:
+    from lens_safety.cli.rosi import parse_blocks
+    from lens_safety.errors import LensSafetyError
+
+    assert parse_blocks("all", 4) is None and parse_blocks(None, None) is None
+    assert parse_blocks("1-3", 4) == [1, 2, 3]
+    assert parse_blocks("5-14", None) == list(range(5, 15))  # checked later against the model
+    with pytest.raises(LensSafetyError, match=r"outside blocks 0\.\.3"):
+        parse_blocks("2,7", 4)
+    with pytest.raises(LensSafetyError, match="must be 'all'"):
+        parse_blocks("3-x", None)

@@ -199,7 +199,7 @@ def demo_cmd(
     grid = parse_alphas(alphas)
     if limit is not None and limit < 2:
         raise LensSafetyError(f"--limit {limit} leaves too few prompts", "use --limit 2 or more")
-    chosen_blocks = parse_blocks(blocks, n_layers=10**9)  # syntax here; demonstrate() checks the range
+    chosen_blocks = parse_blocks(blocks, n_layers=None)  # demonstrate() checks the range
     kinds = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
     unknown = [k for k in kinds or [] if k not in ("attn_out", "mlp_out")]
     if unknown or kinds == []:

@@ -100,8 +100,11 @@ def parse_layer(value: str) -> int | str:
         ) from None
 
 
-def parse_blocks(value: str | None, n_layers: int) -> list[int] | None:
-    """``all`` / ``None`` -> all blocks; ``a-b`` (inclusive) or ``a,b,c``."""
+def parse_blocks(value: str | None, n_layers: int | None) -> list[int] | None:
+    """``all`` / ``None`` -> all blocks; ``a-b`` (inclusive) or ``a,b,c``.
+
+    ``n_layers=None`` checks the syntax only (the caller checks the range once the model is loaded).
+    """
     if value is None or value == "all":
         return None
     try:
@@ -114,11 +117,10 @@ def parse_blocks(value: str | None, n_layers: int) -> list[int] | None:
         raise LensSafetyError(
             f"--blocks must be 'all', 'a-b' or 'a,b,c', got '{value}'", "pass e.g. --blocks 15-29"
         ) from None
-    bad = [b for b in blocks if not 0 <= b < n_layers]
+    bad = [b for b in blocks if b < 0 or (n_layers is not None and b >= n_layers)]
     if bad or not blocks:
-        raise LensSafetyError(
-            f"--blocks {value} is outside blocks 0..{n_layers - 1}", f"use blocks 0..{n_layers - 1}"
-        )
+        valid = "non-negative block indices" if n_layers is None else f"blocks 0..{n_layers - 1}"
+        raise LensSafetyError(f"--blocks {value} is outside {valid}", f"use {valid}")
     return blocks
 
 
