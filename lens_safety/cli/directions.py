@@ -208,8 +208,10 @@ def directions(
         shutil.rmtree(staging, ignore_errors=True)
     if report.selection is not None:
         typer.echo(("warning: " if report.selection.fallback else "") + report.selection.message, err=True)
-    for item in caught:
-        if "barely refuses" not in str(item.message):
+    from lens_safety.selection import NoRefusalWarning
+
+    for item in caught:  # the selection's own warning was printed just above
+        if not issubclass(item.category, NoRefusalWarning):
             typer.echo(f"warning: {item.message}", err=True)
     _print_direction_summary(report, out, files, json)
 
