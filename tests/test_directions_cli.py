@@ -55,6 +55,8 @@ def test_directions_writes_files_and_json(tiny_dirs, files, tmp_path, capsys):
     summary = json.loads(stdout)
     assert {"layer", "position", "per_layer"} <= set(summary)
     assert len(summary["per_layer"]) == 3 and "bypass" in summary["per_layer"][0]
+    scored = [row for row in summary["per_layer"] if "bypass" in row and row["norm"] > 0]
+    assert scored and all(0.0 <= row["val_accuracy"] <= 1.0 for row in scored)  # zero vectors: NaN
     fallback_lines = [line for line in stderr.splitlines() if "no candidate passed" in line]
     assert len(fallback_lines) == 1  # a random tiny model falls back; the warning is printed once
     assert (out / "direction.safetensors").is_file() and (out / "direction.json").is_file()
