@@ -108,6 +108,10 @@ def test_states_read_while_sampling_equal_a_separate_pass(tiny_dirs, arch: str) 
         scale = ref.abs().max().item()
         assert torch.allclose(sampled.responses[j], ref[1], atol=1e-4 * scale), (arch, j)
         assert torch.allclose(sampled.instruction[gens.prompt_index[j]], ref[0], atol=1e-4 * scale)
+        # generated_mean: the float64 mean of the states of every response token read
+        span = list(range(len(prompt), len(prompt) + len(read))) or [len(prompt) - 1]
+        every = read_token_states(model, [prompt + read], [span], layers)[0].double()
+        assert torch.allclose(sampled.responses_mean[j].double(), every.mean(0), atol=1e-4 * scale), (arch, j)
     assert seen_cut  # the truncated rule was exercised (random tiny models rarely stop early)
     again = sample_with_states(
         model, prompts, n=3, layers=layers, max_new_tokens=6, seed=3, batch_size=2, temperature=1.5
@@ -137,3 +141,14 @@ def test_states_of_completions_that_ended_are_read_at_their_last_token(smollm2) 
             continue
         ref = read_token_states(smollm2, [prompt + ids], [[-1]], [3])[0, 0]
         assert torch.allclose(sampled.responses[j], ref, atol=1e-4 * ref.abs().max().item())
+
+
+def test_mean_of_read_states_averages_calls_one_to_step_and_falls_back_to_the_prompt() -> None:
+    from lens_safety.srr.capture import mean_of_read_states
+
+    states = torch.randn(5, 3, 2, 4)  # [calls, rows, layers, d]
+    steps = torch.tensor([0, 1, 4])
+    out = mean_of_read_states(states, steps)
+    assert torch.equal(out[0], states[0, 0])  # an empty completion: the prompt's last state
+    assert torch.allclose(out[1], states[1, 1])
+    assert torch.allclose(out[2], states[1:5, 2].double().mean(0).float(), atol=1e-6)

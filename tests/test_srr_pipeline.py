@@ -109,7 +109,8 @@ def test_built_dataset_roundtrip_and_features(built: Path, tiny_llama) -> None:
         data.response_features(2, 1, "with_instruction"), h_resp["with_instruction"][:, 0], atol=1e-5
     )
     # the generated context is stored too (read while sampling; its values: test_srr_features.py)
-    assert data.responses["generated"].shape == data.responses["with_instruction"].shape
+    for sampled_context in ("generated", "generated_mean"):
+        assert data.responses[sampled_context].shape == data.responses["with_instruction"].shape
     with pytest.raises(LensSafetyError, match="already exists"):
         data.save(built)
     with pytest.raises(LensSafetyError, match="no stored features"):

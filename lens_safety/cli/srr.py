@@ -144,7 +144,7 @@ def train(
         str,
         typer.Option(
             "--context",
-            help="Response encoding: with_instruction, response_only or generated (read while sampling).",
+            help="Response encoding: with_instruction, response_only, generated or generated_mean (read while sampling: last token or mean over the response).",
         ),
     ] = "with_instruction",
     width: Annotated[int, typer.Option("--width", help="Projection width.")] = 256,

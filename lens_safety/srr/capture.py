@@ -1,4 +1,5 @@
-"""SRR features read WHILE the candidates are sampled (response context ``generated``).
+"""SRR features read WHILE the candidates are sampled (response contexts ``generated`` and
+``generated_mean``).
 
 Sampling with the KV cache already computes the residual stream of every token it reads: the
 prompt in the first (prefill) forward call, then one new token per call. Hooks on the feature
@@ -13,6 +14,10 @@ last sampled token ``g_c`` read, so its feature is the state of ``g_{c-1}`` (cal
 empty completion's feature is the prompt's last state. Up to that one token, the feature equals a
 separate ``with_instruction`` pass over ``prompt + g_1..g_k`` (tested to float tolerance; the KV
 cache changes the order of floating-point sums, not the maths).
+
+``generated_mean`` is the mean of the states of every response token read, calls ``1 ..`` the call
+above (the prompt's last state for an empty completion): a pooled view of the whole response,
+which a keyword-style label ("does it refuse anywhere?") can depend on more than on its last token.
 
 Space: raw HF residual basis; layer ``l < n_layers`` is ``blocks.{l}.hook_resid_pre``, layer
 ``n_layers`` is the final block's ``hook_resid_post`` (pre-norm), as in :mod:`.features`.
@@ -44,6 +49,11 @@ class SampledStates:
     layers: tuple[int, ...]
     instruction: Float[torch.Tensor, "n_prompts n_layers d_model"]
     responses: Float[torch.Tensor, "n_completions n_layers d_model"]
+    responses_mean: Float[torch.Tensor, "n_completions n_layers d_model"]
+
+    def response_states(self, context: str) -> Float[torch.Tensor, "n_completions n_layers d_model"]:
+        """``responses`` for ``generated``, ``responses_mean`` for ``generated_mean``."""
+        return self.responses_mean if context == "generated_mean" else self.responses
 
 
 def read_call(n_tokens: int, truncated: bool) -> int:
@@ -70,6 +80,17 @@ def _record_last_positions(
         yield
 
 
+def mean_of_read_states(
+    states: Float[torch.Tensor, "n_calls rows n_layers d_model"], steps: torch.Tensor
+) -> Float[torch.Tensor, "rows n_layers d_model"]:
+    """Per row ``r``: the mean of ``states[1 .. steps[r], r]`` (``states[0, r]`` when ``steps[r] == 0``)."""
+    prefix = states.double().cumsum(dim=0)
+    rows = torch.arange(states.shape[1])
+    summed = prefix[steps, rows] - prefix[0, rows]
+    mean = summed / steps.clamp(min=1).double()[:, None, None]
+    return torch.where((steps == 0)[:, None, None], states[0, rows].double(), mean).float()
+
+
 def sample_with_states(
     model: ChatModel,
     prompts: Sequence[str],
@@ -92,7 +113,7 @@ def sample_with_states(
     layer_ids = check_layers(model, layers) if layers else ()
     batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
     parts: list[Generations] = []
-    instruction, responses = [], []
+    instruction, responses, means = [], [], []
     for b, batch in enumerate(track(batches, "sampling candidates", len(batches), progress)):
         calls: list[dict[int, list[torch.Tensor]]] = []
         gens = generate(
@@ -112,8 +133,11 @@ def sample_with_states(
         (record,) = calls
         states = torch.stack([torch.stack(record[layer]) for layer in layer_ids], dim=2)
         instruction.append(states[0, ::n])  # [n_calls, rows, n_layers, d] -> call 0, one row per prompt
-        steps = [read_call(k, cut) for k, cut in zip(gens.n_tokens, gens.truncated, strict=True)]
-        responses.append(states[torch.tensor(steps), torch.arange(len(steps))])
+        steps = torch.tensor(
+            [read_call(k, cut) for k, cut in zip(gens.n_tokens, gens.truncated, strict=True)]
+        )
+        responses.append(states[steps, torch.arange(len(steps))])
+        means.append(mean_of_read_states(states, steps))
     merged = concatenate(parts)
     empty = torch.zeros(0, len(layer_ids), model.d_model)
     return SampledStates(
@@ -121,6 +145,7 @@ def sample_with_states(
         layer_ids,
         torch.cat(instruction) if instruction else empty,
         torch.cat(responses) if responses else empty,
+        torch.cat(means) if means else empty,
     )
 
 

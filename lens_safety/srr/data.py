@@ -40,6 +40,7 @@ from lens_safety.srr.capture import SampledStates, sample_with_states
 from lens_safety.srr.features import (
     CONTEXTS,
     POST_HOC_CONTEXTS,
+    SAMPLED_CONTEXTS,
     check_context,
     check_layers,
     list_features,
@@ -340,7 +341,8 @@ def build_dataset(
         judge: refusal judge (default: the substring judge).
         layers: feature layers (default :func:`default_layers`).
         contexts: response encodings to store (``with_instruction``, ``response_only``,
-            ``generated``: read while sampling, see :mod:`lens_safety.srr.capture`).
+            ``generated`` / ``generated_mean``: read while sampling, see
+            :mod:`lens_safety.srr.capture`).
     """
     started = time.perf_counter()
     judge_obj = get_judge(judge)
@@ -363,7 +365,7 @@ def build_dataset(
     ]
     if not specs:
         raise LensSafetyError("no instructions to build lists from", "pass harmful and/or harmless prompts")
-    capture = layer_ids if "generated" in contexts else None
+    capture = layer_ids if set(contexts) & set(SAMPLED_CONTEXTS) else None
     post_hoc = [c for c in contexts if c in POST_HOC_CONTEXTS]
     samples, sampled = _sample(
         model, [s[0] for s in specs], n, temperature, max_new_tokens, seed, progress, capture
@@ -386,7 +388,8 @@ def build_dataset(
         if post_hoc:
             h_inst, h_resp = list_features(model, prompt, candidates, layer_ids, post_hoc)
         if sampled is not None:
-            h_resp["generated"] = sampled.responses[[i * n + j for j in keep]]
+            rows = [i * n + j for j in keep]
+            h_resp.update({c: sampled.response_states(c)[rows] for c in SAMPLED_CONTEXTS if c in contexts})
             h_inst = h_inst if post_hoc else sampled.instruction[i]
         inst_rows.append(h_inst)
         for context in contexts:

@@ -44,13 +44,16 @@ def layer_sweep(
     train: SRRDataset,
     test: SRRDataset,
     layers: Sequence[int] | None = None,
-    contexts: Sequence[str] = CONTEXTS,
+    contexts: Sequence[str] | None = None,
     ranker_config: RankerConfig | None = None,
     train_config: TrainConfig | None = None,
     progress: bool = False,
 ) -> list[SweepRow]:
-    """Train and test one ranker per (layer, context); layers default to every stored layer."""
+    """Train and test one ranker per (layer, context); layers and contexts default to every one
+    stored in both datasets."""
     chosen = list(layers) if layers is not None else [x for x in train.layers if x in test.layers]
+    if contexts is None:
+        contexts = [c for c in CONTEXTS if c in train.responses and c in test.responses]
     rows: list[SweepRow] = []
     grid = [(layer, context) for context in contexts for layer in chosen]
     for layer, context in track(grid, "layer sweep", len(grid), progress):

@@ -5,7 +5,7 @@ Space: every feature is in the **raw HF residual basis** (compatibility mode off
 ``n_layers`` ("final") is ``blocks.{n_layers - 1}.hook_resid_post``, the last residual stream
 BEFORE the final norm (HF's own ``hidden_states[-1]`` has that norm applied; ours does not).
 
-Three encodings of a response (the SRR paper does not say which it used; all are offered and
+Four encodings of a response (the SRR paper does not say which it used; all are offered and
 measured):
 
 * ``with_instruction``: the chat-formatted prompt followed by the response tokens; the feature is
@@ -16,7 +16,9 @@ measured):
 * ``response_only``: the response text alone (one BOS, no template); the feature is its last token;
 * ``generated``: ``with_instruction`` read WHILE sampling, from the forward calls that produced the
   candidates (no extra pass; :mod:`lens_safety.srr.capture`). It differs from ``with_instruction``
-  only for candidates cut at ``max_new_tokens``, whose last sampled token was never read.
+  only for candidates cut at ``max_new_tokens``, whose last sampled token was never read;
+* ``generated_mean``: the mean over the response tokens read while sampling (same calls as
+  ``generated``; pooled instead of last-token).
 
 :func:`read_token_states` is a lower-level reader of pre-tokenised sequences at arbitrary token
 positions, built on :func:`lens_safety.activations.forward` and :func:`lens_safety.activations.hooks`
@@ -36,10 +38,12 @@ from lens_safety.activations import forward, hook_point_name, hooks
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 
-ResponseContext = Literal["with_instruction", "response_only", "generated"]
-CONTEXTS: tuple[str, ...] = ("with_instruction", "response_only", "generated")
-#: contexts read by a separate pass after sampling (``generated`` is read while sampling)
+ResponseContext = Literal["with_instruction", "response_only", "generated", "generated_mean"]
+CONTEXTS: tuple[str, ...] = ("with_instruction", "response_only", "generated", "generated_mean")
+#: contexts read by a separate pass after sampling
 POST_HOC_CONTEXTS: tuple[str, ...] = ("with_instruction", "response_only")
+#: contexts read while sampling (no extra pass)
+SAMPLED_CONTEXTS: tuple[str, ...] = ("generated", "generated_mean")
 
 
 class _Done(Exception):

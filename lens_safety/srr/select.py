@@ -22,7 +22,7 @@ from lens_safety.evaluation.generation import generate
 from lens_safety.models import ChatModel
 from lens_safety.srr.capture import sample_with_states
 from lens_safety.srr.data import first_occurrences
-from lens_safety.srr.features import list_features
+from lens_safety.srr.features import SAMPLED_CONTEXTS, list_features
 from lens_safety.srr.inputs import hashed_text_features
 from lens_safety.srr.metrics import ranking
 from lens_safety.srr.ranker import SafetyRanker, check_base_model, load_ranker
@@ -107,7 +107,7 @@ def select(
     if n < 1:
         raise LensSafetyError(f"n must be >= 1, got {n}", "pass a positive --n")
     sampled = None
-    if ranker.config.features != "text" and ranker.config.context == "generated":
+    if ranker.config.features != "text" and ranker.config.context in SAMPLED_CONTEXTS:
         if ranker.config.layer is None:
             raise LensSafetyError(
                 "the ranker records no feature layer", "retrain it with `lens-safety srr train`"
@@ -141,7 +141,8 @@ def select(
         ranker.eval()
         with torch.no_grad():
             layer = sampled.layers.index(int(ranker.config.layer))  # type: ignore[arg-type]
-            inst, resp = sampled.instruction[:1, layer], sampled.responses[keep, layer]
+            inst = sampled.instruction[:1, layer]
+            resp = sampled.response_states(ranker.config.context)[keep, layer]
             scores = ranker(inst, resp.unsqueeze(0))[0]
     else:
         scores = score_candidates(model, ranker, prompt, candidates)
