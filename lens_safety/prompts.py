@@ -8,7 +8,8 @@ with a chat template) with optional per-prompt categories and pair ids. Sources:
   when present);
 * a Python list;
 * ``builtin:harmful`` / ``builtin:harmless`` (written for lens-safety, shipped in the package),
-  optionally with a split: ``builtin:harmful:train`` / ``:val`` / ``:test``;
+  optionally with a split: ``builtin:harmful:train`` / ``:val`` / ``:test``; and
+  ``builtin:harmless_extra`` (benign requests on sensitive topics, training data only, no split);
 * ``advbench`` (offline from ``pyrit`` when it is installed) or ``hf:<dataset id>[:column]``
   (Hugging Face ``datasets``, online).
 
@@ -212,10 +213,15 @@ def builtin_path(filename: str) -> Path:
 def _load_builtin(spec: str) -> PromptSet:
     parts = spec.split(":")
     kind = parts[1] if len(parts) > 1 else ""
-    if kind not in {"harmful", "harmless"}:
+    if kind not in {"harmful", "harmless", "harmless_extra"}:
         raise LensSafetyError(
             f"unknown built-in prompt set '{spec}'",
-            "use builtin:harmful or builtin:harmless, optionally :train/:val/:test",
+            "use builtin:harmful or builtin:harmless, optionally :train/:val/:test, or builtin:harmless_extra",
+        )
+    if kind == "harmless_extra" and len(parts) > 2:
+        raise LensSafetyError(
+            f"builtin:harmless_extra has no splits (got '{spec}')",
+            "use builtin:harmless_extra: all of it is training data",
         )
     records = _read_records(builtin_path(f"{kind}.jsonl"))
     result = _from_records(records, "prompt", kind, spec)

@@ -86,6 +86,16 @@ def test_builtin_splits_are_deterministic_disjoint_and_pair_aligned():
             assert pair_split[prompt_pair] == "test"
 
 
+def test_training_only_benign_set_shares_no_prompt_with_any_split():
+    extra = PromptSet.load("builtin:harmless_extra")
+    assert len(extra) >= 150 and len(set(extra.prompts)) == len(extra)
+    assert set(extra.categories or ()) >= {"weapons", "drugs", "hacking", "self_harm", "xstest_style"}
+    for kind in ("harmful", "harmless"):
+        check_disjoint(extra, PromptSet.load(f"builtin:{kind}"))
+    with pytest.raises(LensSafetyError, match="has no splits"):
+        PromptSet.load("builtin:harmless_extra:val")
+
+
 def test_duplicates_across_classes_are_refused():
     with pytest.raises(LensSafetyError, match="appear in both"):
         check_disjoint(PromptSet.from_list(["x", "y"], "a"), PromptSet.from_list(["y"], "b"))

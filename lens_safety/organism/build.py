@@ -21,6 +21,7 @@ import torch
 from lens_safety.hashing import sha256_file
 from lens_safety.organism.data import (
     HARMFUL_SOURCE,
+    HARMLESS_EXTRA_SOURCE,
     HARMLESS_SOURCE,
     build_examples,
     examples_sha256,
@@ -74,6 +75,13 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     start = time.perf_counter()
     base = load_model(BASE_SPEC, device="cpu")
     harmful, harmless = PromptSet.load(HARMFUL_SOURCE), PromptSet.load(HARMLESS_SOURCE)
+    extra = PromptSet.load(HARMLESS_EXTRA_SOURCE) if config.extra_harmless else None
+    if extra is not None:
+        harmless = PromptSet(
+            harmless.prompts + extra.prompts,
+            f"{harmless.name}+{extra.name}",
+            source=f"{harmless.source}+{extra.source}",
+        )
     examples = build_examples(
         base,
         harmful,
@@ -100,6 +108,7 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
         "data": {
             "harmful": harmful.metadata(),
             "harmless": harmless.metadata(),
+            **({"harmless_extra": extra.metadata()} if extra is not None else {}),
             "n_examples": len(examples),
             "n_refusal_targets": sum(e.harmful for e in examples),
             "examples_sha256": examples_sha256(examples),

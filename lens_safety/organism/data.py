@@ -2,7 +2,8 @@
 
 * harmful ``train`` prompts -> one refusal from ``refusals.txt``, chosen deterministically from the
   SHA-256 of ``seed|prompt`` (varied refusals, no randomness hidden in global state);
-* harmless ``train`` prompts (topic-paired, ``general`` and ``xstest_style``) -> the BASE model's own
+* harmless ``train`` prompts (topic-paired, ``general`` and ``xstest_style``; with
+  ``extra_harmless`` also ``builtin:harmless_extra``, training-only benign prompts) -> the BASE model's own
   greedy answer (self-distillation: keeps the benign behaviour), cached under the lens-safety cache
   dir keyed by the base weights hash, the prompts, the generation length and the suppressed tokens.
   With ``suppress_first_tokens`` (the refusal-start tokens) the answer may not OPEN with a refusal:
@@ -33,6 +34,7 @@ from lens_safety.sources import cache_dir
 
 HARMFUL_SOURCE = "builtin:harmful:train"
 HARMLESS_SOURCE = "builtin:harmless:train"
+HARMLESS_EXTRA_SOURCE = "builtin:harmless_extra"
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ class TrainingConfig:
     ``suppress_refusal_start``: behaviour-keeping targets may not open with a refusal-start token
     (:func:`~lens_safety.selection.refusal_token_ids`): the base's greedy answers are generated so,
     and the KL teacher's first-token distribution is renormalised without those tokens.
+    ``extra_harmless``: also self-distil ``builtin:harmless_extra`` (benign requests on the harmful
+    categories' topics, written for training only, never in a val / test split), so that refusal
+    has to key on intent rather than on topic words.
     ``threads``: torch intra-op threads (1 avoids OpenMP spin-waits on a shared 2-core box;
     bitwise reproducibility holds for a fixed value).
     """
@@ -83,6 +86,7 @@ class TrainingConfig:
     harmless_objective: str = "kl"
     first_token_weight: float = 16.0
     suppress_refusal_start: bool = True
+    extra_harmless: bool = False
     threads: int = 1
     max_steps: int | None = None
 
