@@ -88,7 +88,7 @@ def test_builtin_splits_are_deterministic_disjoint_and_pair_aligned():
 
 def test_training_only_benign_set_shares_no_prompt_with_any_split():
     extra = PromptSet.load("builtin:harmless_extra")
-    assert len(extra) >= 150 and len(set(extra.prompts)) == len(extra)
+    assert len(extra) >= 200 and len(set(extra.prompts)) == len(extra)
     assert set(extra.categories or ()) >= {"weapons", "drugs", "hacking", "self_harm", "xstest_style"}
     for kind in ("harmful", "harmless"):
         check_disjoint(extra, PromptSet.load(f"builtin:{kind}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from cli_runner import run_cli as run
 from transformers import AutoModelForCausalLM
 
-from lens_safety.directions import Direction
+from lens_safety.directions import Direction, DirectionMismatchWarning
 
 FAST = ["--n-train", "16", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4"]
 
@@ -76,6 +77,21 @@ def test_rosi_end_to_end_on_a_tiny_model(
     ablated = json.loads(stdout)
     assert ablated["method"] == "orthogonalize" and "embed" in ablated["targets"]
     assert json.loads((tmp_path / "ablated" / "config.json").read_text())["tie_word_embeddings"] is False
+    # getting started's chain: ROSI on the ablated EXPORT with the original's direction; the export's
+    # lineage names the direction's model, so no other-checkpoint warning, and the chain is recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DirectionMismatchWarning)
+        code, stdout, err = run(
+            [
+                *["rosi", str(tmp_path / "ablated"), "--out", str(tmp_path / "safer")],
+                *["--direction", str(out), "--alpha", "5", "--n-test", "0", "--json"],
+            ],
+            capsys,
+        )
+    assert code == 0, err
+    lineage = json.loads((tmp_path / "safer" / "edit.json").read_text())
+    assert lineage["method"] == "rosi"
+    assert Direction.load(out).metadata["model"]["weights_sha256"] in lineage["ancestors_weights_sha256"]
 
 
 def _bad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
