@@ -45,8 +45,8 @@ print("organism:", rates(before))
 #
 # Difference in means of `resid_pre` at the last prompt token, harmful minus harmless, on the
 # training split (raw HF basis). On the shipped organism, `find_direction` over every layer picks
-# block 19 (`lens-safety organism demo`), and abliterating that direction removes refusal on
-# held-out prompts (5/52 harmful refused, down from 52/52). Where ablation works depends on where 0 sits between the
+# block 27 (`lens-safety organism demo`), and abliterating that direction removes refusal on
+# held-out prompts (4/52 harmful refused, down from 50/52). Where ablation works depends on where 0 sits between the
 # class means: if it lies beyond the *harmful* mean, setting every projection to 0 pushes harmless
 # prompts toward refusal. The mean-projection plot shows where 0 sits at each layer.
 
@@ -55,7 +55,7 @@ report = find_direction(
     model,
     ls.PromptSet.load("builtin:harmful:train").head(24),
     ls.PromptSet.load("builtin:harmless:train").head(24),
-    layer=19,
+    layer=27,
     position=-1,
 )
 direction = report.direction
@@ -63,9 +63,9 @@ print("layer", direction.layer, "position", direction.position, "held-out accura
 viz.mean_projections_figure(report.candidates, position=-1)
 
 # %% [markdown]
-# **Question for the reader.** We fixed `layer=19` from the demonstration's selection. Which selection rule
-# would find it automatically (hint: `lens_safety.selection`), and why does the rule forbid layers
-# beyond `0.8 L`?
+# **Question for the reader.** We fixed `layer=27` from the demonstration's selection. The default
+# rule forbids layers beyond `0.8 L` (block 24 here): why? Which rule in `lens_safety.selection`
+# accepted block 27 anyway, and what does its message say about where this model's refusal lives?
 
 # %% [markdown]
 # ## 2. Abliterate: remove the direction from every writer
