@@ -7,16 +7,18 @@ Usage (from the repository root):
 
 Without ``RANKER_DIR`` an untrained ranker of the default shape at the default layer is used (its
 weights do not change its cost). For each prompt (alternating built-in harmful / harmless test
-prompts) and repeat, three runs with the SAME seed, in rotating order:
+prompts) and repeat, four runs with the SAME seed, in rotating order:
 
 * ``plain`` — sample ``n`` candidates (the baseline every best-of-N pays);
 * ``generated`` — :func:`lens_safety.srr.select` with features read WHILE sampling (hooks on the
   ranker's layer) + the ranker forward;
+* ``generated_mean`` — the same, with the response states averaged (all states of the sampled
+  tokens are kept, then reduced);
 * ``with_instruction`` — sample, then one separate feature pass (stopping at the ranker's layer)
   + the ranker forward.
 
 Overhead of a mode = ``(sum of its total seconds - sum of plain seconds) / sum of plain seconds``,
-so hook costs inside sampling count too; the target is <= 0.02 for ``generated``.
+so hook costs inside sampling count too; the target is <= 0.02 for the sampled contexts.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main() -> None:
         ranker = SafetyRanker(RankerConfig(d_input=model.d_model, layer=layer)).eval()
     rankers = {
         "generated": replace(ranker.config, context="generated"),
+        "generated_mean": replace(ranker.config, context="generated_mean"),
         "with_instruction": replace(ranker.config, context="with_instruction"),
     }
     harmful = PromptSet.load("builtin:harmful:test").prompts
@@ -86,6 +89,7 @@ def main() -> None:
     runs = {
         "plain": lambda p, s: plain(p, s),
         "generated": lambda p, s: ranked("generated", p, s),
+        "generated_mean": lambda p, s: ranked("generated_mean", p, s),
         "with_instruction": lambda p, s: ranked("with_instruction", p, s),
     }
     for mode in runs:  # warm-up
@@ -112,7 +116,7 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "seconds": {k: round(v, 3) for k, v in totals.items()},
                 "overhead_fraction": {k: round(v, 4) for k, v in overhead.items()},
-                "target": "overhead_fraction.generated <= 0.02",
+                "target": "overhead_fraction.generated and .generated_mean <= 0.02",
             },
             indent=2,
         )
