@@ -188,6 +188,8 @@ def _write_tiny_adapter(base_dir: Path, out_dir: Path) -> Path:
     config = TrainingConfig(rank=4, alpha=8, first_layer=1, epochs=1, batch_size=4, lr=2e-2, max_steps=3)
     fit = fit_lora(base_dir, _toy_examples(), config)
     adapter = save_adapter(fit.tensors, config, out_dir, "tiny-llama", n_layers=3)
+    written = json.loads((out_dir / "adapter_config.json").read_text())["target_modules"]
+    assert written == sorted(config.target_modules)  # not peft's hash-seed-dependent set order
     record = {"adapter_sha256": sha256_file(adapter), "base_weights_sha256": weights_fingerprint(base_dir)}
     (out_dir / TRAINING_FILE).write_text(json.dumps(record))
     return out_dir
@@ -271,6 +273,8 @@ def test_shipped_adapter_is_small_fp16_and_hash_checked() -> None:
     assert tensors and all(t.dtype == torch.float16 for t in tensors.values())
     for key in ("config", "data", "base_weights_sha256", "versions", "training"):
         assert key in record
+    modules = json.loads((SHIPPED / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(record["config"]["target_modules"])
     # trained on train splits and the training-only extra set, never on val / test prompts
     assert record["data"]["harmful"]["source"].endswith(":train")
     for source in record["data"]["harmless"]["source"].split("+"):

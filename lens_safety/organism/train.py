@@ -283,6 +283,11 @@ def save_adapter(
     peft_config = lora_config(config, n_layers)
     peft_config.base_model_name_or_path = base_name
     peft_config.save_pretrained(str(out_dir))
+    # peft stores target_modules as a set: write it sorted so the file does not depend on the hash seed
+    config_file = out_dir / "adapter_config.json"
+    written = json.loads(config_file.read_text(encoding="utf-8"))
+    written["target_modules"] = sorted(written["target_modules"])
+    write_json(config_file, written)
     return file
 
 
