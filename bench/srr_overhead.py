@@ -12,8 +12,8 @@ prompts) and repeat, four runs with the SAME seed, in rotating order:
 * ``plain`` — sample ``n`` candidates (the baseline every best-of-N pays);
 * ``generated`` — :func:`lens_safety.srr.select` with features read WHILE sampling (hooks on the
   ranker's layer) + the ranker forward;
-* ``generated_mean`` — the same, with the response states averaged (all states of the sampled
-  tokens are kept, then reduced);
+* ``generated_mean`` — the same, with the response states averaged (a float64 running sum over
+  the sampled tokens' states, computed only for this mode);
 * ``with_instruction`` — sample, then one separate feature pass (stopping at the ranker's layer)
   + the ranker forward.
 

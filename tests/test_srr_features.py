@@ -119,6 +119,20 @@ def test_states_read_while_sampling_equal_a_separate_pass(tiny_dirs, arch: str) 
     assert again.generations.completions == gens.completions and torch.equal(
         again.responses, sampled.responses
     )
+    last_only = sample_with_states(
+        model,
+        prompts,
+        n=3,
+        layers=layers,
+        max_new_tokens=6,
+        seed=3,
+        batch_size=2,
+        temperature=1.5,
+        pooled=False,
+    )
+    assert torch.equal(last_only.responses, sampled.responses)
+    with pytest.raises(LensSafetyError, match="mean response states were not computed"):
+        last_only.response_states("generated_mean")
     plain = sample_with_states(model, prompts, n=3, max_new_tokens=6, seed=3, batch_size=2, temperature=1.5)
     assert plain.generations.completions == gens.completions  # capturing does not change the samples
     with pytest.raises(LensSafetyError, match="read while sampling"):

@@ -257,3 +257,27 @@ def test_select_api_refuses_a_foreign_ranker(built: Path, tiny_dirs) -> None:
     other = load_model(tiny_dirs["qwen2"], device="cpu")
     with pytest.raises(LensSafetyError, match="trained on"):
         select(other, ranker, "hi", n=2, max_new_tokens=2)
+
+
+def test_select_with_pooled_features_scores_the_mean_response_states(tiny_llama) -> None:
+    from lens_safety.srr.capture import sample_with_states
+    from lens_safety.srr.data import first_occurrences
+    from lens_safety.srr.ranker import RankerConfig, SafetyRanker
+
+    torch.manual_seed(0)
+    config = RankerConfig(
+        d_input=tiny_llama.d_model, width=16, ff_width=32, layer=1, context="generated_mean"
+    )
+    ranker = SafetyRanker(config).eval()
+    chosen = select(tiny_llama, ranker, "Explain tides.", n=4, max_new_tokens=5, seed=7)
+    sampled = sample_with_states(
+        tiny_llama, ["Explain tides."], n=4, layers=[1], max_new_tokens=5, seed=7, batch_size=1
+    )
+    keep = first_occurrences(sampled.generations.completions)
+    with torch.no_grad():
+        expected = ranker(sampled.instruction[:1, 0], sampled.responses_mean[keep, 0].unsqueeze(0))[0]
+        last_token = ranker(sampled.instruction[:1, 0], sampled.responses[keep, 0].unsqueeze(0))[0]
+    assert [r.score for r in sorted(chosen.ranking, key=lambda r: r.index)] == pytest.approx(
+        expected.tolist(), abs=1e-5
+    )
+    assert not torch.allclose(expected, last_token)  # the pooled context is not the last-token one

@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.activations import hooks
+from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import Generations, generate
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
@@ -53,6 +54,10 @@ class SampledStates:
 
     def response_states(self, context: str) -> Float[torch.Tensor, "n_completions n_layers d_model"]:
         """``responses`` for ``generated``, ``responses_mean`` for ``generated_mean``."""
+        if context == "generated_mean" and len(self.responses_mean) != len(self.responses):
+            raise LensSafetyError(
+                "the mean response states were not computed", "sample with pooled=True for generated_mean"
+            )
         return self.responses_mean if context == "generated_mean" else self.responses
 
 
@@ -102,8 +107,11 @@ def sample_with_states(
     seed: int | None = 0,
     batch_size: int = 8,
     progress: bool = False,
+    pooled: bool = True,
 ) -> SampledStates:
-    """Sample ``n`` completions per prompt and keep their ``generated``-context features.
+    """Sample ``n`` completions per prompt and keep their ``generated``-context features, and with
+    ``pooled`` their ``generated_mean`` ones (a float64 running sum over every step: skip it when
+    only the last-token features are wanted).
 
     Prompts go ``batch_size`` at a time, batch ``b`` seeded with ``seed + b`` (reproducible, and
     the same candidates whether or not ``layers`` are captured); each batch's states are reduced
@@ -137,7 +145,8 @@ def sample_with_states(
             [read_call(k, cut) for k, cut in zip(gens.n_tokens, gens.truncated, strict=True)]
         )
         responses.append(states[steps, torch.arange(len(steps))])
-        means.append(mean_of_read_states(states, steps))
+        if pooled:
+            means.append(mean_of_read_states(states, steps))
     merged = concatenate(parts)
     empty = torch.zeros(0, len(layer_ids), model.d_model)
     return SampledStates(

@@ -293,8 +293,10 @@ def _sample(
     seed: int,
     progress: bool,
     capture_layers: Sequence[int] | None = None,
+    pooled: bool = False,
 ) -> tuple[list[list[str]], SampledStates | None]:
-    """Completions grouped by prompt, and their ``generated`` features when ``capture_layers``."""
+    """Completions grouped by prompt, and their ``generated`` (and with ``pooled``
+    ``generated_mean``) features when ``capture_layers``."""
     if n < 2:
         raise LensSafetyError(
             f"n = {n} candidates cannot be ranked", "sample at least 2 candidates per instruction (--n)"
@@ -309,6 +311,7 @@ def _sample(
         temperature=temperature,
         seed=seed,
         progress=progress,
+        pooled=pooled,
     )
     return sampled.generations.grouped(), sampled if capture_layers else None
 
@@ -368,7 +371,15 @@ def build_dataset(
     capture = layer_ids if set(contexts) & set(SAMPLED_CONTEXTS) else None
     post_hoc = [c for c in contexts if c in POST_HOC_CONTEXTS]
     samples, sampled = _sample(
-        model, [s[0] for s in specs], n, temperature, max_new_tokens, seed, progress, capture
+        model,
+        [s[0] for s in specs],
+        n,
+        temperature,
+        max_new_tokens,
+        seed,
+        progress,
+        capture,
+        pooled="generated_mean" in contexts,
     )
     generation_seconds = time.perf_counter() - started
     lists: list[CandidateList] = []

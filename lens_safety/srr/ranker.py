@@ -53,7 +53,8 @@ class RankerConfig:
         role_embedding: add a learned instruction / response embedding after the projection.
         features: ``hidden`` (residual states) or ``text`` (hashed n-grams, no hidden states).
         layer: feature layer (``None`` for text features).
-        context: response encoding (``with_instruction`` / ``response_only`` / ``generated``).
+        context: response encoding (``with_instruction`` / ``response_only`` / ``generated`` /
+            ``generated_mean``).
     """
 
     d_input: int

@@ -121,6 +121,7 @@ def select(
             max_new_tokens=max_new_tokens,
             seed=seed,
             batch_size=1,
+            pooled=ranker.config.context == "generated_mean",
         )
         gens = sampled.generations
     else:
