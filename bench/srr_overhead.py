@@ -33,7 +33,7 @@ import torch
 from lens_safety.evaluation.generation import generate
 from lens_safety.models import load_model
 from lens_safety.prompts import PromptSet
-from lens_safety.srr.data import default_ranker_layer
+from lens_safety.srr.build import default_ranker_layer
 from lens_safety.srr.ranker import RankerConfig, SafetyRanker, load_ranker, read_ranker_record
 from lens_safety.srr.select import select
 

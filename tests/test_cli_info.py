@@ -82,3 +82,16 @@ def test_tokenizer_without_chat_template_and_explicit_fallback(capsys, tmp_path,
     code, out, _ = run_cli(["info", str(target), "--no-chat-template", "--json"], capsys)
     assert code == 0
     assert json.loads(out)["chat_template_tail"] == "\nAssistant:"
+
+
+def test_tables_keep_their_width_when_stdout_is_redirected(capsys, monkeypatch):
+    """Piped output used to wrap at rich's 80-column fallback; now a table row stays on one line."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    code, out, _ = run_cli(["info", "smollm2"], capsys)  # capsys: stdout is not a terminal
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert rows and any(len(line) > 80 for line in rows)
+    assert all(line.split("│")[1].strip() for line in rows)  # a wrapped cell leaves the key column blank
+    monkeypatch.setenv("COLUMNS", "70")
+    code, out, _ = run_cli(["info", "smollm2"], capsys)
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 70

@@ -12,7 +12,8 @@ from cli_runner import run_cli
 from lens_safety import load_model
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.judges import SubstringJudge, judge_from_callable
-from lens_safety.srr.data import SRRDataset, build_dataset, deduplicate, wrap_harmful
+from lens_safety.srr.build import build_dataset, wrap_harmful
+from lens_safety.srr.data import SRRDataset, deduplicate
 from lens_safety.srr.features import list_features
 from lens_safety.srr.labels import is_degenerate, label_candidates
 from lens_safety.srr.select import select
@@ -281,3 +282,70 @@ def test_select_with_pooled_features_scores_the_mean_response_states(tiny_llama)
         expected.tolist(), abs=1e-5
     )
     assert not torch.allclose(expected, last_token)  # the pooled context is not the last-token one
+
+
+def test_cli_harmless_only_lists_with_sampled_contexts_train_with_other_data(
+    built: Path, tiny_dirs, tmp_path: Path, capsys
+) -> None:
+    extra = tmp_path / "extra"
+    argv = [
+        "srr",
+        "build-data",
+        str(tiny_dirs["llama"]),
+        "--harmless",
+        "builtin:harmless:val",
+        "--limit",
+        "3",
+    ]
+    settings = ["--n", "3", "--max-new-tokens", "4", "--layers", "0,1,3", "--json"]
+    code, out, err = run_cli(
+        [*argv, *settings, "--contexts", "generated,generated_mean", "--out", str(extra)], capsys
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["n_lists_harmful"] == 0 and summary["n_lists_harmless"] == 3
+    assert sorted(SRRDataset.load(extra).responses) == ["generated", "generated_mean"]
+    code, _, err = run_cli(
+        ["srr", "build-data", str(tiny_dirs["llama"]), "--out", str(tmp_path / "none")], capsys
+    )
+    assert code == 2 and "--harmful" in err and not (tmp_path / "none").exists()
+    code, _, err = run_cli([*argv, *settings, "--contexts", "last", "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "unknown response context" in err and not (tmp_path / "bad").exists()
+
+    ranker_dir = tmp_path / "ranker"
+    train = ["srr", "train", str(built), str(extra), "--layer", "1", "--context", "generated_mean"]
+    code, out, err = run_cli(
+        [*train, "--members", "2", "--max-epochs", "2", "--no-baselines", "--out", str(ranker_dir)], capsys
+    )
+    assert code == 0, err
+    record = json.loads((ranker_dir / "ranker.json").read_text())
+    assert record["data"]["dirs"] == [str(built), str(extra)]
+    assert record["config"]["members"] == 2 and len(record["training"]["members"]) == 2
+    chosen = select(
+        load_model(tiny_dirs["llama"], device="cpu"),
+        ranker_dir,
+        "How do locks work?",
+        n=3,
+        max_new_tokens=3,
+        seed=0,
+    )
+    assert len(chosen.ranking) >= 1
+    both = (
+        SRRDataset.load(built).mixed().counts()["n_mixed_harmless"]
+        + SRRDataset.load(extra).mixed().counts()["n_mixed_harmless"]
+    )
+    assert record["data"]["counts"]["n_mixed_harmless"] == both
+    code, _, err = run_cli(
+        [
+            "srr",
+            "train",
+            str(built),
+            str(extra),
+            "--context",
+            "with_instruction",
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "with_instruction" in err and not (tmp_path / "r2").exists()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.srr.baselines import load_baselines, train_baselines
+from lens_safety.srr.combine import concat_datasets, load_datasets
 from lens_safety.srr.data import CandidateList, SRRDataset
 from lens_safety.srr.evaluate import evaluate
 from lens_safety.srr.experiments import category_transfer, layer_sweep
@@ -217,3 +220,63 @@ def test_layer_sweep_and_category_transfer() -> None:
     assert result["transfer"]["pairwise_accuracy"] > 0.85
     with pytest.raises(LensSafetyError, match="categories"):
         category_transfer(train, ["nope"], layer=1)
+
+
+def test_concat_datasets_keeps_every_list_with_its_own_features(tmp_path: Path) -> None:
+    first, second = synthetic_dataset(7, seed=1), synthetic_dataset(5, seed=2)
+    second.responses["generated"] = second.responses["response_only"].clone()  # only one part has it
+    first.save(tmp_path / "a")
+    second.save(tmp_path / "b")
+    both = load_datasets([tmp_path / "a", tmp_path / "b"])
+    assert [x.instruction for x in both.lists] == [x.instruction for x in [*first.lists, *second.lists]]
+    assert sorted(both.responses) == ["response_only", "with_instruction"]
+    for i, (part, j) in enumerate([(first, j) for j in range(7)] + [(second, j) for j in range(5)]):
+        assert torch.equal(
+            both.response_features(i, 1, "with_instruction"), part.response_features(j, 1, "with_instruction")
+        )
+        assert torch.equal(both.instruction_features(2)[i], part.instruction_features(2)[j])
+    assert [p["name"] for p in both.meta["parts"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert (
+        both.mixed().counts()["n_mixed_harmless"]
+        == first.counts()["n_mixed_harmless"] + second.counts()["n_mixed_harmless"]
+    )
+    other_model = synthetic_dataset(3, seed=3)
+    other_model.meta = {"model": {**IDENTITY, "weights_sha256": "b" * 64}}
+    with pytest.raises(LensSafetyError, match="another model"):
+        concat_datasets([first, other_model])
+    other_layers = synthetic_dataset(3, seed=3)
+    other_layers.layers = (1, 3)
+    with pytest.raises(LensSafetyError, match="layers"):
+        concat_datasets([first, other_layers])
+
+
+def test_ensemble_averages_independently_trained_members(tmp_path: Path) -> None:
+    data = synthetic_dataset(30)
+    small = RankerConfig(d_input=D, width=8, ff_width=16)
+    config = TrainConfig(max_epochs=4, seed=5)
+    ensemble, report = train_ranker(
+        data, layer=1, ranker_config=replace(small, members=3), train_config=config
+    )
+    singles = [
+        train_ranker(data, layer=1, ranker_config=small, train_config=replace(config, seed=5 + k))[0]
+        for k in range(3)
+    ]
+    assert ensemble.config.members == 3 and len(report.members) == 3
+    assert ensemble.n_parameters() == 3 * singles[0].n_parameters()
+    inst, resp = (
+        data.instruction_features(1)[:2],
+        torch.stack([data.response_features(i, 1, "with_instruction")[:3] for i in range(2)]),
+    )
+    expected = torch.stack([s(inst, resp).double() for s in singles]).mean(0)
+    assert torch.allclose(ensemble(inst, resp).double(), expected, atol=1e-5)
+    assert not torch.allclose(singles[0](inst, resp), singles[1](inst, resp))  # members differ
+    save_ranker(ensemble, tmp_path / "e", IDENTITY)
+    loaded = load_ranker(tmp_path / "e")
+    assert loaded.config.members == 3 and torch.equal(loaded(inst, resp), ensemble(inst, resp))
+    # a one-member ranker saved before ensembles existed (no "members." prefix) still loads
+    single_state = {k.removeprefix("members.0."): v for k, v in singles[0].state_dict().items()}
+    save_ranker(singles[0], tmp_path / "old", IDENTITY)
+    save_file(single_state, str(tmp_path / "old" / "ranker.safetensors"))
+    assert torch.equal(load_ranker(tmp_path / "old")(inst, resp), singles[0](inst, resp))
+    with pytest.raises(LensSafetyError, match="member"):
+        SafetyRanker(replace(small, members=0))

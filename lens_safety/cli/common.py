@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from typing import Annotated, Any
 
@@ -68,3 +69,16 @@ def load_cli_model(
 def print_json(data: Any) -> None:
     """Print JSON on stdout (the only thing a ``--json`` command writes there)."""
     typer.echo(json.dumps(data, indent=2, default=str))
+
+
+#: table width when stdout is a file or a pipe (rich would fall back to 80 columns and wrap)
+PIPED_WIDTH = 160
+
+
+def stdout_console() -> Any:
+    """A rich console on stdout: the terminal's width, or ``PIPED_WIDTH`` columns when redirected
+    (``COLUMNS`` in the environment still wins)."""
+    from rich.console import Console
+
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=PIPED_WIDTH) if piped else Console()

@@ -20,6 +20,7 @@ from lens_safety.cli.common import (
     SystemPromptOpt,
     load_cli_model,
     print_json,
+    stdout_console,
 )
 from lens_safety.errors import LensSafetyError
 
@@ -259,7 +260,6 @@ def _print_direction_summary(report: Any, out: Path, files: list[str], as_json: 
     if as_json:
         print_json(summary)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -294,8 +294,8 @@ def _print_direction_summary(report: Any, out: Path, files: list[str], as_json: 
         table.add_row(
             *[("" if c is None else f"{c:.3g}" if isinstance(c, float) else str(c)) for c in cells], status
         )
-    Console().print(table)
-    Console().print(f"wrote {', '.join(files)} to {out}")
+    stdout_console().print(table)
+    stdout_console().print(f"wrote {', '.join(files)} to {out}")
 
 
 @app.command()
@@ -334,7 +334,6 @@ def probe(
     if json:
         print_json(report.to_dict())
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"probe: position {position}, train {report.n_train}, held-out {report.n_test}")
@@ -356,4 +355,4 @@ def probe(
             f"{r.mean_diff_auroc:.3f}",
             f"{r.effect_size:.2f}",
         )
-    Console().print(table)
+    stdout_console().print(table)

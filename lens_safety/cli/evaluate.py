@@ -20,6 +20,7 @@ from lens_safety.cli.common import (
     load_cli_model,
     print_json,
     quiet_libraries,
+    stdout_console,
 )
 from lens_safety.errors import LensSafetyError
 
@@ -129,7 +130,6 @@ def evaluate(
 
 
 def _print_summary(name: str, summary: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"lens-safety eval: {name}")
@@ -143,7 +143,7 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
                 f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]",
                 str(entry["n"]),
             )
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @app.command("judge-agreement")

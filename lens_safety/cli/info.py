@@ -11,6 +11,7 @@ from lens_safety.cli.common import (
     NoTemplateOpt,
     load_cli_model,
     print_json,
+    stdout_console,
 )
 
 
@@ -53,7 +54,6 @@ def info(
     if json:
         print_json(summary)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"lens-safety info: {loaded.spec}", show_header=False)
@@ -63,4 +63,4 @@ def info(
                 table.add_row(f"writers.{k}", str(v))
         else:
             table.add_row(key, repr(value) if key == "chat_template_tail" else str(value))
-    Console().print(table)
+    stdout_console().print(table)

@@ -26,6 +26,7 @@ from lens_safety.cli.common import (
     SystemPromptOpt,
     load_cli_model,
     print_json,
+    stdout_console,
 )
 from lens_safety.errors import LensSafetyError
 
@@ -260,9 +261,8 @@ def _summary(
     if as_json:
         print_json(summary)
         return
-    from rich.console import Console
 
-    console = Console()
+    console = stdout_console()
     console.print(
         f"[bold]{summary['method']}[/bold] alpha={summary['alpha']:g} direction layer {summary['layer']} "
         f"-> {summary['out']} (max |logit diff| on reload {summary['max_abs_logit_diff']:.2g})"

@@ -64,9 +64,11 @@ def _parse_ints(text: str | None) -> list[int] | None:
         ) from None
 
 
-def _prompts(spec: str, limit: int | None) -> Any:
+def _prompts(spec: str | None, limit: int | None) -> Any:
     from lens_safety.prompts import PromptSet
 
+    if spec is None:
+        return None
     prompts = PromptSet.load(spec)
     if limit is None or limit >= len(prompts):
         return prompts
@@ -84,8 +86,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
 @srr_app.command("build-data")
 def build_data(
     model: ModelArg,
-    harmful: HarmfulOpt,
-    harmless: HarmlessOpt,
+    harmful: Annotated[
+        str | None,
+        typer.Option("--harmful", help="Harmful instructions: file or builtin:harmful[:split] (optional)."),
+    ] = None,
+    harmless: Annotated[
+        str | None,
+        typer.Option(
+            "--harmless", help="Harmless instructions: file or builtin:harmless[:split] (optional)."
+        ),
+    ] = None,
+    *,
     out: Annotated[
         Path, typer.Option("--out", help="Output directory (lists.jsonl, features.safetensors, meta.json).")
     ],
@@ -99,16 +110,28 @@ def build_data(
         str | None,
         typer.Option("--layers", help="Feature layers to store (default: every 3rd, final, ranker layer)."),
     ] = None,
+    contexts: Annotated[
+        str | None,
+        typer.Option(
+            "--contexts",
+            help="Response encodings to store, comma-separated (default: all; generated,generated_mean "
+            "need no second pass and build about twice as fast).",
+        ),
+    ] = None,
     limit: LimitOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Sample, label and featurise candidate lists for harmful and harmless instructions."""
-    from lens_safety.srr.data import build_dataset
+    """Sample, label and featurise candidate lists for harmful and/or harmless instructions."""
+    from lens_safety.srr.build import build_dataset
+    from lens_safety.srr.features import CONTEXTS
 
+    if harmful is None and harmless is None:
+        raise LensSafetyError("no instructions given", "pass --harmful FILE and/or --harmless FILE")
     _check_out(out, overwrite)
+    chosen_contexts = tuple(c.strip() for c in contexts.split(",") if c.strip()) if contexts else CONTEXTS
     chat_model = load_cli_model(model, device, dtype)
     dataset = build_dataset(
         chat_model,
@@ -121,6 +144,7 @@ def build_data(
         jailbreak_fraction=jailbreak_fraction,
         judge=judge,
         layers=_parse_ints(layers),
+        contexts=chosen_contexts,
         progress=True,
     )
     dataset.save(out, overwrite=overwrite)
@@ -135,7 +159,12 @@ def build_data(
 
 @srr_app.command("train")
 def train(
-    data_dir: Annotated[Path, typer.Argument(help="Directory written by `srr build-data`.")],
+    data_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Directories written by `srr build-data` (several are combined: same model and layers)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Ranker directory to write.")],
     layer: Annotated[
         int | None, typer.Option("--layer", help="Feature layer (default: floor(0.2 * n_layers)).")
@@ -155,6 +184,13 @@ def train(
     weight_decay: Annotated[
         float, typer.Option("--weight-decay", help="AdamW weight decay (paper: 1e-4).")
     ] = 1e-4,
+    members: Annotated[
+        int,
+        typer.Option(
+            "--members",
+            help="Ensemble size: independently trained rankers (seeds seed..seed+K-1), scores averaged.",
+        ),
+    ] = 1,
     seed: SeedOpt = 0,
     max_epochs: Annotated[int, typer.Option("--max-epochs")] = 200,
     patience: Annotated[int, typer.Option("--patience")] = 15,
@@ -169,21 +205,27 @@ def train(
 ) -> None:
     """Train a ranker (and its baselines) on built candidate lists."""
     from lens_safety.srr.baselines import train_baselines
-    from lens_safety.srr.data import SRRDataset
+    from lens_safety.srr.combine import load_datasets
     from lens_safety.srr.ranker import RankerConfig, save_ranker
     from lens_safety.srr.train import TrainConfig, train_ranker
 
     _check_out(out, overwrite)
-    dataset = SRRDataset.load(data_dir)
+    dataset = load_datasets(data_dirs)
     n_layers = int(dataset.meta["model"]["n_layers"])
     chosen = layer if layer is not None else max(1, int(0.2 * n_layers))
-    if not 0 <= dropout < 1 or weight_decay < 0 or width < 1:
+    if not 0 <= dropout < 1 or weight_decay < 0 or width < 1 or members < 1:
         raise LensSafetyError(
-            f"invalid ranker settings (width {width}, dropout {dropout}, weight decay {weight_decay})",
-            "use width >= 1, 0 <= dropout < 1 and weight decay >= 0",
+            f"invalid ranker settings (width {width}, dropout {dropout}, weight decay {weight_decay}, "
+            f"members {members})",
+            "use width >= 1, 0 <= dropout < 1, weight decay >= 0 and members >= 1",
         )
     rconf = RankerConfig(
-        d_input=int(dataset.instruction.shape[-1]), width=width, ff_width=2 * width, tau=tau, dropout=dropout
+        d_input=int(dataset.instruction.shape[-1]),
+        width=width,
+        ff_width=2 * width,
+        tau=tau,
+        dropout=dropout,
+        members=members,
     )
     tconf = TrainConfig(seed=seed, max_epochs=max_epochs, patience=patience, weight_decay=weight_decay)
     ranker, report = train_ranker(
@@ -195,7 +237,7 @@ def train(
         info = {
             "training": report.to_dict(),
             "train_config": tconf.to_dict(),
-            "data": {"dir": str(data_dir), "counts": dataset.counts()},
+            "data": {"dirs": [str(d) for d in data_dirs], "counts": dataset.counts()},
         }
         save_ranker(ranker, tmp, dataset.meta.get("model"), info)
         if baselines:
@@ -218,6 +260,7 @@ def train(
         "out": str(out),
         "layer": chosen,
         "context": context,
+        "members": members,
         "n_parameters": ranker.n_parameters(),
         "best_epoch": report.best_epoch,
         "best_val_loss": report.best_val_loss,
@@ -257,7 +300,8 @@ def eval_command(
 ) -> None:
     """Build lists for held-out prompts with the ranker's base model and score ranker and baselines."""
     from lens_safety.srr.baselines import load_baselines
-    from lens_safety.srr.data import SRRDataset, build_dataset, default_layers
+    from lens_safety.srr.build import build_dataset, default_layers
+    from lens_safety.srr.data import SRRDataset
     from lens_safety.srr.evaluate import evaluate
     from lens_safety.srr.ranker import check_base_model, load_ranker, read_ranker_record
 

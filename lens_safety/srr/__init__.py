@@ -1,13 +1,16 @@
 """SRR — Safety Representation Ranking (arXiv 2505.15710): best-of-N with a hidden-state ranker.
 
-Pipeline: :func:`build_dataset` (sample, deduplicate, label, featurise candidate lists) ->
+Pipeline: :func:`build_dataset` (sample, deduplicate, label, featurise candidate lists; several builds
+combine with :func:`load_datasets`) ->
 :func:`train_ranker` (listwise KL, early stopping) -> :func:`evaluate` (ranker and baselines) ->
 :func:`select` (best-of-N at inference). All features are raw-HF-basis residual states of the
 frozen model (see :mod:`lens_safety.srr.features`).
 """
 
 from lens_safety.srr.baselines import Baselines, DirectionScorer, load_baselines, train_baselines
-from lens_safety.srr.data import CandidateList, SRRDataset, build_dataset
+from lens_safety.srr.build import build_dataset
+from lens_safety.srr.combine import concat_datasets, load_datasets
+from lens_safety.srr.data import CandidateList, SRRDataset
 from lens_safety.srr.evaluate import SRREvaluation, evaluate
 from lens_safety.srr.experiments import category_transfer, comparison_figure, layer_sweep, sweep_figure
 from lens_safety.srr.features import list_features, read_token_states
@@ -32,6 +35,7 @@ __all__ = [
     "build_dataset",
     "category_transfer",
     "comparison_figure",
+    "concat_datasets",
     "evaluate",
     "is_degenerate",
     "label_candidates",
@@ -39,6 +43,7 @@ __all__ = [
     "list_features",
     "listwise_loss",
     "load_baselines",
+    "load_datasets",
     "load_ranker",
     "ranking_metrics",
     "read_token_states",

@@ -10,7 +10,10 @@ Maths (SRR, arXiv 2505.15710, as in ``docs/methods.md`` §3):
 * ONE Transformer encoder layer over ``[z_inst, z_resp_1 .. z_resp_m]`` (no positional encoding:
   permuting the candidates permutes the scores), padded candidates masked out;
 * score ``s_i = cos(o_inst, o_resp_i) / tau``; ``p = softmax(s)`` over the list;
-* loss ``KL(p* || p)`` with ``p*`` uniform over the positives.
+* loss ``KL(p* || p)`` with ``p*`` uniform over the positives;
+* optionally an ensemble (``members = K``, our addition): K copies trained independently (seeds
+  ``seed .. seed + K - 1``, each with its own early-stopping split), scores averaged,
+  ``s_i = (1/K) sum_k s_i^(k)``.
 
 Inputs are raw-HF-basis residual states (``lens_safety.srr.features``) or, for the text-only
 baseline, hashed n-gram counts of the same width. A ranker is saved as ``ranker.safetensors`` +
@@ -21,7 +24,7 @@ different model raises :class:`~lens_safety.errors.LensSafetyError`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ class RankerConfig:
         layer: feature layer (``None`` for text features).
         context: response encoding (``with_instruction`` / ``response_only`` / ``generated`` /
             ``generated_mean``).
+        members: number of independently trained copies whose scores are averaged (1: the paper).
     """
 
     d_input: int
@@ -68,25 +72,19 @@ class RankerConfig:
     features: str = "hidden"
     layer: int | None = None
     context: str = "with_instruction"
+    members: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class SafetyRanker(nn.Module):
-    """Listwise ranker: projection, one Transformer encoder layer, cosine scores (module docstring)."""
+class RankerMember(nn.Module):
+    """One listwise scorer: standardisation, projection, one encoder layer, cosine scores."""
 
     def __init__(self, config: RankerConfig) -> None:
         super().__init__()
-        if config.width % config.n_heads:
-            raise LensSafetyError(
-                f"width {config.width} is not divisible by {config.n_heads} heads",
-                "choose a width that is a multiple of n_heads",
-            )
         self.config = config
-        #: identity of the model whose hidden states this ranker reads (``ChatModel.identity()``)
-        self.base_model: dict[str, Any] | None = None
         self.projection = nn.Linear(config.d_input, config.width)
         self.encoder = nn.TransformerEncoderLayer(
             config.width, config.n_heads, config.ff_width, config.dropout, batch_first=True, norm_first=True
@@ -94,15 +92,6 @@ class SafetyRanker(nn.Module):
         self.roles = nn.Parameter(torch.zeros(2, config.width)) if config.role_embedding else None
         self.register_buffer("feature_mean", torch.zeros(config.d_input))
         self.register_buffer("feature_std", torch.ones(config.d_input))
-        n = self.n_parameters()
-        if n > MAX_PARAMETERS:
-            raise LensSafetyError(
-                f"ranker has {n:,} parameters (limit {MAX_PARAMETERS:,})", "lower --width or --ff-width"
-            )
-
-    def n_parameters(self) -> int:
-        """Trainable parameters."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def set_standardization(self, features: Float[torch.Tensor, "n d_input"]) -> None:
         """Store per-dimension mean and std (float64 reduction, std floored at 1e-6) of training features."""
@@ -124,12 +113,9 @@ class SafetyRanker(nn.Module):
         self,
         instruction: Float[torch.Tensor, "batch d_input"],
         responses: Float[torch.Tensor, "batch m d_input"],
-        valid: Bool[torch.Tensor, "batch m"] | None = None,
+        valid: Bool[torch.Tensor, "batch m"],
     ) -> Float[torch.Tensor, "batch m"]:
-        """Scores ``cos(o_inst, o_resp_i) / tau``; padded candidates (``valid`` False) get ``-inf``."""
         batch, m, _ = responses.shape
-        if valid is None:
-            valid = torch.ones(batch, m, dtype=torch.bool, device=responses.device)
         tokens = torch.cat([self._prepare(instruction).unsqueeze(1), self._prepare(responses)], dim=1)
         if self.roles is not None:
             role = torch.ones(m + 1, dtype=torch.long, device=tokens.device)
@@ -137,7 +123,65 @@ class SafetyRanker(nn.Module):
             tokens = tokens + self.roles[role]
         pad = torch.cat([torch.zeros(batch, 1, dtype=torch.bool, device=valid.device), ~valid], dim=1)
         out = self.encoder(tokens, src_key_padding_mask=pad)
-        scores = F.cosine_similarity(out[:, :1], out[:, 1:], dim=-1) / self.config.tau
+        return F.cosine_similarity(out[:, :1], out[:, 1:], dim=-1) / self.config.tau
+
+
+class SafetyRanker(nn.Module):
+    """Listwise ranker: the mean score of ``config.members`` :class:`RankerMember` (module docstring)."""
+
+    def __init__(self, config: RankerConfig) -> None:
+        super().__init__()
+        if config.width % config.n_heads:
+            raise LensSafetyError(
+                f"width {config.width} is not divisible by {config.n_heads} heads",
+                "choose a width that is a multiple of n_heads",
+            )
+        if config.members < 1:
+            raise LensSafetyError(
+                f"an ensemble needs >= 1 member, got {config.members}", "pass --members 1 or more"
+            )
+        self.config = config
+        #: identity of the model whose hidden states this ranker reads (``ChatModel.identity()``)
+        self.base_model: dict[str, Any] | None = None
+        self.members = nn.ModuleList([RankerMember(config) for _ in range(config.members)])
+        n = self.n_parameters()
+        if n > MAX_PARAMETERS:
+            raise LensSafetyError(
+                f"ranker has {n:,} parameters (limit {MAX_PARAMETERS:,})", "lower --width or --members"
+            )
+
+    @classmethod
+    def from_members(cls, rankers: list[SafetyRanker]) -> SafetyRanker:
+        """One ensemble ranker holding the (single-member) ``rankers``' weights, in order."""
+        config = replace(rankers[0].config, members=sum(r.config.members for r in rankers))
+        ensemble = cls(config)
+        members = [m for r in rankers for m in r.members]
+        for target, source in zip(ensemble.members, members, strict=True):
+            target.load_state_dict(source.state_dict())
+        ensemble.base_model = rankers[0].base_model
+        return ensemble.eval()
+
+    def n_parameters(self) -> int:
+        """Trainable parameters (all members)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def set_standardization(self, features: Float[torch.Tensor, "n d_input"]) -> None:
+        """Every member standardises with the mean and std of these training features."""
+        for member in self.members:
+            assert isinstance(member, RankerMember)
+            member.set_standardization(features)
+
+    def forward(
+        self,
+        instruction: Float[torch.Tensor, "batch d_input"],
+        responses: Float[torch.Tensor, "batch m d_input"],
+        valid: Bool[torch.Tensor, "batch m"] | None = None,
+    ) -> Float[torch.Tensor, "batch m"]:
+        """Scores ``cos(o_inst, o_resp_i) / tau`` (mean over members); padded candidates get ``-inf``."""
+        batch, m, _ = responses.shape
+        if valid is None:
+            valid = torch.ones(batch, m, dtype=torch.bool, device=responses.device)
+        scores = torch.stack([member(instruction, responses, valid) for member in self.members]).mean(0)
         return scores.masked_fill(~valid, float("-inf"))
 
 
@@ -201,7 +245,10 @@ def load_ranker(directory: str | Path, model: Any | None = None) -> SafetyRanker
         check_base_model(record.get("base_model"), model.identity(), Path(directory))
     config = RankerConfig(**record["config"])
     ranker = SafetyRanker(config)
-    ranker.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    state = load_file(str(Path(directory) / WEIGHTS_FILE))
+    if not any(k.startswith("members.") for k in state):  # saved before ensembles: one member
+        state = {f"members.0.{k}": v for k, v in state.items()}
+    ranker.load_state_dict(state)
     ranker.base_model = record.get("base_model")
     ranker.eval()
     return ranker

@@ -56,6 +56,8 @@ class TrainingReport:
     val_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     n_parameters: int = 0
+    #: one report per member of an ensemble (seeds ``seed .. seed + K - 1``); empty for one member
+    members: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +175,8 @@ def train_ranker(
         layer=layer if features == "hidden" else None,
         context=context,
     )
+    if config.members > 1:
+        return _train_ensemble(dataset, features, layer, context, config, train_config, progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_config.seed)
         ranker = SafetyRanker(config)
@@ -181,3 +185,37 @@ def train_ranker(
             ranker, [items[i] for i in train_idx], [items[i] for i in val_idx], train_config, progress
         )
     return ranker, report
+
+
+def _train_ensemble(
+    dataset: SRRDataset,
+    features: str,
+    layer: int | None,
+    context: str,
+    config: RankerConfig,
+    train_config: TrainConfig,
+    progress: bool,
+) -> tuple[SafetyRanker, TrainingReport]:
+    """K single rankers, member k seeded ``seed + k`` (init, order and early-stopping split)."""
+    single = replace(config, members=1)
+    trained = [
+        train_ranker(
+            dataset,
+            features=features,
+            layer=layer,
+            context=context,
+            ranker_config=single,
+            train_config=replace(train_config, seed=train_config.seed + k),
+            progress=progress,
+        )
+        for k in range(config.members)
+    ]
+    ensemble = SafetyRanker.from_members([r for r, _ in trained])
+    first = trained[0][1]
+    report = replace(
+        first,
+        seconds=sum(r.seconds for _, r in trained),
+        n_parameters=ensemble.n_parameters(),
+        members=[r.to_dict() for _, r in trained],
+    )
+    return ensemble, report

@@ -28,13 +28,14 @@ from lens_safety.srr import (
     train_baselines,
     train_ranker,
 )
-from lens_safety.srr.data import default_ranker_layer
+from lens_safety.srr.build import default_ranker_layer
 
 torch.manual_seed(0)
 model = ls.load_model("smollm2-refusal")  # the refusal organism: it refuses sometimes, so lists are mixed
 LAYER = default_ranker_layer(model)  # within the lower 25% of the layers, as in the paper
+LATE = int(0.8 * model.n_layers)  # where our cross-validation on the organism put the best ranker
 FINAL = model.n_layers  # the final residual stream (pre-norm), for the final-layer baseline
-print("ranker layer", LAYER, "of", model.n_layers)
+print("paper's layer", LAYER, "| late layer", LATE, "| of", model.n_layers)
 
 # %% [markdown]
 # ## 1. Candidate lists
@@ -48,7 +49,11 @@ print("ranker layer", LAYER, "of", model.n_layers)
 
 # %%
 settings = dict(
-    n=6, max_new_tokens=16, layers=[LAYER, FINAL], contexts=("with_instruction",), temperature=1.0
+    n=6,
+    max_new_tokens=16,
+    layers=[LAYER, LATE, FINAL],
+    contexts=("with_instruction", "generated_mean"),
+    temperature=1.0,
 )
 train = build_dataset(
     model,
@@ -79,17 +84,23 @@ for text, positive, reason in zip(example.candidates, example.positive, example.
 # %% [markdown]
 # ## 2. Features
 #
-# For each list: the last-token hidden state of the instruction, `h_inst`, and of each candidate,
-# `h_resp_i`, at layer `LAYER` (raw HF basis). A candidate is encoded *with* its instruction
-# (`with_instruction`, stored here) or alone (`response_only`; `build_dataset` stores both by default).
+# For each list: the last-token hidden state of the instruction, `h_inst`, and one vector per
+# candidate, `h_resp_i` (raw HF basis). The paper encodes a candidate in a second forward pass and
+# takes its last token: *with* its instruction (`with_instruction`, stored here) or alone
+# (`response_only`). We add two encodings read **while sampling**, so they cost no extra pass:
+# the state of the last sampled token (`generated`) and the mean of the states of every sampled
+# token (`generated_mean`, stored here). A 16- or 48-token sample is usually cut mid-sentence, and
+# its last token says little; the mean sees the whole answer.
 
 # %%
 print("instruction features", tuple(train.instruction_features(LAYER).shape))
-print("candidates of list 0", tuple(train.response_features(0, LAYER, "with_instruction").shape))
+print("candidates of list 0, last token", tuple(train.response_features(0, LAYER, "with_instruction").shape))
+print("candidates of list 0, mean", tuple(train.response_features(0, LATE, "generated_mean").shape))
 
 # %% [markdown]
 # **Question for the reader.** Why might encoding the answer *with* its instruction matter for
 # safety? Think of "Sure, here are the steps" after a cooking question and after a weapons question.
+# Do the sampled encodings see the instruction too?
 
 # %% [markdown]
 # ## 3. Training the ranker
@@ -101,10 +112,25 @@ print("candidates of list 0", tuple(train.response_features(0, LAYER, "with_inst
 # %%
 ranker_config = RankerConfig(d_input=model.d_model, width=64, n_heads=4, ff_width=128)
 train_config = TrainConfig(max_epochs=60, patience=10)
-ranker, report = train_ranker(train, layer=LAYER, ranker_config=ranker_config, train_config=train_config)
-print(f"{ranker.n_parameters()} parameters;", report.to_dict())
+paper_ranker, _ = train_ranker(
+    train, layer=LAYER, context="with_instruction", ranker_config=ranker_config, train_config=train_config
+)
+ranker, report = train_ranker(
+    train, layer=LATE, context="generated_mean", ranker_config=ranker_config, train_config=train_config
+)
+print(f"{ranker.n_parameters()} parameters; best epoch {report.best_epoch} of {report.epochs_run}")
+for name, candidate in [
+    (f"paper: with_instruction, layer {LAYER}", paper_ranker),
+    (f"generated_mean, layer {LATE}", ranker),
+]:
+    print(f"{name:>34}: test pairwise accuracy {evaluate(candidate, test).ranker.pairwise_accuracy:.2f}")
 
 # %% [markdown]
+# With a handful of lists these two numbers are noise; on the organism's full splits (hundreds of
+# lists, `docs/concepts/srr.md`) cross-validation preferred the mean over the response at a late
+# layer in every configuration tried. `RankerConfig(members=K)` averages K rankers trained with
+# different seeds (an ensemble, our addition), which steadied those results further.
+#
 # **Question for the reader.** The paper's ranker stays under 5M parameters. Why keep it small
 # when there are only a few dozen lists to learn from?
 
@@ -120,8 +146,8 @@ ranker_dir = Path(tempfile.mkdtemp())
 train_baselines(
     train,
     ranker_dir,
-    layer=LAYER,
-    context="with_instruction",
+    layer=LATE,
+    context="generated_mean",
     ranker_config=ranker_config,
     train_config=train_config,
     base_model=model.identity(),
@@ -142,8 +168,8 @@ comparison_figure(evaluation)
 # %% [markdown]
 # ## 5. Best-of-N in action
 #
-# Sample `N` answers to one prompt, read their features in one forward pass, and return them
-# ranked by the ranker (best first), with the time spent on generation and on ranking.
+# Sample `N` answers to one prompt (the `generated_mean` features are read while sampling) and
+# return them ranked by the ranker (best first), with the time spent on generation and on ranking.
 
 # %%
 choice = select(model, ranker, test.lists[0].source_instruction, n=4, max_new_tokens=12, seed=0)
