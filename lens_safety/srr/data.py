@@ -223,5 +223,3 @@ class SRRDataset:
             offsets,
             meta,
         )
-
-
