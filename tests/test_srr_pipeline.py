@@ -349,3 +349,30 @@ def test_cli_harmless_only_lists_with_sampled_contexts_train_with_other_data(
         capsys,
     )
     assert code == 2 and "with_instruction" in err and not (tmp_path / "r2").exists()
+
+
+def test_cli_sweep_combines_training_directories_and_writes_the_figure(
+    built: Path, tmp_path: Path, capsys
+) -> None:
+    html = tmp_path / "sweep.html"
+    argv = [
+        "srr",
+        "sweep",
+        str(built),
+        str(built),
+        "--test",
+        str(built),
+        "--layers",
+        "1",
+        "--out",
+        str(html),
+        "--json",
+    ]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert sorted(r["context"] for r in rows) == sorted(SRRDataset.load(built).responses)
+    assert {r["layer"] for r in rows} == {1} and all(0 <= r["pairwise_accuracy"] <= 1 for r in rows)
+    assert "<html>" in html.read_text() and "plotly" in html.read_text()
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "already exists" in err

@@ -381,7 +381,9 @@ def generate_command(
 
 @srr_app.command("sweep")
 def sweep_command(
-    train_dir: Annotated[Path, typer.Argument(help="Training lists (from `srr build-data`).")],
+    train_dirs: Annotated[
+        list[Path], typer.Argument(help="Training lists (from `srr build-data`; several are combined).")
+    ],
     test_dir: Annotated[
         Path, typer.Option("--test", help="Held-out lists (from `srr build-data` or `srr eval --save-data`).")
     ],
@@ -394,13 +396,14 @@ def sweep_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Layer sweep x response encoding: train one ranker per cell, measure it on held-out lists."""
+    from lens_safety.srr.combine import load_datasets
     from lens_safety.srr.data import SRRDataset
     from lens_safety.srr.experiments import layer_sweep, sweep_figure
     from lens_safety.srr.train import TrainConfig
 
     if out is not None:
         _check_out(out, overwrite)
-    train_set, test_set = SRRDataset.load(train_dir), SRRDataset.load(test_dir)
+    train_set, test_set = load_datasets(train_dirs), SRRDataset.load(test_dir)
     rows = layer_sweep(
         train_set, test_set, _parse_ints(layers), train_config=TrainConfig(seed=seed), progress=True
     )
