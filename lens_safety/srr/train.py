@@ -7,6 +7,9 @@ training lists in a seeded random order in mini-batches; after each epoch the va
 (:func:`~lens_safety.srr.ranker.listwise_loss`) is computed in eval mode, the best state is kept,
 and training stops after ``patience`` epochs without improvement. The global torch RNG is left
 untouched (``torch.random.fork_rng``), so two runs with one seed give identical weights.
+
+An ensemble (``RankerConfig.members = K``) is K such runs, member ``k`` with seed ``seed + k``
+(its own split, initialisation and order), joined by :meth:`SafetyRanker.from_members`.
 """
 
 from __future__ import annotations
@@ -163,59 +166,51 @@ def train_ranker(
     """
     train_config = train_config or TrainConfig()
     mixed = dataset.mixed()
-    train_idx, val_idx = split_by_source(mixed, train_config.val_fraction, train_config.seed)
     items = list_inputs(mixed, features, layer, context)
-    base = ranker_config or RankerConfig(
-        d_input=items[0].responses.shape[-1] if items else int(dataset.instruction.shape[-1])
-    )
+    width = int(dataset.instruction.shape[-1])  # the model's d_model, also the hashed text width
     config = replace(
-        base,
-        d_input=int(dataset.instruction.shape[-1]),
+        ranker_config or RankerConfig(d_input=width),
+        d_input=width,
         features=features,
         layer=layer if features == "hidden" else None,
         context=context,
     )
-    if config.members > 1:
-        return _train_ensemble(dataset, features, layer, context, config, train_config, progress)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(train_config.seed)
-        ranker = SafetyRanker(config)
-        ranker.base_model = dataset.meta.get("model")
-        report = fit(
-            ranker, [items[i] for i in train_idx], [items[i] for i in val_idx], train_config, progress
-        )
-    return ranker, report
-
-
-def _train_ensemble(
-    dataset: SRRDataset,
-    features: str,
-    layer: int | None,
-    context: str,
-    config: RankerConfig,
-    train_config: TrainConfig,
-    progress: bool,
-) -> tuple[SafetyRanker, TrainingReport]:
-    """K single rankers, member k seeded ``seed + k`` (init, order and early-stopping split)."""
-    single = replace(config, members=1)
     trained = [
-        train_ranker(
-            dataset,
-            features=features,
-            layer=layer,
-            context=context,
-            ranker_config=single,
-            train_config=replace(train_config, seed=train_config.seed + k),
-            progress=progress,
+        _train_member(
+            mixed,
+            items,
+            replace(config, members=1),
+            replace(train_config, seed=train_config.seed + k),
+            progress,
         )
         for k in range(config.members)
     ]
+    if len(trained) == 1:
+        return trained[0]
     ensemble = SafetyRanker.from_members([r for r, _ in trained])
-    first = trained[0][1]
     report = replace(
-        first,
+        trained[0][1],
         seconds=sum(r.seconds for _, r in trained),
         n_parameters=ensemble.n_parameters(),
         members=[r.to_dict() for _, r in trained],
     )
     return ensemble, report
+
+
+def _train_member(
+    mixed: SRRDataset,
+    items: Sequence[ListInput],
+    config: RankerConfig,
+    train_config: TrainConfig,
+    progress: bool,
+) -> tuple[SafetyRanker, TrainingReport]:
+    """One ranker: its own seeded early-stopping split, initialisation and visiting order."""
+    train_idx, val_idx = split_by_source(mixed, train_config.val_fraction, train_config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_config.seed)
+        ranker = SafetyRanker(config)
+        ranker.base_model = mixed.meta.get("model")
+        report = fit(
+            ranker, [items[i] for i in train_idx], [items[i] for i in val_idx], train_config, progress
+        )
+    return ranker, report
