@@ -294,8 +294,9 @@ def _print_direction_summary(report: Any, out: Path, files: list[str], as_json: 
         table.add_row(
             *[("" if c is None else f"{c:.3g}" if isinstance(c, float) else str(c)) for c in cells], status
         )
-    stdout_console().print(table)
-    stdout_console().print(f"wrote {', '.join(files)} to {out}")
+    console = stdout_console()
+    console.print(table)
+    console.print(f"wrote {', '.join(files)} to {out}")
 
 
 @app.command()
