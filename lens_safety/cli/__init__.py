@@ -29,7 +29,7 @@ def _root() -> None:
 
 
 # Command modules, imported for their side effect of registering commands.
-COMMAND_MODULES = ("info", "directions", "rosi", "evaluate", "organism", "srr")
+COMMAND_MODULES = ("info", "directions", "rosi", "evaluate", "organism", "srr", "srr_experiments")
 
 
 def _register() -> None:

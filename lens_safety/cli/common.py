@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -66,9 +67,20 @@ def load_cli_model(
     )
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN: a metric over no lists; inf) replaced by ``None``."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(value) for value in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    """Print JSON on stdout (the only thing a ``--json`` command writes there)."""
-    typer.echo(json.dumps(data, indent=2, default=str))
+    """Print strict JSON on stdout (the only thing a ``--json`` command writes there); NaN -> null."""
+    typer.echo(json.dumps(strict_json(data), indent=2, default=str, allow_nan=False))
 
 
 #: table width when stdout is a file or a pipe (rich would fall back to 80 columns and wrap)

@@ -283,7 +283,10 @@ def eval_command(
     harmful: HarmfulOpt = "builtin:harmful:test",
     harmless: HarmlessOpt = "builtin:harmless:test",
     data: Annotated[
-        Path | None, typer.Option("--data", help="Reuse lists built earlier (skips generation).")
+        list[Path] | None,
+        typer.Option(
+            "--data", help="Reuse lists built earlier (skips generation); repeat to pool directories."
+        ),
     ] = None,
     save_data: Annotated[
         Path | None, typer.Option("--save-data", help="Also keep the lists built for this evaluation.")
@@ -301,7 +304,7 @@ def eval_command(
     """Build lists for held-out prompts with the ranker's base model and score ranker and baselines."""
     from lens_safety.srr.baselines import load_baselines
     from lens_safety.srr.build import build_dataset, default_layers
-    from lens_safety.srr.data import SRRDataset
+    from lens_safety.srr.combine import load_datasets
     from lens_safety.srr.evaluate import evaluate
     from lens_safety.srr.ranker import check_base_model, load_ranker, read_ranker_record
 
@@ -309,8 +312,8 @@ def eval_command(
     base = record.get("base_model") or {}
     if save_data is not None:
         _check_out(save_data, False)
-    if data is not None:
-        dataset = SRRDataset.load(data)
+    if data:
+        dataset = load_datasets(data)
         check_base_model(base, dataset.meta.get("model", {}), ranker_dir)
     else:
         model = load_cli_model(str(base.get("spec", "")), device, None)
@@ -377,43 +380,3 @@ def generate_command(
         f"{ranker.n_parameters():,} parameters]",
         err=True,
     )
-
-
-@srr_app.command("sweep")
-def sweep_command(
-    train_dirs: Annotated[
-        list[Path], typer.Argument(help="Training lists (from `srr build-data`; several are combined).")
-    ],
-    test_dir: Annotated[
-        Path, typer.Option("--test", help="Held-out lists (from `srr build-data` or `srr eval --save-data`).")
-    ],
-    out: Annotated[Path | None, typer.Option("--out", help="Write the plotly HTML figure here.")] = None,
-    layers: Annotated[
-        str | None, typer.Option("--layers", help="Layers to sweep (default: every stored layer).")
-    ] = None,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Layer sweep x response encoding: train one ranker per cell, measure it on held-out lists."""
-    from lens_safety.srr.combine import load_datasets
-    from lens_safety.srr.data import SRRDataset
-    from lens_safety.srr.experiments import layer_sweep, sweep_figure
-    from lens_safety.srr.train import TrainConfig
-
-    if out is not None:
-        _check_out(out, overwrite)
-    train_set, test_set = load_datasets(train_dirs), SRRDataset.load(test_dir)
-    rows = layer_sweep(
-        train_set, test_set, _parse_ints(layers), train_config=TrainConfig(seed=seed), progress=True
-    )
-    if out is not None:
-        sweep_figure(rows).write_html(str(out), include_plotlyjs="cdn")
-    if json_out:
-        print_json([r.to_dict() for r in rows])
-        return
-    for r in rows:
-        typer.echo(
-            f"layer {r.layer:>3} {r.context:<17} pairwise {r.pairwise_accuracy:.3f}  harmful top1 {r.harmful_top1_safe:.3f}  "
-            f"harmless top1 {r.harmless_top1_helpful:.3f}"
-        )

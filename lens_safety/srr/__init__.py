@@ -2,7 +2,8 @@
 
 Pipeline: :func:`build_dataset` (sample, deduplicate, label, featurise candidate lists; several builds
 combine with :func:`load_datasets`) ->
-:func:`train_ranker` (listwise KL, early stopping) -> :func:`evaluate` (ranker and baselines) ->
+:func:`train_ranker` (listwise KL, early stopping; settings chosen by :func:`cross_validate`
+on training lists only) -> :func:`evaluate` (ranker and baselines) ->
 :func:`select` (best-of-N at inference). All features are raw-HF-basis residual states of the
 frozen model (see :mod:`lens_safety.srr.features`).
 """
@@ -10,6 +11,7 @@ frozen model (see :mod:`lens_safety.srr.features`).
 from lens_safety.srr.baselines import Baselines, DirectionScorer, load_baselines, train_baselines
 from lens_safety.srr.build import build_dataset
 from lens_safety.srr.combine import concat_datasets, load_datasets
+from lens_safety.srr.crossval import CVCell, CVResult, cross_validate
 from lens_safety.srr.data import CandidateList, SRRDataset
 from lens_safety.srr.evaluate import SRREvaluation, evaluate
 from lens_safety.srr.experiments import category_transfer, comparison_figure, layer_sweep, sweep_figure
@@ -22,6 +24,8 @@ from lens_safety.srr.train import TrainConfig, TrainingReport, train_ranker
 
 __all__ = [
     "Baselines",
+    "CVCell",
+    "CVResult",
     "CandidateList",
     "DirectionScorer",
     "RankerConfig",
@@ -36,6 +40,7 @@ __all__ = [
     "category_transfer",
     "comparison_figure",
     "concat_datasets",
+    "cross_validate",
     "evaluate",
     "is_degenerate",
     "label_candidates",
