@@ -22,6 +22,7 @@ from lens_safety.srr import (
     TrainConfig,
     build_dataset,
     comparison_figure,
+    cross_validate,
     evaluate,
     load_baselines,
     select,
@@ -33,9 +34,9 @@ from lens_safety.srr.build import default_ranker_layer
 torch.manual_seed(0)
 model = ls.load_model("smollm2-refusal")  # the refusal organism: it refuses sometimes, so lists are mixed
 LAYER = default_ranker_layer(model)  # within the lower 25% of the layers, as in the paper
-LATE = int(0.8 * model.n_layers)  # where our cross-validation on the organism put the best ranker
+MID = model.n_layers // 2  # where cross-validation on the organism put the best ranker (15 of 30)
 FINAL = model.n_layers  # the final residual stream (pre-norm), for the final-layer baseline
-print("paper's layer", LAYER, "| late layer", LATE, "| of", model.n_layers)
+print("paper's layer", LAYER, "| middle layer", MID, "| of", model.n_layers)
 
 # %% [markdown]
 # ## 1. Candidate lists
@@ -51,7 +52,7 @@ print("paper's layer", LAYER, "| late layer", LATE, "| of", model.n_layers)
 settings = dict(
     n=6,
     max_new_tokens=16,
-    layers=[LAYER, LATE, FINAL],
+    layers=[LAYER, MID, FINAL],
     contexts=("with_instruction", "generated_mean"),
     temperature=1.0,
 )
@@ -95,7 +96,7 @@ for text, positive, reason in zip(example.candidates, example.positive, example.
 # %%
 print("instruction features", tuple(train.instruction_features(LAYER).shape))
 print("candidates of list 0, last token", tuple(train.response_features(0, LAYER, "with_instruction").shape))
-print("candidates of list 0, mean", tuple(train.response_features(0, LATE, "generated_mean").shape))
+print("candidates of list 0, mean", tuple(train.response_features(0, MID, "generated_mean").shape))
 
 # %% [markdown]
 # **Question for the reader.** Why might encoding the answer *with* its instruction matter for
@@ -116,24 +117,57 @@ paper_ranker, _ = train_ranker(
     train, layer=LAYER, context="with_instruction", ranker_config=ranker_config, train_config=train_config
 )
 ranker, report = train_ranker(
-    train, layer=LATE, context="generated_mean", ranker_config=ranker_config, train_config=train_config
+    train, layer=MID, context="generated_mean", ranker_config=ranker_config, train_config=train_config
 )
 print(f"{ranker.n_parameters()} parameters; best epoch {report.best_epoch} of {report.epochs_run}")
 for name, candidate in [
     (f"paper: with_instruction, layer {LAYER}", paper_ranker),
-    (f"generated_mean, layer {LATE}", ranker),
+    (f"generated_mean, layer {MID}", ranker),
 ]:
     print(f"{name:>34}: test pairwise accuracy {evaluate(candidate, test).ranker.pairwise_accuracy:.2f}")
 
 # %% [markdown]
 # With a handful of lists these two numbers are noise; on the organism's full splits (hundreds of
 # lists, `docs/concepts/srr.md`) cross-validation preferred the mean over the response to the last
-# token in every configuration tried, and chose a late layer (24 of 30). `RankerConfig(members=K)`
-# averages K rankers trained with different seeds (an ensemble, our addition), which raised the
-# cross-validated accuracy in every configuration tried.
+# token in every configuration tried, and chose a middle layer (15 of 30; the final layer came
+# last). `RankerConfig(members=K)` averages K rankers trained with different seeds (an ensemble,
+# our addition), which raised the cross-validated accuracy in every configuration tried.
 #
+# How to choose such settings without touching the test lists: **cross-validation by
+# instruction**. Each list goes to fold `sha256(source instruction) mod K`, so a list and its
+# jailbreak-wrapped siblings always share a fold; each setting trains one ranker per fold on the
+# other folds; the held-out scores of all folds are pooled, so every list is scored once by a
+# ranker that never saw its instruction. The rule picks the largest worst-case margin over the
+# targets (pairwise 0.90, harmful top-1 0.95, harmless top-1 0.90). `lens-safety srr cv` does the
+# same from the command line.
+
+# %%
+cv = cross_validate(
+    train,
+    [LAYER, MID, FINAL],
+    contexts=["generated_mean"],
+    widths=[64],
+    folds=3,
+    ranker_config=ranker_config,
+    train_config=train_config,
+)
+for cell in cv.cells:
+    print(
+        f"layer {cell.layer:>2}: CV pairwise {cell.pairwise_accuracy:.2f}, harmful top-1 "
+        f"{cell.harmful_top1_safe:.2f}, harmless top-1 {cell.harmless_top1_helpful:.2f}, margin {cell.margin:+.2f}"
+    )
+print(
+    "chosen layer:",
+    cv.best.layer,
+    f"({cv.n_lists['harmful']} harmful + {cv.n_lists['harmless']} harmless lists)",
+)
+
+# %% [markdown]
 # **Question for the reader.** The paper's ranker stays under 5M parameters. Why keep it small
 # when there are only a few dozen lists to learn from?
+#
+# **Question for the reader.** Why fold by *instruction* rather than by list: what would a
+# list-level split let the ranker memorise, and which number would it inflate?
 
 # %% [markdown]
 # ## 4. Baselines
@@ -147,7 +181,7 @@ ranker_dir = Path(tempfile.mkdtemp())
 train_baselines(
     train,
     ranker_dir,
-    layer=LATE,
+    layer=MID,
     context="generated_mean",
     ranker_config=ranker_config,
     train_config=train_config,
