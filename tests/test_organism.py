@@ -230,6 +230,29 @@ def test_merge_equals_peft_merge_on_tiny_llama(tiny_llama: Path, tmp_path: Path,
     assert materialize_organism(adapter_dir, base_dir=tiny_llama) == merged_dir  # cached
 
 
+def test_edited_lora_alpha_is_refused_and_a_recorded_one_gets_its_own_merge(
+    tiny_llama: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("LENS_SAFETY_CACHE", str(tmp_path / "cache"))
+    adapter_dir = _write_tiny_adapter(tiny_llama, tmp_path / "adapter")
+    record = {**json.loads((adapter_dir / TRAINING_FILE).read_text()), "config": {"rank": 4, "alpha": 8.0}}
+    (adapter_dir / TRAINING_FILE).write_text(json.dumps(record))
+    full = load_file(str(materialize_organism(adapter_dir, base_dir=tiny_llama) / "model.safetensors"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4.0}))
+    with pytest.raises(LensSafetyError, match=r"lora_alpha 4 but training\.json recorded rank 4, alpha 8"):
+        materialize_organism(adapter_dir, base_dir=tiny_llama)  # the weights' hash alone would not see it
+    (adapter_dir / TRAINING_FILE).write_text(json.dumps({**record, "config": {"rank": 4, "alpha": 4.0}}))
+    half = load_file(str(materialize_organism(adapter_dir, base_dir=tiny_llama) / "model.safetensors"))
+    assert len(list((tmp_path / "cache").glob("models/*"))) == 2  # not the cached full-scale merge
+    base = load_file(str(next(tiny_llama.glob("*.safetensors"))))
+    name = "model.layers.2.mlp.down_proj.weight"
+    assert (full[name] - base[name]).abs().max() > 1e-4
+    assert torch.allclose(half[name] - base[name], 0.5 * (full[name] - base[name]), atol=1e-6)
+
+
 def test_lora_delta_is_scaled_b_times_a() -> None:
     a, b = torch.randn(2, 5, dtype=torch.float16), torch.randn(3, 2, dtype=torch.float16)
     key = "base_model.model.model.layers.0.mlp.down_proj"

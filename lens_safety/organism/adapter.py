@@ -10,12 +10,13 @@ Merge, per adapted linear layer (HF layout, ``W: [d_out, d_in]``), in float32:
     W' = W + s * B @ A,   A: [r, d_in], B: [d_out, r],   s = lora_alpha / r   (alpha / sqrt(r) with rsLoRA)
 
 The merged model is written once as a float32 Hugging Face directory in the cache
-(``models/smollm2-refusal-<adapter hash prefix>``, atomically), with ``organism.json`` naming the base
+(``models/smollm2-refusal-<hash of adapter hash and scale>``, atomically), with ``organism.json`` naming the base
 model, its weights hash and the adapter hash. No peft is needed at load time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -130,8 +131,33 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, lineage: dic
     (out_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
 
 
+def merge_scale(adapter_dir: Path, record: dict[str, Any]) -> float:
+    """The merge scale ``s`` of ``adapter_config.json``, checked against the rank and alpha that
+    ``training.json`` recorded (the weights' hash does not cover the config, so an edited
+    ``lora_alpha`` would otherwise change the organism unnoticed)."""
+    try:
+        adapter_config = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        rank, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise LensSafetyError(
+            f"{adapter_dir / CONFIG_FILE} is unreadable or has no r / lora_alpha", _REBUILD
+        ) from None
+    trained = record.get("config") or {}
+    recorded = (trained.get("rank"), trained.get("alpha"))
+    if recorded != (None, None) and (rank, alpha) != (int(recorded[0]), float(recorded[1])):
+        raise LensSafetyError(
+            f"{adapter_dir / CONFIG_FILE} has r {rank}, lora_alpha {alpha:g} but training.json recorded "
+            f"rank {recorded[0]}, alpha {recorded[1]} (edited or mixed up)",
+            _REBUILD,
+        )
+    return lora_scale(adapter_config)
+
+
 def materialize_organism(adapter_dir: Path | None = None, base_dir: Path | None = None) -> Path:
     """Merged HF directory of the refusal organism (built once into the cache, then reused).
+
+    The cache entry is keyed by the adapter weights' SHA-256 and the merge scale, so two adapters
+    with the same weights but another ``lora_alpha`` never share a merged model.
 
     Args:
         adapter_dir: adapter directory (default: the one shipped in the package).
@@ -140,7 +166,9 @@ def materialize_organism(adapter_dir: Path | None = None, base_dir: Path | None 
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else shipped_adapter_dir()
     record = verify_adapter(adapter_dir)
     adapter_sha = str(record["adapter_sha256"])
-    target = cache_dir() / "models" / f"smollm2-refusal-{adapter_sha[:16]}"
+    scale = merge_scale(adapter_dir, record)
+    key = hashlib.sha256(f"{adapter_sha}|scale={scale!r}".encode()).hexdigest()
+    target = cache_dir() / "models" / f"smollm2-refusal-{key[:16]}"
     if (target / "config.json").is_file() and (target / LINEAGE_FILE).is_file():
         return target
     base_dir = Path(base_dir) if base_dir is not None else resolve_spec(BASE_SPEC)[0]
@@ -158,6 +186,7 @@ def materialize_organism(adapter_dir: Path | None = None, base_dir: Path | None 
         "base_weights_sha256": base_hash,
         "adapter_sha256": adapter_sha,
         "merge": "W + (lora_alpha / r) * B @ A, float32",
+        "scale": scale,
         "training": {k: record.get(k) for k in ("config", "data", "evaluation") if k in record},
     }
     return atomic_directory(target, lambda tmp: merge_adapter(base_dir, adapter_dir, tmp, lineage))
