@@ -143,11 +143,15 @@ def merge_scale(adapter_dir: Path, record: dict[str, Any]) -> float:
             f"{adapter_dir / CONFIG_FILE} is unreadable or has no r / lora_alpha", _REBUILD
         ) from None
     trained = record.get("config") or {}
-    recorded = (trained.get("rank"), trained.get("alpha"))
-    if recorded != (None, None) and (rank, alpha) != (int(recorded[0]), float(recorded[1])):
+    recorded_rank, recorded_alpha = trained.get("rank"), trained.get("alpha")
+    if (
+        isinstance(recorded_rank, int)
+        and isinstance(recorded_alpha, int | float)
+        and (rank, alpha) != (recorded_rank, float(recorded_alpha))
+    ):
         raise LensSafetyError(
             f"{adapter_dir / CONFIG_FILE} has r {rank}, lora_alpha {alpha:g} but training.json recorded "
-            f"rank {recorded[0]}, alpha {recorded[1]} (edited or mixed up)",
+            f"rank {recorded_rank}, alpha {float(recorded_alpha):g} (edited or mixed up)",
             _REBUILD,
         )
     return lora_scale(adapter_config)
