@@ -182,3 +182,5 @@ def test_cli_cv_prints_a_train_command_that_reproduces_the_choice(tmp_path, caps
     assert code == 2 and "already exists" in err
     code, _, err = run_cli([*argv[:3], "--layers", "5"], capsys)
     assert code == 2 and "layer 5 is not stored" in err and "Traceback" not in err
+    code, _, err = run_cli([*argv[:3], "--widths", "wide"], capsys)
+    assert code == 2 and "cannot parse --widths 'wide'" in err

@@ -53,14 +53,14 @@ LimitOpt = Annotated[
 ]
 
 
-def _parse_ints(text: str | None) -> list[int] | None:
+def _parse_ints(text: str | None, name: str = "--layers") -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LensSafetyError(
-            f"cannot parse layers '{text}'", "pass comma-separated integers, e.g. 0,6,12"
+            f"cannot parse {name} '{text}'", "pass comma-separated integers, e.g. 0,6,12"
         ) from None
 
 

@@ -106,7 +106,7 @@ def cv_command(
     if out is not None:
         _check_out(out, overwrite)
     dataset = load_datasets(train_dirs)
-    widths_list, members_list = _parse_ints(widths) or [], _parse_ints(members) or []
+    widths_list, members_list = _parse_ints(widths, "--widths") or [], _parse_ints(members, "--members") or []
     if any(w < 4 or w % 4 for w in widths_list) or any(k < 1 for k in members_list):
         raise LensSafetyError(
             f"bad --widths {widths} or --members {members}",
