@@ -53,15 +53,19 @@ LimitOpt = Annotated[
 ]
 
 
-def _parse_ints(text: str | None, name: str = "--layers") -> list[int] | None:
-    if text is None:
-        return None
+def _parse_numbers(text: str, name: str, kind: type[int] | type[float]) -> list[Any]:
+    """Comma-separated numbers of one kind, or a one-line error naming the option."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
+        example = "0,6,12" if kind is int else "0.9,0.95,0.9"
         raise LensSafetyError(
-            f"cannot parse {name} '{text}'", "pass comma-separated integers, e.g. 0,6,12"
+            f"cannot parse {name} '{text}'", f"pass comma-separated {kind.__name__}s, e.g. {example}"
         ) from None
+
+
+def _parse_ints(text: str | None, name: str = "--layers") -> list[int] | None:
+    return None if text is None else _parse_numbers(text, name, int)
 
 
 def _prompts(spec: str | None, limit: int | None) -> Any:

@@ -14,21 +14,12 @@ from typing import Annotated
 import typer
 
 from lens_safety.cli.common import JsonOpt, print_json, stdout_console, strict_json
-from lens_safety.cli.srr import OverwriteOpt, SeedOpt, _check_out, _parse_ints, srr_app
+from lens_safety.cli.srr import OverwriteOpt, SeedOpt, _check_out, _parse_ints, _parse_numbers, srr_app
 from lens_safety.errors import LensSafetyError
 
 TrainDirsArg = Annotated[
     list[Path], typer.Argument(help="Training lists (from `srr build-data`; several are combined).")
 ]
-
-
-def _parse_floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise LensSafetyError(
-            f"cannot parse {name} '{text}'", "pass comma-separated numbers, e.g. 0.9,0.95,0.9"
-        ) from None
 
 
 def _parse_names(text: str) -> list[str]:
@@ -119,7 +110,7 @@ def cv_command(
         widths=widths_list,
         members=members_list,
         folds=folds,
-        bars=_parse_floats(bars, "--bars"),
+        bars=_parse_numbers(bars, "--bars", float),
         ranker_config=RankerConfig(d_input=int(dataset.instruction.shape[-1]), dropout=dropout),
         train_config=TrainConfig(seed=seed),
         progress=True,

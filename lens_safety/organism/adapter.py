@@ -98,12 +98,14 @@ def lora_deltas(
     return deltas
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, lineage: dict[str, Any]) -> None:
-    """Write ``base + LoRA`` as a float32 HF directory at ``out_dir`` (single safetensors file)."""
+def merge_adapter(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, scale: float, lineage: dict[str, Any]
+) -> None:
+    """Write ``base + scale * B @ A`` as a float32 HF directory at ``out_dir`` (single safetensors
+    file); ``scale`` comes from :func:`merge_scale`, which checked it."""
     from safetensors.torch import load_file, save_file
 
-    adapter_config = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    deltas = lora_deltas(load_adapter_tensors(adapter_dir), lora_scale(adapter_config))
+    deltas = lora_deltas(load_adapter_tensors(adapter_dir), scale)
     weight_files = sorted(base_dir.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
     for file in weight_files:
@@ -193,4 +195,4 @@ def materialize_organism(adapter_dir: Path | None = None, base_dir: Path | None 
         "scale": scale,
         "training": {k: record.get(k) for k in ("config", "data", "evaluation") if k in record},
     }
-    return atomic_directory(target, lambda tmp: merge_adapter(base_dir, adapter_dir, tmp, lineage))
+    return atomic_directory(target, lambda tmp: merge_adapter(base_dir, adapter_dir, tmp, scale, lineage))

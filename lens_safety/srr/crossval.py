@@ -21,7 +21,6 @@ it without them:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import time
@@ -34,7 +33,7 @@ import torch
 from lens_safety.errors import LensSafetyError
 from lens_safety.progress import track
 from lens_safety.srr.baselines import ranker_scores
-from lens_safety.srr.data import SRRDataset
+from lens_safety.srr.data import SRRDataset, source_hash
 from lens_safety.srr.metrics import ranking_metrics
 from lens_safety.srr.ranker import RankerConfig
 from lens_safety.srr.train import TrainConfig, train_ranker
@@ -93,8 +92,7 @@ class CVResult:
 
 def fold_of(source_instruction: str, folds: int) -> int:
     """The fold of a list, from its source instruction only (stable across data directories)."""
-    digest = hashlib.sha256(f"cv\x1f{source_instruction}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % folds
+    return source_hash("cv", source_instruction) % folds
 
 
 def margin(pairwise: float, harmful: float, harmless: float, bars: Sequence[float]) -> float:

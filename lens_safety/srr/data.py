@@ -11,6 +11,7 @@ settings, counts). Nothing is pickled; a directory is written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -82,6 +83,14 @@ class CandidateList:
             "n_sampled",
         )
         return cls(**{k: record[k] for k in keys if k in record})
+
+
+def source_hash(salt: str, source_instruction: str) -> int:
+    """A stable 64-bit hash of ``salt`` and a source instruction (first 8 bytes of SHA-256): what
+    train / validation splits and cross-validation folds are drawn from, so that every list of one
+    instruction (jailbreak-wrapped or re-sampled) lands on the same side."""
+    digest = hashlib.sha256(f"{salt}\x1f{source_instruction}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def first_occurrences(texts: Sequence[str]) -> list[int]:

@@ -15,7 +15,6 @@ An ensemble (``RankerConfig.members = K``) is K such runs, member ``k`` with see
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +24,7 @@ import torch
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.progress import track
-from lens_safety.srr.data import SRRDataset
+from lens_safety.srr.data import SRRDataset, source_hash
 from lens_safety.srr.inputs import ListInput, list_inputs, pad_lists
 from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss
 
@@ -71,8 +70,7 @@ def split_by_source(dataset: SRRDataset, val_fraction: float, seed: int) -> tupl
     train: list[int] = []
     val: list[int] = []
     for i, item in enumerate(dataset.lists):
-        digest = hashlib.sha256(f"{seed}\x1f{item.source_instruction}".encode()).digest()
-        (val if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else train).append(i)
+        (val if source_hash(str(seed), item.source_instruction) / 2**64 < val_fraction else train).append(i)
     return train, val
 
 
