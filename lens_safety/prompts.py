@@ -10,6 +10,8 @@ with a chat template) with optional per-prompt categories and pair ids. Sources:
 * ``builtin:harmful`` / ``builtin:harmless`` (written for lens-safety, shipped in the package),
   optionally with a split: ``builtin:harmful:train`` / ``:val`` / ``:test``; and
   ``builtin:harmless_extra`` (benign requests on sensitive topics, training data only, no split);
+  ``builtin:harmful_holdout`` / ``builtin:harmless_holdout`` (written after every model and ranker
+  of the project was trained, never used to train or choose anything; no split);
 * ``advbench`` (offline from ``pyrit`` when it is installed) or ``hf:<dataset id>[:column]``
   (Hugging Face ``datasets``, online).
 
@@ -34,6 +36,12 @@ from lens_safety.hashing import sha256_texts
 SPLITS = ("train", "val", "test")
 #: fraction boundaries of the deterministic split, in percent: train < 60 <= val < 80 <= test
 SPLIT_BOUNDS = (60, 80)
+#: built-in sets that are used whole (name -> what they are for)
+UNSPLIT_BUILTINS = {
+    "harmless_extra": "all of it is training data for the refusal organism",
+    "harmful_holdout": "all of it is held-out test data",
+    "harmless_holdout": "all of it is held-out test data",
+}
 
 
 def _bucket(key: str) -> int:
@@ -213,15 +221,16 @@ def builtin_path(filename: str) -> Path:
 def _load_builtin(spec: str) -> PromptSet:
     parts = spec.split(":")
     kind = parts[1] if len(parts) > 1 else ""
-    if kind not in {"harmful", "harmless", "harmless_extra"}:
+    if kind not in {"harmful", "harmless", *UNSPLIT_BUILTINS}:
         raise LensSafetyError(
             f"unknown built-in prompt set '{spec}'",
-            "use builtin:harmful or builtin:harmless, optionally :train/:val/:test, or builtin:harmless_extra",
+            "use builtin:harmful or builtin:harmless, optionally :train/:val/:test, or one of "
+            + ", ".join(f"builtin:{name}" for name in UNSPLIT_BUILTINS),
         )
-    if kind == "harmless_extra" and len(parts) > 2:
+    if kind in UNSPLIT_BUILTINS and len(parts) > 2:
         raise LensSafetyError(
-            f"builtin:harmless_extra has no splits (got '{spec}')",
-            "use builtin:harmless_extra: all of it is training data",
+            f"builtin:{kind} has no splits (got '{spec}')",
+            f"use builtin:{kind}: {UNSPLIT_BUILTINS[kind]}",
         )
     records = _read_records(builtin_path(f"{kind}.jsonl"))
     result = _from_records(records, "prompt", kind, spec)

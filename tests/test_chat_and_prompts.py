@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 
 import pytest
 from transformers import AutoTokenizer
@@ -94,6 +96,31 @@ def test_training_only_benign_set_shares_no_prompt_with_any_split():
         check_disjoint(extra, PromptSet.load(f"builtin:{kind}"))
     with pytest.raises(LensSafetyError, match="has no splits"):
         PromptSet.load("builtin:harmless_extra:val")
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def test_holdout_sets_are_new_instructions_not_paraphrases_of_any_other_set():
+    """The held-out SRR test sets: whole (no splits), balanced, and no prompt shares more than
+    60% of its words (Jaccard) with any prompt of the training-side sets."""
+    harmful, harmless = PromptSet.load("builtin:harmful_holdout"), PromptSet.load("builtin:harmless_holdout")
+    assert len(harmful) == len(harmless) == 128
+    counts = Counter(harmful.categories or ())
+    assert len(counts) == 8 and set(counts.values()) == {16}
+    check_disjoint(harmful, harmless)
+    others = [
+        p for name in ("harmful", "harmless", "harmless_extra") for p in PromptSet.load(f"builtin:{name}")
+    ]
+    other_words = [_words(p) for p in others]
+    for prompt in (*harmful, *harmless):
+        words = _words(prompt)
+        closest = max(len(words & o) / len(words | o) for o in other_words)
+        assert closest < 0.6, prompt
+    for name in ("harmful_holdout", "harmless_holdout"):
+        with pytest.raises(LensSafetyError, match="has no splits"):
+            PromptSet.load(f"builtin:{name}:test")
 
 
 def test_duplicates_across_classes_are_refused():

@@ -15,7 +15,7 @@ from lens_safety.evaluation.judges import SubstringJudge, judge_from_callable
 from lens_safety.srr.build import build_dataset, wrap_harmful
 from lens_safety.srr.data import SRRDataset, deduplicate
 from lens_safety.srr.features import list_features
-from lens_safety.srr.labels import is_degenerate, label_candidates
+from lens_safety.srr.labels import is_degenerate, label_candidates, relabel_dataset
 from lens_safety.srr.select import select
 
 HARMFUL = [
@@ -172,6 +172,17 @@ def test_cli_train_eval_generate_and_model_check(built: Path, tiny_dirs, tmp_pat
         assert key in result
         for name in ("first_sample", "random", "text_only", "final_layer", "direction"):
             assert key in result["baselines"][name]
+    stored = SRRDataset.load(built)
+    assert result["n_lists_harmful"] == sum(x.mixed for x in stored.lists if x.kind == "harmful")
+    # --judge with --data re-labels the stored lists before scoring
+    code, out, err = run_cli(
+        ["srr", "eval", str(ranker_dir), "--data", str(built), "--judge", "substring", "--json"], capsys
+    )
+    assert code == 0, err
+    relabelled = relabel_dataset(stored, "substring")[0]
+    for kind in ("harmful", "harmless"):
+        expected = sum(x.mixed for x in relabelled.lists if x.kind == kind)
+        assert json.loads(out)[f"n_lists_{kind}"] == expected
 
     # without --data: lists are built with the ranker's base model, then scored
     harmful_file, harmless_file = tmp_path / "harmful.txt", tmp_path / "harmless.txt"

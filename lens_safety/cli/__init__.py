@@ -29,7 +29,16 @@ def _root() -> None:
 
 
 # Command modules, imported for their side effect of registering commands.
-COMMAND_MODULES = ("info", "directions", "rosi", "evaluate", "organism", "srr", "srr_experiments")
+COMMAND_MODULES = (
+    "info",
+    "directions",
+    "rosi",
+    "evaluate",
+    "organism",
+    "srr",
+    "srr_experiments",
+    "srr_data",
+)
 
 
 def _register() -> None:

@@ -27,7 +27,8 @@ from lens_safety.errors import LensSafetyError
 JudgeOpt = Annotated[
     str,
     typer.Option(
-        "--judge", help="substring (reference list), substring-strict, or hf:<classifier id or path>."
+        "--judge",
+        help="substring (reference list), substring-strict, substring-broad, or hf:<classifier id or path>.",
     ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]

@@ -44,7 +44,8 @@ JailbreakOpt = Annotated[
     ),
 ]
 JudgeOpt = Annotated[
-    str, typer.Option("--judge", help="Refusal judge: substring, substring-strict or hf:<id>.")
+    str,
+    typer.Option("--judge", help="Refusal judge: substring, substring-strict, substring-broad or hf:<id>."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 LimitOpt = Annotated[
@@ -300,7 +301,14 @@ def eval_command(
     max_new_tokens: MaxTokensOpt = 48,
     seed: SeedOpt = 1,
     jailbreak_fraction: JailbreakOpt = 0.5,
-    judge: JudgeOpt = "substring",
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            "--judge",
+            help="Judge of the labels (default: substring when building; with --data, the stored labels "
+            "unless a judge is named, which re-labels them).",
+        ),
+    ] = None,
     limit: LimitOpt = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
@@ -319,6 +327,10 @@ def eval_command(
     if data:
         dataset = load_datasets(data)
         check_base_model(base, dataset.meta.get("model", {}), ranker_dir)
+        if judge is not None:
+            from lens_safety.srr.labels import relabel_dataset
+
+            dataset = relabel_dataset(dataset, judge)[0]
     else:
         model = load_cli_model(str(base.get("spec", "")), device, None)
         load_ranker(ranker_dir, model)  # refuses a ranker trained on another model
@@ -331,7 +343,7 @@ def eval_command(
             max_new_tokens=max_new_tokens,
             seed=seed,
             jailbreak_fraction=jailbreak_fraction,
-            judge=judge,
+            judge=judge or "substring",
             layers=default_layers(model, record["config"].get("layer")),
             progress=True,
         )

@@ -16,6 +16,7 @@ from lens_safety.evaluation.jailbreaks import (
 )
 from lens_safety.evaluation.judges import (
     REFUSAL_SUBSTRINGS,
+    BroadSubstringJudge,
     CallableJudge,
     ClassifierJudge,
     Judge,
@@ -39,6 +40,7 @@ from lens_safety.evaluation.suite import ModelEvaluation, evaluate_model
 __all__ = [
     "REFUSAL_SUBSTRINGS",
     "Agreement",
+    "BroadSubstringJudge",
     "CEResult",
     "CallableJudge",
     "ClassifierJudge",

@@ -16,7 +16,7 @@ from lens_safety.srr.data import CandidateList, SRRDataset
 from lens_safety.srr.evaluate import SRREvaluation, evaluate
 from lens_safety.srr.experiments import category_transfer, comparison_figure, layer_sweep, sweep_figure
 from lens_safety.srr.features import list_features, read_token_states
-from lens_safety.srr.labels import is_degenerate, label_candidates
+from lens_safety.srr.labels import is_degenerate, label_candidates, relabel_dataset
 from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
 from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss, load_ranker, save_ranker
 from lens_safety.srr.select import Selection, select
@@ -52,6 +52,7 @@ __all__ = [
     "load_ranker",
     "ranking_metrics",
     "read_token_states",
+    "relabel_dataset",
     "save_ranker",
     "select",
     "sweep_figure",

@@ -8,6 +8,8 @@
 :func:`is_degenerate` is a small, documented heuristic: a completion is degenerate when it has
 fewer than ``min_words`` words, or its word 3-grams are mostly repeats (distinct / total 3-grams
 below ``min_distinct_trigrams``), or one word makes up more than ``max_word_share`` of it.
+
+:func:`relabel_dataset` re-labels stored lists with another judge (no sampling, no encoding).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import replace
+from typing import Any, Literal
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.judges import Judge, run_judge
+from lens_safety.evaluation.judges import Judge, get_judge, run_judge
+from lens_safety.srr.data import CandidateList, SRRDataset
 
 Kind = Literal["harmful", "harmless"]
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -65,3 +69,34 @@ def label_candidates(
             positive.append(True)
             reasons.append("helpful")
     return positive, reasons
+
+
+def relabel_dataset(dataset: SRRDataset, judge: Judge | str) -> tuple[SRRDataset, dict[str, Any]]:
+    """The same lists and features with every candidate re-labelled by ``judge``.
+
+    Labels are a judge's opinion: this changes ``positive`` / ``reasons`` (and so which lists are
+    mixed) without sampling or encoding anything again. Returns the new dataset (its
+    ``meta["settings"]["judge"]`` is the new judge's name and ``meta["relabelled"]`` records the
+    previous judge and the changes) and a summary: per kind, candidates whose label flipped and
+    mixed lists before / after.
+    """
+    judge_obj = get_judge(judge)
+    lists: list[CandidateList] = []
+    summary: dict[str, Any] = {"judge": judge_obj.name}
+    flips = {"harmful": 0, "harmless": 0}
+    for item in dataset.lists:
+        positive, reasons = label_candidates(judge_obj, item.kind, item.instruction, item.candidates)
+        flips[item.kind] += sum(a != b for a, b in zip(positive, item.positive, strict=True))
+        lists.append(replace(item, positive=positive, reasons=reasons))
+    for kind in ("harmful", "harmless"):
+        summary[f"flipped_{kind}"] = flips[kind]
+        summary[f"mixed_{kind}_before"] = sum(x.mixed for x in dataset.lists if x.kind == kind)
+        summary[f"mixed_{kind}_after"] = sum(x.mixed for x in lists if x.kind == kind)
+    meta = dict(dataset.meta)
+    previous = (meta.get("settings") or {}).get("judge")
+    meta["settings"] = {**(meta.get("settings") or {}), "judge": judge_obj.name}
+    meta["relabelled"] = {**summary, "previous_judge": previous}
+    relabelled = SRRDataset(
+        lists, dataset.layers, dataset.instruction, dataset.responses, list(dataset.offsets), meta
+    )
+    return relabelled, summary
