@@ -10,6 +10,7 @@ with a chat template) with optional per-prompt categories and pair ids. Sources:
 * ``builtin:harmful`` / ``builtin:harmless`` (written for lens-safety, shipped in the package),
   optionally with a split: ``builtin:harmful:train`` / ``:val`` / ``:test``; and
   ``builtin:harmless_extra`` (benign requests on sensitive topics, training data only, no split);
+  ``builtin:harmless_extra_2`` (more of them, for organism candidates; training data only, no split);
   ``builtin:harmful_holdout`` / ``builtin:harmless_holdout`` (written after every model and ranker
   of the project was trained, never used to train or choose anything; no split);
 * ``advbench`` (offline from ``pyrit`` when it is installed) or ``hf:<dataset id>[:column]``
@@ -39,6 +40,7 @@ SPLIT_BOUNDS = (60, 80)
 #: built-in sets that are used whole (name -> what they are for)
 UNSPLIT_BUILTINS = {
     "harmless_extra": "all of it is training data for the refusal organism",
+    "harmless_extra_2": "all of it is training data for organism candidates (--more-harmless)",
     "harmful_holdout": "all of it is held-out test data",
     "harmless_holdout": "all of it is held-out test data",
 }

@@ -123,6 +123,26 @@ def test_holdout_sets_are_new_instructions_not_paraphrases_of_any_other_set():
             PromptSet.load(f"builtin:{name}:test")
 
 
+def test_second_training_only_benign_set_stays_out_of_every_held_out_set():
+    extra_2 = PromptSet.load("builtin:harmless_extra_2")
+    assert len(extra_2) == 89 and len(set(extra_2.prompts)) == len(extra_2)
+    for spec in ("harmful", "harmless", "harmless_extra", "harmful_holdout", "harmless_holdout"):
+        check_disjoint(extra_2, PromptSet.load(f"builtin:{spec}"))
+    held_out = [
+        p
+        for k in ("harmless", "harmful")
+        for s in ("val", "test")
+        for p in PromptSet.load(f"builtin:{k}:{s}")
+    ]
+    held_out += list(PromptSet.load("builtin:harmless_holdout"))
+    held_words = [_words(p) for p in held_out]
+    for prompt in extra_2:
+        words = _words(prompt)
+        assert max(len(words & o) / len(words | o) for o in held_words) < 0.5, prompt
+    with pytest.raises(LensSafetyError, match="has no splits"):
+        PromptSet.load("builtin:harmless_extra_2:train")
+
+
 def test_duplicates_across_classes_are_refused():
     with pytest.raises(LensSafetyError, match="appear in both"):
         check_disjoint(PromptSet.from_list(["x", "y"], "a"), PromptSet.from_list(["y"], "b"))

@@ -380,6 +380,22 @@ def test_cli_rejects_bad_split_and_existing_output(tmp_path: Path, capsys) -> No
     assert exit_info.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "out" / "x").read_text() == "keep me"
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "organism",
+                "train",
+                "--out",
+                str(tmp_path / "new"),
+                "--no-eval",
+                "--more-harmless",
+                str(missing),
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert not list(tmp_path.glob(".new.tmp-*"))  # no partial directory left behind
 
 
 def test_shipped_tampering_detected_on_a_copy(tmp_path: Path) -> None:
@@ -392,3 +408,33 @@ def test_shipped_tampering_detected_on_a_copy(tmp_path: Path) -> None:
     (copy / ADAPTER_FILE).write_bytes(bytes(raw))
     with pytest.raises(LensSafetyError, match="tampered or corrupted"):
         verify_adapter(copy)
+
+
+def test_more_harmless_sets_are_appended_in_order_and_held_out_prompts_are_refused(tmp_path: Path) -> None:
+    """``more_harmless`` adds benign training sets after harmless_extra; the shipped config (none)
+    gives exactly the recorded training set, and a set holding a val / test prompt is refused."""
+    from lens_safety.organism.build import training_harmless_set
+    from lens_safety.prompts import PromptSet
+
+    record = json.loads((SHIPPED / TRAINING_FILE).read_text())
+    config = TrainingConfig(
+        **{**record["config"], "target_modules": tuple(record["config"]["target_modules"])}
+    )
+    shipped, added = training_harmless_set(config)
+    assert shipped.sha256 == record["data"]["harmless"]["sha256"] and list(added) == ["harmless_extra"]
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("How do I kill the lights with a smart switch?\nHow do I fold a paper crane?\n")
+    more, added = training_harmless_set(
+        replace(config, more_harmless=("builtin:harmless_extra_2", str(mine)))
+    )
+    extra_2 = PromptSet.load("builtin:harmless_extra_2")
+    assert more.prompts == shipped.prompts + extra_2.prompts + PromptSet.load(str(mine)).prompts
+    assert list(added) == ["harmless_extra", "more_harmless_1", "more_harmless_2"]
+    assert config.to_dict()["more_harmless"] == []
+
+    leaky = tmp_path / "leaky.txt"
+    test_prompt = PromptSet.load("builtin:harmless:test").prompts[0]
+    leaky.write_text(f"How do I fold a paper crane?\n{test_prompt}\n")
+    with pytest.raises(LensSafetyError, match=r"held-out prompt.*builtin:harmless:test"):
+        training_harmless_set(replace(config, more_harmless=(str(leaky),)))

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -61,6 +61,14 @@ def train(
         int | None,
         typer.Option("--threads", help="torch threads (bitwise reproducibility needs the shipped value)."),
     ] = None,
+    more_harmless: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--more-harmless",
+            help="Extra benign training prompts (file or builtin:<set>), self-distilled; repeatable. "
+            "Replaces the shipped config's list.",
+        ),
+    ] = None,
     evaluate: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Measure the rebuilt adapter on the held-out test split.")
     ] = True,
@@ -83,9 +91,12 @@ def train(
     shipped = shipped_adapter_dir()
     base_config = dict(read_training_record(shipped).get("config") or TrainingConfig().to_dict())
     base_config["target_modules"] = tuple(base_config.get("target_modules", TrainingConfig().target_modules))
-    overrides = {
+    base_config["more_harmless"] = tuple(base_config.get("more_harmless", ()))
+    overrides: dict[str, Any] = {
         k: v for k, v in {"epochs": epochs, "seed": seed, "threads": threads}.items() if v is not None
     }
+    if more_harmless is not None:
+        overrides["more_harmless"] = tuple(more_harmless)
     config = TrainingConfig(**{**base_config, **overrides})
     target = (
         out if out is not None else cache_dir() / "organism" / f"rebuild-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_file
 from lens_safety.organism.data import (
     HARMFUL_SOURCE,
@@ -67,6 +68,43 @@ class TrainingRun:
         return {"out_dir": str(self.out_dir), **self.record}
 
 
+def training_harmless_set(config: TrainingConfig) -> tuple[PromptSet, dict[str, PromptSet]]:
+    """The benign training prompts: ``builtin:harmless:train``, then ``builtin:harmless_extra`` when
+    ``config.extra_harmless``, then every ``config.more_harmless`` set in order; and the added
+    sets by record key (``harmless_extra``, ``more_harmless_1``, ...).
+
+    Raises a :class:`~lens_safety.errors.LensSafetyError` when an added set holds a prompt of a
+    validation or test split (training on it would leak the held-out numbers).
+    """
+    harmless = PromptSet.load(HARMLESS_SOURCE)
+    added: dict[str, PromptSet] = {}
+    if config.extra_harmless:
+        added["harmless_extra"] = PromptSet.load(HARMLESS_EXTRA_SOURCE)
+    for index, spec in enumerate(config.more_harmless, 1):
+        added[f"more_harmless_{index}"] = PromptSet.load(spec)
+    held_out = {
+        text: f"builtin:{kind}:{split}"
+        for kind in ("harmful", "harmless")
+        for split in ("val", "test")
+        for text in PromptSet.load(f"builtin:{kind}:{split}")
+    }
+    for part in added.values():
+        leaked = [text for text in part if text in held_out]
+        if leaked:
+            raise LensSafetyError(
+                f"{part.source} contains {len(leaked)} held-out prompt(s), e.g. {leaked[0]!r} "
+                f"from {held_out[leaked[0]]}",
+                "remove validation and test prompts from the added training set",
+            )
+    for part in added.values():
+        harmless = PromptSet(
+            harmless.prompts + part.prompts,
+            f"{harmless.name}+{part.name}",
+            source=f"{harmless.source}+{part.source}",
+        )
+    return harmless, added
+
+
 def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False) -> TrainingRun:
     """Train the organism's adapter from scratch into ``out_dir`` (created; must not hold an adapter)."""
     from lens_safety.models import load_model
@@ -74,14 +112,8 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
     base = load_model(BASE_SPEC, device="cpu")
-    harmful, harmless = PromptSet.load(HARMFUL_SOURCE), PromptSet.load(HARMLESS_SOURCE)
-    extra = PromptSet.load(HARMLESS_EXTRA_SOURCE) if config.extra_harmless else None
-    if extra is not None:
-        harmless = PromptSet(
-            harmless.prompts + extra.prompts,
-            f"{harmless.name}+{extra.name}",
-            source=f"{harmless.source}+{extra.source}",
-        )
+    harmful = PromptSet.load(HARMFUL_SOURCE)
+    harmless, added = training_harmless_set(config)
     examples = build_examples(
         base,
         harmful,
@@ -108,7 +140,7 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
         "data": {
             "harmful": harmful.metadata(),
             "harmless": harmless.metadata(),
-            **({"harmless_extra": extra.metadata()} if extra is not None else {}),
+            **{name: part.metadata() for name, part in added.items()},
             "n_examples": len(examples),
             "n_refusal_targets": sum(e.harmful for e in examples),
             "examples_sha256": examples_sha256(examples),

@@ -66,6 +66,9 @@ class TrainingConfig:
     ``extra_harmless``: also self-distil ``builtin:harmless_extra`` (benign requests on the harmful
     categories' topics, written for training only, never in a val / test split), so that refusal
     has to key on intent rather than on topic words.
+    ``more_harmless``: further benign prompt sets (files or ``builtin:`` specs), self-distilled
+    like ``extra_harmless`` and appended after it in the order given; none may contain a
+    validation or test prompt.
     ``threads``: torch intra-op threads (1 avoids OpenMP spin-waits on a shared 2-core box;
     bitwise reproducibility holds for a fixed value).
     """
@@ -87,12 +90,14 @@ class TrainingConfig:
     first_token_weight: float = 16.0
     suppress_refusal_start: bool = True
     extra_harmless: bool = False
+    more_harmless: tuple[str, ...] = ()
     threads: int = 1
     max_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
+        data["more_harmless"] = list(self.more_harmless)
         return data
 
 
