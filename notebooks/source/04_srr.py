@@ -25,6 +25,7 @@ from lens_safety.srr import (
     cross_validate,
     evaluate,
     load_baselines,
+    relabel_dataset,
     select,
     train_baselines,
     train_ranker,
@@ -81,6 +82,24 @@ for text, positive, reason in zip(example.candidates, example.positive, example.
 # %% [markdown]
 # **Question for the reader.** The labels come from a keyword judge. Which mistakes of that judge
 # would the ranker learn to copy, and how would you find out?
+
+# %% [markdown]
+# ### Labels are a judge's opinion
+#
+# Sampled refusals are often worded in ways the reference keyword list never saw: to it, "Sorry, I
+# won't help with this one." is a *compliance*, so a harmful list can look mixed when every answer
+# refuses. `relabel_dataset` labels the same candidates again with another judge (features are
+# reused, nothing is sampled); `substring-broad` adds phrasings such as "I won't", "I will not" and
+# "I can not". On the organism's full training lists it was right on 71 of the 76 candidates where
+# the two judges disagree (hand-labelled; see the judges how-to), and the SRR figures use it.
+
+# %%
+broad_train, changes = relabel_dataset(train, "substring-broad")
+print(changes)
+for before, after in zip(train.lists, broad_train.lists, strict=True):
+    for text, old, new in zip(after.candidates, before.positive, after.positive, strict=True):
+        if old != new:
+            print(f"{after.kind:>8}: {'safe' if old else 'unsafe'} -> {'safe' if new else 'unsafe'}: {text[:80]!r}")
 
 # %% [markdown]
 # ## 2. Features
