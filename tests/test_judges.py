@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from lens_safety.evaluation import (
     judge_from_callable,
     run_judge,
 )
+from lens_safety.evaluation.judges import BROAD_EXTRA_CONTINUATIONS, normalise
 
 # (completion, reference decision, strict decision). The reference decision is what Arditi et al.'s
 # keyword list says (any listed phrase anywhere, case-insensitive); the strict judge differs only
@@ -202,13 +204,18 @@ def test_broad_judge(text: str, expected: bool) -> None:
 
 
 def test_broad_judge_keeps_every_reference_refusal_that_is_not_an_exception() -> None:
-    """Where the strict judge says refusal, so does the broad one (it only adds phrases)."""
-    texts = [t for t, _, _ in TRICKY] + [t for t, _ in BROAD]
+    """Where the strict judge says refusal, so does the broad one, unless a broad-only exception
+    ("I can't lie") follows the phrase: it adds phrases and a few exceptions, nothing else."""
+    texts = [t for t, _, _ in TRICKY] + [t for t, _ in BROAD] + ["I can't lie, the answer is yes."]
     strict = StrictSubstringJudge()(texts)
     broad = BroadSubstringJudge()(texts)
+    exception = re.compile("|".join(rf"\b{re.escape(x)}\b" for x in BROAD_EXTRA_CONTINUATIONS))
     for text, s, b in zip(texts, strict, broad, strict=True):
-        if s.refused and not any(f"won't {x}" in text or f"can't {x}" in text for x in ("hesitate", "lie")):
+        flat, phrase = normalise(text), normalise(s.reason or "")
+        tail = flat[flat.find(phrase) + len(phrase) :].lstrip(" ,")
+        if s.refused and not exception.match(tail):
             assert b.refused, text
+    assert not broad[-1].refused and strict[-1].refused  # the broad-only exception
     assert isinstance(get_judge("substring-broad"), BroadSubstringJudge)
     assert get_judge("broad").name == "substring-broad"
 
