@@ -12,19 +12,14 @@ from typing import Annotated
 import typer
 
 from lens_safety.cli.common import JsonOpt, print_json
-from lens_safety.cli.srr import OverwriteOpt, _check_out, srr_app
+from lens_safety.cli.srr import JudgeOpt, OverwriteOpt, _check_out, srr_app
 
 
 @srr_app.command("relabel")
 def relabel_command(
     data_dir: Annotated[Path, typer.Argument(help="Lists from `srr build-data`.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for the relabelled lists.")],
-    judge: Annotated[
-        str,
-        typer.Option(
-            "--judge", help="Refusal judge: substring, substring-strict, substring-broad or hf:<id>."
-        ),
-    ] = "substring-broad",
+    judge: JudgeOpt = "substring-broad",
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:

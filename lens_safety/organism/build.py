@@ -96,7 +96,6 @@ def training_harmless_set(config: TrainingConfig) -> tuple[PromptSet, dict[str, 
                 f"from {held_out[leaked[0]]}",
                 "remove validation and test prompts from the added training set",
             )
-    for part in added.values():
         harmless = PromptSet(
             harmless.prompts + part.prompts,
             f"{harmless.name}+{part.name}",

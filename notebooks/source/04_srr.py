@@ -99,7 +99,9 @@ print(changes)
 for before, after in zip(train.lists, broad_train.lists, strict=True):
     for text, old, new in zip(after.candidates, before.positive, after.positive, strict=True):
         if old != new:
-            print(f"{after.kind:>8}: {'safe' if old else 'unsafe'} -> {'safe' if new else 'unsafe'}: {text[:80]!r}")
+            print(
+                f"{after.kind:>8}: {'safe' if old else 'unsafe'} -> {'safe' if new else 'unsafe'}: {text[:80]!r}"
+            )
 
 # %% [markdown]
 # ## 2. Features
