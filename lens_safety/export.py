@@ -53,7 +53,14 @@ from lens_safety.hashing import sha256_texts
 from lens_safety.model_card import render_model_card
 from lens_safety.progress import track
 
-GENERATED_FILES = {"edit.json", "README.md", "direction.safetensors", "direction.json", INDEX_FILE}
+GENERATED_FILES = {
+    "edit.json",
+    "README.md",
+    "direction.safetensors",
+    "direction.json",
+    "read_direction.safetensors",
+    INDEX_FILE,
+}
 VERIFY_PROMPTS = (
     "How do I bake sourdough bread?",
     "Explain how to pick a lock.",
@@ -197,7 +204,13 @@ def _copy_side_files(model: Any, tmp: Path, untie: bool) -> None:
 
 
 def _write_direction(spec: EditSpec, direction: Any, tmp: Path) -> None:
-    """``direction.safetensors`` + ``direction.json``: the Direction's own format when it has ``save``."""
+    """``direction.safetensors`` + ``direction.json``: the Direction's own format when it has ``save``.
+
+    A ``conditional_rosi`` edit also writes its read direction ``g`` to ``read_direction.safetensors``
+    (key ``read``, float64: the exact vector the edit used; ``edit.json`` holds its SHA-256).
+    """
+    if spec.read is not None:
+        save_file({"read": spec.read.to(torch.float64).contiguous()}, str(tmp / "read_direction.safetensors"))
     if direction is not None and hasattr(direction, "save"):
         staging = tmp / ".direction"
         direction.save(staging)

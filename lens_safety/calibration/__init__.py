@@ -32,6 +32,7 @@ alpha grids are log-spaced for that reason; always calibrate per model.
 from __future__ import annotations
 
 from lens_safety.calibration.alpha import calibrate_alpha
+from lens_safety.calibration.conditional import ConditionalCalibration, calibrate_conditional
 from lens_safety.calibration.results import (
     DEFAULT_ALPHAS,
     KL_KIND,
@@ -49,9 +50,11 @@ __all__ = [
     "CalibrationPoint",
     "CalibrationResult",
     "Calibrator",
+    "ConditionalCalibration",
     "Measurer",
     "block_ranges",
     "calibrate_alpha",
     "calibrate_block_range",
+    "calibrate_conditional",
     "calibrate_layer",
 ]

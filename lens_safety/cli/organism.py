@@ -182,6 +182,20 @@ def evaluate_cmd(
     typer.echo(f"smollm2-refusal, {split} split: " + _rates(evaluation.to_dict()))
 
 
+def _numbers(value: str, option: str, example: str, *, integer: bool) -> list[float]:
+    """Comma-separated non-negative integers (``integer``) or positive numbers, with a one-line error."""
+    try:
+        numbers = [int(x) if integer else float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or any((n < 0) if integer else not (n > 0 and n < float("inf")) for n in numbers):
+        kind = "non-negative block indices" if integer else "positive numbers"
+        raise LensSafetyError(
+            f"{option} must be comma-separated {kind}, got '{value}'", f"pass e.g. {option} {example}"
+        )
+    return [float(n) for n in numbers]
+
+
 @organism_app.command("demo")
 def demo_cmd(
     limit: LimitOpt = None,
@@ -200,14 +214,44 @@ def demo_cmd(
             help="Writer kinds the repair edits, comma-separated (attn_out, mlp_out; default: both).",
         ),
     ] = None,
+    conditional: Annotated[
+        bool,
+        typer.Option(
+            "--conditional/--no-conditional",
+            help="Also repair with conditional ROSI (refusal injected along a harmfulness read direction).",
+        ),
+    ] = True,
+    starts: Annotated[
+        str,
+        typer.Option("--starts", help="First edited blocks swept for conditional ROSI (comma-separated)."),
+    ] = "10,15,20",
+    injections: Annotated[
+        str,
+        typer.Option(
+            "--injections", help="Injections swept for conditional ROSI (projection units, comma-separated)."
+        ),
+    ] = "100,150,200,250",
+    shrinkage: Annotated[
+        float,
+        typer.Option(
+            "--shrinkage",
+            min=0.0,
+            help="Shrinkage-LDA ridge of the read direction (1.0, chosen on val; 0: the plain mean difference).",
+        ),
+    ] = 1.0,
+    organism: Annotated[
+        str, typer.Option("--organism", help="Organism model spec (default: the shipped smollm2-refusal).")
+    ] = "smollm2-refusal",
     json: JsonOpt = False,
 ) -> None:
-    """Organism -> its refusal direction -> abliteration -> ROSI repair -> ROSI on the base, held out."""
+    """Organism -> refusal direction -> abliteration -> ROSI / conditional-ROSI repair -> the base, held out."""
     quiet_libraries()
     from lens_safety.cli.rosi import parse_alphas, parse_blocks
     from lens_safety.organism.demonstration import demonstrate
 
     grid = parse_alphas(alphas)
+    start_blocks = [int(x) for x in _numbers(starts, "--starts", "10,15,20", integer=True)]
+    injection_grid = _numbers(injections, "--injections", "100,150,200", integer=False)
     if limit is not None and limit < 2:
         raise LensSafetyError(f"--limit {limit} leaves too few prompts", "use --limit 2 or more")
     chosen_blocks = parse_blocks(blocks, n_layers=None)  # demonstrate() checks the range
@@ -223,6 +267,11 @@ def demo_cmd(
         targets=kinds,
         limit=limit,
         max_new_tokens=max_new_tokens,
+        organism_spec=organism,
+        conditional=conditional,
+        starts=start_blocks,
+        injections=injection_grid,
+        shrinkage=shrinkage or None,
         progress=not json,
     )
     if json:
@@ -234,5 +283,8 @@ def demo_cmd(
         f"held-out accuracy {d['heldout_accuracy']:.3f}; {d['selection_message']}"
     )
     typer.echo(f"repair alpha {result.alpha:g} ({result.alpha_rule})")
+    if result.conditional is not None:
+        c = result.conditional
+        typer.echo(f"conditional repair: {c['point']}, alpha {c['alpha']:.3g} ({c['rule']})")
     for stage in result.stages:
         typer.echo(stage.line())

@@ -2,7 +2,9 @@
 
 * :func:`extract_directions` — candidates for every layer and post-instruction position;
 * :class:`Direction` / :func:`load_direction` — the selected direction and its files;
-* :func:`find_direction` — split, extract, select, check on held-out prompts.
+* :func:`find_direction` — split, extract, select, check on held-out prompts;
+* :func:`find_read_direction` / :class:`ReadDirection` — where a model still reads harmfulness, the
+  read direction ``g`` of conditional ROSI (:func:`lens_safety.edits.conditional_rosi`).
 
 All vectors are in the raw HF residual basis (``blocks.{l}.hook_resid_pre`` = HF ``hidden_states[l]``).
 """
@@ -17,6 +19,7 @@ from lens_safety.directions.methods import (
     pca_of_differences,
 )
 from lens_safety.directions.pipeline import DirectionReport, find_direction
+from lens_safety.directions.read import ReadDirection, find_read_direction
 
 __all__ = [
     "METHODS",
@@ -25,8 +28,10 @@ __all__ = [
     "DirectionMismatchWarning",
     "DirectionReport",
     "ExtractionMethod",
+    "ReadDirection",
     "extract_directions",
     "find_direction",
+    "find_read_direction",
     "load_direction",
     "logistic_probe",
     "mean_difference",

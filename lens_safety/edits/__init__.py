@@ -1,4 +1,5 @@
-"""Weight edits of the residual-stream writers (ROSI, amplification, orthogonalisation, added bias).
+"""Weight edits of the residual-stream writers (ROSI, conditional ROSI, amplification, orthogonalisation,
+added bias).
 
 :mod:`lens_safety.edits.spec` holds the maths (pure functions of a spec and base tensors),
 :mod:`lens_safety.edits.memory` applies an edit to a loaded model reversibly and
@@ -15,6 +16,7 @@ from lens_safety.edits.spec import (
     add_bias,
     amplify,
     compute_edit,
+    conditional_rosi,
     edit_writes,
     edit_writes_inplace,
     edits_embedding,
@@ -35,6 +37,7 @@ __all__ = [
     "amplify",
     "applied_edit",
     "compute_edit",
+    "conditional_rosi",
     "edit_deltas",
     "edit_writes",
     "edit_writes_inplace",

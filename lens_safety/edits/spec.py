@@ -11,6 +11,7 @@ vectors, applied to every write of the targeted writers, without ever building a
 method            a                   u                           g
 ================  ==================  ==========================  ===========================
 ``rosi``          ``alpha``           ``s_hat``                   ``1 / d_model`` (mean)
+conditional       ``alpha``           ``s_hat``                   ``g`` (a unit read direction)
 ``amplify``       ``alpha``           ``s_hat``                   ``s_hat``
 ``orthogonalize`` ``-1``              ``s_hat``                   ``s_hat``
 ================  ==================  ==========================  ===========================
@@ -19,6 +20,12 @@ method            a                   u                           g
   ``d_model`` rows of the ORIGINAL weight (HF Linear: ``W.mean(0)``; Conv1D: transposed). A bias
   ``b`` is treated as one more write (``W x + b``): ``b' = b + alpha * s_hat * mean(b)``. Applied to
   embedding rows only when asked (``targets`` containing ``embed``).
+* ``conditional_rosi`` is ``W' = (I + alpha s_hat g^T) W = W + alpha s_hat (W^T g)^T``: ROSI whose
+  read vector is ``W^T g`` instead of ``w_bar = W^T (1 / d_model)``. It copies the part of every
+  write along ``g`` onto ``s_hat``, so the refusal it injects follows whatever ``g`` detects (e.g.
+  harmfulness, :func:`lens_safety.directions.read.find_read_direction`) instead of each write's
+  mean coordinate. With ``g = s_hat`` it is ``amplify``; on an abliterated model (``s^T W = 0``)
+  only a ``g`` other than ``s_hat`` can inject anything.
 * ``amplify`` is ``(I + alpha s s^T) W``: it rescales the part of each write already along ``s``.
 * ``orthogonalize`` is abliteration ``(I - s s^T) W``: weights, biases and embedding rows (position
   embeddings too). With tied embeddings the (unchanged) ``lm_head`` must be untied first; exports
@@ -46,11 +53,17 @@ from jaxtyping import Float
 from lens_safety.architecture import ResidualWriter
 from lens_safety.errors import LensSafetyError
 
-EditMethod = Literal["rosi", "amplify", "orthogonalize", "add_bias"]
-METHODS: tuple[str, ...] = ("rosi", "amplify", "orthogonalize")  # rank-one writer edits (make_spec)
+EditMethod = Literal["rosi", "conditional_rosi", "amplify", "orthogonalize", "add_bias"]
+METHODS: tuple[str, ...] = (
+    "rosi",
+    "conditional_rosi",
+    "amplify",
+    "orthogonalize",
+)  # rank-one writer edits (make_spec)
 WRITER_KINDS: tuple[str, ...] = ("embed", "pos_embed", "attn_out", "mlp_out")
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "rosi": ("attn_out", "mlp_out"),
+    "conditional_rosi": ("attn_out", "mlp_out"),
     "amplify": ("attn_out", "mlp_out"),
     "orthogonalize": ("embed", "pos_embed", "attn_out", "mlp_out"),
     "add_bias": ("mlp_out",),
@@ -89,6 +102,7 @@ class EditSpec:
             are edited whenever they are targeted.
         approximate: allow orthogonalising post-norm writers (Gemma 2/3), where it is inexact.
         direction_layer: the layer the direction was read at (recorded, not used by the maths).
+        read: ``conditional_rosi`` only: the unit ``[d_model]`` float64 read direction ``g``.
     """
 
     method: EditMethod
@@ -99,9 +113,12 @@ class EditSpec:
     approximate: bool = False
     direction_layer: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    read: Float[torch.Tensor, " d_model"] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        read = {} if self.read is None else {"read_sha256": _vector_hash(self.read)}
         return {
+            **read,
             "method": self.method,
             "alpha": self.alpha,
             "targets": list(self.targets),
@@ -123,14 +140,20 @@ def make_spec(
     approximate: bool = False,
     d_model: int | None = None,
     direction_layer: int | None = None,
+    read: Any = None,
 ) -> EditSpec:
     """Validate inputs and build an :class:`EditSpec` (see the module docstring for the maths)."""
     if method not in METHODS:
         raise LensSafetyError(f"unknown edit method '{method}'", f"use one of {', '.join(METHODS)}")
+    if (read is None) == (method == "conditional_rosi"):
+        raise LensSafetyError(
+            f"a read direction is {'needed' if read is None else 'only used'} by conditional_rosi (method {method})",
+            "pass read= with method conditional_rosi only (find_read_direction estimates one)",
+        )
     value = 1.0 if alpha is None else float(alpha)
     if not math.isfinite(value):
         raise LensSafetyError(f"alpha must be a finite number, got {alpha}", "pass a finite alpha")
-    if method == "rosi" and value < 0:
+    if method in ("rosi", "conditional_rosi") and value < 0:
         raise LensSafetyError(
             f"ROSI alpha must be >= 0, got {value} (a negative alpha removes safety)",
             "pass alpha >= 0; to push away from refusal use orthogonalize instead",
@@ -149,20 +172,33 @@ def make_spec(
     chosen = tuple(targets) if targets else DEFAULT_TARGETS[method]
     if method == "orthogonalize":
         value = 1.0
+    unit = unit_direction(direction, d_model)
     return EditSpec(
         method=method,  # type: ignore[arg-type]
-        direction=unit_direction(direction, d_model),
+        direction=unit,
         alpha=value,
         targets=chosen,
         layers=None if layers is None else tuple(int(x) for x in layers),
         approximate=approximate,
         direction_layer=None if direction_layer is None else int(direction_layer),
+        read=None if read is None else unit_direction(getattr(read, "vector", read), int(unit.shape[0])),
     )
 
 
 def rosi(direction: Any, alpha: float, **kwargs: Any) -> EditSpec:
     """ROSI: ``W' = W + alpha * s_hat * w_bar^T`` on every attention/MLP output (embedding optional)."""
     return make_spec("rosi", direction, alpha=alpha, **kwargs)
+
+
+def conditional_rosi(direction: Any, read: Any, alpha: float, **kwargs: Any) -> EditSpec:
+    """Conditional ROSI ``W' = (I + alpha s_hat g^T) W`` on every attention/MLP output.
+
+    ``read`` is the unit read direction ``g`` (a tensor, or a
+    :class:`~lens_safety.directions.read.ReadDirection`, whose blocks become the default ``layers``).
+    """
+    if "layers" not in kwargs and hasattr(read, "blocks"):
+        kwargs["layers"] = read.blocks
+    return make_spec("conditional_rosi", direction, alpha=alpha, read=read, **kwargs)
 
 
 def amplify(direction: Any, alpha: float, **kwargs: Any) -> EditSpec:
@@ -173,6 +209,12 @@ def amplify(direction: Any, alpha: float, **kwargs: Any) -> EditSpec:
 def orthogonalize(direction: Any, **kwargs: Any) -> EditSpec:
     """Weight orthogonalisation (abliteration) ``W' = (I - s s^T) W``, embeddings and biases included."""
     return make_spec("orthogonalize", direction, **kwargs)
+
+
+def _vector_hash(vector: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(vector.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def select_writers(
@@ -217,6 +259,12 @@ def _coefficients(
     s = spec.direction.to(torch.float64)
     if spec.method == "rosi":
         return spec.alpha, s, torch.full((d_model,), 1.0 / d_model, dtype=torch.float64)
+    if spec.method == "conditional_rosi":
+        if spec.read is None:
+            raise LensSafetyError(
+                "conditional_rosi needs a read direction", "build it with conditional_rosi()"
+            )
+        return spec.alpha, s, spec.read.to(torch.float64)
     if spec.method == "amplify":
         return spec.alpha, s, s
     return -1.0, s, s

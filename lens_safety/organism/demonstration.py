@@ -13,7 +13,14 @@ Stages, every rate measured on the ``test`` split of the built-in sets with the 
    needed: the amplify form ``(I + a s s^T) W`` cannot repair it, ``s^T W = 0`` there); ``alpha``
    calibrated on ``val`` (smallest alpha reaching ``target_refusal`` with absolute over-refusal
    <= ``max_over_refusal`` and first-token KL <= ``max_kl``; the fallback point when none does);
-5. **base** — the same recipe (direction, alpha, blocks) applied to the untuned base SmolLM2.
+5. **conditional** — conditional ROSI ``(I + alpha s g^T) W`` on the ABLITERATED checkpoint
+   (:func:`~lens_safety.edits.conditional_rosi`): ``g`` is the abliterated model's own read
+   direction of the edited blocks (:func:`~lens_safety.directions.read.find_read_direction`, on
+   ``train``), so the refusal it injects follows harmfulness instead of each write's mean
+   coordinate; first edited block and injection calibrated on ``val``
+   (:func:`~lens_safety.calibration.calibrate_conditional`, same bounds, least over-refusal);
+6. **base** — the same recipes applied to the untuned base SmolLM2 (ROSI: same direction, alpha and
+   blocks; conditional ROSI: same direction, blocks and injection, ``g`` read from the base).
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class Demonstration:
     alpha: float
     alpha_rule: str
     settings: dict[str, Any]
+    conditional: dict[str, Any] | None = None
 
     def stage(self, name: str) -> StageRates:
         return next(s for s in self.stages if s.name == name)
@@ -86,6 +94,7 @@ class Demonstration:
             "alpha": self.alpha,
             "alpha_rule": self.alpha_rule,
             "calibration": self.calibration,
+            "conditional": self.conditional,
             "settings": self.settings,
         }
 
@@ -103,16 +112,24 @@ def demonstrate(
     limit: int | None = None,
     max_new_tokens: int = 48,
     work_dir: Path | None = None,
+    conditional: bool = True,
+    starts: Sequence[int] = (10, 15, 20),
+    injections: Sequence[float] | None = None,
+    shrinkage: float | None = 1.0,
     progress: bool = False,
 ) -> Demonstration:
     """Run the five stages (module docstring); ``limit`` caps every split at its first N prompts.
 
     ``blocks`` / ``targets`` restrict the repair (and the base stage) to the writers of those blocks
-    / of those kinds (e.g. ``("mlp_out",)``); default: every writer of every block.
+    / of those kinds (e.g. ``("mlp_out",)``); default: every writer of every block. ``conditional``
+    adds the conditional-ROSI stages: ``starts`` (first edited blocks; the last is
+    ``n_layers - 2``), ``injections`` and the read direction's ``shrinkage`` are swept on ``val``.
     """
     from lens_safety.calibration import calibrate_alpha
+    from lens_safety.calibration.conditional import DEFAULT_INJECTIONS, calibrate_conditional
     from lens_safety.directions import find_direction
-    from lens_safety.edits import applied_edit, orthogonalize, rosi
+    from lens_safety.directions.read import find_read_direction
+    from lens_safety.edits import applied_edit, conditional_rosi, orthogonalize, rosi
     from lens_safety.export import export_edit
     from lens_safety.models import load_model
 
@@ -122,6 +139,7 @@ def demonstrate(
 
     test = (split("harmful", "test"), split("harmless", "test"))
     val = (split("harmful", "val"), split("harmless", "val"))
+    train = (split("harmful", "train"), split("harmless", "train"))
 
     def rates(name: str, model: Any) -> StageRates:
         evaluation = evaluate_refusal(model, *test, max_new_tokens=max_new_tokens, progress=progress)
@@ -133,6 +151,12 @@ def demonstrate(
         raise LensSafetyError(
             f"blocks {outside} are outside the organism's blocks 0..{organism.n_layers - 1}",
             f"use blocks 0..{organism.n_layers - 1}",
+        )
+    late = [b for b in starts if not 0 <= b < organism.n_layers - 1] if conditional else []
+    if late or (conditional and not starts):
+        raise LensSafetyError(
+            f"conditional-ROSI start blocks {late or '[]'} are outside 0..{organism.n_layers - 2}",
+            f"use start blocks 0..{organism.n_layers - 2} (the edit reads up to block {organism.n_layers - 1})",
         )
     stages = [rates("organism", organism)]
     # find_direction splits the full sets into the same pair-aligned train / val / test
@@ -164,10 +188,50 @@ def demonstrate(
         repaired_dir = Path(root) / "repaired"
         export_edit(abliterated, repair, repaired_dir, direction=direction)
         stages.append(rates("repaired", load_model(repaired_dir, device="cpu")))
+        sweep = None
+        if conditional:
+            sweep = calibrate_conditional(
+                abliterated,
+                direction,
+                *train,
+                *val,
+                starts=starts,
+                injections=injections or DEFAULT_INJECTIONS,
+                shrinkage=shrinkage,
+                target_refusal=target_refusal,
+                max_over_refusal=max_over_refusal,
+                max_kl=max_kl,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
+            )
+            cond_point = sweep.result.chosen or sweep.result.fallback or sweep.result.points[0]
+            cond_spec = sweep.specs[cond_point.label]
+            conditional_dir = Path(root) / "conditional"
+            export_edit(abliterated, cond_spec, conditional_dir, direction=direction)
+            stages.append(rates("conditional", load_model(conditional_dir, device="cpu")))
     base = load_model(base_spec, device="cpu")
     base_stage = rates("base", base)
     with applied_edit(base, rosi(direction, point.alpha, layers=blocks, targets=targets)):
         stages += [base_stage, rates("base+rosi", base)]
+    conditional_record = None
+    if sweep is not None:
+        injection = float(cond_point.label.rsplit(" ", 1)[-1])
+        chosen_read = sweep.reads[int(cond_spec.layers[0]) if cond_spec.layers else 0]
+        base_read = find_read_direction(
+            base, *train, direction, start=chosen_read.start, end=chosen_read.end, shrinkage=shrinkage
+        )
+        with applied_edit(base, conditional_rosi(direction, base_read, base_read.alpha_for(injection))):
+            stages.append(rates("base+cond", base))
+        rule = "chosen" if sweep.result.chosen else "fallback" if sweep.result.fallback else "first point"
+        conditional_record = {
+            "point": cond_point.label,
+            "alpha": cond_spec.alpha,
+            "injection": injection,
+            "blocks": list(cond_spec.layers or ()),
+            "rule": f"{rule}: {sweep.result.reason}",
+            "calibration": sweep.to_dict(),
+            "base_read_direction": base_read.to_dict(),
+        }
     return Demonstration(
         stages,
         {
@@ -190,5 +254,7 @@ def demonstrate(
             "judge": "substring",
             "blocks": None if blocks is None else list(blocks),
             "targets": None if targets is None else list(targets),
+            "conditional": {"starts": list(starts), "shrinkage": shrinkage} if conditional else None,
         },
+        conditional_record,
     )

@@ -5,7 +5,8 @@
 # (`smollm2-refusal`, a LoRA fine-tune of SmolLM2-135M-Instruct shipped with lens-safety) →
 # find its refusal direction → abliterate it (refusal should vanish) → ROSI (refusal should come
 # back stronger) → calibrate `alpha` with a curve → export a Hugging Face directory → reload it
-# with vanilla `transformers` → evaluate before and after.
+# with vanilla `transformers` → evaluate before and after → repair an abliterated model with
+# conditional ROSI.
 #
 # Small prompt subsets and short greedy generations keep it to a few minutes on a CPU; the
 # numbers are therefore noisy (read the intervals).
@@ -14,14 +15,16 @@
 import tempfile
 from pathlib import Path
 
+import plotly.express as px
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lens_safety as ls
 from lens_safety import viz
+from lens_safety.activations import collect_activations
 from lens_safety.calibration import calibrate_alpha
-from lens_safety.directions import find_direction
-from lens_safety.edits import applied_edit, orthogonalize, rosi
+from lens_safety.directions import find_direction, find_read_direction
+from lens_safety.edits import applied_edit, conditional_rosi, orthogonalize, rosi
 from lens_safety.evaluation import evaluate_refusal
 from lens_safety.export import export_edit
 from lens_safety.viz.calibration import calibration_figure
@@ -162,3 +165,54 @@ print("after: ", rates(after))
 # **Question for the reader.** With 8 prompts per class the intervals are wide. How many prompts
 # would you need to tell a 5-point change in over-refusal from noise, and which cheaper measurement
 # (no generation) could you use to screen alphas first?
+
+# %% [markdown]
+# ## 6. Repairing an abliterated model: conditional ROSI
+#
+# Section 2 removed the refusal direction `s` from every writer. Can a rank-one edit put refusal
+# back *only where it belongs*? The paper's ROSI adds `alpha * s * mean_k (W x)_k`: the amount it
+# injects depends on each write's mean coordinate, not on harm, so on the abliterated organism its
+# refusal and over-refusal rise together (`lens-safety organism demo`: no alpha reaches 0.85
+# refusal with at most 0.10 over-refusal).
+#
+# Conditional ROSI `W <- (I + alpha s g^T) W` reads a different coordinate of every write: its
+# projection on a **read direction** `g` where the abliterated model still represents
+# harmfulness. `find_read_direction` estimates `g` from the summed writes of the edited blocks
+# (`x_end - x_start`, last prompt token, training prompts), made orthogonal to the harmless mean
+# (harmless prompts then receive on average no injection: Llama writers have no bias to centre
+# with) and to `s` (no feedback loop). Because `g` is orthogonal to `s`, the edit computed from
+# the original weights is exactly the edit of the abliterated ones, so the two in-memory edits
+# nest. Blocks 20-28, injection 100 and shrinkage 1.0 are the demonstration's choice on the
+# validation split.
+
+# %%
+with applied_edit(model, orthogonalize(direction)):
+    read = find_read_direction(
+        model,
+        ls.PromptSet.load("builtin:harmful:train").head(48),
+        ls.PromptSet.load("builtin:harmless:train").head(48),
+        direction,
+        start=20,
+        shrinkage=1.0,
+    )
+    print(f"read direction of blocks {read.start}..{read.end - 1}: separation {read.separation:.1f} (train)")
+    projections = {}
+    for name, prompts in (("harmful", test_h), ("harmless", test_b)):
+        acts = collect_activations(model, prompts, layers=[read.start, read.end])
+        projections[name] = ((acts.at(read.end) - acts.at(read.start)).double() @ read.vector).tolist()
+    repair = conditional_rosi(direction, read, read.alpha_for(100.0))
+    with applied_edit(model, repair):
+        repaired = evaluate_refusal(model, test_h, test_b, max_new_tokens=TOKENS)
+print("abliterated:                   ", rates(abliterated))
+print("abliterated + conditional ROSI:", rates(repaired))
+px.strip(
+    x=[v for name in projections for v in projections[name]],
+    color=[name for name in projections for _ in projections[name]],
+    labels={"x": "g . (x_end - x_start) on held-out test prompts (abliterated model)", "color": "prompt"},
+    title="How much refusal each prompt would receive (times alpha)",
+)
+
+# %% [markdown]
+# **Question for the reader.** The injection is zero *on average* for harmless prompts, not for
+# each one. Which harmless prompts in the plot would you expect to be over-refused, and what would
+# a bias term (GPT-2 and Qwen2 writers have one) let you do that Llama writers cannot?

@@ -1,0 +1,241 @@
+"""Read directions for conditional ROSI: where a model still *represents* harmfulness after its
+refusal direction has been removed.
+
+Conditional ROSI (:func:`lens_safety.edits.conditional_rosi`) edits every write ``v`` of the
+residual writers of blocks ``start .. end - 1`` to ``v + alpha * s_hat * (g^T v)``: it copies the
+part of each write along a *read* direction ``g`` onto the refusal direction ``s_hat``. Summed over
+those writers (and ignoring the edit's effect on later blocks), the residual entering block ``end``
+gains ``alpha * g^T (x_end - x_start) * s_hat``: refusal injected in proportion to how much the
+edited blocks wrote along ``g``.
+
+This module estimates ``g`` from a model's own activations (raw HF basis, last prompt token,
+``resid_pre``; ``end == n_layers`` reads the final ``resid_post``)::
+
+    delta_i = x_end,i - x_start,i                    (the edited blocks' summed writes)
+    d       = mean_harmful(delta) - mean_harmless(delta)
+    P       = the projector off span{ mean_harmless(delta), s_hat }
+    g       = unit( P d )                        (default: the centred mean difference)
+    g       = unit( (P C P + lambda I)^{-1} P d ) (``shrinkage``: LDA within the same complement,
+                                                   C the pooled within-class covariance)
+
+* Off the harmless mean: a harmless prompt's writes then carry on average *no* projection on ``g``,
+  so the edit injects on average nothing into harmless prompts. Writers of the Llama family have no
+  bias, so centring the read direction is the only way to make the injection zero-mean there.
+* Off ``s_hat``: otherwise the injected refusal would be read again by later edited writers and
+  amplified (a feedback loop); in an abliterated model the residual holds no ``s_hat`` anyway.
+
+Measured on the abliterated refusal organism (``docs/concepts/rosi.md``): the paper's ROSI, whose
+read direction is the uniform ``1 / d_model`` (the write's mean coordinate), injects refusal into
+every prompt alike; the read direction above makes the injection follow harmfulness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.activations import collect_activations
+from lens_safety.edits.spec import unit_direction
+from lens_safety.errors import LensSafetyError
+from lens_safety.prompts import PromptSet
+
+
+@dataclass
+class ReadDirection:
+    """A unit read direction ``g`` (raw HF basis) for the writers of blocks ``start .. end - 1``.
+
+    Attributes:
+        vector: ``[d_model]`` float64 unit vector, orthogonal to the harmless mean increment and to
+            the refusal direction.
+        start: first edited block; ``x_start`` is ``resid_pre`` of this block.
+        end: one past the last edited block; ``x_end`` is ``resid_pre`` of block ``end`` (the final
+            ``resid_post`` when ``end == n_layers``).
+        harmful_mean / harmless_mean: mean of ``g^T (x_end - x_start)`` over the estimation prompts
+            (``harmless_mean`` is 0 up to rounding, by construction).
+        harmful_std / harmless_std: standard deviations of the same projections.
+        n_harmful / n_harmless: prompts the estimate used.
+        shrinkage: ``None`` (plain mean difference) or the ridge of the shrinkage-LDA estimate.
+    """
+
+    vector: Float[torch.Tensor, " d_model"]
+    start: int
+    end: int
+    harmful_mean: float
+    harmless_mean: float
+    harmful_std: float
+    harmless_std: float
+    n_harmful: int
+    n_harmless: int
+    shrinkage: float | None = None
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The blocks whose writers the edit should touch: ``start .. end - 1``."""
+        return tuple(range(self.start, self.end))
+
+    @property
+    def separation(self) -> float:
+        """``(harmful_mean - harmless_mean) / pooled std``: how well ``g`` alone separates the classes."""
+        pooled = ((self.harmful_std**2 + self.harmless_std**2) / 2) ** 0.5
+        return (self.harmful_mean - self.harmless_mean) / pooled if pooled > 0 else float("inf")
+
+    def alpha_for(self, injection: float) -> float:
+        """The ``alpha`` whose injection along ``s_hat`` is ``injection`` for the mean harmful prompt.
+
+        ``alpha * harmful_mean = injection`` (first order: the edit's effect on later blocks is not
+        modelled, so calibrate the result on validation prompts).
+        """
+        if self.harmful_mean <= 0:
+            raise LensSafetyError(
+                f"harmful prompts project {self.harmful_mean:.3g} on the read direction (expected > 0)",
+                "pick other blocks (start / end) or more prompts",
+            )
+        return float(injection) / self.harmful_mean
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "vector"}
+        out["separation"] = self.separation
+        out["d_model"] = int(self.vector.shape[0])
+        return out
+
+
+def centred_read_vector(
+    harmful: Float[torch.Tensor, "n_harmful d_model"],
+    harmless: Float[torch.Tensor, "n_harmless d_model"],
+    refusal: Float[torch.Tensor, " d_model"],
+    shrinkage: float | None = None,
+) -> Float[torch.Tensor, " d_model"]:
+    """``unit(d - P d)`` with ``d`` the mean difference and ``P`` the projector onto
+    ``span{mean(harmless), refusal}`` (float64; inputs are increments ``x_end - x_start``).
+
+    With ``shrinkage`` (> 0) it is the shrinkage-LDA direction within that complement:
+    ``(P C P + lambda I)^{-1} P d`` with ``P`` the complement's projector, ``C`` the pooled
+    within-class covariance and ``lambda = shrinkage * trace(P C P) / (d_model - 2)`` (large
+    ``shrinkage`` tends to the plain mean difference; small ones overfit when prompts are fewer
+    than ``d_model``).
+    """
+    harmful, harmless = harmful.to(torch.float64), harmless.to(torch.float64)
+    difference = harmful.mean(0) - harmless.mean(0)
+    basis, _ = torch.linalg.qr(torch.stack([harmless.mean(0), refusal.to(torch.float64)], dim=1))
+    eye = torch.eye(difference.shape[0], dtype=torch.float64)
+    off_basis = eye - basis @ basis.T  # projector onto the complement of span{harmless mean, s}
+    residual = off_basis @ difference
+    if float(residual.norm()) <= 1e-9 * max(float(difference.norm()), 1e-30):
+        raise LensSafetyError(
+            "the harmful and harmless means differ only along the harmless mean and the refusal direction",
+            "pick other blocks (start / end): no read direction is left there",
+        )
+    if shrinkage is not None:
+        if not shrinkage > 0:
+            raise LensSafetyError(f"shrinkage must be > 0, got {shrinkage}", "pass None or a positive ridge")
+        centred = torch.cat([harmful - harmful.mean(0), harmless - harmless.mean(0)]) @ off_basis
+        covariance = centred.T @ centred / centred.shape[0]  # within the complement
+        ridge = shrinkage * float(covariance.trace()) / (covariance.shape[0] - basis.shape[1])
+        # (P C P + lambda I)^{-1} P d stays in the complement: the constrained LDA direction
+        residual = off_basis @ torch.linalg.solve(covariance + ridge * eye, residual)
+    return residual / residual.norm()
+
+
+def _increments(
+    model: Any, prompts: PromptSet, starts: Sequence[int], end: int, batch_size: int, progress: bool
+) -> dict[int, Float[torch.Tensor, "n d_model"]]:
+    """``x_end - x_start`` for every start, float64, from ONE pass over the prompts (two when
+    ``end == n_layers``: the final ``resid_post`` is another hook)."""
+    n_layers = int(model.n_layers)
+    layers = sorted({*starts, end}) if end < n_layers else sorted(set(starts))
+    acts = collect_activations(model, prompts, layers=layers, batch_size=batch_size, progress=progress)
+    final = (
+        acts.at(end)
+        if end < n_layers
+        else collect_activations(
+            model, prompts, layers=[n_layers - 1], hook="resid_post", batch_size=batch_size, progress=progress
+        ).at(n_layers - 1)
+    )
+    return {start: (final - acts.at(start)).to(torch.float64) for start in starts}
+
+
+def find_read_directions(
+    model: Any,
+    harmful: PromptSet | Sequence[str] | str,
+    harmless: PromptSet | Sequence[str] | str,
+    refusal: Any,
+    *,
+    starts: Sequence[int],
+    end: int | None = None,
+    shrinkage: float | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[int, ReadDirection]:
+    """:func:`find_read_direction` for several first blocks, reading the prompts once."""
+    n_layers = int(model.n_layers)
+    end = n_layers - 1 if end is None else int(end)
+    bad = [start for start in starts if not 0 <= start < end <= n_layers]
+    if bad or not starts:
+        raise LensSafetyError(
+            f"read blocks start={bad or '[]'}, end={end} are not 0 <= start < end <= {n_layers}",
+            f"pick 0 <= start < end <= {n_layers}",
+        )
+    s_hat = unit_direction(refusal, int(model.d_model))
+    harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
+    if len(harmful_set) < 2 or len(harmless_set) < 2:
+        raise LensSafetyError("a read direction needs at least 2 prompts per class", "pass more prompts")
+    unique = sorted({int(start) for start in starts})
+    deltas_h = _increments(model, harmful_set, unique, end, batch_size, progress)
+    deltas_b = _increments(model, harmless_set, unique, end, batch_size, progress)
+    reads = {}
+    for start in unique:
+        g = centred_read_vector(deltas_h[start], deltas_b[start], s_hat, shrinkage)
+        proj_h, proj_b = deltas_h[start] @ g, deltas_b[start] @ g
+        reads[start] = ReadDirection(
+            g,
+            start,
+            end,
+            float(proj_h.mean()),
+            float(proj_b.mean()),
+            float(proj_h.std()),
+            float(proj_b.std()),
+            len(harmful_set),
+            len(harmless_set),
+            shrinkage,
+        )
+    return reads
+
+
+def find_read_direction(
+    model: Any,
+    harmful: PromptSet | Sequence[str] | str,
+    harmless: PromptSet | Sequence[str] | str,
+    refusal: Any,
+    *,
+    start: int,
+    end: int | None = None,
+    shrinkage: float | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> ReadDirection:
+    """Estimate the read direction of blocks ``start .. end - 1`` (default ``end``: ``n_layers - 1``).
+
+    Args:
+        model: the model to edit (e.g. an abliterated checkpoint), loaded without compatibility mode.
+        harmful / harmless: estimation prompts (training prompts: never the ones you evaluate on).
+        refusal: the refusal direction ``s_hat`` the edit will write (a ``Direction`` or a vector).
+        start / end: the edited blocks; ``0 <= start < end <= n_layers``.
+        shrinkage: ``None`` for the mean difference, or a shrinkage-LDA ridge (see
+            :func:`centred_read_vector`).
+    """
+    reads = find_read_directions(
+        model,
+        harmful,
+        harmless,
+        refusal,
+        starts=[int(start)],
+        end=end,
+        shrinkage=shrinkage,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return reads[int(start)]
