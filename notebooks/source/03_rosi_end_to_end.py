@@ -12,6 +12,7 @@
 # numbers are therefore noisy (read the intervals).
 
 # %%
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -216,3 +217,9 @@ px.strip(
 # **Question for the reader.** The injection is zero *on average* for harmless prompts, not for
 # each one. Which harmless prompts in the plot would you expect to be over-refused, and what would
 # a bias term (GPT-2 and Qwen2 writers have one) let you do that Llama writers cannot?
+
+# %% [markdown]
+# **Clean up.** The exported checkpoint above is a full copy of the model (about 600 MB in float32): delete it.
+
+# %%
+shutil.rmtree(out.parent, ignore_errors=True)

@@ -11,6 +11,7 @@
 # (`lens-safety srr …`) runs the same functions at a useful size.
 
 # %%
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -237,3 +238,9 @@ print(f"ranking overhead: {choice.overhead_fraction:.1%} of generation time")
 # %% [markdown]
 # **Question for the reader.** Best-of-N multiplies generation cost by `N`. When is that cheaper
 # than editing the weights (notebook 03), and what can a ranker do that an edit cannot?
+
+# %% [markdown]
+# **Clean up.** The ranker directory above was a temporary one: delete it.
+
+# %%
+shutil.rmtree(ranker_dir, ignore_errors=True)

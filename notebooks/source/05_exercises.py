@@ -9,6 +9,7 @@
 
 # %%
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -152,3 +153,9 @@ except LensSafetyError as error:
 write_head(original_head)  # repair: the original embedding as an untied lm_head
 set_tied(False)
 print("repaired, max |logit diff| =", verify_export(model, spec, out)["max_abs_logit_diff"])
+
+# %% [markdown]
+# **Clean up.** The exported checkpoint above is a full copy of the model (about 600 MB in float32): delete it.
+
+# %%
+shutil.rmtree(out.parent, ignore_errors=True)
