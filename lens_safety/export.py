@@ -47,7 +47,8 @@ from lens_safety.edits.checkpoint import (
     weight_shards,
 )
 from lens_safety.edits.memory import applied_edit
-from lens_safety.edits.spec import EditSpec, compute_edit, edit_writes_inplace, target_parameters
+from lens_safety.edits.spec import EditSpec, edit_writes_inplace
+from lens_safety.edits.targets import compute_edit, target_parameters
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_texts
 from lens_safety.model_card import render_model_card

@@ -2,6 +2,7 @@
 added bias).
 
 :mod:`lens_safety.edits.spec` holds the maths (pure functions of a spec and base tensors),
+:mod:`lens_safety.edits.targets` which parameters an edit touches and the pure state-dict edit,
 :mod:`lens_safety.edits.memory` applies an edit to a loaded model reversibly and
 :mod:`lens_safety.edits.checkpoint` reads the original weights shard by shard.
 """
@@ -15,18 +16,15 @@ from lens_safety.edits.spec import (
     EditSpec,
     add_bias,
     amplify,
-    compute_edit,
     conditional_rosi,
     edit_writes,
     edit_writes_inplace,
-    edits_embedding,
     make_spec,
     orthogonalize,
     rosi,
-    select_writers,
-    target_parameters,
     unit_direction,
 )
+from lens_safety.edits.targets import compute_edit, edits_embedding, select_writers, target_parameters
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -25,7 +25,8 @@ from torch import nn
 
 from lens_safety.architecture import clean_hf_name
 from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors
-from lens_safety.edits.spec import EditSpec, edit_writes, target_parameters
+from lens_safety.edits.spec import EditSpec, edit_writes
+from lens_safety.edits.targets import target_parameters
 from lens_safety.errors import LensSafetyError
 
 

@@ -43,14 +43,13 @@ export records (``exact: false``); ROSI/amplify apply the formula to the weight 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 
-from lens_safety.architecture import ResidualWriter
 from lens_safety.errors import LensSafetyError
 
 EditMethod = Literal["rosi", "conditional_rosi", "amplify", "orthogonalize", "add_bias"]
@@ -217,42 +216,6 @@ def _vector_hash(vector: torch.Tensor) -> str:
     return hashlib.sha256(vector.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def select_writers(
-    spec: EditSpec, writers: Iterable[ResidualWriter], n_layers: int | None = None
-) -> list[ResidualWriter]:
-    """The writers an edit touches: by kind or exact name, restricted to ``spec.layers`` for blocks."""
-    writers = list(writers)
-    names = {w.name for w in writers}
-    for target in spec.targets:
-        if target not in WRITER_KINDS and target not in names:
-            raise LensSafetyError(
-                f"unknown edit target '{target}'",
-                f"use writer kinds ({', '.join(WRITER_KINDS)}) or writer names like blocks.0.attn.o",
-            )
-    if spec.layers is not None and n_layers is not None:
-        bad = [x for x in spec.layers if not 0 <= x < n_layers]
-        if bad:
-            raise LensSafetyError(f"edit layers {bad} out of range", f"use blocks 0..{n_layers - 1}")
-    chosen = [
-        w
-        for w in writers
-        if (w.kind in spec.targets or w.name in spec.targets)
-        and (w.layer is None or spec.layers is None or w.layer in spec.layers)
-    ]
-    if not chosen:
-        raise LensSafetyError(
-            f"edit targets {list(spec.targets)} match no writer of this model", "check --targets and --layers"
-        )
-    post = [w.name for w in chosen if w.post_norm]
-    if post and spec.method in ("orthogonalize", "add_bias") and not spec.approximate:
-        raise LensSafetyError(
-            f"{post[0]} (and {len(post) - 1} more) writes through a post-norm, so orthogonalising its weight "
-            "does not remove the direction from the residual stream",
-            "use inference-time ablate_direction, or pass approximate=True to accept an inexact edit",
-        )
-    return chosen
-
-
 def _coefficients(
     spec: EditSpec, d_model: int
 ) -> tuple[float, Float[torch.Tensor, " d_model"], Float[torch.Tensor, " d_model"]]:
@@ -298,65 +261,6 @@ def edit_writes(spec: EditSpec, tensor: torch.Tensor, layout: str, is_bias: bool
             f"weight of shape {tuple(w.shape)} does not write width {d_model}", "check the direction"
         )
     return torch.addr(w, w @ g, u, alpha=a)
-
-
-def writer_parameters(writer: ResidualWriter) -> list[tuple[str, bool]]:
-    """HF state-dict names of a writer's parameters, with ``is_bias``."""
-    out = [(f"{writer.hf_name}.weight", False)]
-    if writer.has_bias:
-        out.append((f"{writer.hf_name}.bias", True))
-    return out
-
-
-def target_parameters(
-    spec: EditSpec, writers: Iterable[ResidualWriter], n_layers: int | None = None
-) -> dict[str, tuple[ResidualWriter, bool]]:
-    """Map every parameter an edit touches to its writer and ``is_bias`` (``add_bias``: biases only)."""
-    chosen = select_writers(spec, writers, n_layers)
-    if spec.method == "add_bias":
-        missing = [w.name for w in chosen if not w.has_bias]
-        if missing:
-            raise LensSafetyError(
-                f"{missing[0]} has no bias to carry the added vector (Llama-family writers have none)",
-                "use inference-time add_direction, or an architecture with output biases such as GPT-2",
-            )
-    return {
-        name: (w, is_bias)
-        for w in chosen
-        for name, is_bias in writer_parameters(w)
-        if is_bias or spec.method != "add_bias"
-    }
-
-
-def compute_edit(
-    spec: EditSpec,
-    base_state: Mapping[str, torch.Tensor],
-    writers: Iterable[ResidualWriter],
-    *,
-    strict: bool = True,
-) -> dict[str, torch.Tensor]:
-    """New tensors (in each base tensor's dtype) for the targeted parameters present in ``base_state``.
-
-    Pure: ``base_state`` is read, never modified. ``base_state`` holds ORIGINAL (un-centred) HF
-    weights by state-dict name. With ``strict`` every targeted parameter must be present (pass
-    ``strict=False`` to edit one shard of a checkpoint at a time).
-    """
-    targets = target_parameters(spec, writers)
-    missing = [name for name in targets if name not in base_state]
-    if strict and missing:
-        raise LensSafetyError(
-            f"parameter {missing[0]} is not in the base weights", "pass the model's full original state"
-        )
-    return {
-        name: edit_writes(spec, base_state[name], writer.layout, is_bias).to(base_state[name].dtype)
-        for name, (writer, is_bias) in targets.items()
-        if name in base_state
-    }
-
-
-def edits_embedding(spec: EditSpec, writers: Iterable[ResidualWriter]) -> bool:
-    """Whether the edit changes the token embedding (which matters for tied ``lm_head``)."""
-    return any(w.kind == "embed" for w in select_writers(spec, writers))
 
 
 def edit_writes_inplace(
