@@ -50,7 +50,7 @@ from lens_safety.edits.memory import applied_edit
 from lens_safety.edits.spec import EditSpec, edit_writes_inplace
 from lens_safety.edits.targets import compute_edit, target_parameters
 from lens_safety.errors import LensSafetyError
-from lens_safety.hashing import sha256_texts
+from lens_safety.hashing import sha256_vector
 from lens_safety.model_card import render_model_card
 from lens_safety.progress import track
 
@@ -115,7 +115,7 @@ def _ancestors(lineage: dict[str, Any]) -> list[str]:
 
 
 def _direction_hash(spec: EditSpec) -> str:
-    return sha256_texts([f"{x:.17g}" for x in spec.direction.tolist()])
+    return sha256_vector(spec.direction.tolist())
 
 
 def _output_embedding_name(model: Any) -> str | None:

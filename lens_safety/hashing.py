@@ -24,6 +24,11 @@ def sha256_texts(texts: Iterable[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def sha256_vector(values: Iterable[float]) -> str:
+    """Hex SHA-256 of a vector's values written exactly (``%.17g``: float64 round-trips)."""
+    return sha256_texts(f"{float(x):.17g}" for x in values)
+
+
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The model's own safetensors files: the shards its index names, else ``model*.safetensors``.
 

@@ -34,6 +34,11 @@ def test_demonstration_runs_every_stage_on_held_out_prompts(tiny_demo: Demonstra
         assert 0.0 <= stage.harmful_refusal <= 1.0 and 0.0 <= stage.harmless_refusal <= 1.0
         assert stage.harmful_interval[0] <= stage.harmful_refusal <= stage.harmful_interval[1]
     assert tiny_demo.alpha in (1.0, 2.0)
+    calibration = tiny_demo.calibration
+    expected_rule = (
+        "chosen" if calibration["chosen"] else "fallback" if calibration["fallback"] else "first point"
+    )
+    assert tiny_demo.alpha_rule.startswith(f"{expected_rule}: ")  # ROSI's rule, not the conditional sweep's
     assert [p["alpha"] for p in tiny_demo.calibration["points"]] == [1.0, 2.0]
     assert tiny_demo.calibration["bounds"]["over_refusal_relative"] is False
     assert all(s["n"] == 3 for s in tiny_demo.settings["test"])

@@ -29,20 +29,26 @@ DEFAULT_INJECTIONS: tuple[float, ...] = (100.0, 150.0, 200.0, 250.0)
 
 
 @dataclass
+class ConditionalPoint:
+    """One swept edit: the read direction of its first block, its injection and the edit itself."""
+
+    read: ReadDirection
+    injection: float
+    spec: EditSpec
+
+
+@dataclass
 class ConditionalCalibration:
-    """The sweep's result, the read direction of every ``start`` and every point's edit."""
+    """The sweep's result, the read direction of every ``start`` and every point's edit by label."""
 
     result: CalibrationResult
     reads: dict[int, ReadDirection]
-    specs: dict[str, EditSpec]
+    edits: dict[str, ConditionalPoint]
 
-    @property
-    def chosen_spec(self) -> EditSpec | None:
-        return None if self.result.chosen is None else self.specs[self.result.chosen.label]
-
-    @property
-    def fallback_spec(self) -> EditSpec | None:
-        return None if self.result.fallback is None else self.specs[self.result.fallback.label]
+    def selected(self) -> tuple[ConditionalPoint, str]:
+        """The edit to use and the rule that picked it (see :meth:`CalibrationResult.selected`)."""
+        point, rule = self.result.selected()
+        return self.edits[point.label], rule
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,8 +85,6 @@ def calibrate_conditional(
     ``n_layers - 1`` and ``shrinkage`` is the read direction's (see :func:`find_read_direction`).
     Train and validation prompts must differ.
     """
-    if not starts:
-        raise LensSafetyError("no start blocks to sweep", "pass at least one start block")
     values = sorted({float(x) for x in injections})
     if not values or values[0] <= 0:
         raise LensSafetyError(f"injections must be > 0, got {list(injections)}", "pass positive injections")
@@ -94,9 +98,9 @@ def calibrate_conditional(
         shrinkage=shrinkage,
         batch_size=batch_size,
     )
-    specs = {
-        f"blocks {read.start}..{read.end - 1}, injection {injection:g}": conditional_rosi(
-            direction, read, read.alpha_for(injection)
+    edits = {
+        f"blocks {read.start}..{read.end - 1}, injection {injection:g}": ConditionalPoint(
+            read, injection, conditional_rosi(direction, read, read.alpha_for(injection))
         )
         for read in reads.values()
         for injection in values
@@ -112,7 +116,7 @@ def calibrate_conditional(
     result = structural_calibration(
         "start block and injection",
         model,
-        list(specs.items()),
+        [(label, edit.spec) for label, edit in edits.items()],
         harmful_val,
         harmless_val,
         bounds,
@@ -120,4 +124,4 @@ def calibrate_conditional(
         measure,
         extra,
     )
-    return ConditionalCalibration(result, reads, specs)
+    return ConditionalCalibration(result, reads, edits)

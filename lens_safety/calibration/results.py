@@ -93,6 +93,14 @@ class CalibrationResult:
     fallback: CalibrationPoint | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def selected(self) -> tuple[CalibrationPoint, str]:
+        """The point to use and why: ``chosen``, else ``fallback``, else the ``first point`` swept."""
+        if self.chosen is not None:
+            return self.chosen, "chosen"
+        if self.fallback is not None:
+            return self.fallback, "fallback"
+        return self.points[0], "first point"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "parameter": self.parameter,

@@ -51,6 +51,7 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.hashing import sha256_vector
 
 EditMethod = Literal["rosi", "conditional_rosi", "amplify", "orthogonalize", "add_bias"]
 METHODS: tuple[str, ...] = (
@@ -115,7 +116,7 @@ class EditSpec:
     read: Float[torch.Tensor, " d_model"] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        read = {} if self.read is None else {"read_sha256": _vector_hash(self.read)}
+        read = {} if self.read is None else {"read_sha256": sha256_vector(self.read.tolist())}
         return {
             **read,
             "method": self.method,
@@ -208,12 +209,6 @@ def amplify(direction: Any, alpha: float, **kwargs: Any) -> EditSpec:
 def orthogonalize(direction: Any, **kwargs: Any) -> EditSpec:
     """Weight orthogonalisation (abliteration) ``W' = (I - s s^T) W``, embeddings and biases included."""
     return make_spec("orthogonalize", direction, **kwargs)
-
-
-def _vector_hash(vector: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(vector.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _coefficients(

@@ -182,8 +182,7 @@ def demonstrate(
             max_new_tokens=max_new_tokens,
             progress=progress,
         )
-        point = calibration.chosen or calibration.fallback or calibration.points[0]
-        rule = "chosen" if calibration.chosen else "fallback" if calibration.fallback else "first alpha"
+        point, rule = calibration.selected()
         repair = rosi(direction, point.alpha, layers=blocks, targets=targets)
         repaired_dir = Path(root) / "repaired"
         export_edit(abliterated, repair, repaired_dir, direction=direction)
@@ -204,10 +203,9 @@ def demonstrate(
                 max_new_tokens=max_new_tokens,
                 progress=progress,
             )
-            cond_point = sweep.result.chosen or sweep.result.fallback or sweep.result.points[0]
-            cond_spec = sweep.specs[cond_point.label]
+            picked, cond_rule = sweep.selected()
             conditional_dir = Path(root) / "conditional"
-            export_edit(abliterated, cond_spec, conditional_dir, direction=direction)
+            export_edit(abliterated, picked.spec, conditional_dir, direction=direction)
             stages.append(rates("conditional", load_model(conditional_dir, device="cpu")))
     base = load_model(base_spec, device="cpu")
     base_stage = rates("base", base)
@@ -215,20 +213,18 @@ def demonstrate(
         stages += [base_stage, rates("base+rosi", base)]
     conditional_record = None
     if sweep is not None:
-        injection = float(cond_point.label.rsplit(" ", 1)[-1])
-        chosen_read = sweep.reads[int(cond_spec.layers[0]) if cond_spec.layers else 0]
         base_read = find_read_direction(
-            base, *train, direction, start=chosen_read.start, end=chosen_read.end, shrinkage=shrinkage
+            base, *train, direction, start=picked.read.start, end=picked.read.end, shrinkage=shrinkage
         )
-        with applied_edit(base, conditional_rosi(direction, base_read, base_read.alpha_for(injection))):
+        base_edit = conditional_rosi(direction, base_read, base_read.alpha_for(picked.injection))
+        with applied_edit(base, base_edit):
             stages.append(rates("base+cond", base))
-        rule = "chosen" if sweep.result.chosen else "fallback" if sweep.result.fallback else "first point"
         conditional_record = {
-            "point": cond_point.label,
-            "alpha": cond_spec.alpha,
-            "injection": injection,
-            "blocks": list(cond_spec.layers or ()),
-            "rule": f"{rule}: {sweep.result.reason}",
+            "point": f"blocks {picked.read.start}..{picked.read.end - 1}, injection {picked.injection:g}",
+            "alpha": picked.spec.alpha,
+            "injection": picked.injection,
+            "blocks": list(picked.read.blocks),
+            "rule": f"{cond_rule}: {sweep.result.reason}",
             "calibration": sweep.to_dict(),
             "base_read_direction": base_read.to_dict(),
         }

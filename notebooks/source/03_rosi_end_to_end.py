@@ -113,9 +113,9 @@ print(calibration.reason)
 calibration_figure(calibration)
 
 # %%
-chosen = calibration.chosen or calibration.fallback or calibration.points[0]
+chosen, rule = calibration.selected()  # chosen, else the fallback, else the first point
 alpha = chosen.alpha
-print("alpha =", alpha)
+print("alpha =", alpha, f"({rule})")
 
 # %% [markdown]
 # **Question for the reader.** The curve has three lines. Which one would you give up first if you
