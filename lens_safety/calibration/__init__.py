@@ -32,7 +32,12 @@ alpha grids are log-spaced for that reason; always calibrate per model.
 from __future__ import annotations
 
 from lens_safety.calibration.alpha import calibrate_alpha
-from lens_safety.calibration.conditional import ConditionalCalibration, calibrate_conditional
+from lens_safety.calibration.conditional import (
+    ConditionalCalibration,
+    calibrate_conditional,
+    injection_unit,
+    projection_gap,
+)
 from lens_safety.calibration.results import (
     DEFAULT_ALPHAS,
     KL_KIND,
@@ -57,4 +62,6 @@ __all__ = [
     "calibrate_block_range",
     "calibrate_conditional",
     "calibrate_layer",
+    "injection_unit",
+    "projection_gap",
 ]

@@ -6,15 +6,25 @@ estimated on TRAINING prompts (:func:`~lens_safety.directions.read.find_read_dir
 projection the edit adds, to first order, to the mean harmful training prompt). All
 ``(start, injection)`` points are measured on VALIDATION prompts; the chosen point meets every
 bound with the least over-refusal, then KL, then fewest edited blocks.
+
+Refusal and over-refusal both rise with the injection, so a coarse grid can step over the window
+where refusal has reached the target but over-refusal has not yet risen. ``refine`` rounds of
+bisection look into it: in each round, for every start whose grid holds a pair of neighbouring
+injections ``lo < hi`` with ``lo`` below the refusal target and ``hi`` reaching it but breaking
+an over-refusal or KL bound, the midpoint ``(lo + hi) / 2`` is measured too.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lens_safety.calibration.results import CalibrationBounds, CalibrationResult
+import torch
+
+from lens_safety.calibration.results import CalibrationBounds, CalibrationPoint, CalibrationResult
 from lens_safety.calibration.structure import structural_calibration
 from lens_safety.calibration.sweep import measure_kwargs
 from lens_safety.directions.read import ReadDirection, find_read_directions
@@ -57,6 +67,62 @@ class ConditionalCalibration:
         }
 
 
+def projection_gap(
+    model: Any,
+    direction: Any,
+    harmful: Any,
+    harmless: Any,
+    *,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+) -> float:
+    """``mean_h (s_hat . x) - mean_b (s_hat . x)`` at ``resid_pre`` of the direction's block, last
+    prompt token (raw HF basis), measured on ``model``: how far harmful prompts sit above harmless
+    ones along the refusal direction.
+
+    Raises when the gap is not positive, or negligible next to the activations (an abliterated
+    model has no component along ``s_hat`` left to measure: use :func:`injection_unit`).
+    """
+    from lens_safety.activations import sum_activations
+
+    layer = int(direction.layer)
+    s_hat = direction.direction.to(torch.float64)
+    means, scale = [], 0.0
+    for prompts in (harmful, harmless):
+        mean = sum_activations(
+            model, prompts, layers=[layer], batch_size=batch_size, system_prompt=system_prompt
+        ).mean[0, 0]
+        means.append(float(mean @ s_hat))
+        scale = max(scale, float(mean.norm()))
+    gap = means[0] - means[1]
+    if not math.isfinite(gap) or gap <= 1e-6 * scale:
+        raise LensSafetyError(
+            f"harmful prompts do not sit above harmless ones along the refusal direction at block {layer} "
+            f"of this model (gap {gap:.3g}; abliterated models have no component along it)",
+            "use the direction's own gap (a direction fitted by lens-safety records it) or absolute injections",
+        )
+    return gap
+
+
+def injection_unit(model: Any, direction: Any, harmful: Any, harmless: Any) -> tuple[float, str]:
+    """``(gap, source)``: the unit of relative injections.
+
+    A fitted :class:`~lens_safety.directions.Direction` records the class mean projections of the
+    model it was fitted on (``metadata["harmful_projection"]`` / ``["harmless_projection"]``, per
+    block); their difference at the direction's block is the unit (``source == "direction"``), so a
+    parent's direction gives the same unit on its abliterated child. Otherwise the gap is measured on
+    ``model`` with :func:`projection_gap` (``source == "model"``).
+    """
+    metadata = getattr(direction, "metadata", None) or {}
+    h, b = metadata.get("harmful_projection"), metadata.get("harmless_projection")
+    layer = int(direction.layer)
+    if isinstance(h, list) and isinstance(b, list) and len(h) > layer and len(b) > layer:
+        gap = float(h[layer]) - float(b[layer])
+        if math.isfinite(gap) and gap > 0:
+            return gap, "direction"
+    return projection_gap(model, direction, harmful, harmless), "model"
+
+
 def calibrate_conditional(
     model: Any,
     direction: Any,
@@ -77,17 +143,21 @@ def calibrate_conditional(
     batch_size: int = 16,
     system_prompt: str | None = None,
     judge: Judge | str | None = None,
+    refine: int = 0,
     progress: bool = False,
 ) -> ConditionalCalibration:
     """Sweep first edited block x injection for :func:`~lens_safety.edits.conditional_rosi`.
 
     ``direction`` is the refusal direction written (raw HF basis); ``end`` defaults to
-    ``n_layers - 1`` and ``shrinkage`` is the read direction's (see :func:`find_read_direction`).
-    Train and validation prompts must differ.
+    ``n_layers - 1`` and ``shrinkage`` is the read direction's (see :func:`find_read_direction`);
+    ``refine`` is the number of bisection rounds (module docstring). Train and validation prompts
+    must differ.
     """
     values = sorted({float(x) for x in injections})
     if not values or values[0] <= 0:
         raise LensSafetyError(f"injections must be > 0, got {list(injections)}", "pass positive injections")
+    if refine < 0:
+        raise LensSafetyError(f"refine must be >= 0 rounds, got {refine}", "pass e.g. refine=2")
     reads = find_read_directions(
         model,
         harmful_train,
@@ -98,13 +168,23 @@ def calibrate_conditional(
         shrinkage=shrinkage,
         batch_size=batch_size,
     )
-    edits = {
-        f"blocks {read.start}..{read.end - 1}, injection {injection:g}": ConditionalPoint(
+    edits: dict[str, ConditionalPoint] = {}
+
+    def add(read: ReadDirection, injection: float) -> tuple[str, EditSpec]:
+        label = f"blocks {read.start}..{read.end - 1}, injection {injection:g}"
+        edits[label] = ConditionalPoint(
             read, injection, conditional_rosi(direction, read, read.alpha_for(injection))
         )
-        for read in reads.values()
-        for injection in values
-    }
+        return label, edits[label].spec
+
+    grid = [add(read, injection) for read in reads.values() for injection in values]
+    rounds = iter(range(refine))
+
+    def bisect(points: Sequence[CalibrationPoint]) -> list[tuple[str, EditSpec]]:
+        if next(rounds, None) is None:
+            return []
+        return [add(reads[start], injection) for start, injection in _midpoints(points, edits)]
+
     bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl, over_refusal_relative)
     measure = measure_kwargs(judge, max_new_tokens, batch_size, system_prompt, progress)
     extra = {
@@ -116,12 +196,31 @@ def calibrate_conditional(
     result = structural_calibration(
         "start block and injection",
         model,
-        [(label, edit.spec) for label, edit in edits.items()],
+        grid,
         harmful_val,
         harmless_val,
         bounds,
         "conditional_rosi",
         measure,
-        extra,
+        {**extra, "refine": refine},
+        more=bisect,
     )
     return ConditionalCalibration(result, reads, edits)
+
+
+def _midpoints(
+    points: Sequence[CalibrationPoint], edits: dict[str, ConditionalPoint]
+) -> list[tuple[int, float]]:
+    """``(start, (lo + hi) / 2)`` for every start with neighbours ``lo`` (below the refusal target)
+    and ``hi`` (reaching it, but breaking an over-refusal or KL bound)."""
+    by_start: dict[int, list[tuple[float, CalibrationPoint]]] = {}
+    for point in points:
+        edit = edits[point.label]
+        by_start.setdefault(edit.read.start, []).append((edit.injection, point))
+    out = []
+    for start, measured in sorted(by_start.items()):
+        measured.sort(key=lambda item: item[0])
+        for (lo, low), (hi, high) in itertools.pairwise(measured):
+            if not low.meets_target and high.meets_target and not high.passed:
+                out.append((start, (lo + hi) / 2))
+    return out

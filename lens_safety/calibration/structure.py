@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lens_safety.calibration.results import CalibrationBounds, CalibrationResult
+from lens_safety.calibration.results import CalibrationBounds, CalibrationPoint, CalibrationResult
 from lens_safety.calibration.sweep import (
     failure_reason,
     fallback_point,
@@ -46,9 +46,10 @@ def structural_calibration(
     method: str,
     measure: dict[str, Any],
     extra: dict[str, Any],
+    more: Callable[[Sequence[CalibrationPoint]], Sequence[tuple[str, EditSpec]]] | None = None,
 ) -> CalibrationResult:
     baseline, points, settings = measure_sweep(
-        model, specs, harmful_val, harmless_val, bounds=bounds, **measure
+        model, specs, harmful_val, harmless_val, bounds=bounds, more=more, **measure
     )
     chosen = least_collateral(points)
     reason = (

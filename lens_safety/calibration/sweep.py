@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,8 +93,13 @@ def measure_sweep(
     batch_size: int,
     system_prompt: str | None,
     progress: bool,
+    more: Callable[[Sequence[CalibrationPoint]], Sequence[tuple[str, EditSpec]]] | None = None,
 ) -> tuple[CalibrationPoint, list[CalibrationPoint], dict[str, Any]]:
-    """Measure the unedited model once, then every spec with its edit applied and reverted."""
+    """Measure the unedited model once, then every spec with its edit applied and reverted.
+
+    ``more`` (adaptive sweeps): called with every point measured so far, it returns further specs
+    to measure, and is called again until it returns none.
+    """
     harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
     the_judge = get_judge(judge)
     measurer = Measurer(
@@ -103,11 +108,16 @@ def measure_sweep(
     unedited = measurer.measure()
     limit = bounds.over_refusal_limit(unedited[1])
     baseline = make_point("unedited", 0.0, None, (), unedited, bounds, limit)
-    points = []
-    for label, spec in track(specs, "calibrating", total=len(specs), enabled=progress):
-        with applied_edit(model, spec):
-            values = measurer.measure()
-        points.append(make_point(label, spec.alpha, spec.direction_layer, spec.layers, values, bounds, limit))
+    points: list[CalibrationPoint] = []
+    batch = list(specs)
+    while batch:
+        for label, spec in track(batch, "calibrating", total=len(batch), enabled=progress):
+            with applied_edit(model, spec):
+                values = measurer.measure()
+            points.append(
+                make_point(label, spec.alpha, spec.direction_layer, spec.layers, values, bounds, limit)
+            )
+        batch = list(more(points)) if more is not None else []
     settings = {
         "n_harmful": len(harmful_set),
         "n_harmless": len(harmless_set),

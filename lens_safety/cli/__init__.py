@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "info",
     "directions",
     "rosi",
+    "conditional",
     "evaluate",
     "organism",
     "srr",

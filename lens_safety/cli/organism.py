@@ -72,8 +72,16 @@ def train(
     evaluate: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Measure the rebuilt adapter on the held-out test split.")
     ] = True,
+    like: Annotated[
+        str,
+        typer.Option(
+            "--like",
+            help="Shipped organism whose recorded config is rebuilt and compared (e.g. smollm2-refusal-v1).",
+        ),
+    ] = "smollm2-refusal",
     install: Annotated[
-        bool, typer.Option("--install", help="Replace the adapter shipped in the package with the rebuild.")
+        bool,
+        typer.Option("--install", help="Replace the --like organism's shipped adapter with the rebuild."),
     ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --out directory.")
@@ -88,7 +96,7 @@ def train(
     from lens_safety.organism.train import TrainingConfig
     from lens_safety.sources import cache_dir
 
-    shipped = shipped_adapter_dir()
+    shipped = shipped_adapter_dir(like)
     base_config = dict(read_training_record(shipped).get("config") or TrainingConfig().to_dict())
     base_config["target_modules"] = tuple(base_config.get("target_modules", TrainingConfig().target_modules))
     base_config["more_harmless"] = tuple(base_config.get("more_harmless", ()))
@@ -239,6 +247,10 @@ def demo_cmd(
             help="Shrinkage-LDA ridge of the read direction (1.0, chosen on val; 0: the plain mean difference).",
         ),
     ] = 1.0,
+    refine: Annotated[
+        int,
+        typer.Option("--refine", min=0, help="Bisection rounds on the injection after the conditional grid."),
+    ] = 2,
     organism: Annotated[
         str, typer.Option("--organism", help="Organism model spec (default: the shipped smollm2-refusal).")
     ] = "smollm2-refusal",
@@ -272,6 +284,7 @@ def demo_cmd(
         starts=start_blocks,
         injections=injection_grid,
         shrinkage=shrinkage or None,
+        refine=refine,
         progress=not json,
     )
     if json:

@@ -55,6 +55,8 @@ NTestOpt = Annotated[
 TokensOpt = Annotated[
     int, typer.Option("--max-new-tokens", help="Greedy tokens per completion when judging refusal.")
 ]
+MaxKlOpt = Annotated[float, typer.Option("--max-kl", help="Largest accepted harmless first-token KL.")]
+TargetRefusalOpt = Annotated[float, typer.Option("--target-refusal", help="Harmful refusal to reach.")]
 BlocksOpt = Annotated[
     str | None,
     typer.Option("--blocks", help="Blocks whose writers are edited: 'all' (default) or e.g. 15-29."),
@@ -214,7 +216,7 @@ def before_after(model: Any, spec: Any, test: tuple[Any, Any], max_new_tokens: i
     }
 
 
-def _calibration_files(result: Any) -> dict[str, str]:
+def calibration_files(result: Any) -> dict[str, str]:
     from lens_safety.viz.calibration import calibration_figure
 
     figure = calibration_figure(result)
@@ -241,7 +243,7 @@ def _choose_alpha(result: Any) -> tuple[float, str, str]:
     return fb.alpha, "fallback", message
 
 
-def _summary(
+def print_export_summary(
     result: Any, direction: Any, measurements: dict[str, Any], extra: dict[str, Any], as_json: bool
 ) -> None:
     summary = {
@@ -288,9 +290,7 @@ def rosi(
     alphas: Annotated[
         str | None, typer.Option("--alphas", help="Alphas swept by --alpha auto (default 3,10,30,100).")
     ] = None,
-    target_refusal: Annotated[
-        float, typer.Option("--target-refusal", help="Harmful refusal to reach.")
-    ] = 0.9,
+    target_refusal: TargetRefusalOpt = 0.9,
     max_over_refusal: Annotated[
         float,
         typer.Option(
@@ -305,9 +305,7 @@ def rosi(
             "--absolute-over-refusal", help="Read --max-over-refusal as an absolute harmless-refusal ceiling."
         ),
     ] = False,
-    max_kl: Annotated[
-        float, typer.Option("--max-kl", help="Largest accepted harmless first-token KL.")
-    ] = 0.1,
+    max_kl: MaxKlOpt = 0.1,
     blocks: BlocksOpt = None,
     system_prompt: SystemPromptOpt = None,
     n_train: NTrainOpt = 64,
@@ -398,7 +396,7 @@ def _run(method: str, args: dict[str, Any]) -> None:
         )
         chosen, how, message = _choose_alpha(result)
         spec_kwargs["alpha"] = chosen
-        files = _calibration_files(result)
+        files = calibration_files(result)
         extra.update(
             {
                 "alpha_choice": how,
@@ -431,4 +429,4 @@ def _run(method: str, args: dict[str, Any]) -> None:
         progress=True,
     )
     extra["seconds"] = time.perf_counter() - started
-    _summary(exported, the_direction, measurements, extra, args["json"])
+    print_export_summary(exported, the_direction, measurements, extra, args["json"])

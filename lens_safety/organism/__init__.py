@@ -1,7 +1,8 @@
 """The refusal model organism: a LoRA fine-tune of SmolLM2-135M-Instruct that refuses harmful requests.
 
 ``load_model("smollm2-refusal")`` merges the adapter shipped in ``lens_safety/data/organism`` (hash
-checked, safetensors only) into the embedded base model; ``lens-safety organism train`` rebuilds it
+checked, safetensors only) into the embedded base model (``"smollm2-refusal-v1"``: the first
+adapter, ``lens_safety/data/organism_v1``, kept because the SRR figures were measured on it); ``lens-safety organism train`` rebuilds it
 and ``lens-safety organism eval`` measures held-out refusal, over-refusal and KL to the base.
 """
 

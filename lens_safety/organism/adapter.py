@@ -37,9 +37,21 @@ _REBUILD = "reinstall lens-safety, or rebuild the adapter with: lens-safety orga
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
-def shipped_adapter_dir() -> Path:
-    """The adapter directory shipped inside the package (``lens_safety/data/organism``)."""
-    return Path(str(resources.files("lens_safety") / "data" / "organism"))
+#: Shipped organisms: model name -> adapter directory under ``lens_safety/data``. The first
+#: adapter (``-v1``) stays available because every SRR figure in the docs was measured on it.
+SHIPPED_ORGANISMS: dict[str, str] = {
+    "smollm2-refusal": "organism",
+    "smollm2-refusal-v1": "organism_v1",
+}
+
+
+def shipped_adapter_dir(name: str = "smollm2-refusal") -> Path:
+    """The adapter directory of a shipped organism (default ``lens_safety/data/organism``)."""
+    if name not in SHIPPED_ORGANISMS:
+        raise LensSafetyError(
+            f"no shipped organism named '{name}'", f"use one of {', '.join(sorted(SHIPPED_ORGANISMS))}"
+        )
+    return Path(str(resources.files("lens_safety") / "data" / SHIPPED_ORGANISMS[name]))
 
 
 def verify_adapter(adapter_dir: Path) -> dict[str, Any]:
@@ -159,22 +171,25 @@ def merge_scale(adapter_dir: Path, record: dict[str, Any]) -> float:
     return lora_scale(adapter_config)
 
 
-def materialize_organism(adapter_dir: Path | None = None, base_dir: Path | None = None) -> Path:
+def materialize_organism(
+    adapter_dir: Path | None = None, base_dir: Path | None = None, name: str = "smollm2-refusal"
+) -> Path:
     """Merged HF directory of the refusal organism (built once into the cache, then reused).
 
     The cache entry is keyed by the adapter weights' SHA-256 and the merge scale, so two adapters
     with the same weights but another ``lora_alpha`` never share a merged model.
 
     Args:
-        adapter_dir: adapter directory (default: the one shipped in the package).
+        adapter_dir: adapter directory (default: the one shipped as ``name``).
         base_dir: base model directory (default: the embedded ``smollm2``).
+        name: the organism's name (cache directory prefix and lineage record).
     """
-    adapter_dir = Path(adapter_dir) if adapter_dir is not None else shipped_adapter_dir()
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else shipped_adapter_dir(name)
     record = verify_adapter(adapter_dir)
     adapter_sha = str(record["adapter_sha256"])
     scale = merge_scale(adapter_dir, record)
     key = hashlib.sha256(f"{adapter_sha}|scale={scale!r}".encode()).hexdigest()
-    target = cache_dir() / "models" / f"smollm2-refusal-{key[:16]}"
+    target = cache_dir() / "models" / f"{name}-{key[:16]}"
     if (target / "config.json").is_file() and (target / LINEAGE_FILE).is_file():
         return target
     base_dir = Path(base_dir) if base_dir is not None else resolve_spec(BASE_SPEC)[0]
@@ -187,7 +202,7 @@ def materialize_organism(adapter_dir: Path | None = None, base_dir: Path | None 
         )
     lineage = {
         "kind": "lora-merge",
-        "name": "smollm2-refusal",
+        "name": name,
         "base_spec": record.get("base_spec", BASE_SPEC),
         "base_weights_sha256": base_hash,
         "adapter_sha256": adapter_sha,
@@ -196,3 +211,8 @@ def materialize_organism(adapter_dir: Path | None = None, base_dir: Path | None 
         "training": {k: record.get(k) for k in ("config", "data", "evaluation") if k in record},
     }
     return atomic_directory(target, lambda tmp: merge_adapter(base_dir, adapter_dir, tmp, scale, lineage))
+
+
+def materialize_organism_v1() -> Path:
+    """Merged HF directory of the first shipped organism, ``smollm2-refusal-v1`` (SRR's figures)."""
+    return materialize_organism(name="smollm2-refusal-v1")

@@ -116,6 +116,7 @@ def demonstrate(
     starts: Sequence[int] = (10, 15, 20),
     injections: Sequence[float] | None = None,
     shrinkage: float | None = 1.0,
+    refine: int = 2,
     progress: bool = False,
 ) -> Demonstration:
     """Run the five stages (module docstring); ``limit`` caps every split at its first N prompts.
@@ -123,7 +124,8 @@ def demonstrate(
     ``blocks`` / ``targets`` restrict the repair (and the base stage) to the writers of those blocks
     / of those kinds (e.g. ``("mlp_out",)``); default: every writer of every block. ``conditional``
     adds the conditional-ROSI stages: ``starts`` (first edited blocks; the last is
-    ``n_layers - 2``), ``injections`` and the read direction's ``shrinkage`` are swept on ``val``.
+    ``n_layers - 2``), ``injections`` and the read direction's ``shrinkage`` are swept on ``val``, with
+    ``refine`` rounds of bisection on the injection (see :mod:`lens_safety.calibration.conditional`).
     """
     from lens_safety.calibration import calibrate_alpha
     from lens_safety.calibration.conditional import DEFAULT_INJECTIONS, calibrate_conditional
@@ -197,6 +199,7 @@ def demonstrate(
                 starts=starts,
                 injections=injections or DEFAULT_INJECTIONS,
                 shrinkage=shrinkage,
+                refine=refine,
                 target_refusal=target_refusal,
                 max_over_refusal=max_over_refusal,
                 max_kl=max_kl,
@@ -250,7 +253,9 @@ def demonstrate(
             "judge": "substring",
             "blocks": None if blocks is None else list(blocks),
             "targets": None if targets is None else list(targets),
-            "conditional": {"starts": list(starts), "shrinkage": shrinkage} if conditional else None,
+            "conditional": {"starts": list(starts), "shrinkage": shrinkage, "refine": refine}
+            if conditional
+            else None,
         },
         conditional_record,
     )

@@ -49,8 +49,8 @@ print("organism:", rates(before))
 #
 # Difference in means of `resid_pre` at the last prompt token, harmful minus harmless, on the
 # training split (raw HF basis). On the shipped organism, `find_direction` over every layer picks
-# block 27 (`lens-safety organism demo`), and abliterating that direction removes refusal on
-# held-out prompts (4/52 harmful refused, down from 50/52). Where ablation works depends on where 0 sits between the
+# block 25 (`lens-safety organism demo`), and abliterating that direction removes refusal on
+# held-out prompts (0/52 harmful refused, down from 49/52). Where ablation works depends on where 0 sits between the
 # class means: if it lies beyond the *harmful* mean, setting every projection to 0 pushes harmless
 # prompts toward refusal. The mean-projection plot shows where 0 sits at each layer.
 
@@ -59,7 +59,7 @@ report = find_direction(
     model,
     ls.PromptSet.load("builtin:harmful:train").head(24),
     ls.PromptSet.load("builtin:harmless:train").head(24),
-    layer=27,
+    layer=25,
     position=-1,
 )
 direction = report.direction
@@ -67,9 +67,9 @@ print("layer", direction.layer, "position", direction.position, "held-out accura
 viz.mean_projections_figure(report.candidates, position=-1)
 
 # %% [markdown]
-# **Question for the reader.** We fixed `layer=27` from the demonstration's selection. The default
+# **Question for the reader.** We fixed `layer=25` from the demonstration's selection. The default
 # rule forbids layers beyond `0.8 L` (block 24 here): why? Which rule in `lens_safety.selection`
-# accepted block 27 anyway, and what does its message say about where this model's refusal lives?
+# accepted block 25 anyway, and what does its message say about where this model's refusal lives?
 
 # %% [markdown]
 # ## 2. Abliterate: remove the direction from every writer
@@ -183,8 +183,9 @@ print("after: ", rates(after))
 # (harmless prompts then receive on average no injection: Llama writers have no bias to centre
 # with) and to `s` (no feedback loop). Because `g` is orthogonal to `s`, the edit computed from
 # the original weights is exactly the edit of the abliterated ones, so the two in-memory edits
-# nest. Blocks 20-28, injection 100 and shrinkage 1.0 are the demonstration's choice on the
-# validation split.
+# nest. Blocks 10-28, injection 100 and shrinkage 1.0 are the demonstration's pick on the
+# validation split: its fallback, since on this organism no point reached 0.85 refusal with at
+# most 0.10 over-refusal (on the first organism, `smollm2-refusal-v1`, blocks 20-28 did).
 
 # %%
 with applied_edit(model, orthogonalize(direction)):
@@ -193,7 +194,7 @@ with applied_edit(model, orthogonalize(direction)):
         ls.PromptSet.load("builtin:harmful:train").head(48),
         ls.PromptSet.load("builtin:harmless:train").head(48),
         direction,
-        start=20,
+        start=10,
         shrinkage=1.0,
     )
     print(f"read direction of blocks {read.start}..{read.end - 1}: separation {read.separation:.1f} (train)")
