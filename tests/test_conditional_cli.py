@@ -134,7 +134,7 @@ def test_block_choices() -> None:
     ("extra", "message"),
     [
         (["--start", "7"], "not 0 <= start < end"),
-        (["--starts", "a,b"], "--starts must be comma-separated block indices"),
+        (["--starts", "a,b"], "--starts must be comma-separated non-negative block indices"),
         (["--injections", "0,1"], "--injections must be comma-separated positive numbers"),
         (["--injection", "1,2"], "--injection must be 'auto' or one number"),
         (["--injection", "nan"], "--injection must be comma-separated positive numbers"),

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from lens_safety.errors import LensSafetyError
+
 ModelArg = Annotated[
     str,
     typer.Argument(
@@ -94,3 +96,17 @@ def stdout_console() -> Any:
 
     piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
     return Console(width=PIPED_WIDTH) if piped else Console()
+
+
+def parse_numbers(value: str, option: str, example: str, *, integer: bool) -> list[float]:
+    """Comma-separated non-negative integers (``integer``) or positive finite numbers, else a one-line error."""
+    try:
+        numbers = [int(x) if integer else float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or any((n < 0) if integer else not (n > 0 and n < float("inf")) for n in numbers):
+        kind = "non-negative block indices" if integer else "positive numbers"
+        raise LensSafetyError(
+            f"{option} must be comma-separated {kind}, got '{value}'", f"pass e.g. {option} {example}"
+        )
+    return [float(n) for n in numbers]

@@ -21,7 +21,6 @@ exported. The TEST split measures before / after.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +28,7 @@ from typing import Annotated, Any
 import typer
 
 from lens_safety.cli import app
-from lens_safety.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, load_cli_model
+from lens_safety.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, load_cli_model, parse_numbers
 from lens_safety.cli.rosi import (
     DirectionOpt,
     HarmfulOpt,
@@ -56,21 +55,6 @@ from lens_safety.errors import LensSafetyError
 DEFAULT_RELATIVE_INJECTIONS = (0.75, 1.0, 1.5, 2.0)
 
 
-def parse_numbers(value: str, option: str, integer: bool = False) -> list[float]:
-    """A comma-separated list of positive numbers (non-negative integers with ``integer``)."""
-    try:
-        values = [float(int(x)) if integer else float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or any(not math.isfinite(v) or v < 0 or (v == 0 and not integer) for v in values):
-        kind = "block indices" if integer else "positive numbers"
-        raise LensSafetyError(
-            f"{option} must be comma-separated {kind}, got '{value}'",
-            f"pass e.g. {option} {'10,15,20' if integer else '0.75,1,1.5'}",
-        )
-    return values
-
-
 def default_starts(n_layers: int) -> list[int]:
     """First edited blocks swept by default: about a third, a half and two thirds of the depth."""
     return sorted({min(max(1, round(n_layers * f)), n_layers - 2) for f in (1 / 3, 1 / 2, 2 / 3)})
@@ -80,13 +64,13 @@ def resolve_blocks(start: str, starts: str | None, end: int | None, n_layers: in
     """``(start blocks to sweep, end)``; checked against the model's depth."""
     end = n_layers - 1 if end is None else end
     if start != "auto":
-        candidates = parse_numbers(start, "--start", integer=True)
+        candidates = parse_numbers(start, "--start", "15", integer=True)
         if len(candidates) != 1:
             raise LensSafetyError(
                 f"--start must be 'auto' or one block, got '{start}'", "pass e.g. --start 15"
             )
     elif starts is not None:
-        candidates = parse_numbers(starts, "--starts", integer=True)
+        candidates = parse_numbers(starts, "--starts", "10,15,20", integer=True)
     else:
         candidates = [float(b) for b in default_starts(n_layers)]
     blocks = sorted({int(b) for b in candidates})
@@ -177,13 +161,13 @@ def conditional_rosi_cmd(
     started = time.perf_counter()
     check_out(out, overwrite)
     if injection != "auto":
-        grid = parse_numbers(injection, "--injection")
+        grid = parse_numbers(injection, "--injection", "1", integer=False)
         if len(grid) != 1:
             raise LensSafetyError(
                 f"--injection must be 'auto' or one number, got '{injection}'", "pass e.g. --injection 1"
             )
     elif injections is not None:
-        grid = parse_numbers(injections, "--injections")
+        grid = parse_numbers(injections, "--injections", "0.75,1,1.5", integer=False)
     else:
         grid = list(DEFAULT_RELATIVE_INJECTIONS)
     the_layer = parse_layer(layer)

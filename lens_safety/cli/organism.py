@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from lens_safety.cli import app
-from lens_safety.cli.common import JsonOpt, print_json, quiet_libraries
+from lens_safety.cli.common import JsonOpt, parse_numbers, print_json, quiet_libraries
 from lens_safety.errors import LensSafetyError
 
 organism_app = typer.Typer(
@@ -190,20 +190,6 @@ def evaluate_cmd(
     typer.echo(f"smollm2-refusal, {split} split: " + _rates(evaluation.to_dict()))
 
 
-def _numbers(value: str, option: str, example: str, *, integer: bool) -> list[float]:
-    """Comma-separated non-negative integers (``integer``) or positive numbers, with a one-line error."""
-    try:
-        numbers = [int(x) if integer else float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        numbers = []
-    if not numbers or any((n < 0) if integer else not (n > 0 and n < float("inf")) for n in numbers):
-        kind = "non-negative block indices" if integer else "positive numbers"
-        raise LensSafetyError(
-            f"{option} must be comma-separated {kind}, got '{value}'", f"pass e.g. {option} {example}"
-        )
-    return [float(n) for n in numbers]
-
-
 @organism_app.command("demo")
 def demo_cmd(
     limit: LimitOpt = None,
@@ -262,8 +248,8 @@ def demo_cmd(
     from lens_safety.organism.demonstration import demonstrate
 
     grid = parse_alphas(alphas)
-    start_blocks = [int(x) for x in _numbers(starts, "--starts", "10,15,20", integer=True)]
-    injection_grid = _numbers(injections, "--injections", "100,150,200", integer=False)
+    start_blocks = [int(x) for x in parse_numbers(starts, "--starts", "10,15,20", integer=True)]
+    injection_grid = parse_numbers(injections, "--injections", "100,150,200", integer=False)
     if limit is not None and limit < 2:
         raise LensSafetyError(f"--limit {limit} leaves too few prompts", "use --limit 2 or more")
     chosen_blocks = parse_blocks(blocks, n_layers=None)  # demonstrate() checks the range
