@@ -13,6 +13,8 @@ with a chat template) with optional per-prompt categories and pair ids. Sources:
   ``builtin:harmless_extra_2`` (more of them, for organism candidates; training data only, no split);
   ``builtin:harmful_holdout`` / ``builtin:harmless_holdout`` (written after every model and ranker
   of the project was trained, never used to train or choose anything; no split);
+  ``builtin:harmful_holdout_2`` / ``builtin:harmless_holdout_2`` (80 + 80 more, written later for
+  the same purpose; no split);
 * ``advbench`` (offline from ``pyrit`` when it is installed) or ``hf:<dataset id>[:column]``
   (Hugging Face ``datasets``, online).
 
@@ -43,6 +45,8 @@ UNSPLIT_BUILTINS = {
     "harmless_extra_2": "all of it is training data for organism candidates (--more-harmless)",
     "harmful_holdout": "all of it is held-out test data",
     "harmless_holdout": "all of it is held-out test data",
+    "harmful_holdout_2": "all of it is held-out test data",
+    "harmless_holdout_2": "all of it is held-out test data",
 }
 
 

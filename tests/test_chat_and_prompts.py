@@ -123,6 +123,37 @@ def test_holdout_sets_are_new_instructions_not_paraphrases_of_any_other_set():
             PromptSet.load(f"builtin:{name}:test")
 
 
+def test_second_holdout_pair_is_new_instructions():
+    """``builtin:*_holdout_2``: whole, balanced by category, disjoint from each other, and no prompt
+    shares 60% of its words with any prompt of every other built-in set (first holdout included)."""
+    harmful, harmless = (
+        PromptSet.load("builtin:harmful_holdout_2"),
+        PromptSet.load("builtin:harmless_holdout_2"),
+    )
+    assert len(harmful) == len(harmless) == 80
+    assert set(Counter(harmful.categories or ()).values()) == {10}
+    assert (
+        Counter(harmless.categories or ())["general"]
+        == Counter(harmless.categories or ())["xstest_style"]
+        == 12
+    )
+    check_disjoint(harmful, harmless)
+    names = (
+        "harmful",
+        "harmless",
+        "harmless_extra",
+        "harmless_extra_2",
+        "harmful_holdout",
+        "harmless_holdout",
+    )
+    other_words = [_words(p) for name in names for p in PromptSet.load(f"builtin:{name}")]
+    for prompt in (*harmful, *harmless):
+        words = _words(prompt)
+        assert max(len(words & o) / len(words | o) for o in other_words) < 0.6, prompt
+    with pytest.raises(LensSafetyError, match="has no splits"):
+        PromptSet.load("builtin:harmless_holdout_2:val")
+
+
 def test_second_training_only_benign_set_stays_out_of_every_held_out_set():
     extra_2 = PromptSet.load("builtin:harmless_extra_2")
     assert len(extra_2) == 89 and len(set(extra_2.prompts)) == len(extra_2)

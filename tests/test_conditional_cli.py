@@ -38,8 +38,11 @@ def test_conditional_rosi_end_to_end_on_a_tiny_model(
     assert summary["max_abs_logit_diff"] <= 1e-4 and set(summary["harmful_refusal"]) == {"before", "after"}
     # a random tiny model never refuses: the choice says so
     assert summary["choice"] == "fallback" and "warning" in err
+    assert summary["template_positions"] == 0  # default read direction: the last prompt token only
     calibration = json.loads((out / "calibration.json").read_text())
-    assert calibration["settings"]["refine"] == 2  # default rounds; none needed (never reaches the target)
+    assert (
+        calibration["settings"]["refine"] == 2 and calibration["settings"]["template"] is False
+    )  # default rounds; none needed (never reaches the target)
     assert [p["label"] for p in calibration["points"]] == [
         f"blocks 1..1, injection {k * summary['gap']:g}" for k in (0.5, 1.0)
     ]
@@ -55,11 +58,15 @@ def test_fixed_start_and_injection_use_one_point(
 ) -> None:
     argv = ["conditional-rosi", str(tiny_dirs["qwen2"]), "--out", str(tmp_path / "q"), "--layer", "1"]
     code, stdout, err = run(
-        [*argv, "--start", "0", "--end", "3", "--injection", "2", *FAST, "--json"], capsys
+        [*argv, "--start", "0", "--end", "3", "--injection", "2", "--template-blind", *FAST, "--json"], capsys
     )
     assert code == 0, err
     summary = json.loads(stdout)
     assert (summary["start"], summary["end"], summary["blocks"]) == (0, 3, [0, 1, 2])
+    model = load_model(tiny_dirs["qwen2"], device="cpu")
+    train = PromptSet.load("builtin:harmful:train").head(16)
+    prefix = [model.chat.token_ids(model.chat.format(p)) for p in train]
+    assert 0 < summary["template_positions"] < min(map(len, prefix))
     assert summary["injection_gaps"] == pytest.approx(2.0)
     calibration = json.loads((tmp_path / "q" / "calibration.json").read_text())
     assert len(calibration["points"]) == 1 and calibration["settings"]["refine"] == 0

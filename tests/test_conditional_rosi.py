@@ -10,7 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from lens_safety.activations import collect_activations, forward
-from lens_safety.directions.read import ReadDirection, centred_read_vector, find_read_direction
+from lens_safety.directions.read import (
+    ReadDirection,
+    centred_read_vector,
+    find_read_direction,
+    shared_prefix_length,
+)
 from lens_safety.edits import amplify, applied_edit, conditional_rosi, edit_writes, make_spec, orthogonalize
 from lens_safety.errors import LensSafetyError
 from lens_safety.export import export_edit
@@ -159,6 +164,38 @@ def test_find_read_direction_on_tiny_llama(tiny_dirs: dict[str, Path], end: int 
     assert read.alpha_for(2 * read.harmful_mean) == pytest.approx(2.0)
     spec = conditional_rosi(s, read, 1.0)
     assert spec.layers == read.blocks and json.dumps(read.to_dict())
+
+
+def test_read_direction_ignores_the_chat_template(tiny_dirs: dict[str, Path]) -> None:
+    """Template-blind ``g`` (``template=True``) is orthogonal to the summed writes of the edited blocks at every
+    position the prompts share (recomputed here with a plain HF forward), so the edit injects nothing
+    there; the default last-token-only fit does inject there."""
+    model = load_model(tiny_dirs["llama"], device="cpu")
+    s = torch.randn(model.d_model, generator=torch.Generator().manual_seed(8))
+    prompts = [*HARMFUL, *HARMLESS]
+    ids = [model.chat.token_ids(model.chat.format(p)) for p in prompts]
+    shared = shared_prefix_length(model, prompts)
+    assert 0 < shared < min(map(len, ids))
+    assert all(row[:shared] == ids[0][:shared] for row in ids) and len({row[shared] for row in ids}) > 1
+    blind = find_read_direction(model, HARMFUL, HARMLESS, s, start=0, end=2, template=True)
+    plain = find_read_direction(model, HARMFUL, HARMLESS, s, start=0, end=2)
+    assert blind.template_positions == shared and plain.template_positions == 0
+    assert blind.to_dict()["template_positions"] == shared
+    with torch.no_grad():
+        hidden = model.hf_model(input_ids=torch.tensor([ids[0]]), output_hidden_states=True).hidden_states
+    template = (hidden[2] - hidden[0])[0, :shared].double()  # x_end - x_start at the shared positions
+    scale = float(template.norm(dim=1).max())
+    assert float((template @ blind.vector).abs().max()) < 1e-5 * scale
+    assert float((template @ plain.vector).abs().max()) > 1e-3 * scale
+    assert abs(float(blind.vector @ (s.double() / s.double().norm()))) < 1e-10
+    assert abs(blind.harmless_mean) < 1e-6 * scale and blind.harmful_mean > 0
+
+
+def test_shared_prefix_length_of_identical_prompts_is_their_length(tiny_dirs: dict[str, Path]) -> None:
+    model = load_model(tiny_dirs["llama"], device="cpu")
+    n = len(model.chat.token_ids(model.chat.format(HARMFUL[0])))
+    assert shared_prefix_length(model, [HARMFUL[0], HARMFUL[0]]) == n
+    assert shared_prefix_length(model, HARMFUL[:2]) < n
 
 
 def test_find_read_direction_to_the_final_residual(tiny_dirs: dict[str, Path]) -> None:

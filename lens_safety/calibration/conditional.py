@@ -135,6 +135,7 @@ def calibrate_conditional(
     end: int | None = None,
     injections: Sequence[float] = DEFAULT_INJECTIONS,
     shrinkage: float | None = None,
+    template: bool = False,
     target_refusal: float = 0.85,
     max_over_refusal: float = 0.1,
     max_kl: float = 0.5,
@@ -149,7 +150,8 @@ def calibrate_conditional(
     """Sweep first edited block x injection for :func:`~lens_safety.edits.conditional_rosi`.
 
     ``direction`` is the refusal direction written (raw HF basis); ``end`` defaults to
-    ``n_layers - 1`` and ``shrinkage`` is the read direction's (see :func:`find_read_direction`);
+    ``n_layers - 1``; ``shrinkage`` and ``template`` are the read direction's (see
+    :func:`~lens_safety.directions.read.find_read_direction`);
     ``refine`` is the number of bisection rounds (module docstring). Train and validation prompts
     must differ.
     """
@@ -166,6 +168,7 @@ def calibrate_conditional(
         starts=starts,
         end=end,
         shrinkage=shrinkage,
+        template=template,
         batch_size=batch_size,
     )
     edits: dict[str, ConditionalPoint] = {}
@@ -192,6 +195,7 @@ def calibrate_conditional(
         "end": next(iter(reads.values())).end,
         "injections": values,
         "shrinkage": shrinkage,
+        "template": template,
     }
     result = structural_calibration(
         "start block and injection",

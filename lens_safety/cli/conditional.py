@@ -121,6 +121,14 @@ def conditional_rosi_cmd(
             "--shrinkage", min=0.0, help="Shrinkage-LDA ridge of the read direction (0: the mean difference)."
         ),
     ] = 1.0,
+    template: Annotated[
+        bool,
+        typer.Option(
+            "--template-blind/--last-token-only",
+            help="Fit the read direction on the last prompt token only (default) or also orthogonal to "
+            "the chat template's shared positions.",
+        ),
+    ] = False,
     refine: Annotated[
         int,
         typer.Option(
@@ -186,6 +194,7 @@ def conditional_rosi_cmd(
         end=the_end,
         injections=[k * gap for k in grid],
         shrinkage=shrinkage or None,
+        template=template,
         target_refusal=target_refusal,
         max_over_refusal=max_over_refusal,
         max_kl=max_kl,
@@ -208,6 +217,7 @@ def conditional_rosi_cmd(
         "gap_source": gap_source,
         "read_separation": picked.read.separation,
         "shrinkage": picked.read.shrinkage,
+        "template_positions": picked.read.template_positions,
         "choice": rule,
         "message": f"{point.label}: {sweep.result.reason}",
     }

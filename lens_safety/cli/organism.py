@@ -233,6 +233,14 @@ def demo_cmd(
             help="Shrinkage-LDA ridge of the read direction (1.0, chosen on val; 0: the plain mean difference).",
         ),
     ] = 1.0,
+    template: Annotated[
+        bool,
+        typer.Option(
+            "--template-blind/--last-token-only",
+            help="Conditional read directions also orthogonal to the chat template's shared positions "
+            "(default: last prompt token only).",
+        ),
+    ] = False,
     refine: Annotated[
         int,
         typer.Option("--refine", min=0, help="Bisection rounds on the injection after the conditional grid."),
@@ -270,6 +278,7 @@ def demo_cmd(
         starts=start_blocks,
         injections=injection_grid,
         shrinkage=shrinkage or None,
+        template=template,
         refine=refine,
         progress=not json,
     )

@@ -24,6 +24,18 @@ This module estimates ``g`` from a model's own activations (raw HF basis, last p
 * Off ``s_hat``: otherwise the injected refusal would be read again by later edited writers and
   amplified (a feedback loop); in an abliterated model the residual holds no ``s_hat`` anyway.
 
+Optionally (``template=True``) ``g`` is also made orthogonal to ``x_end - x_start`` at every **chat
+template** position the prompts share (first token / attention sink, system prompt, user header).
+The edit acts at every position, not only the last prompt token ``g`` is fitted on, and those
+positions are identical in every prompt, so whatever they write along ``g`` is a fixed dose of
+refusal given to every prompt, harmful or not. Measured on the abliterated refusal organism (blocks
+15..28): the last-token fit projects -1227 at the sink position and +12 on average over the other
+template tokens (harmful last tokens: +61, harmless: 0). Removing that dose makes the edit more
+selective at small injections (validation refusal / over-refusal 0.39 / 0.00 at injection 150) but
+refusal then rises too slowly (0.53 / 0.02 at 200, 0.63 / 0.11 at 250, 0.69 / 0.25 at 300), while
+the last-token fit gives 0.65 / 0.06 at 100 and reached 0.86 / 0.11 at 112.5 in the demonstration's
+sweep. So the default keeps the dose (``docs/concepts/rosi.md`` has the curves).
+
 Measured on the abliterated refusal organism (``docs/concepts/rosi.md``): the paper's ROSI, whose
 read direction is the uniform ``1 / d_model`` (the write's mean coordinate), injects refusal into
 every prompt alike; the read direction above makes the injection follow harmfulness.
@@ -38,7 +50,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import collect_activations
+from lens_safety.activations import HookName, collect_activations
 from lens_safety.edits.spec import unit_direction
 from lens_safety.errors import LensSafetyError
 from lens_safety.prompts import PromptSet
@@ -59,6 +71,8 @@ class ReadDirection:
         harmful_std / harmless_std: standard deviations of the same projections.
         n_harmful / n_harmless: prompts the estimate used.
         shrinkage: ``None`` (plain mean difference) or the ridge of the shrinkage-LDA estimate.
+        template_positions: how many shared chat-template positions ``g`` is orthogonal to
+            (0: fitted on the last token only).
     """
 
     vector: Float[torch.Tensor, " d_model"]
@@ -71,6 +85,7 @@ class ReadDirection:
     n_harmful: int
     n_harmless: int
     shrinkage: float | None = None
+    template_positions: int = 0
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -108,9 +123,11 @@ def centred_read_vector(
     harmless: Float[torch.Tensor, "n_harmless d_model"],
     refusal: Float[torch.Tensor, " d_model"],
     shrinkage: float | None = None,
+    avoid: Float[torch.Tensor, "n_avoid d_model"] | None = None,
 ) -> Float[torch.Tensor, " d_model"]:
     """``unit(d - P d)`` with ``d`` the mean difference and ``P`` the projector onto
-    ``span{mean(harmless), refusal}`` (float64; inputs are increments ``x_end - x_start``).
+    ``span{mean(harmless), refusal, *avoid}`` (float64; inputs are increments ``x_end - x_start``;
+    ``avoid``: further increments the read direction must ignore, e.g. the chat template's).
 
     With ``shrinkage`` (> 0) it is the shrinkage-LDA direction within that complement:
     ``(P C P + lambda I)^{-1} P d`` with ``P`` the complement's projector, ``C`` the pooled
@@ -120,13 +137,16 @@ def centred_read_vector(
     """
     harmful, harmless = harmful.to(torch.float64), harmless.to(torch.float64)
     difference = harmful.mean(0) - harmless.mean(0)
-    basis, _ = torch.linalg.qr(torch.stack([harmless.mean(0), refusal.to(torch.float64)], dim=1))
+    basis = _orthonormal_basis(
+        [harmless.mean(0), refusal.to(torch.float64), *(() if avoid is None else avoid)]
+    )
     eye = torch.eye(difference.shape[0], dtype=torch.float64)
-    off_basis = eye - basis @ basis.T  # projector onto the complement of span{harmless mean, s}
+    off_basis = eye - basis @ basis.T  # projector onto the complement of span{harmless mean, s, avoid}
     residual = off_basis @ difference
     if float(residual.norm()) <= 1e-9 * max(float(difference.norm()), 1e-30):
         raise LensSafetyError(
-            "the harmful and harmless means differ only along the harmless mean and the refusal direction",
+            "the harmful and harmless means differ only along the harmless mean, the refusal direction"
+            " and the avoided increments",
             "pick other blocks (start / end): no read direction is left there",
         )
     if shrinkage is not None:
@@ -140,22 +160,74 @@ def centred_read_vector(
     return residual / residual.norm()
 
 
+def _orthonormal_basis(columns: Sequence[torch.Tensor]) -> Float[torch.Tensor, "d_model rank"]:
+    """An orthonormal basis of ``span(columns)`` (float64). Columns are scaled to unit norm first
+    (the attention-sink position's increment is ~100x larger than the others) and directions with
+    singular value below ``1e-9`` are dropped, so dependent columns are harmless."""
+    stacked = torch.stack([c.to(torch.float64) for c in columns], dim=1)
+    stacked = stacked / stacked.norm(dim=0).clamp_min(1e-300)
+    u, sv, _ = torch.linalg.svd(stacked, full_matrices=False)
+    return u[:, sv > 1e-9 * float(sv.max())]
+
+
+def shared_prefix_length(model: Any, prompts: Sequence[str]) -> int:
+    """Number of leading tokens every formatted prompt shares: the chat template before the
+    instruction (first token, system prompt, user header)."""
+    ids = [model.chat.token_ids(model.chat.format(p)) for p in prompts]
+    length = min(len(row) for row in ids)
+    for i in range(length):
+        if any(row[i] != ids[0][i] for row in ids[1:]):
+            return i
+    return length
+
+
 def _increments(
-    model: Any, prompts: PromptSet, starts: Sequence[int], end: int, batch_size: int, progress: bool
-) -> dict[int, Float[torch.Tensor, "n d_model"]]:
-    """``x_end - x_start`` for every start, float64, from ONE pass over the prompts (two when
-    ``end == n_layers``: the final ``resid_post`` is another hook)."""
+    model: Any,
+    prompts: PromptSet | Sequence[str],
+    starts: Sequence[int],
+    end: int,
+    batch_size: int,
+    progress: bool,
+    positions: Sequence[int] = (-1,),
+) -> dict[int, Float[torch.Tensor, "n n_positions d_model"]]:
+    """``x_end - x_start`` for every start at ``positions``, float64, from ONE pass over the
+    prompts (two when ``end == n_layers``: the final ``resid_post`` is another hook)."""
     n_layers = int(model.n_layers)
     layers = sorted({*starts, end}) if end < n_layers else sorted(set(starts))
-    acts = collect_activations(model, prompts, layers=layers, batch_size=batch_size, progress=progress)
+    offsets = tuple(positions)
+
+    def read(layers: Sequence[int], hook: HookName) -> Any:
+        return collect_activations(
+            model,
+            prompts,
+            layers=layers,
+            positions=offsets,
+            hook=hook,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
+    acts = read(layers, "resid_pre")
+    # the final resid_post when end == n_layers: another hook, another pass
     final = (
-        acts.at(end)
+        acts.tensor[:, acts.layers.index(end)]
         if end < n_layers
-        else collect_activations(
-            model, prompts, layers=[n_layers - 1], hook="resid_post", batch_size=batch_size, progress=progress
-        ).at(n_layers - 1)
+        else read([n_layers - 1], "resid_post").tensor[:, 0]
     )
-    return {start: (final - acts.at(start)).to(torch.float64) for start in starts}
+    return {start: (final - acts.tensor[:, acts.layers.index(start)]).to(torch.float64) for start in starts}
+
+
+def template_increments(
+    model: Any, prompts: Sequence[str], starts: Sequence[int], end: int
+) -> dict[int, Float[torch.Tensor, "n_template d_model"]]:
+    """``x_end - x_start`` at every shared template position (:func:`shared_prefix_length`) of
+    ``prompts``: identical for every prompt (causal attention), so read off the first one."""
+    shared = shared_prefix_length(model, prompts)
+    if shared == 0:
+        return {start: torch.zeros(0, int(model.d_model), dtype=torch.float64) for start in starts}
+    length = len(model.chat.token_ids(model.chat.format(prompts[0])))
+    offsets = range(-length, -length + shared)
+    return {k: v[0] for k, v in _increments(model, prompts[:1], starts, end, 1, False, offsets).items()}
 
 
 def find_read_directions(
@@ -167,6 +239,7 @@ def find_read_directions(
     starts: Sequence[int],
     end: int | None = None,
     shrinkage: float | None = None,
+    template: bool = False,
     batch_size: int = 16,
     progress: bool = False,
 ) -> dict[int, ReadDirection]:
@@ -186,10 +259,13 @@ def find_read_directions(
     unique = sorted({int(start) for start in starts})
     deltas_h = _increments(model, harmful_set, unique, end, batch_size, progress)
     deltas_b = _increments(model, harmless_set, unique, end, batch_size, progress)
+    avoid = template_increments(model, [*harmful_set, *harmless_set], unique, end) if template else None
     reads = {}
     for start in unique:
-        g = centred_read_vector(deltas_h[start], deltas_b[start], s_hat, shrinkage)
-        proj_h, proj_b = deltas_h[start] @ g, deltas_b[start] @ g
+        h, b = deltas_h[start][:, -1], deltas_b[start][:, -1]
+        shared = None if avoid is None else avoid[start]
+        g = centred_read_vector(h, b, s_hat, shrinkage, shared)
+        proj_h, proj_b = h @ g, b @ g
         reads[start] = ReadDirection(
             g,
             start,
@@ -201,6 +277,7 @@ def find_read_directions(
             len(harmful_set),
             len(harmless_set),
             shrinkage,
+            0 if shared is None else int(shared.shape[0]),
         )
     return reads
 
@@ -214,6 +291,7 @@ def find_read_direction(
     start: int,
     end: int | None = None,
     shrinkage: float | None = None,
+    template: bool = False,
     batch_size: int = 16,
     progress: bool = False,
 ) -> ReadDirection:
@@ -226,6 +304,9 @@ def find_read_direction(
         start / end: the edited blocks; ``0 <= start < end <= n_layers``.
         shrinkage: ``None`` for the mean difference, or a shrinkage-LDA ridge (see
             :func:`centred_read_vector`).
+        template: also make ``g`` orthogonal to the increments at the chat template's shared
+            positions (module docstring; measured less effective on the refusal organism); default
+            ``False``: the last prompt token only.
     """
     reads = find_read_directions(
         model,
@@ -235,6 +316,7 @@ def find_read_direction(
         starts=[int(start)],
         end=end,
         shrinkage=shrinkage,
+        template=template,
         batch_size=batch_size,
         progress=progress,
     )

@@ -116,6 +116,7 @@ def demonstrate(
     starts: Sequence[int] = (10, 15, 20),
     injections: Sequence[float] | None = None,
     shrinkage: float | None = 1.0,
+    template: bool = False,
     refine: int = 2,
     progress: bool = False,
 ) -> Demonstration:
@@ -124,7 +125,8 @@ def demonstrate(
     ``blocks`` / ``targets`` restrict the repair (and the base stage) to the writers of those blocks
     / of those kinds (e.g. ``("mlp_out",)``); default: every writer of every block. ``conditional``
     adds the conditional-ROSI stages: ``starts`` (first edited blocks; the last is
-    ``n_layers - 2``), ``injections`` and the read direction's ``shrinkage`` are swept on ``val``, with
+    ``n_layers - 2``) and ``injections`` are swept on ``val`` (read directions with ``shrinkage`` and,
+    if ``template``, orthogonal to the chat template: see :func:`~lens_safety.directions.read.find_read_direction`), with
     ``refine`` rounds of bisection on the injection (see :mod:`lens_safety.calibration.conditional`).
     """
     from lens_safety.calibration import calibrate_alpha
@@ -199,6 +201,7 @@ def demonstrate(
                 starts=starts,
                 injections=injections or DEFAULT_INJECTIONS,
                 shrinkage=shrinkage,
+                template=template,
                 refine=refine,
                 target_refusal=target_refusal,
                 max_over_refusal=max_over_refusal,
@@ -217,7 +220,13 @@ def demonstrate(
     conditional_record = None
     if sweep is not None:
         base_read = find_read_direction(
-            base, *train, direction, start=picked.read.start, end=picked.read.end, shrinkage=shrinkage
+            base,
+            *train,
+            direction,
+            start=picked.read.start,
+            end=picked.read.end,
+            shrinkage=shrinkage,
+            template=template,
         )
         base_edit = conditional_rosi(direction, base_read, base_read.alpha_for(picked.injection))
         with applied_edit(base, base_edit):
