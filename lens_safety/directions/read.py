@@ -162,7 +162,7 @@ def centred_read_vector(
 
 def _orthonormal_basis(columns: Sequence[torch.Tensor]) -> Float[torch.Tensor, "d_model rank"]:
     """An orthonormal basis of ``span(columns)`` (float64). Columns are scaled to unit norm first
-    (the attention-sink position's increment is ~100x larger than the others) and directions with
+    (the attention-sink position's increment can dwarf the others) and directions with
     singular value below ``1e-9`` are dropped, so dependent columns are harmless."""
     stacked = torch.stack([c.to(torch.float64) for c in columns], dim=1)
     stacked = stacked / stacked.norm(dim=0).clamp_min(1e-300)
