@@ -120,6 +120,19 @@ class PromptSet:
             )
         return result
 
+    @classmethod
+    def concat(cls, *sources: str | Path | Sequence[str] | PromptSet, name: str | None = None) -> PromptSet:
+        """One set holding every prompt of ``sources`` in order (each loaded with :meth:`load`);
+        categories and pairs are kept where a source has them."""
+        sets = [cls.load(source) for source in sources]
+        if not sets:
+            raise LensSafetyError("no prompt sets to concatenate", "pass at least one prompt set")
+        prompts = tuple(p for one in sets for p in one.prompts)
+        cats = tuple(c for one in sets for c in (one.categories or (None,) * len(one)))
+        pairs = tuple(q for one in sets for q in (one.pairs or (None,) * len(one)))
+        label = name or "+".join(one.name for one in sets)
+        return cls(prompts, label, cats if any(cats) else None, pairs if any(pairs) else None, "concat")
+
     # -------------------------------------------------------------- access
     def __len__(self) -> int:
         return len(self.prompts)

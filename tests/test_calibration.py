@@ -237,3 +237,23 @@ def test_conditional_refinement_bisects_between_the_target_and_the_bounds(tiny, 
     assert len(coarse.result.points) == 4 and coarse.result.chosen is None
     with pytest.raises(LensSafetyError, match="refine must be >= 0"):
         calibrate_conditional(*args, starts=(0, 1), end=2, refine=-1)
+
+
+def test_conditional_read_harmless_joins_the_read_fit_only(tiny, monkeypatch) -> None:
+    """``read_harmless`` prompts are added to the harmless side of the read directions (the fit
+    equals one on the concatenated set) and recorded; validation prompts are untouched."""
+    from lens_safety.calibration import calibrate_conditional
+    from lens_safety.directions.read import find_read_direction
+
+    s = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(3))
+    extra = ["How do I kill a stuck process?", "What is the best way to shoot a sunset photo?"]
+    _script(monkeypatch, tiny, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0)])
+    args = (tiny, s, HARMFUL, HARMLESS, HARMFUL, HARMLESS)
+    sweep = calibrate_conditional(*args, starts=(0,), end=2, injections=(1.0,), read_harmless=[extra])
+    read = sweep.reads[0]
+    assert read.n_harmless == len(HARMLESS) + len(extra)
+    reference = find_read_direction(tiny, HARMFUL, [*HARMLESS, *extra], s, start=0, end=2)
+    plain = find_read_direction(tiny, HARMFUL, HARMLESS, s, start=0, end=2)
+    assert torch.allclose(read.vector, reference.vector, atol=1e-12)
+    assert float(read.vector @ plain.vector) < 1 - 1e-6
+    assert sweep.to_dict()["settings"]["read_harmless"] == ["list of 2 prompts"]

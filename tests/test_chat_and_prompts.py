@@ -199,3 +199,13 @@ def test_weights_fingerprint_ignores_non_weight_safetensors(tiny_dirs, tmp_path)
     assert weights_fingerprint(copy) == before
     save_file({"x": torch.ones(3)}, copy / "model.safetensors")
     assert weights_fingerprint(copy) != before
+
+
+def test_concat_keeps_order_and_labels():
+    harmful = PromptSet.load("builtin:harmful_holdout_2").head(3)
+    joined = PromptSet.concat(harmful, ["Bake bread?", "Fold a shirt?"], name="mixed")
+    assert joined.prompts == (*harmful.prompts, "Bake bread?", "Fold a shirt?") and joined.name == "mixed"
+    assert joined.categories == (*(harmful.categories or ()), None, None)
+    assert PromptSet.concat(["a"], ["b"]).categories is None
+    with pytest.raises(LensSafetyError, match="no prompt sets"):
+        PromptSet.concat()

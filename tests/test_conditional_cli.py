@@ -57,8 +57,9 @@ def test_fixed_start_and_injection_use_one_point(
     tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["conditional-rosi", str(tiny_dirs["qwen2"]), "--out", str(tmp_path / "q"), "--layer", "1"]
+    blind = ["--template-blind", "--read-harmless", "builtin:harmless_extra_2"]
     code, stdout, err = run(
-        [*argv, "--start", "0", "--end", "3", "--injection", "2", "--template-blind", *FAST, "--json"], capsys
+        [*argv, "--start", "0", "--end", "3", "--injection", "2", *blind, *FAST, "--json"], capsys
     )
     assert code == 0, err
     summary = json.loads(stdout)
@@ -70,6 +71,8 @@ def test_fixed_start_and_injection_use_one_point(
     assert summary["injection_gaps"] == pytest.approx(2.0)
     calibration = json.loads((tmp_path / "q" / "calibration.json").read_text())
     assert len(calibration["points"]) == 1 and calibration["settings"]["refine"] == 0
+    assert calibration["settings"]["read_harmless"] == ["builtin:harmless_extra_2"]
+    assert summary["read_prompts"] == {"harmful": 16, "harmless": 16 + 89}  # --n-train plus the extra set
 
 
 def test_projection_gap_of_a_mean_difference_is_its_norm(tiny_dirs: dict[str, Path]) -> None:
@@ -146,6 +149,7 @@ def test_block_choices() -> None:
         (["--injection", "1,2"], "--injection must be 'auto' or one number"),
         (["--injection", "nan"], "--injection must be comma-separated positive numbers"),
         (["--end", "9"], "not 0 <= start < end"),
+        (["--read-harmless", "builtin:nope"], "builtin:nope"),
     ],
 )
 def test_bad_input_is_one_line(

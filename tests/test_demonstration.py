@@ -154,18 +154,17 @@ def test_conditional_rosi_calibration_bisects_and_falls_back_honestly(organism_d
     points = conditional["calibration"]["points"]
     assert len(points) > 12  # the 3 x 4 grid, then bisection points
     assert conditional["rule"].startswith(("chosen", "fallback"))
-    if conditional["rule"].startswith("fallback"):  # measured: fallback blocks 10..28, injection 100
+    if conditional["rule"].startswith("fallback"):  # without the look-alike read prompts: 10..28, 100
         assert all(not p["passed"] for p in points) and "no start block" in conditional["rule"]
+    else:  # measured: blocks 15..28, injection 112.5, the only passing point of 18
+        assert any(p["passed"] for p in points)
 
 
 @pytest.mark.slow
 @pytest.mark.organism
-@pytest.mark.xfail(
-    strict=True,
-    reason="on val no (start, injection) meets 0.85 / 0.10, also after two bisection rounds: closest "
-    "blocks 15..28, injection 112.5: 0.855 / 0.108 (7/65; limit 6.5/65)",
-)
 def test_conditional_rosi_calibration_meets_the_bounds_on_val(organism_demo: Demonstration) -> None:
+    # measured (read directions also fitted on the READ_HARMLESS look-alikes): blocks 15..28,
+    # injection 112.5 meets every bound, 0.855 / 0.077 / KL 0.12 (without them: no point did)
     conditional = organism_demo.conditional
     assert conditional is not None and conditional["rule"].startswith("chosen")
 
@@ -174,9 +173,10 @@ def test_conditional_rosi_calibration_meets_the_bounds_on_val(organism_demo: Dem
 @pytest.mark.organism
 @pytest.mark.xfail(
     strict=True,
-    reason="conditional ROSI fallback (blocks 10..28, injection 100, shrinkage 1.0; val 0.806 / 0.077) gives "
-    "0.769 (40/52) / 0.113 (7/62) on test (the paper's ROSI: 0.269 / 0.000; on smollm2-refusal-v1 "
-    "conditional ROSI gave 0.808 / 0.097)",
+    reason="conditional ROSI chosen on val (blocks 15..28, injection 112.5, read directions with the "
+    "READ_HARMLESS look-alikes; val 0.855 / 0.077) gives 0.788 (41/52) / 0.016 (1/62) on test: refusal "
+    "four prompts short (0.900 / 0.075 on the 80 + 80 holdout_2 instructions; without the look-alikes "
+    "the fallback gave 0.769 / 0.113; the paper's ROSI: 0.269 / 0.000)",
 )
 def test_conditional_rosi_repairs_the_abliterated_organism(organism_demo: Demonstration) -> None:
     repaired = organism_demo.stage("conditional")

@@ -20,6 +20,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from lens_safety.edits import conditional_rosi
 from lens_safety.edits.spec import EditSpec
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.judges import Judge
+from lens_safety.prompts import PromptSet
 
 #: Injections tried by default, in units of the direction's projection (the refusal organism's
 #: harmful prompts sit about 140 above its harmless ones at the direction's layer).
@@ -136,6 +138,7 @@ def calibrate_conditional(
     injections: Sequence[float] = DEFAULT_INJECTIONS,
     shrinkage: float | None = None,
     template: bool = False,
+    read_harmless: Sequence[Any] = (),
     target_refusal: float = 0.85,
     max_over_refusal: float = 0.1,
     max_kl: float = 0.5,
@@ -151,7 +154,9 @@ def calibrate_conditional(
 
     ``direction`` is the refusal direction written (raw HF basis); ``end`` defaults to
     ``n_layers - 1``; ``shrinkage`` and ``template`` are the read direction's (see
-    :func:`~lens_safety.directions.read.find_read_direction`);
+    :func:`~lens_safety.directions.read.find_read_direction`); ``read_harmless`` are further benign
+    prompt sets added to ``harmless_train`` for the read directions only (benign look-alikes of
+    harmful requests, so that ``g`` learns not to read them as harm);
     ``refine`` is the number of bisection rounds (module docstring). Train and validation prompts
     must differ.
     """
@@ -163,7 +168,7 @@ def calibrate_conditional(
     reads = find_read_directions(
         model,
         harmful_train,
-        harmless_train,
+        PromptSet.concat(harmless_train, *read_harmless) if read_harmless else harmless_train,
         direction,
         starts=starts,
         end=end,
@@ -196,6 +201,7 @@ def calibrate_conditional(
         "injections": values,
         "shrinkage": shrinkage,
         "template": template,
+        "read_harmless": [_set_label(x) for x in read_harmless],
     }
     result = structural_calibration(
         "start block and injection",
@@ -228,3 +234,10 @@ def _midpoints(
             if not low.meets_target and high.meets_target and not high.passed:
                 out.append((start, (lo + hi) / 2))
     return out
+
+
+def _set_label(source: Any) -> str:
+    """How a prompt source is recorded: its spec, its set's name, or its size."""
+    if isinstance(source, str | Path):
+        return str(source)
+    return str(getattr(source, "name", "") or f"list of {len(source)} prompts")

@@ -110,3 +110,16 @@ def parse_numbers(value: str, option: str, example: str, *, integer: bool) -> li
             f"{option} must be comma-separated {kind}, got '{value}'", f"pass e.g. {option} {example}"
         )
     return [float(n) for n in numbers]
+
+
+def parse_prompt_sets(value: str) -> list[str]:
+    """Comma-separated prompt-set specs (files or ``builtin:`` names; ``none`` for none), each
+    checked to load so a typo fails before any model work."""
+    from lens_safety.prompts import PromptSet
+
+    specs = [x.strip() for x in value.split(",") if x.strip()]
+    if specs == ["none"]:
+        return []
+    for spec in specs:
+        PromptSet.load(spec)
+    return specs

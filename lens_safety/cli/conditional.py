@@ -28,7 +28,15 @@ from typing import Annotated, Any
 import typer
 
 from lens_safety.cli import app
-from lens_safety.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, load_cli_model, parse_numbers
+from lens_safety.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    load_cli_model,
+    parse_numbers,
+    parse_prompt_sets,
+)
 from lens_safety.cli.rosi import (
     DirectionOpt,
     HarmfulOpt,
@@ -129,6 +137,14 @@ def conditional_rosi_cmd(
             "the chat template's shared positions.",
         ),
     ] = False,
+    read_harmless: Annotated[
+        str,
+        typer.Option(
+            "--read-harmless",
+            help="Benign prompt sets (comma-separated) added to the harmless train prompts of the read "
+            "directions, e.g. look-alikes of harmful requests (default none).",
+        ),
+    ] = "none",
     refine: Annotated[
         int,
         typer.Option(
@@ -179,6 +195,7 @@ def conditional_rosi_cmd(
     else:
         grid = list(DEFAULT_RELATIVE_INJECTIONS)
     the_layer = parse_layer(layer)
+    extra_harmless = parse_prompt_sets(read_harmless)
     splits = load_splits(harmful, harmless, n_train, n_val, n_test)
     loaded = load_cli_model(model, device, dtype)
     check_output_dir(loaded.hf_path, out, overwrite)
@@ -195,6 +212,7 @@ def conditional_rosi_cmd(
         injections=[k * gap for k in grid],
         shrinkage=shrinkage or None,
         template=template,
+        read_harmless=extra_harmless,
         target_refusal=target_refusal,
         max_over_refusal=max_over_refusal,
         max_kl=max_kl,
@@ -218,6 +236,7 @@ def conditional_rosi_cmd(
         "read_separation": picked.read.separation,
         "shrinkage": picked.read.shrinkage,
         "template_positions": picked.read.template_positions,
+        "read_prompts": {"harmful": picked.read.n_harmful, "harmless": picked.read.n_harmless},
         "choice": rule,
         "message": f"{point.label}: {sweep.result.reason}",
     }

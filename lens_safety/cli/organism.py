@@ -11,8 +11,9 @@ from typing import Annotated, Any
 import typer
 
 from lens_safety.cli import app
-from lens_safety.cli.common import JsonOpt, parse_numbers, print_json, quiet_libraries
+from lens_safety.cli.common import JsonOpt, parse_numbers, parse_prompt_sets, print_json, quiet_libraries
 from lens_safety.errors import LensSafetyError
+from lens_safety.organism.demonstration import READ_HARMLESS
 
 organism_app = typer.Typer(
     help="The refusal model organism (smollm2-refusal): rebuild its adapter, measure it.",
@@ -241,6 +242,14 @@ def demo_cmd(
             "(default: last prompt token only).",
         ),
     ] = False,
+    read_harmless: Annotated[
+        str,
+        typer.Option(
+            "--read-harmless",
+            help="Benign prompt sets added to the harmless train prompts of the read directions "
+            "(comma-separated; none for none).",
+        ),
+    ] = ",".join(READ_HARMLESS),
     refine: Annotated[
         int,
         typer.Option("--refine", min=0, help="Bisection rounds on the injection after the conditional grid."),
@@ -279,6 +288,7 @@ def demo_cmd(
         injections=injection_grid,
         shrinkage=shrinkage or None,
         template=template,
+        read_harmless=parse_prompt_sets(read_harmless),
         refine=refine,
         progress=not json,
     )

@@ -16,8 +16,8 @@ Stages, every rate measured on the ``test`` split of the built-in sets with the 
 5. **conditional** — conditional ROSI ``(I + alpha s g^T) W`` on the ABLITERATED checkpoint
    (:func:`~lens_safety.edits.conditional_rosi`): ``g`` is the abliterated model's own read
    direction of the edited blocks (:func:`~lens_safety.directions.read.find_read_direction`, on
-   ``train``), so the refusal it injects follows harmfulness instead of each write's mean
-   coordinate; first edited block and injection calibrated on ``val``
+   ``train`` plus the training-only benign look-alikes of ``READ_HARMLESS``), so the refusal it
+   injects follows harmfulness instead of each write's mean coordinate; first edited block and injection calibrated on ``val``
    (:func:`~lens_safety.calibration.calibrate_conditional`, same bounds, least over-refusal);
 6. **base** — the same recipes applied to the untuned base SmolLM2 (ROSI: same direction, alpha and
    blocks; conditional ROSI: same direction, blocks and injection, ``g`` read from the base).
@@ -35,6 +35,11 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation import evaluate_refusal
 from lens_safety.evaluation.metrics import RefusalEvaluation
 from lens_safety.prompts import PromptSet
+
+#: Benign training-only sets added to the harmless prompts of the conditional read directions
+#: (benign look-alikes: safety-topic and alarming-word requests). Fixed in advance of the run
+#: that adopted it: on validation the sweep then has a point meeting every bound (docs/concepts/rosi.md).
+READ_HARMLESS: tuple[str, ...] = ("builtin:harmless_extra", "builtin:harmless_extra_2")
 
 
 @dataclass
@@ -117,6 +122,7 @@ def demonstrate(
     injections: Sequence[float] | None = None,
     shrinkage: float | None = 1.0,
     template: bool = False,
+    read_harmless: Sequence[str] = READ_HARMLESS,
     refine: int = 2,
     progress: bool = False,
 ) -> Demonstration:
@@ -125,9 +131,10 @@ def demonstrate(
     ``blocks`` / ``targets`` restrict the repair (and the base stage) to the writers of those blocks
     / of those kinds (e.g. ``("mlp_out",)``); default: every writer of every block. ``conditional``
     adds the conditional-ROSI stages: ``starts`` (first edited blocks; the last is
-    ``n_layers - 2``) and ``injections`` are swept on ``val`` (read directions with ``shrinkage`` and,
-    if ``template``, orthogonal to the chat template: see :func:`~lens_safety.directions.read.find_read_direction`), with
-    ``refine`` rounds of bisection on the injection (see :mod:`lens_safety.calibration.conditional`).
+    ``n_layers - 2``) and ``injections`` are swept on ``val``, with ``refine`` rounds of bisection on
+    the injection (see :mod:`lens_safety.calibration.conditional`); the read directions use
+    ``shrinkage``, ``template`` (see :func:`~lens_safety.directions.read.find_read_direction`) and
+    the benign sets ``read_harmless`` on top of the harmless ``train`` prompts.
     """
     from lens_safety.calibration import calibrate_alpha
     from lens_safety.calibration.conditional import DEFAULT_INJECTIONS, calibrate_conditional
@@ -202,6 +209,7 @@ def demonstrate(
                 injections=injections or DEFAULT_INJECTIONS,
                 shrinkage=shrinkage,
                 template=template,
+                read_harmless=read_harmless,
                 refine=refine,
                 target_refusal=target_refusal,
                 max_over_refusal=max_over_refusal,
@@ -221,7 +229,8 @@ def demonstrate(
     if sweep is not None:
         base_read = find_read_direction(
             base,
-            *train,
+            train[0],
+            PromptSet.concat(train[1], *read_harmless),
             direction,
             start=picked.read.start,
             end=picked.read.end,
