@@ -27,6 +27,14 @@ DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="float32 (default), bfloat16, float16 or auto.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+TemplateBlindOpt = Annotated[
+    bool,
+    typer.Option(
+        "--template-blind/--last-token-only",
+        help="Fit conditional-ROSI read directions on the last prompt token only (default) or also "
+        "orthogonal to the chat template's shared positions.",
+    ),
+]
 NoTemplateOpt = Annotated[
     bool,
     typer.Option(

@@ -33,6 +33,7 @@ from lens_safety.cli.common import (
     DtypeOpt,
     JsonOpt,
     ModelArg,
+    TemplateBlindOpt,
     load_cli_model,
     parse_numbers,
     parse_prompt_sets,
@@ -129,14 +130,7 @@ def conditional_rosi_cmd(
             "--shrinkage", min=0.0, help="Shrinkage-LDA ridge of the read direction (0: the mean difference)."
         ),
     ] = 1.0,
-    template: Annotated[
-        bool,
-        typer.Option(
-            "--template-blind/--last-token-only",
-            help="Fit the read direction on the last prompt token only (default) or also orthogonal to "
-            "the chat template's shared positions.",
-        ),
-    ] = False,
+    template: TemplateBlindOpt = False,
     read_harmless: Annotated[
         str,
         typer.Option(

@@ -11,7 +11,14 @@ from typing import Annotated, Any
 import typer
 
 from lens_safety.cli import app
-from lens_safety.cli.common import JsonOpt, parse_numbers, parse_prompt_sets, print_json, quiet_libraries
+from lens_safety.cli.common import (
+    JsonOpt,
+    TemplateBlindOpt,
+    parse_numbers,
+    parse_prompt_sets,
+    print_json,
+    quiet_libraries,
+)
 from lens_safety.errors import LensSafetyError
 from lens_safety.organism.demonstration import READ_HARMLESS
 
@@ -234,14 +241,7 @@ def demo_cmd(
             help="Shrinkage-LDA ridge of the read direction (1.0, chosen on val; 0: the plain mean difference).",
         ),
     ] = 1.0,
-    template: Annotated[
-        bool,
-        typer.Option(
-            "--template-blind/--last-token-only",
-            help="Conditional read directions also orthogonal to the chat template's shared positions "
-            "(default: last prompt token only).",
-        ),
-    ] = False,
+    template: TemplateBlindOpt = False,
     read_harmless: Annotated[
         str,
         typer.Option(
