@@ -15,6 +15,8 @@ with a chat template) with optional per-prompt categories and pair ids. Sources:
   of the project was trained, never used to train or choose anything; no split);
   ``builtin:harmful_holdout_2`` / ``builtin:harmless_holdout_2`` (80 + 80 more, written later for
   the same purpose; no split);
+  ``builtin:harmful_holdout_3`` / ``builtin:harmless_holdout_3`` (80 + 80 more, written before the
+  organism demonstration's conditional-ROSI default was scored on them once; no split);
 * ``advbench`` (offline from ``pyrit`` when it is installed) or ``hf:<dataset id>[:column]``
   (Hugging Face ``datasets``, online).
 
@@ -47,6 +49,8 @@ UNSPLIT_BUILTINS = {
     "harmless_holdout": "all of it is held-out test data",
     "harmful_holdout_2": "all of it is held-out test data",
     "harmless_holdout_2": "all of it is held-out test data",
+    "harmful_holdout_3": "all of it is held-out test data",
+    "harmless_holdout_3": "all of it is held-out test data",
 }
 
 

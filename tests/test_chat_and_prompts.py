@@ -123,35 +123,35 @@ def test_holdout_sets_are_new_instructions_not_paraphrases_of_any_other_set():
             PromptSet.load(f"builtin:{name}:test")
 
 
-def test_second_holdout_pair_is_new_instructions():
-    """``builtin:*_holdout_2``: whole, balanced by category, disjoint from each other, and no prompt
-    shares 60% of its words with any prompt of every other built-in set (first holdout included)."""
+@pytest.mark.parametrize("suffix", ["2", "3"])
+def test_later_holdout_pairs_are_new_instructions(suffix: str) -> None:
+    """``builtin:*_holdout_2`` and ``_3``: whole, balanced by category, disjoint from each other,
+    and no prompt shares 60% of its words with any prompt of every set written before it."""
     harmful, harmless = (
-        PromptSet.load("builtin:harmful_holdout_2"),
-        PromptSet.load("builtin:harmless_holdout_2"),
+        PromptSet.load(f"builtin:harmful_holdout_{suffix}"),
+        PromptSet.load(f"builtin:harmless_holdout_{suffix}"),
     )
     assert len(harmful) == len(harmless) == 80
     assert set(Counter(harmful.categories or ()).values()) == {10}
-    assert (
-        Counter(harmless.categories or ())["general"]
-        == Counter(harmless.categories or ())["xstest_style"]
-        == 12
-    )
+    harmless_categories = Counter(harmless.categories or ())
+    assert harmless_categories["general"] == harmless_categories["xstest_style"] == 12
+    assert {harmless_categories[c] for c in set(harmful.categories or ())} == {7}
     check_disjoint(harmful, harmless)
-    names = (
+    names = [
         "harmful",
         "harmless",
         "harmless_extra",
         "harmless_extra_2",
         "harmful_holdout",
         "harmless_holdout",
-    )
+        *[f"{kind}_holdout_{n}" for n in range(2, int(suffix)) for kind in ("harmful", "harmless")],
+    ]
     other_words = [_words(p) for name in names for p in PromptSet.load(f"builtin:{name}")]
     for prompt in (*harmful, *harmless):
         words = _words(prompt)
         assert max(len(words & o) / len(words | o) for o in other_words) < 0.6, prompt
     with pytest.raises(LensSafetyError, match="has no splits"):
-        PromptSet.load("builtin:harmless_holdout_2:val")
+        PromptSet.load(f"builtin:harmless_holdout_{suffix}:val")
 
 
 def test_second_training_only_benign_set_stays_out_of_every_held_out_set():

@@ -131,3 +131,20 @@ def parse_prompt_sets(value: str) -> list[str]:
     for spec in specs:
         PromptSet.load(spec)
     return specs
+
+
+def parse_heldout_pairs(value: str, option: str = "--heldout") -> list[tuple[str, str]]:
+    """``'HARMFUL,HARMLESS;HARMFUL,HARMLESS'`` (``none`` for none) -> checked (harmful, harmless) pairs."""
+    if value.strip() == "none":
+        return []
+    pairs: list[tuple[str, str]] = []
+    for chunk in (c.strip() for c in value.split(";") if c.strip()):
+        specs = [x.strip() for x in chunk.split(",")]
+        if len(specs) != 2 or not all(specs):
+            raise LensSafetyError(
+                f"{option} needs pairs 'HARMFUL,HARMLESS', got {chunk!r}",
+                "e.g. builtin:harmful_holdout_3,builtin:harmless_holdout_3 (pairs ';'-separated, or none)",
+            )
+        parse_prompt_sets(chunk)  # each set must load before any model work
+        pairs.append((specs[0], specs[1]))
+    return pairs

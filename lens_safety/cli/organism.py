@@ -14,13 +14,14 @@ from lens_safety.cli import app
 from lens_safety.cli.common import (
     JsonOpt,
     TemplateBlindOpt,
+    parse_heldout_pairs,
     parse_numbers,
     parse_prompt_sets,
     print_json,
     quiet_libraries,
 )
 from lens_safety.errors import LensSafetyError
-from lens_safety.organism.demonstration import READ_HARMLESS
+from lens_safety.organism.demonstration import HELDOUT_PAIRS, READ_HARMLESS
 
 organism_app = typer.Typer(
     help="The refusal model organism (smollm2-refusal): rebuild its adapter, measure it.",
@@ -257,6 +258,14 @@ def demo_cmd(
     organism: Annotated[
         str, typer.Option("--organism", help="Organism model spec (default: the shipped smollm2-refusal).")
     ] = "smollm2-refusal",
+    heldout: Annotated[
+        str,
+        typer.Option(
+            "--heldout",
+            help="Extra held-out pairs 'HARMFUL,HARMLESS' (';'-separated; none for none) on which the "
+            "organism, abliterated and repaired stages are also scored.",
+        ),
+    ] = ";".join(",".join(pair) for pair in HELDOUT_PAIRS),
     json: JsonOpt = False,
 ) -> None:
     """Organism -> refusal direction -> abliteration -> ROSI / conditional-ROSI repair -> the base, held out."""
@@ -290,6 +299,7 @@ def demo_cmd(
         template=template,
         read_harmless=parse_prompt_sets(read_harmless),
         refine=refine,
+        heldout=parse_heldout_pairs(heldout),
         progress=not json,
     )
     if json:

@@ -21,6 +21,9 @@ Stages, every rate measured on the ``test`` split of the built-in sets with the 
    (:func:`~lens_safety.calibration.calibrate_conditional`, same bounds, least over-refusal);
 6. **base** — the same recipes applied to the untuned base SmolLM2 (ROSI: same direction, alpha and
    blocks; conditional ROSI: same direction, blocks and injection, ``g`` read from the base).
+
+Stages 1, 3, 4 and 5 are also scored on the extra held-out pairs of ``heldout`` (default
+``HELDOUT_PAIRS``: instructions written after every choice above was made).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from lens_safety.prompts import PromptSet
 #: (benign look-alikes: safety-topic and alarming-word requests). Fixed in advance of the run
 #: that adopted it: on validation the sweep then has a point meeting every bound (docs/concepts/rosi.md).
 READ_HARMLESS: tuple[str, ...] = ("builtin:harmless_extra", "builtin:harmless_extra_2")
+#: (harmful, harmless) held-out pairs the organism and its repairs are also scored on: the third
+#: pair was written after the conditional repair's settings were fixed, to confirm them once.
+HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("builtin:harmful_holdout_3", "builtin:harmless_holdout_3"),)
 
 
 @dataclass
@@ -52,6 +58,8 @@ class StageRates:
     harmless_refusal: float
     harmless_interval: tuple[float, float]
     examples: dict[str, str] = field(default_factory=dict)
+    #: the same rates on extra held-out pairs, keyed ``"<harmful spec> + <harmless spec>"``
+    heldout: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_evaluation(cls, name: str, evaluation: RefusalEvaluation) -> StageRates:
@@ -65,16 +73,37 @@ class StageRates:
             {"harmful": h.completions[0][:160], "harmless": b.completions[0][:160]},
         )
 
+    def add_heldout(self, label: str, evaluation: RefusalEvaluation) -> None:
+        h, b = evaluation.harmful, evaluation.harmless
+        self.heldout[label] = {
+            "harmful_refusal": h.rate,
+            "harmful_refused": sum(h.refused),
+            "harmful_n": h.n,
+            "harmful_interval": (h.ci_low, h.ci_high),
+            "harmless_refusal": b.rate,
+            "harmless_refused": sum(b.refused),
+            "harmless_n": b.n,
+            "harmless_interval": (b.ci_low, b.ci_high),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     def line(self) -> str:
-        return (
+        """One line of test-split rates, then one indented line per extra held-out pair."""
+        lines = [
             f"{self.name:<12} harmful refusal {self.harmful_refusal:.3f} "
             f"[{self.harmful_interval[0]:.2f}, {self.harmful_interval[1]:.2f}]   "
             f"harmless over-refusal {self.harmless_refusal:.3f} "
             f"[{self.harmless_interval[0]:.2f}, {self.harmless_interval[1]:.2f}]"
-        )
+        ]
+        for label, r in self.heldout.items():
+            lines.append(
+                f"{'':<12} on {label}: harmful {r['harmful_refused']}/{r['harmful_n']} = "
+                f"{r['harmful_refusal']:.3f}, harmless {r['harmless_refused']}/{r['harmless_n']} = "
+                f"{r['harmless_refusal']:.3f}"
+            )
+        return "\n".join(lines)
 
 
 @dataclass
@@ -124,6 +153,7 @@ def demonstrate(
     template: bool = False,
     read_harmless: Sequence[str] = READ_HARMLESS,
     refine: int = 2,
+    heldout: Sequence[tuple[str, str]] = HELDOUT_PAIRS,
     progress: bool = False,
 ) -> Demonstration:
     """Run the five stages (module docstring); ``limit`` caps every split at its first N prompts.
@@ -134,7 +164,9 @@ def demonstrate(
     ``n_layers - 2``) and ``injections`` are swept on ``val``, with ``refine`` rounds of bisection on
     the injection (see :mod:`lens_safety.calibration.conditional`); the read directions use
     ``shrinkage``, ``template`` (see :func:`~lens_safety.directions.read.find_read_direction`) and
-    the benign sets ``read_harmless`` on top of the harmless ``train`` prompts.
+    the benign sets ``read_harmless`` on top of the harmless ``train`` prompts. ``heldout``: extra
+    (harmful, harmless) prompt-set pairs on which the organism, abliterated and repaired stages are
+    also scored (``limit`` applies to them too).
     """
     from lens_safety.calibration import calibrate_alpha
     from lens_safety.calibration.conditional import DEFAULT_INJECTIONS, calibrate_conditional
@@ -144,17 +176,28 @@ def demonstrate(
     from lens_safety.export import export_edit
     from lens_safety.models import load_model
 
-    def split(kind: str, which: str) -> PromptSet:
-        prompts = PromptSet.load(f"builtin:{kind}:{which}")
+    def whole(spec: str) -> PromptSet:
+        prompts = PromptSet.load(spec)
         return prompts if limit is None else prompts.head(limit)
+
+    def split(kind: str, which: str) -> PromptSet:
+        return whole(f"builtin:{kind}:{which}")
 
     test = (split("harmful", "test"), split("harmless", "test"))
     val = (split("harmful", "val"), split("harmless", "val"))
     train = (split("harmful", "train"), split("harmless", "train"))
 
-    def rates(name: str, model: Any) -> StageRates:
+    extra = {f"{h} + {b}": (whole(h), whole(b)) for h, b in heldout}
+
+    def rates(name: str, model: Any, on_heldout: bool = False) -> StageRates:
         evaluation = evaluate_refusal(model, *test, max_new_tokens=max_new_tokens, progress=progress)
-        return StageRates.from_evaluation(name, evaluation)
+        stage = StageRates.from_evaluation(name, evaluation)
+        for label, (harmful, harmless) in extra.items() if on_heldout else []:
+            stage.add_heldout(
+                label,
+                evaluate_refusal(model, harmful, harmless, max_new_tokens=max_new_tokens, progress=progress),
+            )
+        return stage
 
     organism = load_model(organism_spec, device="cpu")
     outside = [b for b in blocks or () if not 0 <= b < organism.n_layers]
@@ -169,7 +212,7 @@ def demonstrate(
             f"conditional-ROSI start blocks {late or '[]'} are outside 0..{organism.n_layers - 2}",
             f"use start blocks 0..{organism.n_layers - 2} (the edit reads up to block {organism.n_layers - 1})",
         )
-    stages = [rates("organism", organism)]
+    stages = [rates("organism", organism, on_heldout=True)]
     # find_direction splits the full sets into the same pair-aligned train / val / test
     full = [PromptSet.load(f"builtin:{kind}") for kind in ("harmful", "harmless")]
     report = find_direction(organism, *full, progress=progress)
@@ -178,7 +221,7 @@ def demonstrate(
         abliterated_dir = Path(root) / "abliterated"
         export_edit(organism, orthogonalize(direction), abliterated_dir, direction=direction)
         abliterated = load_model(abliterated_dir, device="cpu")
-        stages.append(rates("abliterated", abliterated))
+        stages.append(rates("abliterated", abliterated, on_heldout=True))
         calibration = calibrate_alpha(
             abliterated,
             direction,
@@ -197,7 +240,7 @@ def demonstrate(
         repair = rosi(direction, point.alpha, layers=blocks, targets=targets)
         repaired_dir = Path(root) / "repaired"
         export_edit(abliterated, repair, repaired_dir, direction=direction)
-        stages.append(rates("repaired", load_model(repaired_dir, device="cpu")))
+        stages.append(rates("repaired", load_model(repaired_dir, device="cpu"), on_heldout=True))
         sweep = None
         if conditional:
             sweep = calibrate_conditional(
@@ -220,7 +263,7 @@ def demonstrate(
             picked, cond_rule = sweep.selected()
             conditional_dir = Path(root) / "conditional"
             export_edit(abliterated, picked.spec, conditional_dir, direction=direction)
-            stages.append(rates("conditional", load_model(conditional_dir, device="cpu")))
+            stages.append(rates("conditional", load_model(conditional_dir, device="cpu"), on_heldout=True))
     base = load_model(base_spec, device="cpu")
     base_stage = rates("base", base)
     with applied_edit(base, rosi(direction, point.alpha, layers=blocks, targets=targets)):
@@ -266,6 +309,7 @@ def demonstrate(
             "organism": organism_spec,
             "base": base_spec,
             "test": [p.metadata() for p in test],
+            "heldout": {label: [p.metadata() for p in pair] for label, pair in extra.items()},
             "val": [p.metadata() for p in val],
             "max_new_tokens": max_new_tokens,
             "judge": "substring",
