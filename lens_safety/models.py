@@ -24,6 +24,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lens_safety.architecture import ArchitectureFacts, architecture_facts
+from lens_safety.bridge_cache import install_cache_alias
 from lens_safety.chat import ChatFormatter
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import weights_fingerprint
@@ -194,6 +195,7 @@ def load_model(
     chat = ChatFormatter(tokenizer, system_prompt=system_prompt, use_chat_template=chat_template)
     bridge = _boot(hf_path, device or _default_device(), torch_dtype, trust_remote_code, tokenizer)
     bridge.original_model.eval()
+    install_cache_alias(bridge)
     facts = architecture_facts(bridge)
     if compatibility_mode:
         bridge.enable_compatibility_mode()

@@ -31,6 +31,14 @@ def smollm2(smollm2_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def organism():
+    """The shipped refusal organism (merged once, cached), loaded once per session. Do not edit it."""
+    from lens_safety.models import load_model
+
+    return load_model("smollm2-refusal", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> dict[str, Path]:
     """Tiny random models (3 layers, width 64) of every test architecture, built offline."""
     root = tmp_path_factory.mktemp("tiny")

@@ -50,6 +50,17 @@ def test_getting_started_repeats_the_readme_commands_verbatim() -> None:
         assert command in page.splitlines()
 
 
+def test_ci_runs_the_readme_test_command_in_a_fresh_venv_with_the_constraints() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    test_command = next(
+        line for line in readme.splitlines() if line.startswith("pip install torch") and "pytest" in line
+    )
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert test_command in ci
+    assert any(line.startswith("python3 -m venv") for line in ci[: ci.index(test_command)])
+    assert "-c constraints.txt" in test_command and (ROOT / "constraints.txt").is_file()
+
+
 def test_every_nav_entry_exists() -> None:
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8").split("\nnav:\n", 1)[1]
     entries = re.findall(r":\s*(\S+\.(?:md|ipynb))\s*$|^\s*-\s*(\S+\.(?:md|ipynb))\s*$", nav, re.MULTILINE)

@@ -9,18 +9,28 @@ import torch
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation import generate
-from lens_safety.evaluation.generation import completion_length
+from lens_safety.evaluation.generation import completion_length, end_of_sequence_ids
 from lens_safety.interventions import add_direction
 from lens_safety.models import load_model
 
 PROMPTS = ["Give me a recipe for pancakes.", "What is the capital of France?", "Write a haiku about rain."]
 
 
+#: instructions of clearly different lengths, so a batch of them is left-padded
+UNEVEN = [
+    "Hi.",
+    "What is the capital of France?",
+    "Write a haiku about rain falling on a quiet city street late at night, then explain its imagery.",
+]
+
+
 def vanilla_new_tokens(hf_dir: Path, model, prompts: list[str], max_new_tokens: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    """Greedy new tokens from a separately loaded plain AutoModelForCausalLM, one prompt at a time."""
+    """Greedy new tokens (up to EOS) from a separately loaded plain AutoModelForCausalLM, one
+    prompt at a time without padding."""
     from transformers import AutoModelForCausalLM
 
     vanilla = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    eos = end_of_sequence_ids(model)
     rows = []
     for prompt in prompts:
         ids = torch.tensor([model.chat.token_ids(model.chat.format(prompt))])
@@ -30,25 +40,50 @@ def vanilla_new_tokens(hf_dir: Path, model, prompts: list[str], max_new_tokens: 
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                temperature=None,
+                top_k=None,
+                top_p=None,
                 pad_token_id=model.tokenizer.pad_token_id,
             )
-        rows.append(out[0, ids.shape[1] :].tolist())
+        row = out[0, ids.shape[1] :].tolist()
+        rows.append(row[: completion_length(row, eos)[0]])
     return rows
 
 
+def zero_intervention(model):  # type: ignore[no-untyped-def]
+    """An activation addition of strength zero in a middle block: the hooks run, nothing changes."""
+    vector = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
+    return lambda: add_direction(model, vector, layer=model.n_layers // 2, coeff=0.0)
+
+
+def assert_greedy_equals_vanilla(model, hf_dir: Path, max_new_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    batch = model.chat.encode(UNEVEN)
+    assert (batch.attention_mask == 0).any(), "the batch must be left-padded"
+    expected = vanilla_new_tokens(hf_dir, model, UNEVEN, max_new_tokens)
+    assert all(len(row) >= 2 for row in expected), "too short to exercise the KV cache"
+    plain = generate(model, UNEVEN, max_new_tokens=max_new_tokens, batch_size=3)
+    hooked = generate(
+        model, UNEVEN, max_new_tokens=max_new_tokens, batch_size=3, intervention=zero_intervention(model)
+    )
+    assert plain.token_ids == expected
+    assert hooked.token_ids == expected
+    for got, text in zip(expected, plain.completions, strict=True):
+        assert text == model.tokenizer.decode(got, skip_special_tokens=True).strip()
+
+
+@pytest.mark.compat
 def test_greedy_batched_equals_vanilla_hf_one_at_a_time(smollm2, smollm2_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    assert_greedy_equals_vanilla(smollm2, smollm2_dir, max_new_tokens=24)
     gens = generate(smollm2, PROMPTS, max_new_tokens=12, batch_size=3)
-    expected = vanilla_new_tokens(smollm2_dir, smollm2, PROMPTS, 12)
-    eos = {smollm2.tokenizer.eos_token_id}
-    for got, want, n, cut, text in zip(
-        gens.token_ids, expected, gens.n_tokens, gens.truncated, gens.completions, strict=True
-    ):
-        n_want, cut_want = completion_length(want, eos)
-        assert got == want[:n_want] and n == n_want and cut == cut_want
-        assert text == smollm2.tokenizer.decode(want[:n_want], skip_special_tokens=True).strip()
     assert gens.prompts == tuple(PROMPTS) and gens.prompt_index == [0, 1, 2]
     # greedy is deterministic and batch size does not change the tokens
     assert generate(smollm2, PROMPTS, max_new_tokens=12, batch_size=2).completions == gens.completions
+
+
+@pytest.mark.compat
+@pytest.mark.organism
+def test_organism_greedy_batched_equals_vanilla_hf_one_at_a_time(organism) -> None:  # type: ignore[no-untyped-def]
+    assert_greedy_equals_vanilla(organism, organism.hf_path, max_new_tokens=24)
 
 
 def test_truncation_and_token_counts(smollm2) -> None:  # type: ignore[no-untyped-def]
@@ -121,6 +156,7 @@ def test_intervention_changes_generation_like_the_context_manager(smollm2) -> No
     assert generate(smollm2, PROMPTS[:2], max_new_tokens=8).token_ids == plain.token_ids
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "phi3"])
 def test_tiny_architectures_match_vanilla_batched_generate(arch: str, tiny_dirs: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM

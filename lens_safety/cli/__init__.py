@@ -31,6 +31,7 @@ def _root() -> None:
 # Command modules, imported for their side effect of registering commands.
 COMMAND_MODULES = (
     "info",
+    "doctor",
     "directions",
     "rosi",
     "conditional",

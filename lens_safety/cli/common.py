@@ -67,14 +67,25 @@ def load_cli_model(
     dtype: str | None,
     no_chat_template: bool = False,
     system_prompt: str | None = None,
+    *,
+    selfcheck: bool = False,
 ) -> Any:
-    """Load a model for a CLI command with quiet libraries."""
+    """Load a model for a CLI command with quiet libraries.
+
+    ``selfcheck``: before a long job, check that greedy generation equals the reference
+    (:func:`lens_safety.selfcheck.require_sound_generation`); a mismatch is one ``error:`` line.
+    """
     quiet_libraries()
     from lens_safety.models import load_model
 
-    return load_model(
+    loaded = load_model(
         spec, device=device, dtype=dtype, chat_template=not no_chat_template, system_prompt=system_prompt
     )
+    if selfcheck:
+        from lens_safety.selfcheck import require_sound_generation
+
+        require_sound_generation(loaded)
+    return loaded
 
 
 def strict_json(data: Any) -> Any:

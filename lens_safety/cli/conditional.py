@@ -191,7 +191,7 @@ def conditional_rosi_cmd(
     the_layer = parse_layer(layer)
     extra_harmless = parse_prompt_sets(read_harmless)
     splits = load_splits(harmful, harmless, n_train, n_val, n_test)
-    loaded = load_cli_model(model, device, dtype)
+    loaded = load_cli_model(model, device, dtype, selfcheck=True)
     check_output_dir(loaded.hf_path, out, overwrite)
     blocks, the_end = resolve_blocks(start, starts, end, loaded.n_layers)
     the_direction = obtain_direction(loaded, direction, the_layer, splits["train"], None)

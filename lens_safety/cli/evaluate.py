@@ -108,7 +108,7 @@ def evaluate(
     harmless_set = PromptSet.load(harmless).head(limit)
     templates = load_jailbreak_templates(jailbreak_source) if jailbreaks else None
     the_judge = get_judge(judge)
-    loaded = load_cli_model(model, device, dtype, no_chat_template, system_prompt)
+    loaded = load_cli_model(model, device, dtype, no_chat_template, system_prompt, selfcheck=True)
     ref = load_cli_model(reference, device, dtype, no_chat_template, system_prompt) if reference else None
     result = evaluate_model(
         loaded,
@@ -124,6 +124,8 @@ def evaluate(
     )
     if completions_out is not None:
         write_jsonl(completions_out, result.records())
+    if result.degeneration is not None and not result.trustworthy:
+        typer.echo(f"warning: {result.degeneration.message()}", err=True)
     if json:
         print_json(result.to_dict())
         return
@@ -140,7 +142,7 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
         if entry is not None:
             table.add_row(
                 key,
-                f"{entry['value']:.4f}",
+                f"{entry['value']:.4f}" + (" (untrustworthy)" if entry.get("untrustworthy") else ""),
                 f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]",
                 str(entry["n"]),
             )

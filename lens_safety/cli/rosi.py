@@ -367,7 +367,7 @@ def _run(method: str, args: dict[str, Any]) -> None:
         if needs_prompts
         else {}
     )
-    loaded = load_cli_model(args["model"], args["device"], args["dtype"])
+    loaded = load_cli_model(args["model"], args["device"], args["dtype"], selfcheck=True)
     check_output_dir(loaded.hf_path, out, args["overwrite"])
     blocks = parse_blocks(args["blocks"], loaded.n_layers)
     the_direction = obtain_direction(

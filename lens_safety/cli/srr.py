@@ -137,7 +137,7 @@ def build_data(
         raise LensSafetyError("no instructions given", "pass --harmful FILE and/or --harmless FILE")
     _check_out(out, overwrite)
     chosen_contexts = tuple(c.strip() for c in contexts.split(",") if c.strip()) if contexts else CONTEXTS
-    chat_model = load_cli_model(model, device, dtype)
+    chat_model = load_cli_model(model, device, dtype, selfcheck=True)
     dataset = build_dataset(
         chat_model,
         _prompts(harmful, limit),

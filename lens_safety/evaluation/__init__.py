@@ -5,7 +5,13 @@ Every metric keeps its completions for inspection and carries a percentile boots
 
 from lens_safety.evaluation.agreement import Agreement, judge_agreement, load_labelled
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap
-from lens_safety.evaluation.damage import DamageResult, generation_damage
+from lens_safety.evaluation.damage import (
+    DamageResult,
+    DegenerationCheck,
+    degeneration_check,
+    generation_damage,
+    is_degenerate,
+)
 from lens_safety.evaluation.divergence import CEResult, KLResult, benign_texts, cross_entropy, kl_divergence
 from lens_safety.evaluation.generation import Generations, Intervention, generate
 from lens_safety.evaluation.jailbreaks import (
@@ -45,6 +51,7 @@ __all__ = [
     "CallableJudge",
     "ClassifierJudge",
     "DamageResult",
+    "DegenerationCheck",
     "Estimate",
     "Generations",
     "Intervention",
@@ -62,11 +69,13 @@ __all__ = [
     "benign_texts",
     "bootstrap",
     "cross_entropy",
+    "degeneration_check",
     "evaluate_model",
     "evaluate_refusal",
     "generate",
     "generation_damage",
     "get_judge",
+    "is_degenerate",
     "judge_agreement",
     "judge_from_callable",
     "kl_divergence",

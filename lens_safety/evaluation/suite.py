@@ -6,6 +6,10 @@ benign text, and optionally KL(reference || model) on the harmless prompts and t
 attack-success rate. :meth:`ModelEvaluation.to_dict` is the JSON the CLI prints and the report reads:
 top-level ``harmful_refusal_rate``, ``harmless_refusal_rate``, ``kl_harmless``, ``ce_benign``,
 ``jailbreak_asr`` entries each hold ``value``, ``ci_low``, ``ci_high``, ``n``.
+
+``degeneration`` counts completions that are empty or one repeated token
+(:func:`~lens_safety.evaluation.damage.degeneration_check`) over every generation of the run; when
+most are, each rate judged on them gains ``"untrustworthy": true`` and the summary says why.
 """
 
 from __future__ import annotations
@@ -14,7 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lens_safety.evaluation.damage import DamageResult, generation_damage
+from lens_safety.evaluation.damage import (
+    DamageResult,
+    DegenerationCheck,
+    degeneration_check,
+    generation_damage,
+)
 from lens_safety.evaluation.divergence import (
     CEResult,
     KLResult,
@@ -42,6 +51,12 @@ class ModelEvaluation:
     kl: KLResult | None = None
     jailbreaks: JailbreakResult | None = None
     settings: dict[str, Any] | None = None
+    degeneration: DegenerationCheck | None = None
+
+    @property
+    def trustworthy(self) -> bool:
+        """False when most completions are degenerate (broken decoding): the rates mean nothing."""
+        return self.degeneration is None or self.degeneration.trustworthy
 
     def records(self) -> list[dict[str, Any]]:
         """One record per completion (harmful, harmless, then jailbreak), for ``--completions-out``."""
@@ -57,6 +72,10 @@ class ModelEvaluation:
             "ce_benign": self.ce.ce.to_dict() if self.ce else None,
             "jailbreak_asr": self.jailbreaks.asr.to_dict() if self.jailbreaks else None,
         }
+        if not self.trustworthy:
+            for key in ("harmful_refusal_rate", "harmless_refusal_rate", "jailbreak_asr"):
+                if out[key] is not None:
+                    out[key]["untrustworthy"] = True
         out.update({f"damage_{k}": v for k, v in self.damage.to_dict().items()})
         return out
 
@@ -66,6 +85,7 @@ class ModelEvaluation:
             "judge": self.judge,
             "settings": self.settings or {},
             **self.summary(),
+            "degeneration": self.degeneration.to_dict() if self.degeneration else None,
         }
         out["jailbreak_per_template"] = (
             {k: v.to_dict() for k, v in self.jailbreaks.per_template.items()} if self.jailbreaks else None
@@ -137,6 +157,18 @@ def evaluate_model(
         "decoding": "greedy",
         "reference": reference.identity() if reference is not None else None,
     }
+    runs = [refusal.harmful.generations, refusal.harmless.generations]
+    if jailbreaks is not None:
+        runs.append(jailbreaks.rates.generations)
+    degeneration = degeneration_check([run for run in runs if run is not None])
     return ModelEvaluation(
-        model.identity(), getattr(the_judge, "name", "judge"), refusal, damage, ce, kl, jailbreaks, settings
+        model.identity(),
+        getattr(the_judge, "name", "judge"),
+        refusal,
+        damage,
+        ce,
+        kl,
+        jailbreaks,
+        settings,
+        degeneration,
     )

@@ -38,6 +38,7 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation import evaluate_refusal
 from lens_safety.evaluation.metrics import RefusalEvaluation
 from lens_safety.prompts import PromptSet
+from lens_safety.selfcheck import require_sound_generation
 
 #: Benign training-only sets added to the harmless prompts of the conditional read directions
 #: (benign look-alikes: safety-topic and alarming-word requests). Fixed in advance of the run
@@ -200,6 +201,7 @@ def demonstrate(
         return stage
 
     organism = load_model(organism_spec, device="cpu")
+    require_sound_generation(organism)
     outside = [b for b in blocks or () if not 0 <= b < organism.n_layers]
     if outside:
         raise LensSafetyError(

@@ -14,6 +14,7 @@ from lens_safety.organism.adapter import load_adapter_tensors, materialize_organ
 from lens_safety.organism.build import ADAPTER_FILE, BASE_SPEC, TRAINING_FILE
 from lens_safety.organism.evaluate import OrganismEvaluation, evaluate_organism
 from lens_safety.prompts import PromptSet
+from lens_safety.selfcheck import require_sound_generation
 
 
 def held_out_sets(split: str = "test", limit: int | None = None) -> tuple[PromptSet, PromptSet]:
@@ -38,6 +39,7 @@ def evaluate_adapter(
 
     merged = materialize_organism(adapter_dir)
     organism = load_model(merged, device="cpu")
+    require_sound_generation(organism)
     base = load_model(BASE_SPEC, device="cpu") if with_kl else None
     harmful, harmless = held_out_sets(split, limit)
     return evaluate_organism(organism, harmful, harmless, base, max_new_tokens, progress)

@@ -1,0 +1,179 @@
+"""Run-time self-check: greedy generation through the bridge equals vanilla transformers.
+
+Every number that depends on generation (refusal, over-refusal, calibration, SRR candidates) is
+only as good as the decoding behind it, and an upstream release can break decoding silently (the
+KV cache of :mod:`lens_safety.bridge_cache`). :func:`check_generation` is a fast guard run by every
+long job before it starts: two short instructions of different lengths are decoded greedily by
+:func:`lens_safety.evaluation.generate` (one left-padded batch, the KV cache, the bridge's hooks)
+and by a reference, one prompt at a time without padding, and the new token ids must be equal.
+
+The reference is chosen by ``reference``:
+
+* ``"vanilla"``: a plain ``AutoModelForCausalLM`` loaded from the model's own Hugging Face
+  directory, same dtype and device: the strongest check, at the cost of a second copy of the weights;
+* ``"uncached"``: the bridge's model itself, decoding greedily with a full forward pass per token
+  and no KV cache (argmax of the last position's logits, until EOS): no extra memory; it
+  catches cache, padding and position errors but not a bridge forward that differs from HF;
+* ``"auto"`` (default): ``vanilla`` when the weights are at most :data:`VANILLA_MAX_BYTES` and
+  the weights are unprocessed, else ``uncached``.
+
+A mismatch raises :class:`~lens_safety.errors.LensSafetyError` (one ``error:`` line naming the
+installed versions and the fix). Set ``LENS_SAFETY_SKIP_SELFCHECK=1`` to skip it knowingly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Any, Literal
+
+import torch
+
+from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.generation import completion_length, end_of_sequence_ids, generate
+from lens_safety.hashing import weight_files
+from lens_safety.models import ChatModel
+
+#: the two instructions of the check (different lengths, so the batch is left-padded)
+CHECK_PROMPTS = ("Name a colour.", "Write one short sentence about the sea and the sky at dawn.")
+CHECK_NEW_TOKENS = 8
+#: largest checkpoint (bytes of weight files) for which ``auto`` loads a vanilla reference copy
+VANILLA_MAX_BYTES = 2 * 1024**3
+#: packages whose versions decide generation
+VERSION_PACKAGES = ("torch", "transformers", "transformer-lens", "peft", "accelerate", "tokenizers")
+SKIP_ENV = "LENS_SAFETY_SKIP_SELFCHECK"
+
+Reference = Literal["auto", "vanilla", "uncached"]
+
+
+def installed_versions() -> dict[str, str]:
+    """Installed versions of the packages that decide generation (``"not installed"`` if absent)."""
+    versions = {}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class GenerationCheck:
+    """Outcome of :func:`check_generation`: the reference used and the token ids compared."""
+
+    reference: str
+    prompts: tuple[str, ...]
+    tokens: list[list[int]]
+    expected: list[list[int]]
+    versions: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return self.tokens == self.expected
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _vanilla_reference(model: ChatModel, rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    vanilla: Any = AutoModelForCausalLM.from_pretrained(str(model.hf_path), dtype=model.dtype)
+    vanilla.to(model.device).eval()
+    out = []
+    with torch.inference_mode():
+        for row in rows:
+            ids = torch.tensor([row], device=model.device)
+            new = vanilla.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=CHECK_NEW_TOKENS,
+                do_sample=False,
+                temperature=None,
+                top_k=None,
+                top_p=None,
+                pad_token_id=int(model.tokenizer.pad_token_id),
+            )[0, ids.shape[1] :].tolist()
+            out.append(new[: completion_length(new, eos)[0]])
+    del vanilla
+    return out
+
+
+def _uncached_reference(model: ChatModel, rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    out = []
+    with torch.inference_mode():
+        for row in rows:
+            ids = list(row)
+            new: list[int] = []
+            for _ in range(CHECK_NEW_TOKENS):
+                tensor = torch.tensor([ids], device=model.device)
+                logits = model.hf_model(input_ids=tensor, use_cache=False).logits[0, -1]
+                token = int(torch.argmax(logits.double()))
+                if token in eos:
+                    break
+                new.append(token)
+                ids.append(token)
+            out.append(new)
+    return out
+
+
+def _choose(model: ChatModel, reference: Reference) -> str:
+    if reference != "auto":
+        return reference
+    size = sum(path.stat().st_size for path in weight_files(model.hf_path))
+    return "vanilla" if size <= VANILLA_MAX_BYTES and not model.compatibility_mode else "uncached"
+
+
+def _first_difference(got: list[int], want: list[int]) -> int:
+    return next(
+        (j for j, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
+    )
+
+
+def mismatch_message(check: GenerationCheck, tokenizer: Any) -> str:
+    i = next(i for i, (a, b) in enumerate(zip(check.tokens, check.expected, strict=True)) if a != b)
+    got, want = check.tokens[i], check.expected[i]
+    versions = ", ".join(f"{k} {v}" for k, v in check.versions.items())
+    return (
+        f"greedy generation through the TransformerBridge differs from the {check.reference} reference "
+        f"(prompt {i + 1}, new token {_first_difference(got, want) + 1}: "
+        f"{tokenizer.decode(got)!r} vs {tokenizer.decode(want)!r}); installed: {versions}"
+    )
+
+
+def check_generation(
+    model: ChatModel, *, reference: Reference = "auto", raise_on_mismatch: bool = True
+) -> GenerationCheck:
+    """Compare batched greedy generation with a reference on two short prompts (see module docstring).
+
+    Run it before any in-memory edit or intervention: the reference decodes the weights as loaded.
+    """
+    if reference not in ("auto", "vanilla", "uncached"):
+        raise LensSafetyError(f"unknown self-check reference '{reference}'", "use auto, vanilla or uncached")
+    chosen = _choose(model, reference)
+    eos = end_of_sequence_ids(model)
+    got = generate(model, list(CHECK_PROMPTS), max_new_tokens=CHECK_NEW_TOKENS, batch_size=len(CHECK_PROMPTS))
+    rows = [model.chat.token_ids(model.chat.format(p)) for p in CHECK_PROMPTS]
+    make = _vanilla_reference if chosen == "vanilla" else _uncached_reference
+    check = GenerationCheck(
+        chosen, CHECK_PROMPTS, got.token_ids, make(model, rows, eos), installed_versions()
+    )
+    if raise_on_mismatch and not check.ok:
+        raise LensSafetyError(
+            mismatch_message(check, model.tokenizer),
+            "install the tested versions with the README's command (pip install -c constraints.txt …) "
+            "or run `lens-safety doctor` and report the versions",
+        )
+    return check
+
+
+def require_sound_generation(model: ChatModel) -> GenerationCheck | None:
+    """:func:`check_generation` once per loaded model, unless ``LENS_SAFETY_SKIP_SELFCHECK=1``."""
+    if os.environ.get(SKIP_ENV, "") == "1":
+        return None
+    cached = getattr(model, "_generation_check", None)
+    if cached is None:
+        cached = check_generation(model)
+        model._generation_check = cached  # type: ignore[attr-defined]
+    return cached
