@@ -5,18 +5,66 @@ layer, edit weights (ROSI, abliteration), export verified Hugging Face models, a
 responses by safety (SRR). Every vector is stored in the raw Hugging Face residual basis.
 """
 
-from lens_safety.activations import Activations, ActivationSums, collect_activations, sum_activations
-from lens_safety.architecture import ArchitectureFacts, ResidualWriter
-from lens_safety.calibration import CalibrationResult, calibrate_alpha, calibrate_block_range, calibrate_layer
-from lens_safety.chat import ChatFormatter
-from lens_safety.directions import Direction, extract_directions, find_direction, load_direction
-from lens_safety.edits import add_bias, amplify, applied_edit, orthogonalize, rosi
-from lens_safety.errors import LensSafetyError
-from lens_safety.export import export_edit
-from lens_safety.interventions import ablate_direction, add_direction
-from lens_safety.models import ChatModel, load_model
-from lens_safety.probing import probe_layers
-from lens_safety.prompts import PromptSet
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lens_safety.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lens_safety.activations import Activations, ActivationSums, collect_activations, sum_activations
+    from lens_safety.architecture import ArchitectureFacts, ResidualWriter
+    from lens_safety.calibration import (
+        CalibrationResult,
+        calibrate_alpha,
+        calibrate_block_range,
+        calibrate_layer,
+    )
+    from lens_safety.chat import ChatFormatter
+    from lens_safety.directions import Direction, extract_directions, find_direction, load_direction
+    from lens_safety.edits import add_bias, amplify, applied_edit, orthogonalize, rosi
+    from lens_safety.errors import LensSafetyError
+    from lens_safety.export import export_edit
+    from lens_safety.interventions import ablate_direction, add_direction
+    from lens_safety.models import ChatModel, load_model
+    from lens_safety.probing import probe_layers
+    from lens_safety.prompts import PromptSet
+
+#: public name -> module that defines it. Imported on first use (PEP 562), so ``import lens_safety``
+#: and ``lens-safety --help`` do not load torch and transformers.
+_EXPORTS = {
+    "ablate_direction": "lens_safety.interventions",
+    "Activations": "lens_safety.activations",
+    "ActivationSums": "lens_safety.activations",
+    "add_bias": "lens_safety.edits",
+    "add_direction": "lens_safety.interventions",
+    "amplify": "lens_safety.edits",
+    "applied_edit": "lens_safety.edits",
+    "ArchitectureFacts": "lens_safety.architecture",
+    "calibrate_alpha": "lens_safety.calibration",
+    "calibrate_block_range": "lens_safety.calibration",
+    "calibrate_layer": "lens_safety.calibration",
+    "CalibrationResult": "lens_safety.calibration",
+    "ChatFormatter": "lens_safety.chat",
+    "ChatModel": "lens_safety.models",
+    "collect_activations": "lens_safety.activations",
+    "Direction": "lens_safety.directions",
+    "export_edit": "lens_safety.export",
+    "extract_directions": "lens_safety.directions",
+    "find_direction": "lens_safety.directions",
+    "LensSafetyError": "lens_safety.errors",
+    "load_direction": "lens_safety.directions",
+    "load_model": "lens_safety.models",
+    "orthogonalize": "lens_safety.edits",
+    "probe_layers": "lens_safety.probing",
+    "PromptSet": "lens_safety.prompts",
+    "ResidualWriter": "lens_safety.architecture",
+    "rosi": "lens_safety.edits",
+    "sum_activations": "lens_safety.activations",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __version__ = "0.1.0"
 

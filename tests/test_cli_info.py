@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from cli_runner import run_cli
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -95,3 +96,37 @@ def test_tables_keep_their_width_when_stdout_is_redirected(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "70")
     code, out, _ = run_cli(["info", "smollm2"], capsys)
     assert code == 0 and max(len(line) for line in out.splitlines()) <= 70
+
+
+def test_help_screens_and_the_package_import_load_neither_torch_nor_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lens_safety\n"
+        "from lens_safety.cli import main\n"
+        "for argv in (['--help'], ['eval', '--help'], ['organism', 'demo', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code in (0, None), exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in done.stdout, done.stdout[-500:]
+
+
+def test_every_public_name_resolves_to_its_module_object() -> None:
+    import importlib
+
+    import lens_safety
+    import lens_safety.organism
+
+    for package in (lens_safety, lens_safety.organism):
+        exports = package._EXPORTS
+        assert set(exports) == set(package.__all__) - {"__version__"}
+        for name, module in exports.items():
+            assert getattr(package, name) is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        lens_safety.nothing_here  # noqa: B018

@@ -50,6 +50,22 @@ def test_eval_json_and_completions(
     assert code == 2 and err.startswith("error:") and "already exists" in err and "Traceback" not in err
 
 
+def test_eval_uses_a_prompt_file_whole_unless_limited(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(tiny_dirs["llama"])
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("".join(f"Harmful request number {i}?\n" for i in range(40)))
+    harmless.write_text("".join(f"Benign request number {i}?\n" for i in range(24)))
+    base = ["eval", model, "--harmful", str(harmful), "--harmless", str(harmless), "--max-new-tokens", "2"]
+    code, out, err = run([*base, "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["harmful_refusal_rate"]["n"] == 40 and data["harmless_refusal_rate"]["n"] == 24
+    code, out, err = run([*base, "--limit", "5", "--json"], capsys)
+    assert code == 0 and json.loads(out)["harmful_refusal_rate"]["n"] == 5
+
+
 def test_eval_bad_input(
     tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -81,8 +81,8 @@ def evaluate(
         int, typer.Option("--jailbreak-prompts", help="Harmful prompts wrapped in each template.")
     ] = 4,
     limit: Annotated[
-        int, typer.Option("--limit", help="Use the first N prompts of each set (small default for CPUs).")
-    ] = 16,
+        int | None, typer.Option("--limit", help="Use only the first N prompts of each set (default: all).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="New tokens per completion.")] = 48,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 16,
     judge: JudgeOpt = "substring",
@@ -100,12 +100,13 @@ def evaluate(
     from lens_safety.evaluation import evaluate_model, get_judge, load_jailbreak_templates
     from lens_safety.prompts import PromptSet
 
-    if limit < 1:
+    if limit is not None and limit < 1:
         raise LensSafetyError(f"--limit must be >= 1, got {limit}", "pass a positive --limit")
     if completions_out is not None:
         check_writable(completions_out, overwrite)
-    harmful_set = PromptSet.load(harmful).head(limit)
-    harmless_set = PromptSet.load(harmless).head(limit)
+    harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
+    if limit is not None:
+        harmful_set, harmless_set = harmful_set.head(limit), harmless_set.head(limit)
     templates = load_jailbreak_templates(jailbreak_source) if jailbreaks else None
     the_judge = get_judge(judge)
     loaded = load_cli_model(model, device, dtype, no_chat_template, system_prompt, selfcheck=True)

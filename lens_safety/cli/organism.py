@@ -21,7 +21,7 @@ from lens_safety.cli.common import (
     quiet_libraries,
 )
 from lens_safety.errors import LensSafetyError
-from lens_safety.organism.demonstration import HELDOUT_PAIRS, READ_HARMLESS
+from lens_safety.organism.sets import HELDOUT_PAIRS, READ_HARMLESS
 
 organism_app = typer.Typer(
     help="The refusal model organism (smollm2-refusal): rebuild its adapter, measure it.",

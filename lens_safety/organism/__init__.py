@@ -6,11 +6,33 @@ adapter, ``lens_safety/data/organism_v1``, kept because the SRR figures were mea
 and ``lens-safety organism eval`` measures held-out refusal, over-refusal and KL to the base.
 """
 
-from lens_safety.organism.adapter import materialize_organism, shipped_adapter_dir, verify_adapter
-from lens_safety.organism.build import TrainingRun, train_organism
-from lens_safety.organism.data import SFTExample, build_examples
-from lens_safety.organism.evaluate import OrganismEvaluation, evaluate_organism
-from lens_safety.organism.train import TrainingConfig, fit_lora
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lens_safety.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lens_safety.organism.adapter import materialize_organism, shipped_adapter_dir, verify_adapter
+    from lens_safety.organism.build import TrainingRun, train_organism
+    from lens_safety.organism.data import SFTExample, build_examples
+    from lens_safety.organism.evaluate import OrganismEvaluation, evaluate_organism
+    from lens_safety.organism.train import TrainingConfig, fit_lora
+
+_EXPORTS = {
+    "build_examples": "lens_safety.organism.data",
+    "evaluate_organism": "lens_safety.organism.evaluate",
+    "fit_lora": "lens_safety.organism.train",
+    "materialize_organism": "lens_safety.organism.adapter",
+    "OrganismEvaluation": "lens_safety.organism.evaluate",
+    "SFTExample": "lens_safety.organism.data",
+    "shipped_adapter_dir": "lens_safety.organism.adapter",
+    "train_organism": "lens_safety.organism.build",
+    "TrainingConfig": "lens_safety.organism.train",
+    "TrainingRun": "lens_safety.organism.build",
+    "verify_adapter": "lens_safety.organism.adapter",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "OrganismEvaluation",

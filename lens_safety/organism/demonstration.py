@@ -37,16 +37,9 @@ from typing import Any
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation import evaluate_refusal
 from lens_safety.evaluation.metrics import RefusalEvaluation
+from lens_safety.organism.sets import HELDOUT_PAIRS, READ_HARMLESS
 from lens_safety.prompts import PromptSet
 from lens_safety.selfcheck import require_sound_generation
-
-#: Benign training-only sets added to the harmless prompts of the conditional read directions
-#: (benign look-alikes: safety-topic and alarming-word requests). Fixed in advance of the run
-#: that adopted it: on validation the sweep then has a point meeting every bound (docs/concepts/rosi.md).
-READ_HARMLESS: tuple[str, ...] = ("builtin:harmless_extra", "builtin:harmless_extra_2")
-#: (harmful, harmless) held-out pairs the organism and its repairs are also scored on: the third
-#: pair was written after the conditional repair's settings were fixed, to confirm them once.
-HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("builtin:harmful_holdout_3", "builtin:harmless_holdout_3"),)
 
 
 @dataclass
