@@ -38,14 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lens_safety.architecture import clean_hf_name
-from lens_safety.edits.checkpoint import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    checkpoint_writers,
-    read_header,
-    stream_edit_shard,
-    weight_shards,
-)
+from lens_safety.checkpoint_files import INDEX_FILE, SINGLE_FILE, read_header
+from lens_safety.edits.checkpoint import checkpoint_writers, stream_edit_shard, weight_shards
 from lens_safety.edits.memory import applied_edit
 from lens_safety.edits.spec import EditSpec, edit_writes_inplace
 from lens_safety.edits.targets import compute_edit, target_parameters

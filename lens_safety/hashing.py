@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from lens_safety.checkpoint_files import weight_files
+
 _CHUNK = 1 << 20
 
 
@@ -29,24 +31,11 @@ def sha256_vector(values: Iterable[float]) -> str:
     return sha256_texts(f"{float(x):.17g}" for x in values)
 
 
-def weight_files(model_dir: str | Path) -> list[Path]:
-    """The model's own safetensors files: the shards its index names, else ``model*.safetensors``.
-
-    Other safetensors files in the directory (``direction.safetensors`` of an exported model, an
-    adapter) are not weights of the model and are left out.
-    """
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / name for name in shards]
-    return sorted(model_dir.glob("model*.safetensors"))
-
-
 def weights_fingerprint(model_dir: str | Path) -> str:
-    """SHA-256 over the model's weight files (see :func:`weight_files`), in name order."""
+    """SHA-256 over the model's weight files (:func:`~lens_safety.checkpoint_files.weight_files`),
+    in name order."""
     digest = hashlib.sha256()
-    for file in weight_files(model_dir):
+    for file in sorted(weight_files(model_dir), key=lambda path: path.name):
         digest.update(file.name.encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()

@@ -174,6 +174,7 @@ def load_model(
     system_prompt: str | None = None,
     chat_template: bool = True,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> ChatModel:
     """Load a model spec into a :class:`ChatModel`.
 
@@ -187,8 +188,10 @@ def load_model(
         system_prompt: default system prompt of the chat formatter.
         chat_template: ``False`` formats prompts as plain ``User: … Assistant:`` text (base models).
         trust_remote_code: allow model code from the checkpoint (off unless you ask).
+        allow_pickle: let a checkpoint with only pickle weights (``pytorch_model.bin``) through to
+            transformers (off: such a directory is refused with a one-line error).
     """
-    hf_path, canonical = resolve_spec(spec)
+    hf_path, canonical = resolve_spec(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     config = json.loads((hf_path / "config.json").read_text())
     torch_dtype = _parse_dtype(dtype, config.get("dtype") or config.get("torch_dtype"))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)

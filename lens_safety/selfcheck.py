@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import torch
 
+from lens_safety.checkpoint_files import weight_files
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import completion_length, end_of_sequence_ids, generate
-from lens_safety.hashing import weight_files
 from lens_safety.models import ChatModel
 
 #: the two instructions of the check (different lengths, so the batch is left-padded)

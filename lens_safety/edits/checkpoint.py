@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -16,22 +14,14 @@ import torch
 from safetensors import safe_open
 
 from lens_safety.architecture import ResidualWriter
+from lens_safety.checkpoint_files import read_header, weight_files
 from lens_safety.errors import LensSafetyError
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 def weight_shards(hf_path: Path) -> list[Path]:
-    """The safetensors files of a HF directory, in index order (one file when unsharded)."""
-    index = hf_path / INDEX_FILE
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        return [hf_path / name for name in dict.fromkeys(weight_map.values())]
-    single = hf_path / SINGLE_FILE
-    if single.is_file():
-        return [single]
-    found = sorted(hf_path.glob("*.safetensors"))
+    """The model's safetensors weight files (:func:`~lens_safety.checkpoint_files.weight_files`);
+    raises when there are none."""
+    found = weight_files(hf_path)
     if not found:
         raise LensSafetyError(
             f"{hf_path} holds no *.safetensors weights", "convert the checkpoint to safetensors first"
@@ -93,14 +83,6 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
 }
-
-
-def read_header(shard: Path) -> tuple[int, dict[str, Any]]:
-    """The byte offset where tensor data starts, and the JSON header of a safetensors file."""
-    with open(shard, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        header: dict[str, Any] = json.loads(handle.read(size))
-    return 8 + size, header
 
 
 _TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}

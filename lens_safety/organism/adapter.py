@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from lens_safety.checkpoint_files import weight_files
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_file, weights_fingerprint
 from lens_safety.organism.build import ADAPTER_FILE, BASE_SPEC, CONFIG_FILE, TRAINING_FILE
@@ -118,9 +119,8 @@ def merge_adapter(
     from safetensors.torch import load_file, save_file
 
     deltas = lora_deltas(load_adapter_tensors(adapter_dir), scale)
-    weight_files = sorted(base_dir.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
-    for file in weight_files:
+    for file in weight_files(base_dir):
         state.update(load_file(str(file)))
     missing = sorted(set(deltas) - set(state))
     if missing:

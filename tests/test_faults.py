@@ -1,0 +1,158 @@
+"""Damaged model directories: one ``error:`` line naming the problem and the fix, exit 2, no
+traceback, and the directory byte-identical afterwards (nothing loaded by pickle, nothing written)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cli_runner import run_cli
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (relative path -> hex digest)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def truncate_body(model: Path) -> None:
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) * 2 // 3])  # an interrupted download
+
+
+def corrupt_header_length(model: Path) -> None:
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = struct.pack("<Q", 1 << 40)
+    weights.write_bytes(bytes(data))
+
+
+def corrupt_header_json(model: Path) -> None:
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"\xff\xfe{[}]!!"
+    weights.write_bytes(bytes(data))
+
+
+def only_config(model: Path) -> None:
+    for p in model.iterdir():
+        if p.name != "config.json":
+            p.unlink()
+
+
+def config_not_json(model: Path) -> None:
+    (model / "config.json").write_text('{"model_type": "llama", ')
+
+
+def unknown_model_type(model: Path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="zorblax", architectures=["ZorblaxForCausalLM"])
+    (model / "config.json").write_text(json.dumps(config))
+
+
+def needs_remote_code(model: Path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="zorblax", auto_map={"AutoModelForCausalLM": "modeling_zorblax.ZorblaxModel"})
+    (model / "config.json").write_text(json.dumps(config))
+
+
+def no_tokenizer(model: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+
+
+class _Trap:
+    """Unpickling this writes a marker file: proof that a loader ran pickle code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+def pickle_only(model: Path) -> None:
+    import pickle
+
+    (model / "model.safetensors").unlink()
+    with open(model / "pytorch_model.bin", "wb") as handle:
+        pickle.dump(_Trap(model.parent / "UNPICKLED"), handle)
+
+
+DAMAGES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
+    "only-config": (only_config, ("no weight files", "copy the model's weights")),
+    "config-not-json": (config_not_json, ("config.json is not valid JSON", "re-download")),
+    "truncated-body": (truncate_body, ("truncated or corrupted", "tensors need", "re-download")),
+    "header-length": (corrupt_header_length, ("truncated or corrupted", "header length", "re-download")),
+    "header-json": (corrupt_header_json, ("truncated or corrupted", "not valid JSON", "re-download")),
+    "unknown-model-type": (unknown_model_type, ("model_type 'zorblax'", "unknown to transformers")),
+    "needs-remote-code": (needs_remote_code, ("needs its own model code", "trust_remote_code is off")),
+    "no-tokenizer": (no_tokenizer, ("no tokenizer files", "copy the tokenizer files")),
+    "pickle-only": (pickle_only, ("only pickle weights (pytorch_model.bin)", "convert them to safetensors")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGES))
+def test_damaged_model_directory_is_one_clear_error_and_stays_untouched(
+    case: str, tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damage, phrases = DAMAGES[case]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["llama"], model)
+    damage(model)
+    before = tree_hashes(tmp_path)
+    for argv in (["info", str(model)], ["rosi", str(model), "--alpha", "1", "--out", str(tmp_path / "out")]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 2, (case, out, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        for phrase in phrases:
+            assert phrase in err, (phrase, err)
+    assert tree_hashes(tmp_path) == before  # nothing written, nothing unpickled, nothing changed
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_missing_from_the_index_is_named(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "sharded"
+    shutil.copytree(tiny_dirs["llama"], model)
+    (model / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(str(tiny_dirs["llama"])).save_pretrained(
+        model, max_shard_size="100KB"
+    )
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3
+    code, _, err = run_cli(["info", str(model), "--json"], capsys)
+    assert code == 0, err  # the complete sharded checkpoint loads
+    os.remove(model / shards[1])
+    before = tree_hashes(model)
+    code, _, err = run_cli(["info", str(model)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"e.g. {shards[1]}" in err and "copy every shard the index lists" in err
+    assert tree_hashes(model) == before
+
+
+def test_pickle_only_checkpoint_passes_only_when_allowed(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from lens_safety.checkpoint_files import check_checkpoint
+    from lens_safety.errors import LensSafetyError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["llama"], model)
+    pickle_only(model)
+    with pytest.raises(LensSafetyError, match="only pickle weights"):
+        check_checkpoint(model)
+    assert check_checkpoint(model, allow_pickle=True) == []
+    assert not (tmp_path / "UNPICKLED").exists()
