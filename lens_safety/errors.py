@@ -15,6 +15,17 @@ class LensSafetyError(Exception):
         super().__init__(" ".join(message.split()))
 
 
+class LensSafetyWarning(UserWarning):
+    """Something the user should know that does not stop the job (the CLI prints ``warning: …``)."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`LensSafetyWarning` with a one-line message."""
+    import warnings
+
+    warnings.warn(" ".join(message.split()), LensSafetyWarning, stacklevel=3)
+
+
 def require(condition: bool, problem: str, fix: str | None = None) -> None:
     """Raise :class:`LensSafetyError` unless ``condition`` holds."""
     if not condition:

@@ -122,6 +122,19 @@ def _parse_dtype(dtype: str | torch.dtype | None, config_dtype: Any) -> torch.dt
     return _DTYPES[dtype]
 
 
+#: config keys under which architectures store their context length
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """The model's context in tokens from its ``config.json`` (text config of multimodal models)."""
+    for source in (config, config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(source.get(key), int) and source[key] > 0:
+                return int(source[key])
+    return None
+
+
 def _default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -195,7 +208,12 @@ def load_model(
     config = json.loads((hf_path / "config.json").read_text())
     torch_dtype = _parse_dtype(dtype, config.get("dtype") or config.get("torch_dtype"))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_path), trust_remote_code=trust_remote_code)
-    chat = ChatFormatter(tokenizer, system_prompt=system_prompt, use_chat_template=chat_template)
+    chat = ChatFormatter(
+        tokenizer,
+        system_prompt=system_prompt,
+        use_chat_template=chat_template,
+        max_length=context_length(config),
+    )
     bridge = _boot(hf_path, device or _default_device(), torch_dtype, trust_remote_code, tokenizer)
     bridge.original_model.eval()
     install_cache_alias(bridge)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lens_safety.errors import LensSafetyError
+from lens_safety.errors import LensSafetyError, warn
 from lens_safety.hashing import sha256_texts
 
 SPLITS = ("train", "val", "test")
@@ -115,6 +116,7 @@ class PromptSet:
                 result = _load_hf_dataset(text[3:], column)
             else:
                 result = _load_file(Path(text).expanduser(), column)
+                _warn_duplicates(result)
             if name:
                 result = PromptSet(result.prompts, name, result.categories, result.pairs, result.source)
         if len(result) == 0:
@@ -197,20 +199,36 @@ def check_disjoint(a: PromptSet, b: PromptSet) -> None:
 
 
 # ------------------------------------------------------------------ loaders
+def read_text_utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are a one-line error naming the offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise LensSafetyError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line})",
+            "save the file as UTF-8",
+        ) from None
+
+
 def _read_records(path: Path) -> list[dict[str, Any]]:
+    text = read_text_utf8(path)
     if path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
+                    record = None
+                if not isinstance(record, dict):
                     raise LensSafetyError(
-                        f"{path}:{n} is not valid JSON", "write one JSON object per line"
-                    ) from None
+                        f"{path}:{n} is not a JSON object", "write one JSON object per line"
+                    )
+                records.append(record)
         return records
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def _from_records(records: list[dict[str, Any]], column: str, name: str, source: str) -> PromptSet:
@@ -231,9 +249,24 @@ def _load_file(path: Path, column: str) -> PromptSet:
         raise LensSafetyError(f"prompt file '{path}' does not exist", "check the path")
     if path.suffix in {".jsonl", ".csv"}:
         return _from_records(_read_records(path), column, path.stem, str(path))
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text_utf8(path).splitlines()
     prompts = tuple(x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#"))
     return PromptSet(prompts, path.stem, source=str(path))
+
+
+def _warn_duplicates(result: PromptSet) -> None:
+    seen: dict[str, int] = {}
+    repeats = []
+    for i, prompt in enumerate(result.prompts):
+        if prompt in seen:
+            repeats.append((i, seen[prompt]))
+        seen.setdefault(prompt, i)
+    if repeats:
+        i, j = repeats[0]
+        warn(
+            f"{result.source} has {len(repeats)} duplicate prompt(s) (prompt {i + 1} repeats prompt {j + 1}); "
+            "they are kept, so each copy counts in every rate"
+        )
 
 
 def builtin_path(filename: str) -> Path:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from cli_runner import run_cli
 
 
@@ -156,3 +157,94 @@ def test_pickle_only_checkpoint_passes_only_when_allowed(tiny_dirs: dict[str, Pa
         check_checkpoint(model)
     assert check_checkpoint(model, allow_pickle=True) == []
     assert not (tmp_path / "UNPICKLED").exists()
+
+
+# ------------------------------------------------------------------ prompt files
+
+PROMPT_FILES: dict[str, tuple[str, bytes, tuple[str, ...]]] = {
+    "empty": ("p.txt", b"\n\n", ("is empty",)),
+    "comments-only": ("p.txt", b"# one\n  # two\n", ("is empty",)),
+    "not-utf8": ("p.txt", b"How do I bake bread?\nWhat \xff is this?\n", ("not UTF-8", "0xff", "line 2")),
+    "jsonl-bad-line": (
+        "p.jsonl",
+        b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": c}\n',
+        ("p.jsonl:3 is not a JSON object", "one JSON object per line"),
+    ),
+    "jsonl-not-object": ("p.jsonl", b'{"prompt": "a"}\n"just text"\n', ("p.jsonl:2 is not a JSON object",)),
+    "csv-no-column": ("p.csv", b"text,category\nhello,x\n", ("has no column 'prompt'", "--column")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROMPT_FILES))
+def test_bad_prompt_file_is_one_clear_error(
+    case: str, tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name, data, phrases = PROMPT_FILES[case]
+    prompts = tmp_path / name
+    prompts.write_bytes(data)
+    code, _, err = run_cli(["eval", str(tiny_dirs["llama"]), "--harmful", str(prompts)], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in err, (phrase, err)
+    assert prompts.read_bytes() == data
+
+
+def test_duplicate_prompts_are_kept_with_a_warning(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "dup.txt"
+    prompts.write_text("Name a fruit.\nName a colour.\nName a fruit.\nName a fruit.\n")
+    code, out, err = run_cli(
+        ["eval", str(tiny_dirs["llama"]), "--harmful", str(prompts), "--max-new-tokens", "1", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "warning: " in err and "has 2 duplicate prompt(s) (prompt 3 repeats prompt 1)" in err
+    assert json.loads(out)["harmful_refusal_rate"]["n"] == 4
+
+
+def test_a_prompt_longer_than_the_context_is_refused_not_crashed(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lens_safety.models import context_length
+
+    for arch in ("gpt2", "llama"):
+        context = context_length(json.loads((tiny_dirs[arch] / "config.json").read_text()))
+        assert context is not None
+        prompts = tmp_path / f"long-{arch}.txt"
+        prompts.write_text("Name a fruit.\n" + "word " * (context + 10) + "\n")
+        code, _, err = run_cli(["eval", str(tiny_dirs[arch]), "--harmful", str(prompts)], capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"prompt 2 of {prompts} has" in err and f"more than the model's context of {context}" in err
+        # a prompt that fits, but not with the new tokens asked for
+        prompts.write_text("word " * (context - 40) + "\n")
+        code, _, err = run_cli(["eval", str(tiny_dirs[arch]), "--harmful", str(prompts)], capsys)
+        assert code == 2 and "+ 48 new tokens" in err and "generate fewer new tokens" in err, err
+
+
+# ------------------------------------------------------------------ edit strength
+
+
+def test_an_absurd_alpha_that_overflows_the_weights_is_refused(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lens_safety.directions import Direction
+
+    direction = tmp_path / "direction"
+    Direction(torch.randn(3, 64), layer=1, position=-1, method="mean-diff").save(direction)
+    out = tmp_path / "out"
+    argv = [
+        "rosi",
+        str(tiny_dirs["llama"]),
+        "--direction",
+        str(direction),
+        "--n-test",
+        "0",
+        "--out",
+        str(out),
+    ]
+    code, _, err = run_cli([*argv, "--alpha", "1e300"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]  # a finished progress bar leaves a blank line
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert "not finite" in err and "smaller --alpha" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["direction"]

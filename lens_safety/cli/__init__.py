@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning user errors into one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register()
+    from lens_safety.cli.common import show_lens_safety_warnings
+
+    show_lens_safety_warnings()
     try:
         app(args=argv)  # standalone mode: usage errors print and exit 2 on their own
     except LensSafetyError as exc:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lens_safety.errors import LensSafetyError
+from lens_safety.errors import LensSafetyError, LensSafetyWarning
 
 ModelArg = Annotated[
     str,
@@ -47,10 +47,27 @@ SystemPromptOpt = Annotated[
 ]
 
 
+_library_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    if issubclass(category, LensSafetyWarning):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        _library_showwarning(message, category, *args, **kwargs)
+
+
+def show_lens_safety_warnings() -> None:
+    """Print every :class:`~lens_safety.errors.LensSafetyWarning` as one ``warning: …`` line on stderr."""
+    warnings.filterwarnings("always", category=LensSafetyWarning)
+    warnings.showwarning = _show_warning
+
+
 def quiet_libraries() -> None:
     """Silence library chatter (progress bars of transformers, warnings) for clean CLI output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
+    show_lens_safety_warnings()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

@@ -25,15 +25,16 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from lens_safety.errors import LensSafetyError
+from lens_safety.errors import LensSafetyError, LensSafetyWarning
 
 TENSORS_FILE = "direction.safetensors"
 METADATA_FILE = "direction.json"
 FORMAT_VERSION = 1
 
 
-class DirectionMismatchWarning(UserWarning):
-    """A direction from another checkpoint of the same architecture is being used."""
+class DirectionMismatchWarning(LensSafetyWarning):
+    """A direction from another checkpoint of the same architecture is being used (the CLI prints
+    it as a ``warning:`` line)."""
 
 
 @dataclass

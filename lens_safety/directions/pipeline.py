@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -10,7 +9,7 @@ from typing import Any, Literal
 from lens_safety.activations import collect_activations
 from lens_safety.directions.direction import Direction
 from lens_safety.directions.extraction import Candidates, extract_directions
-from lens_safety.errors import LensSafetyError
+from lens_safety.errors import LensSafetyError, warn
 from lens_safety.probing import projection_accuracy, split_train_val_test, validate_classes
 from lens_safety.prompts import PromptSet
 from lens_safety.selection import Selection, SelectionConfig, filter_by_refusal, select_direction
@@ -104,11 +103,9 @@ def find_direction(
             system_prompt=system_prompt,
         )
         if shared_val_test:
-            warnings.warn(
+            warn(
                 "too few prompts to keep validation and test apart: the reported held-out accuracy "
-                "was also used for selection; give at least 4 prompts per class",
-                UserWarning,
-                stacklevel=2,
+                "was also used for selection; give at least 4 prompts per class"
             )
         chosen = select_direction(model, candidates, val_h, val_b, config, progress=progress)
         layer, position = chosen.layer, chosen.position

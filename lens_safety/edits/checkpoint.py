@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from lens_safety.architecture import ResidualWriter
 from lens_safety.checkpoint_files import read_header, weight_files
+from lens_safety.edits.spec import require_finite
 from lens_safety.errors import LensSafetyError
 
 
@@ -153,7 +154,10 @@ def stream_edit_shard(
                 raise LensSafetyError(f"{shard.name} is truncated at {name}", "re-download the checkpoint")
             buffer = work[:size].view(entry["shape"])
             buffer.copy_(stored.view(dtype).view(entry["shape"]))
-            stored.view(dtype).view(entry["shape"]).copy_(edits[name](buffer))
+            original = stored.view(dtype).view(entry["shape"])
+            edited = edits[name](buffer)
+            require_finite(name, original, edited, dtype)
+            original.copy_(edited)
             sink.write(stored.numpy().data)
             position = last
         _copy_range(source, sink, position, total - position)

@@ -25,7 +25,7 @@ from torch import nn
 
 from lens_safety.architecture import clean_hf_name
 from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors
-from lens_safety.edits.spec import EditSpec, edit_writes
+from lens_safety.edits.spec import EditSpec, edit_writes, require_finite
 from lens_safety.edits.targets import target_parameters
 from lens_safety.errors import LensSafetyError
 
@@ -43,7 +43,9 @@ def edit_deltas(model: Any, spec: EditSpec) -> dict[str, torch.Tensor]:
     deltas = {}
     for name, (writer, is_bias) in targets.items():
         base = originals[name].to(torch.float64)
-        deltas[name] = edit_writes(spec, base, writer.layout, is_bias) - base
+        edited = edit_writes(spec, base, writer.layout, is_bias)
+        require_finite(name, base, edited, originals[name].dtype)
+        deltas[name] = edited - base
     return deltas
 
 

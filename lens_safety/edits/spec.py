@@ -258,6 +258,22 @@ def edit_writes(spec: EditSpec, tensor: torch.Tensor, layout: str, is_bias: bool
     return torch.addr(w, w @ g, u, alpha=a)
 
 
+def require_finite(name: str, base: torch.Tensor, edited: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse an edit whose result is NaN / inf once stored in ``dtype`` (an absurd alpha
+    overflowing the weights), or a base tensor that already was."""
+    stored = str(dtype).replace("torch.", "")
+    if not torch.isfinite(base).all():
+        raise LensSafetyError(
+            f"the checkpoint's {name} already holds NaN or inf values",
+            "re-download the checkpoint or use another one",
+        )
+    if not torch.isfinite(edited.to(dtype)).all():
+        raise LensSafetyError(
+            f"the edit makes {name} not finite in {stored} (alpha too large for these weights)",
+            "pass a smaller --alpha, or let calibration choose it (--alpha auto)",
+        )
+
+
 def edit_writes_inplace(
     spec: EditSpec, work: torch.Tensor, layout: str, is_bias: bool = False
 ) -> torch.Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from lens_safety.architecture import ResidualWriter
-from lens_safety.edits.spec import WRITER_KINDS, EditSpec, edit_writes
+from lens_safety.edits.spec import WRITER_KINDS, EditSpec, edit_writes, require_finite
 from lens_safety.errors import LensSafetyError
 
 
@@ -94,11 +94,13 @@ def compute_edit(
         raise LensSafetyError(
             f"parameter {missing[0]} is not in the base weights", "pass the model's full original state"
         )
-    return {
-        name: edit_writes(spec, base_state[name], writer.layout, is_bias).to(base_state[name].dtype)
-        for name, (writer, is_bias) in targets.items()
-        if name in base_state
-    }
+    edited = {}
+    for name, (writer, is_bias) in targets.items():
+        if name in base_state:
+            new = edit_writes(spec, base_state[name], writer.layout, is_bias)
+            require_finite(name, base_state[name], new, base_state[name].dtype)
+            edited[name] = new.to(base_state[name].dtype)
+    return edited
 
 
 def edits_embedding(spec: EditSpec, writers: Iterable[ResidualWriter]) -> bool:

@@ -224,6 +224,9 @@ def generate(
     if len(prompt_set) == 0:
         raise LensSafetyError("no prompts to generate from", "pass at least one prompt")
     _validate(prompt_set, max_new_tokens, batch_size, do_sample, temperature, num_return_sequences)
+    model.chat.check_fit(
+        list(prompt_set.prompts), system_prompt, extra_tokens=max_new_tokens, name=prompt_set.source
+    )
     eos_ids = end_of_sequence_ids(model)
     completions: list[str] = []
     counts: list[int] = []
