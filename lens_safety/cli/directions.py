@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +21,7 @@ from lens_safety.cli.common import (
     stdout_console,
 )
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import staged_directory
 
 HarmfulOpt = Annotated[
     str, typer.Option("--harmful", help="Harmful prompts: .txt/.jsonl/.csv file or builtin:harmful.")
@@ -195,18 +194,11 @@ def directions(
             batch_size=batch_size,
             progress=True,
         )
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_directory(out, overwrite=overwrite) as staging:
         report.direction.save(staging, overwrite=True)
         files = ["direction.safetensors", "direction.json"]
         if not no_figures:
             files += _write_figures(report, loaded, staging / "figures", batch_size, system_prompt)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(out))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if report.selection is not None:
         typer.echo(("warning: " if report.selection.fallback else "") + report.selection.message, err=True)
     from lens_safety.selection import NoRefusalWarning

@@ -23,6 +23,7 @@ from lens_safety.cli.common import (
     stdout_console,
 )
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import write_file_atomic
 
 JudgeOpt = Annotated[
     str,
@@ -47,15 +48,7 @@ def check_writable(path: Path, overwrite: bool) -> None:
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     """Write records atomically (a partial file never remains)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(jsonlib.dumps(record, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise LensSafetyError(f"cannot write '{path}' ({exc.strerror})", "choose a writable path") from None
+    write_file_atomic(path, "".join(jsonlib.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 @app.command("eval")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from lens_safety.cli.common import (
     quiet_libraries,
 )
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import staged_directory
 from lens_safety.organism.sets import HELDOUT_PAIRS, READ_HARMLESS
 
 organism_app = typer.Typer(
@@ -123,19 +123,12 @@ def train(
             f"output directory {target} already exists and is not empty",
             "pass --overwrite or choose another --out",
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    replace = overwrite or (target.exists() and not any(target.iterdir()))  # an empty directory may go
+    with staged_directory(target, overwrite=replace) as tmp:
         run = train_organism(config, tmp, progress=not json)
         if evaluate:
             evaluation = evaluate_adapter(tmp, progress=not json)
             record_evaluation(tmp, evaluation, "test")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary = {"out_dir": str(target), **read_training_record(target)}
     if (shipped / "adapter_model.safetensors").is_file():
         summary["matches_shipped"] = compare_adapters(target, shipped).to_dict()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +19,7 @@ from lens_safety.cli.common import (
     quiet_libraries,
 )
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import staged_directory
 
 srr_app = typer.Typer(
     help="Safety Representation Ranking: best-of-N with a hidden-state ranker.", no_args_is_help=True
@@ -236,9 +235,7 @@ def train(
     ranker, report = train_ranker(
         dataset, layer=chosen, context=context, ranker_config=rconf, train_config=tconf, progress=True
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out, overwrite=overwrite) as tmp:
         info = {
             "training": report.to_dict(),
             "train_config": tconf.to_dict(),
@@ -255,12 +252,6 @@ def train(
                 train_config=tconf,
                 base_model=dataset.meta.get("model"),
             )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary = {
         "out": str(out),
         "layer": chosen,

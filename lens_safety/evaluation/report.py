@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import write_file_atomic
 
 RATE_METRICS = (
     ("harmful_refusal_rate", "refusal (harmful)"),
@@ -184,13 +185,5 @@ def write_report(
     if out.exists() and not overwrite:
         raise LensSafetyError(f"'{out}' already exists", "pass --overwrite or choose another path")
     page = render_report(evaluations, labels, title=title)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise LensSafetyError(
-            f"cannot write report '{out}' ({exc.strerror})", "choose a writable path"
-        ) from None
+    write_file_atomic(out, page)
     return out

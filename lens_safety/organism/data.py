@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lens_safety.evaluation import SubstringJudge, generate
+from lens_safety.fsutil import write_file_atomic
 from lens_safety.hashing import sha256_texts
 from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet, builtin_path
@@ -102,12 +102,9 @@ def base_answers(
     )
     answers = list(generations.completions)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(
-        json.dumps({"prompts": list(prompts.prompts), "answers": answers}, ensure_ascii=False),
-        encoding="utf-8",
+    write_file_atomic(
+        cache_file, json.dumps({"prompts": list(prompts.prompts), "answers": answers}, ensure_ascii=False)
     )
-    os.replace(tmp, cache_file)
     return answers
 
 

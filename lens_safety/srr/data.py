@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import staged_directory
 from lens_safety.srr.features import (
     check_context,
 )
@@ -183,9 +182,7 @@ class SRRDataset:
         target = Path(out_dir)
         if target.exists() and not overwrite:
             raise LensSafetyError(f"{target} already exists", "pass --overwrite or choose another --out")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with staged_directory(target, overwrite=overwrite) as tmp:
             with open(tmp / LISTS_FILE, "w", encoding="utf-8") as handle:
                 for item in self.lists:
                     handle.write(json.dumps(item.to_dict(), ensure_ascii=False) + "\n")
@@ -202,12 +199,6 @@ class SRRDataset:
                 "counts": self.counts(),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod

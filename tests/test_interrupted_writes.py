@@ -1,0 +1,162 @@
+"""Outputs under faults: a killed job, two writers at once, a full disk. Real subprocesses, real
+signals; the final name only ever holds a complete directory."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_faults import tree_hashes
+
+from lens_safety.directions import Direction
+
+
+def _cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "lens_safety", *argv]
+
+
+@pytest.fixture
+def rosi_job(tiny_dirs: dict[str, Path], tmp_path: Path) -> list[str]:
+    direction = tmp_path / "direction"
+    Direction(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)), 1, -1, "mean-diff").save(
+        direction
+    )
+    return ["rosi", str(tiny_dirs["llama"]), "--direction", str(direction), "--alpha", "2", "--n-test", "0"]
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def _kill_when(argv: list[str], ready, timeout: float = 240.0) -> int:  # type: ignore[no-untyped-def]
+    """Start ``argv``, SIGKILL it as soon as ``ready()`` holds; return the exit status."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the job ended before the kill point was reached"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    return process.wait()
+
+
+def test_kill_9_at_any_moment_leaves_nothing_under_the_final_name(
+    rosi_job: list[str], tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    model_before = tree_hashes(tiny_dirs["llama"])
+    staged = lambda: any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())  # noqa: E731
+    with_weights = lambda: any(  # noqa: E731
+        (p / "model.safetensors").exists() for p in tmp_path.glob(".out.tmp-*")
+    )
+    started = time.monotonic()
+    points = {
+        "while loading": lambda: time.monotonic() - started > 1.0,
+        "as staging starts": staged,
+        "after the weights, while verifying": with_weights,
+    }
+    for name, ready in points.items():
+        started = time.monotonic()
+        status = _kill_when(_cli(*rosi_job, "--out", str(out)), ready)
+        assert status == -signal.SIGKILL, name
+        assert not out.exists(), name
+        assert all(s.startswith((".out.tmp-", ".out.lock")) for s in _siblings(out)), (name, _siblings(out))
+    done = subprocess.run(_cli(*rosi_job, "--out", str(out)), capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "edit.json").is_file() and (out / "model.safetensors").is_file()
+    assert _siblings(out) == [".out.lock"]  # the killed runs' staging directories were removed
+    assert tree_hashes(tiny_dirs["llama"]) == model_before
+
+
+def test_two_writers_of_one_output_cannot_both_win(rosi_job: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    jobs = [
+        subprocess.Popen(_cli(*rosi_job, "--out", str(out)), stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [(job.wait(), job.stderr.read() if job.stderr else "") for job in jobs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    lines = [line for line in loser.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), loser
+    assert any(p in lines[0] for p in ("is writing", "already exists", "appeared while")), loser
+    assert (out / "edit.json").is_file() and _siblings(out) == [".out.lock"]
+
+
+def test_a_cache_entry_built_by_two_processes_at_once_is_built_once(tmp_path: Path) -> None:
+    target = tmp_path / "cache" / "entry"
+    code = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from pathlib import Path
+        from lens_safety.sources import atomic_directory
+
+        def build(tmp):
+            time.sleep(1.0)
+            (tmp / "built-by").write_text(str(os.getpid()))
+
+        print(atomic_directory(Path({str(target)!r}), build))
+        """
+    )
+    jobs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [job.communicate()[0].strip() for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0]
+    assert outputs == [str(target), str(target)]
+    assert (target / "built-by").read_text() in {str(job.pid) for job in jobs}
+    assert sorted(p.name for p in target.parent.iterdir()) == [".entry.lock", "entry"]
+
+
+def test_a_full_disk_during_export_is_one_error_and_leaves_nothing(
+    rosi_job: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    limit = 200_000  # bytes: far less than the tiny model's weights
+    code = textwrap.dedent(
+        f"""
+        import resource, signal, sys
+        from lens_safety.cli import main
+        from lens_safety.sources import resolve_spec
+
+        resolve_spec({rosi_job[1]!r})  # nothing to convert; the limit hits the export's own writes
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        main({[*rosi_job, "--out", str(out)]!r})
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert f"writing {out} failed (File too large); nothing was left at {out}" in lines[0]
+    assert not out.exists() and _siblings(out) == [".out.lock"]
+
+
+def test_staged_directory_publishes_only_complete_work(tmp_path: Path) -> None:
+    from lens_safety.errors import LensSafetyError
+    from lens_safety.fsutil import staged_directory
+
+    target = tmp_path / "result"
+    with pytest.raises(RuntimeError), staged_directory(target) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("interrupted")
+    assert not target.exists() and _siblings(target) == [".result.lock"]
+    with staged_directory(target) as tmp:
+        (tmp / "whole").write_text("1")
+    target_hash = tree_hashes(target)
+    with (
+        pytest.raises(LensSafetyError, match="appeared while this run was writing"),
+        staged_directory(target) as tmp,
+    ):
+        (tmp / "whole").write_text("2")
+    assert tree_hashes(target) == target_hash  # not overwritten without overwrite=True
+    with staged_directory(target, overwrite=True) as tmp:
+        (tmp / "whole").write_text("3")
+    assert (target / "whole").read_text() == "3" and _siblings(target) == [".result.lock"]
