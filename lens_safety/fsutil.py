@@ -2,9 +2,9 @@
 
 :func:`staged_directory` is the one way lens-safety writes an output or cache directory:
 
-1. a lock, ``.{name}.lock`` next to the target, taken with ``flock`` for the whole build: a second
-   process writing the same target fails at once with one line naming the first one's pid (or,
-   with ``wait``, waits for it);
+1. a lock, ``.{name}.lock`` next to the target, taken with ``flock`` for the whole build and
+   removed at the end: a second process writing the same target fails at once with one line
+   naming the first one's pid (or, with ``wait``, waits for it);
 2. stale staging directories of the same target (``.{name}.tmp-{pid}-…`` whose process is gone:
    the leftovers of a killed run) are removed;
 3. the caller builds everything in a fresh ``.{name}.tmp-{pid}-…`` sibling (same filesystem, so the
@@ -16,7 +16,7 @@
 
 On any exception the sibling is removed and the target is untouched; an ``OSError`` (disk full,
 read-only directory) becomes one :class:`~lens_safety.errors.LensSafetyError` line. A ``kill -9``
-leaves at most the clearly temporary sibling and the lock file; the next run removes the former.
+leaves at most the clearly temporary sibling and the lock file; the next run removes both.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _stale_siblings(target: Path) -> list[Path]:
 
 @contextmanager
 def _locked(target: Path, wait: bool) -> Iterator[None]:
-    with open(target.parent / f".{target.name}.lock", "a+") as handle:  # closing releases the lock
+    lock = target.parent / f".{target.name}.lock"
+    with open(lock, "a+") as handle:  # closing releases the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -69,7 +70,13 @@ def _locked(target: Path, wait: bool) -> Iterator[None]:
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
-        yield
+        try:
+            yield
+        finally:
+            # Removed while still held. A process that opened the old file meanwhile may then lock
+            # it alongside a newer one; publishing re-checks the target, so neither overwrites
+            # the other's result without overwrite=True.
+            lock.unlink(missing_ok=True)
 
 
 def _publish(tmp: Path, target: Path, overwrite: bool, keep_existing: bool) -> None:

@@ -70,7 +70,7 @@ def test_kill_9_at_any_moment_leaves_nothing_under_the_final_name(
     done = subprocess.run(_cli(*rosi_job, "--out", str(out)), capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "edit.json").is_file() and (out / "model.safetensors").is_file()
-    assert _siblings(out) == [".out.lock"]  # the killed runs' staging directories were removed
+    assert _siblings(out) == []  # the killed runs' staging directories and lock were removed
     assert tree_hashes(tiny_dirs["llama"]) == model_before
 
 
@@ -87,7 +87,7 @@ def test_two_writers_of_one_output_cannot_both_win(rosi_job: list[str], tmp_path
     lines = [line for line in loser.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), loser
     assert any(p in lines[0] for p in ("is writing", "already exists", "appeared while")), loser
-    assert (out / "edit.json").is_file() and _siblings(out) == [".out.lock"]
+    assert (out / "edit.json").is_file() and _siblings(out) == []
 
 
 def test_a_cache_entry_built_by_two_processes_at_once_is_built_once(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_a_cache_entry_built_by_two_processes_at_once_is_built_once(tmp_path: Pa
     assert [job.returncode for job in jobs] == [0, 0]
     assert outputs == [str(target), str(target)]
     assert (target / "built-by").read_text() in {str(job.pid) for job in jobs}
-    assert sorted(p.name for p in target.parent.iterdir()) == [".entry.lock", "entry"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["entry"]
 
 
 def test_a_full_disk_during_export_is_one_error_and_leaves_nothing(
@@ -136,7 +136,7 @@ def test_a_full_disk_during_export_is_one_error_and_leaves_nothing(
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert f"writing {out} failed (File too large); nothing was left at {out}" in lines[0]
-    assert not out.exists() and _siblings(out) == [".out.lock"]
+    assert not out.exists() and _siblings(out) == []
 
 
 def test_staged_directory_publishes_only_complete_work(tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_staged_directory_publishes_only_complete_work(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), staged_directory(target) as tmp:
         (tmp / "half").write_text("x")
         raise RuntimeError("interrupted")
-    assert not target.exists() and _siblings(target) == [".result.lock"]
+    assert not target.exists() and _siblings(target) == []
     with staged_directory(target) as tmp:
         (tmp / "whole").write_text("1")
     target_hash = tree_hashes(target)
@@ -159,4 +159,4 @@ def test_staged_directory_publishes_only_complete_work(tmp_path: Path) -> None:
     assert tree_hashes(target) == target_hash  # not overwritten without overwrite=True
     with staged_directory(target, overwrite=True) as tmp:
         (tmp / "whole").write_text("3")
-    assert (target / "whole").read_text() == "3" and _siblings(target) == [".result.lock"]
+    assert (target / "whole").read_text() == "3" and _siblings(target) == []
