@@ -122,3 +122,27 @@ def test_doctor_prints_versions_hashes_and_a_passing_self_check(tiny_dirs: dict[
         assert len(row["weights_sha256"]) == 64
     code, out, err = run_cli(["doctor", str(tiny_dirs["llama"]), "--reference", "nearest"], capsys)
     assert code == 2 and err.startswith("error: unknown self-check reference") and "Traceback" not in err
+
+
+def test_only_a_near_tie_at_the_first_difference_is_forgiven(smollm2) -> None:  # type: ignore[no-untyped-def]
+    from lens_safety.selfcheck import _ties, logit_gap
+
+    row = smollm2.chat.token_ids(smollm2.chat.format("Name a colour."))
+    want = check_generation(smollm2, reference="uncached").expected[0]
+    assert logit_gap(smollm2, row, want[0], want[0]) == 0.0
+    with torch.inference_mode():
+        logits = smollm2.hf_model(input_ids=torch.tensor([row + want[:2]])).logits[0, -1].double()
+    runner_up = int(torch.topk(logits, 2).indices[1])
+    swapped = [*want[:2], runner_up]
+    gap = float(logits[want[2]] - logits[runner_up])
+    assert gap > 1e-3  # a real preference, not a tie, in float32
+    assert _ties(smollm2, [row], [swapped], [want]) == []
+    assert _ties(smollm2, [row], [want], [want]) == []
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_self_check_passes_in_half_precision(tiny_dirs: dict[str, Path], dtype: str) -> None:
+    model = load_model(tiny_dirs["llama"], device="cpu", dtype=dtype)
+    check = check_generation(model, reference="vanilla")
+    assert check.ok, (check.tokens, check.expected)
