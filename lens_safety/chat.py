@@ -115,25 +115,17 @@ class ChatFormatter:
         rows = [self.token_ids(self.format(x, system_prompt)) for x in instructions]
         return self.pad(rows)
 
-    def check_fit(
-        self,
-        instructions: list[str],
-        system_prompt: str | None = None,
-        *,
-        extra_tokens: int = 0,
-        name: str = "",
-    ) -> None:
-        """Raise when a formatted instruction plus ``extra_tokens`` (new tokens to generate) does not
-        fit in the model's context (:attr:`max_length`; no check when it is unknown)."""
+    def check_fit(self, rows: list[list[int]], *, extra_tokens: int = 0, name: str = "") -> None:
+        """Raise when a token row plus ``extra_tokens`` (new tokens to generate) does not fit in the
+        model's context (:attr:`max_length`; no check when it is unknown)."""
         if self.max_length is None:
             return
-        for i, instruction in enumerate(instructions):
-            n = len(self.token_ids(self.format(instruction, system_prompt)))
-            if n + extra_tokens > self.max_length:
+        for i, row in enumerate(rows):
+            if len(row) + extra_tokens > self.max_length:
                 plus = f" + {extra_tokens} new tokens" if extra_tokens else ""
                 raise LensSafetyError(
-                    f"prompt {i + 1}{f' of {name}' if name else ''} has {n} tokens{plus}, more than the "
-                    f"model's context of {self.max_length}",
+                    f"prompt {i + 1}{f' of {name}' if name else ''} has {len(row)} tokens{plus}, more than "
+                    f"the model's context of {self.max_length}",
                     "shorten it, remove it from the prompt file, or generate fewer new tokens",
                 )
 
@@ -141,14 +133,7 @@ class ChatFormatter:
         """Left-pad token id lists into a batch."""
         if not rows:
             raise LensSafetyError("no prompts to encode", "pass at least one prompt")
-        too_long = [i for i, r in enumerate(rows) if self.max_length is not None and len(r) > self.max_length]
-        if too_long:
-            i = too_long[0]
-            raise LensSafetyError(
-                f"prompt {i + 1} of this batch has {len(rows[i])} tokens, more than the model's context "
-                f"of {self.max_length} ({len(too_long)} such prompt(s))",
-                "shorten it or remove it from the prompt file",
-            )
+        self.check_fit(rows, name="this batch")
         width = max(len(r) for r in rows)
         pad_id = int(self.tokenizer.pad_token_id)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

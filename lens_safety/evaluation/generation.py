@@ -224,9 +224,8 @@ def generate(
     if len(prompt_set) == 0:
         raise LensSafetyError("no prompts to generate from", "pass at least one prompt")
     _validate(prompt_set, max_new_tokens, batch_size, do_sample, temperature, num_return_sequences)
-    model.chat.check_fit(
-        list(prompt_set.prompts), system_prompt, extra_tokens=max_new_tokens, name=prompt_set.source
-    )
+    rows = [model.chat.token_ids(model.chat.format(p, system_prompt)) for p in prompt_set.prompts]
+    model.chat.check_fit(rows, extra_tokens=max_new_tokens, name=prompt_set.source)
     eos_ids = end_of_sequence_ids(model)
     completions: list[str] = []
     counts: list[int] = []
@@ -241,7 +240,7 @@ def generate(
         for start in track(
             range(0, len(prompt_set), batch_size), "generating", total=n_batches, enabled=progress
         ):
-            batch = model.chat.encode(list(prompt_set.prompts[start : start + batch_size]), system_prompt)
+            batch = model.chat.pad(rows[start : start + batch_size])
             with intervention() if intervention is not None else nullcontext():
                 new = _generate_batch(
                     model,
