@@ -146,3 +146,13 @@ def test_self_check_passes_in_half_precision(tiny_dirs: dict[str, Path], dtype: 
     model = load_model(tiny_dirs["llama"], device="cpu", dtype=dtype)
     check = check_generation(model, reference="vanilla")
     assert check.ok, (check.tokens, check.expected)
+
+
+@pytest.mark.compat
+def test_self_check_passes_on_every_tiny_architecture(tiny_arch: str, tiny_dirs: dict[str, Path]) -> None:
+    """Batched, left-padded bridge decoding equals vanilla transformers one prompt at a time, for
+    every test architecture (the KV-cache alias covers each attention bridge class they use)."""
+    model = load_model(tiny_dirs[tiny_arch], device="cpu")
+    check = check_generation(model, reference="vanilla")
+    assert check.ok and check.ties == [], (check.tokens, check.expected)
+    assert all(len(row) >= 2 for row in check.expected)
