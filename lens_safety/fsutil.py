@@ -1,5 +1,8 @@
 """Writing a directory so that nothing half-written ever carries its final name.
 
+:func:`require_free` is the one "output exists" check: a writer calls it before any work, so a
+taken ``--out`` fails at once instead of after a long run.
+
 :func:`staged_directory` is the one way lens-safety writes an output or cache directory:
 
 1. a lock, ``.{name}.lock`` next to the target, taken with ``flock`` for the whole build and
@@ -99,6 +102,12 @@ def _publish(tmp: Path, target: Path, overwrite: bool, keep_existing: bool) -> N
         os.replace(aside / target.name, target)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def require_free(path: str | Path, overwrite: bool, *, option: str = "--out") -> None:
+    """Refuse an existing ``path`` unless ``overwrite`` (one line naming ``option`` to change)."""
+    if Path(path).exists() and not overwrite:
+        raise LensSafetyError(f"{path} already exists", f"pass --overwrite or choose another {option}")
 
 
 @contextmanager

@@ -10,9 +10,9 @@ For every layer ``l`` (activations at one position, raw HF basis, ``resid_pre`` 
   held-out score;
 * the cosine similarity of the mean-difference directions of every pair of layers.
 
-Splits: prompt sets with topic-pair ids use the library's deterministic split (``train`` vs
-``val`` + ``test``), so both prompts of a topic pair land on the same side; other sets use
-:meth:`~lens_safety.prompts.PromptSet.train_val_split`.
+Splits: :func:`~lens_safety.splits.split_heldout` (prompt sets with topic-pair ids use the
+library's deterministic split, ``train`` vs ``val`` + ``test``, so both prompts of a topic pair
+land on the same side; other sets hold out a hashed fraction).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.prompts import PromptSet, check_disjoint, split_of
+from lens_safety.evaluation.bootstrap import bootstrap_interval
+from lens_safety.prompts import PromptSet, check_disjoint
+from lens_safety.splits import split_heldout
 
 Interval = tuple[float, float]
 
@@ -41,44 +43,6 @@ def validate_classes(harmful: PromptSet, harmless: PromptSet) -> None:
                 "give at least 2 prompts per class",
             )
     check_disjoint(harmful, harmless)
-
-
-def split_heldout(prompts: PromptSet, heldout_fraction: float = 0.25) -> tuple[PromptSet, PromptSet]:
-    """Deterministic ``(train, held_out)`` split, topic pairs kept together (see module docstring)."""
-    if prompts.pairs and any(prompts.pairs):
-        keys = [pair or text for pair, text in zip(prompts.pairs, prompts.prompts, strict=True)]
-        train_idx = [i for i, key in enumerate(keys) if split_of(key) == "train"]
-        held_idx = [i for i, key in enumerate(keys) if split_of(key) != "train"]
-        if len(train_idx) >= 2 and len(held_idx) >= 1:
-            return prompts.subset(train_idx, f"{prompts.name}:train"), prompts.subset(
-                held_idx, f"{prompts.name}:heldout"
-            )
-    return prompts.train_val_split(heldout_fraction)
-
-
-def split_train_val_test(
-    prompts: PromptSet, heldout_fraction: float = 0.4
-) -> tuple[PromptSet, PromptSet, PromptSet]:
-    """Deterministic ``(train, val, test)`` split: extract on train, select on val, report on test.
-
-    Sets with topic-pair ids use the library's pair-aligned ``train`` / ``val`` / ``test`` split
-    (60 / 20 / 20). Other sets hold out ``heldout_fraction`` and halve it into val and test; with
-    fewer than 4 held-out prompts, val and test are the same prompts (too few to keep selection and
-    report apart, and selection needs 2 per class — callers say so).
-    """
-    if prompts.pairs and any(prompts.pairs):
-        parts = tuple(prompts.split(which) for which in ("train", "val", "test"))
-        if len(parts[0]) >= 2 and len(parts[1]) >= 1 and len(parts[2]) >= 1:
-            return parts  # type: ignore[return-value]
-    train, held = prompts.train_val_split(heldout_fraction)
-    if len(held) < 4:
-        return train, held, held
-    n_val = len(held) // 2
-    return (
-        train,
-        held.subset(range(n_val), f"{prompts.name}:val"),
-        held.subset(range(n_val, len(held)), f"{prompts.name}:test"),
-    )
 
 
 def paired_indices(harmful: PromptSet, harmless: PromptSet) -> list[tuple[int, int]] | None:
@@ -104,30 +68,6 @@ def accuracy(scores_positive: np.ndarray, scores_negative: np.ndarray, threshold
         np.asarray(scores_negative) <= threshold
     ).sum()
     return float(correct / (len(scores_positive) + len(scores_negative)))
-
-
-def bootstrap_interval(
-    statistic: Callable[[np.ndarray, np.ndarray], float],
-    positive: np.ndarray,
-    negative: np.ndarray,
-    *,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> Interval:
-    """Percentile bootstrap interval of ``statistic(positive, negative)``, classes resampled separately."""
-    if n_resamples < 1:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    values = np.empty(n_resamples)
-    for k in range(n_resamples):
-        values[k] = statistic(
-            positive[rng.integers(0, len(positive), len(positive))],
-            negative[rng.integers(0, len(negative), len(negative))],
-        )
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return (float(low), float(high))
 
 
 def effect_size(scores_positive: np.ndarray, scores_negative: np.ndarray) -> float:

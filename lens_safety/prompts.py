@@ -20,14 +20,14 @@ with a chat template) with optional per-prompt categories and pair ids. Sources:
 * ``advbench`` (offline from ``pyrit`` when it is installed) or ``hf:<dataset id>[:column]``
   (Hugging Face ``datasets``, online).
 
-Splits are deterministic: a prompt's split is a function of the SHA-256 of its pair id (or of
-the text when it has none), so topic-paired harmful / harmless prompts land in the same split.
+Splits are deterministic functions of the text and live in :mod:`lens_safety.splits`: a prompt's
+split is a function of the SHA-256 of its pair id (or of the text when it has none), so
+topic-paired harmful / harmless prompts land in the same split.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from collections.abc import Iterator, Sequence
@@ -38,10 +38,9 @@ from typing import Any
 
 from lens_safety.errors import LensSafetyError, warn
 from lens_safety.hashing import sha256_texts
+from lens_safety.splits import heldout_indices, split_indices
+from lens_safety.splits import split_of as split_of  # re-export: callers move in the integration
 
-SPLITS = ("train", "val", "test")
-#: fraction boundaries of the deterministic split, in percent: train < 60 <= val < 80 <= test
-SPLIT_BOUNDS = (60, 80)
 #: built-in sets that are used whole (name -> what they are for)
 UNSPLIT_BUILTINS = {
     "harmless_extra": "all of it is training data for the refusal organism",
@@ -53,16 +52,6 @@ UNSPLIT_BUILTINS = {
     "harmful_holdout_3": "all of it is held-out test data",
     "harmless_holdout_3": "all of it is held-out test data",
 }
-
-
-def _bucket(key: str) -> int:
-    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
-
-
-def split_of(key: str) -> str:
-    """The deterministic split (``train`` / ``val`` / ``test``) of a pair id or prompt text."""
-    bucket = _bucket(key)
-    return "train" if bucket < SPLIT_BOUNDS[0] else "val" if bucket < SPLIT_BOUNDS[1] else "test"
 
 
 @dataclass(frozen=True)
@@ -164,19 +153,12 @@ class PromptSet:
         return self.subset(range(min(n, len(self))))
 
     def split(self, which: str) -> PromptSet:
-        """The prompts whose deterministic split (by pair id, else text) is ``which``."""
-        if which not in SPLITS:
-            raise LensSafetyError(f"unknown split '{which}'", f"use one of {', '.join(SPLITS)}")
-        keys = [(self.pairs[i] or p) if self.pairs else p for i, p in enumerate(self.prompts)]
-        return self.subset([i for i, k in enumerate(keys) if split_of(k) == which], f"{self.name}:{which}")
+        """The prompts whose library split (:func:`~lens_safety.splits.split_of`) is ``which``."""
+        return self.subset(split_indices(self.prompts, self.pairs, which), f"{self.name}:{which}")
 
     def train_val_split(self, val_fraction: float = 0.25, seed: int = 0) -> tuple[PromptSet, PromptSet]:
-        """Deterministic two-way split for sets without pair ids (order-independent, seed-dependent)."""
-        scored = sorted(
-            range(len(self)), key=lambda i: hashlib.sha256(f"{seed}|{self.prompts[i]}".encode()).hexdigest()
-        )
-        n_val = max(1, round(len(self) * val_fraction)) if len(self) > 1 else 0
-        val_idx, train_idx = sorted(scored[:n_val]), sorted(scored[n_val:])
+        """Held-out-fraction split for sets without pair ids (:func:`~lens_safety.splits.heldout_indices`)."""
+        train_idx, val_idx = heldout_indices(self.prompts, val_fraction, seed)
         return self.subset(train_idx, f"{self.name}:train"), self.subset(val_idx, f"{self.name}:val")
 
     def metadata(self) -> dict[str, Any]:

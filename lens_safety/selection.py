@@ -11,7 +11,8 @@ Scores per candidate ``(l, i)`` on validation prompts (default 16 + 16):
   (lower is better). ``ablation="affine"`` sets the projection to the harmless mean projection of
   each layer instead of 0 (:func:`~lens_safety.interventions.ablate_direction` with ``reference``);
 * ``induce`` — mean ``m`` on harmless prompts with the raw ``r`` added at layer ``l`` (all positions);
-* ``kl`` — mean ``KL(p_baseline || p_ablated)`` at the last position on harmless prompts.
+* ``kl`` — the first-token KL ``KL(p_baseline || p_ablated)`` (:func:`~lens_safety.evaluation.divergence.kl_from_log_probs`,
+  nats) averaged over harmless prompts.
 
 Rule: argmin ``bypass`` subject to ``induce > 0``, ``kl < 0.1``, ``l < 0.8 L`` and finite scores.
 Every candidate's row records why it was rejected and where 0 sits between the class means
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,8 +42,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import batches, collect_activations, forward
+from lens_safety.activations import collect_activations
 from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.divergence import last_logits, last_token_log_probs, mean_first_token_kl
 from lens_safety.interventions import ablate_direction, add_direction
 from lens_safety.probing import accuracy, effect_size
 from lens_safety.progress import track
@@ -170,15 +172,6 @@ class Selection:
 
 
 # ------------------------------------------------------------------ forward helpers
-def last_logits(
-    model: Any, prompts: PromptSet, batch_size: int, system_prompt: str | None
-) -> Iterator[torch.Tensor]:
-    """Last-position logits ``[batch, d_vocab]`` of each left-padded batch."""
-    with torch.inference_mode():
-        for batch in batches(model, prompts, batch_size, system_prompt):
-            yield forward(model, batch, logits_to_keep=1).logits[:, -1].double().cpu()
-
-
 def mean_metric(
     model: Any,
     prompts: PromptSet,
@@ -202,15 +195,10 @@ def mean_kl(
     config: SelectionConfig,
     hooks: AbstractContextManager[Any],
 ) -> float:
-    """Mean ``KL(baseline || intervened)`` of next-token distributions at the last position."""
+    """First-token ``KL(baseline || intervened)`` averaged over ``prompts`` (:mod:`~lens_safety.evaluation.divergence`)."""
     with hooks:
-        logprobs = torch.cat(
-            [
-                torch.log_softmax(x, -1)
-                for x in last_logits(model, prompts, config.batch_size, config.system_prompt)
-            ]
-        )
-    return float((baseline.exp() * (baseline - logprobs)).sum(-1).mean())
+        logprobs = last_token_log_probs(model, prompts, config.batch_size, config.system_prompt)
+    return mean_first_token_kl(baseline, logprobs)
 
 
 def _zero_at(harmful_projection: float, harmless_projection: float) -> float:
@@ -250,12 +238,7 @@ def select_direction(
     ids = refusal_token_ids(model.tokenizer, config.refusal_tokens)
     base_h = mean_metric(model, harmful, ids, config, nullcontext())
     base_b = mean_metric(model, harmless, ids, config, nullcontext())
-    baseline = torch.cat(
-        [
-            torch.log_softmax(x, -1)
-            for x in last_logits(model, harmless, config.batch_size, config.system_prompt)
-        ]
-    )
+    baseline = last_token_log_probs(model, harmless, config.batch_size, config.system_prompt)
     val_reads = [
         collect_activations(
             model,

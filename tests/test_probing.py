@@ -9,9 +9,9 @@ from sklearn.metrics import roc_auc_score
 
 from lens_safety import PromptSet
 from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.bootstrap import bootstrap_interval
 from lens_safety.probing import (
     auroc,
-    bootstrap_interval,
     probe_activations,
     probe_layers,
     projection_accuracy,

@@ -14,8 +14,9 @@ from srr_synthetic import D, synthetic_dataset
 
 import lens_safety.srr.crossval as crossval
 from lens_safety.errors import LensSafetyError
+from lens_safety.splits import source_fold as fold_of
 from lens_safety.srr.baselines import ranker_scores
-from lens_safety.srr.crossval import CVCell, choose, cross_validate, fold_of, margin
+from lens_safety.srr.crossval import CVCell, choose, cross_validate, margin
 from lens_safety.srr.metrics import ranking_metrics
 from lens_safety.srr.ranker import RankerConfig
 from lens_safety.srr.train import TrainConfig, train_ranker

@@ -12,16 +12,16 @@ from jaxtyping import Float
 from lens_safety.calibration.results import CalibrationBounds, CalibrationPoint
 from lens_safety.edits import applied_edit
 from lens_safety.edits.spec import EditSpec
+from lens_safety.evaluation.divergence import last_token_log_probs, mean_first_token_kl
 from lens_safety.evaluation.judges import Judge, get_judge
 from lens_safety.evaluation.metrics import refusal_rate
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet
-from lens_safety.selection import last_logits
 
 
 @dataclass
 class Measurer:
-    """Measures refusal / over-refusal / first-token KL of the model in its current state."""
+    """Measures refusal / over-refusal / first-token KL (to the first state measured) of the model now."""
 
     model: Any
     harmful: PromptSet
@@ -31,10 +31,6 @@ class Measurer:
     batch_size: int
     system_prompt: str | None
     baseline_logprobs: Float[torch.Tensor, "n_harmless vocab"] | None = None
-
-    def _last_logprobs(self) -> Float[torch.Tensor, "n_harmless vocab"]:
-        rows = last_logits(self.model, self.harmless, self.batch_size, self.system_prompt)
-        return torch.cat([torch.log_softmax(x.double(), -1) for x in rows])
 
     def measure(self) -> tuple[float, float, float]:
         rates = [
@@ -48,12 +44,10 @@ class Measurer:
             ).rate
             for prompts in (self.harmful, self.harmless)
         ]
-        logprobs = self._last_logprobs()
+        logprobs = last_token_log_probs(self.model, self.harmless, self.batch_size, self.system_prompt)
         if self.baseline_logprobs is None:
             self.baseline_logprobs = logprobs
-        base = self.baseline_logprobs
-        kl = float((base.exp() * (base - logprobs)).sum(-1).mean())
-        return rates[0], rates[1], max(kl, 0.0)
+        return rates[0], rates[1], mean_first_token_kl(self.baseline_logprobs, logprobs)
 
 
 def make_point(

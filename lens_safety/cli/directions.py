@@ -21,7 +21,7 @@ from lens_safety.cli.common import (
     stdout_console,
 )
 from lens_safety.errors import LensSafetyError
-from lens_safety.fsutil import staged_directory
+from lens_safety.fsutil import require_free, staged_directory
 
 HarmfulOpt = Annotated[
     str, typer.Option("--harmful", help="Harmful prompts: .txt/.jsonl/.csv file or builtin:harmful.")
@@ -161,10 +161,7 @@ def directions(
         ablation_kind = "affine"
     else:
         raise LensSafetyError(f"unknown ablation '{ablation}'", "use zero or affine")
-    if out.exists() and not overwrite:
-        raise LensSafetyError(
-            f"output directory {out} already exists", "pass --overwrite or choose another --out"
-        )
+    require_free(out, overwrite)
     chosen_layer, chosen_position = _parse_auto(layer, "layer"), _parse_auto(position, "position")
     layers_to_score = _parse_ints(score_layers, "score-layers")
     harmful_set, harmless_set = _load_classes(harmful, harmless)

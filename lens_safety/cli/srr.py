@@ -19,7 +19,7 @@ from lens_safety.cli.common import (
     quiet_libraries,
 )
 from lens_safety.errors import LensSafetyError
-from lens_safety.fsutil import staged_directory
+from lens_safety.fsutil import require_free, staged_directory
 
 srr_app = typer.Typer(
     help="Safety Representation Ranking: best-of-N with a hidden-state ranker.", no_args_is_help=True
@@ -82,11 +82,6 @@ def _prompts(spec: str | None, limit: int | None) -> Any:
     return prompts.subset([i * len(prompts) // limit for i in range(limit)])
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise LensSafetyError(f"{out} already exists", "pass --overwrite or choose another --out")
-
-
 @srr_app.command("build-data")
 def build_data(
     model: ModelArg,
@@ -134,7 +129,7 @@ def build_data(
 
     if harmful is None and harmless is None:
         raise LensSafetyError("no instructions given", "pass --harmful FILE and/or --harmless FILE")
-    _check_out(out, overwrite)
+    require_free(out, overwrite)
     chosen_contexts = tuple(c.strip() for c in contexts.split(",") if c.strip()) if contexts else CONTEXTS
     chat_model = load_cli_model(model, device, dtype, selfcheck=True)
     dataset = build_dataset(
@@ -210,13 +205,14 @@ def train(
     """Train a ranker (and its baselines) on built candidate lists."""
     from lens_safety.srr.baselines import train_baselines
     from lens_safety.srr.combine import load_datasets
+    from lens_safety.srr.features import default_ranker_layer
     from lens_safety.srr.ranker import RankerConfig, save_ranker
     from lens_safety.srr.train import TrainConfig, train_ranker
 
-    _check_out(out, overwrite)
+    require_free(out, overwrite)
     dataset = load_datasets(data_dirs)
     n_layers = int(dataset.meta["model"]["n_layers"])
-    chosen = layer if layer is not None else max(1, int(0.2 * n_layers))
+    chosen = layer if layer is not None else default_ranker_layer(n_layers)
     if not 0 <= dropout < 1 or weight_decay < 0 or width < 1 or members < 1:
         raise LensSafetyError(
             f"invalid ranker settings (width {width}, dropout {dropout}, weight decay {weight_decay}, "
@@ -314,7 +310,7 @@ def eval_command(
     record = read_ranker_record(ranker_dir)
     base = record.get("base_model") or {}
     if save_data is not None:
-        _check_out(save_data, False)
+        require_free(save_data, False, option="--save-data")
     if data:
         dataset = load_datasets(data)
         check_base_model(base, dataset.meta.get("model", {}), ranker_dir)

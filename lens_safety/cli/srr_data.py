@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from lens_safety.cli.common import JsonOpt, print_json
-from lens_safety.cli.srr import JudgeOpt, OverwriteOpt, _check_out, srr_app
+from lens_safety.cli.srr import JudgeOpt, OverwriteOpt, srr_app
+from lens_safety.fsutil import require_free
 
 
 @srr_app.command("relabel")
@@ -27,7 +28,7 @@ def relabel_command(
     from lens_safety.srr.data import SRRDataset
     from lens_safety.srr.labels import relabel_dataset
 
-    _check_out(out, overwrite)
+    require_free(out, overwrite)
     dataset, summary = relabel_dataset(SRRDataset.load(data_dir), judge)
     dataset.save(out, overwrite=overwrite)
     if json_out:

@@ -14,8 +14,9 @@ from typing import Annotated
 import typer
 
 from lens_safety.cli.common import JsonOpt, print_json, stdout_console, strict_json
-from lens_safety.cli.srr import OverwriteOpt, SeedOpt, _check_out, _parse_ints, _parse_numbers, srr_app
+from lens_safety.cli.srr import OverwriteOpt, SeedOpt, _parse_ints, _parse_numbers, srr_app
 from lens_safety.errors import LensSafetyError
+from lens_safety.fsutil import require_free
 
 TrainDirsArg = Annotated[
     list[Path], typer.Argument(help="Training lists (from `srr build-data`; several are combined).")
@@ -47,7 +48,7 @@ def sweep_command(
     from lens_safety.srr.train import TrainConfig
 
     if out is not None:
-        _check_out(out, overwrite)
+        require_free(out, overwrite)
     train_set, test_set = load_datasets(train_dirs), SRRDataset.load(test_dir)
     rows = layer_sweep(
         train_set, test_set, _parse_ints(layers), train_config=TrainConfig(seed=seed), progress=True
@@ -95,7 +96,7 @@ def cv_command(
     from lens_safety.srr.train import TrainConfig
 
     if out is not None:
-        _check_out(out, overwrite)
+        require_free(out, overwrite)
     dataset = load_datasets(train_dirs)
     widths_list, members_list = _parse_ints(widths, "--widths") or [], _parse_ints(members, "--members") or []
     if any(w < 4 or w % 4 for w in widths_list) or any(k < 1 for k in members_list):

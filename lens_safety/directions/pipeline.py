@@ -10,9 +10,10 @@ from lens_safety.activations import collect_activations
 from lens_safety.directions.direction import Direction
 from lens_safety.directions.extraction import Candidates, extract_directions
 from lens_safety.errors import LensSafetyError, warn
-from lens_safety.probing import projection_accuracy, split_train_val_test, validate_classes
+from lens_safety.probing import projection_accuracy, validate_classes
 from lens_safety.prompts import PromptSet
 from lens_safety.selection import Selection, SelectionConfig, filter_by_refusal, select_direction
+from lens_safety.splits import split_train_val_test
 
 
 @dataclass
@@ -60,7 +61,7 @@ def find_direction(
     progress: bool = False,
 ) -> DirectionReport:
     """Split both classes (train / val / test), extract candidates on train, select on val, report
-    the selected direction's accuracy on test (:func:`~lens_safety.probing.split_train_val_test`;
+    the selected direction's accuracy on test (:func:`~lens_safety.splits.split_train_val_test`;
     ``heldout_fraction`` is val + test for sets without pair ids).
 
     ``layer`` / ``position`` fix the choice; ``"auto"`` lets selection score it (by default every

@@ -1,6 +1,20 @@
-"""Capability metrics: KL divergence to a reference model and cross-entropy on benign text.
+"""Next-token distributions, KL divergence to a reference model and cross-entropy on benign text.
 
-KL (:func:`kl_divergence`), on harmless prompts formatted with the chat template:
+The one KL of lens-safety is :func:`kl_from_log_probs`: for a reference distribution ``P`` and a
+compared distribution ``Q`` over the vocabulary ``V``, given as log-probabilities (float64),
+``KL(P || Q) = sum_{v in V} p(v) (log p(v) - log q(v))``, natural log (nats), along the last axis
+(one value per row / position), clamped at 0. Every KL the library reports is
+``KL(P_ref || Q_model)``: ``P`` is the unedited / base / reference model, ``Q`` the edited /
+intervened model.
+
+Next-token distributions at the last prompt position (the first generated token) come from
+:func:`last_logits` / :func:`last_token_log_probs`: prompts formatted with the chat template, left
+padded, one forward pass per batch that computes the unembedding at the last position only
+(``logits_to_keep=1``), logits cast to float64 and log-softmaxed. The *first-token KL* of a prompt
+set is ``KL`` of those rows, averaged over prompts (:func:`mean_first_token_kl`); selection and
+calibration use it.
+
+:func:`kl_divergence` measures a model against a reference on harmless prompts:
 
 * ``first_token`` — ``KL(P_ref || P_model)`` of the next-token distributions at the last prompt
   position (the first generated token), ``sum_v p_ref(v) (log p_ref(v) - log p_model(v))``;
@@ -19,7 +33,7 @@ weighted), in nats; the interval is a bootstrap over texts of that ratio.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +41,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from lens_safety.activations import batches, forward
 from lens_safety.chat import EncodedBatch
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap
@@ -79,19 +94,52 @@ def check_same_tokenizer(model: ChatModel, reference: ChatModel) -> None:
         )
 
 
+def kl_from_log_probs(
+    log_p: Float[torch.Tensor, "*rows vocab"], log_q: Float[torch.Tensor, "*rows vocab"]
+) -> Float[torch.Tensor, "*rows"]:
+    """``KL(P || Q) = sum_v p(v) (log p(v) - log q(v))`` along the last axis, in nats, at least 0.
+
+    ``log_p``: log-probabilities of the reference ``P``; ``log_q``: of the compared ``Q`` (same
+    shape; float64 in every caller). Computed as ``(exp(log_p) * (log_p - log_q)).sum(-1)`` and
+    clamped at 0: KL is non-negative, and rounding can leave a value of order ``-1e-17`` for two
+    equal distributions.
+    """
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+
+
+def last_logits(
+    model: ChatModel, prompts: PromptSet, batch_size: int, system_prompt: str | None
+) -> Iterator[Float[torch.Tensor, "batch vocab"]]:
+    """float64 logits ``[batch, vocab]`` at the last prompt position, one left-padded batch at a time."""
+    with torch.inference_mode():
+        for batch in batches(model, prompts, batch_size, system_prompt):
+            yield forward(model, batch, logits_to_keep=1).logits[:, -1].double().cpu()
+
+
+def last_token_log_probs(
+    model: ChatModel,
+    prompts: PromptSet | Sequence[str],
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+) -> Float[torch.Tensor, "n_prompts vocab"]:
+    """float64 next-token log-probabilities at the last prompt position (:func:`last_logits`)."""
+    rows = last_logits(model, PromptSet.load(prompts), batch_size, system_prompt)
+    return torch.cat([torch.log_softmax(x, -1) for x in rows])
+
+
+def mean_first_token_kl(
+    reference: Float[torch.Tensor, "n_prompts vocab"], other: Float[torch.Tensor, "n_prompts vocab"]
+) -> float:
+    """Mean over prompts of ``KL(reference || other)`` of next-token log-probability rows."""
+    return float(kl_from_log_probs(reference, other).mean())
+
+
 def _log_probs(
     model: ChatModel, batch: EncodedBatch, intervention: Intervention | None
 ) -> Float[torch.Tensor, "batch seq vocab"]:
-    from lens_safety.activations import forward
-
     with torch.inference_mode(), intervention() if intervention is not None else nullcontext():
         logits = forward(model, batch).logits
     return logits.double().log_softmax(-1).cpu()
-
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) along the last axis, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def kl_divergence(
@@ -148,7 +196,9 @@ def kl_divergence(
                 "model and reference have different vocabulary sizes",
                 "compare models with the same tokenizer",
             )
-        kl = _kl(log_ref, log_model)  # [batch, seq]: KL of the distribution predicting position t+1
+        kl = kl_from_log_probs(
+            log_ref, log_model
+        )  # [batch, seq]: KL of the distribution predicting position t+1
         width = batch.input_ids.shape[1]
         for j, (_prompt_ids, c) in enumerate(zip(prompt_rows, continuations, strict=True)):
             start = width - len(c) - 1  # the last prompt token predicts the first continuation token

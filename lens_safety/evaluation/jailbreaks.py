@@ -1,6 +1,8 @@
 """Jailbreak templates and attack-success rate.
 
-A template wraps a harmful request: ``template.format(prompt=request)``. Sources:
+A template wraps a harmful request by plain substitution of its one ``{prompt}`` slot
+(:meth:`JailbreakTemplate.wrap`, the one place a template is filled; other braces stay as they are).
+Sources:
 
 * ``builtin`` — 12 templates written for lens-safety (``data/prompts/jailbreaks.jsonl``);
 * ``pyrit`` — the jailbreak YAML templates shipped in the optional ``pyrit`` package (their

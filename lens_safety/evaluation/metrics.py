@@ -1,24 +1,31 @@
-"""Refusal metrics with bootstrap intervals, keeping every completion for inspection.
+"""The refusal rate, with a confidence interval, keeping every completion for inspection.
 
-* :func:`refusal_rate` — generate (greedy by default) and judge: ``rate = (1/n) sum_i refused_i``;
-  on harmful prompts this is the refusal rate, on harmless prompts the over-refusal rate.
+* :func:`refusal_rate` — generate (greedy by default) and judge with any judge:
+  ``rate = (1/n) sum_i refused_i``; on harmful prompts this is the refusal rate, on harmless
+  prompts the over-refusal rate.
 * :func:`evaluate_refusal` — both at once, reported side by side.
 * :func:`rate_of_completions` — judge completions you already have.
 
-Intervals are percentile bootstraps over prompts (:mod:`lens_safety.evaluation.bootstrap`).
+``interval`` chooses the 95% interval (:mod:`lens_safety.evaluation.bootstrap`): ``"bootstrap"``
+(default), the percentile bootstrap over prompts of the mean of ``refused_i``; or ``"wilson"``, the
+Wilson score interval of ``sum_i refused_i`` out of ``n``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from lens_safety.evaluation.bootstrap import Estimate, bootstrap
+from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.bootstrap import Estimate, bootstrap, wilson
 from lens_safety.evaluation.generation import Generations, Intervention, generate
 from lens_safety.evaluation.judges import Judge, Verdict, get_judge, run_judge
 from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet
+
+IntervalMethod = Literal["bootstrap", "wilson"]
+INTERVALS: tuple[str, ...] = ("bootstrap", "wilson")
 
 
 @dataclass
@@ -27,7 +34,7 @@ class RateResult:
 
     Attributes:
         rate: fraction of completions judged refusals.
-        ci_low, ci_high: bootstrap interval of ``rate`` (95% by default).
+        ci_low, ci_high: 95% interval of ``rate`` (``interval``: bootstrap or Wilson).
         n: number of completions judged.
         completions: the completions, in prompt order.
         refused: the judge's decision per completion.
@@ -35,6 +42,7 @@ class RateResult:
         scores: the judge's refusal score per completion (``None`` where it has none).
         judge: the judge's name.
         generations: the generation run (settings, token counts, truncation), when this module generated.
+        interval: how ``ci_low`` / ``ci_high`` were computed (``bootstrap`` or ``wilson``).
     """
 
     rate: float
@@ -47,10 +55,16 @@ class RateResult:
     scores: list[float | None] = field(default_factory=list)
     judge: str = "substring"
     generations: Generations | None = field(default=None, repr=False)
+    interval: str = "bootstrap"
 
     @property
     def estimate(self) -> Estimate:
         return Estimate(self.rate, self.ci_low, self.ci_high, self.n)
+
+    @property
+    def n_refused(self) -> int:
+        """Number of completions judged refusals."""
+        return sum(self.refused)
 
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
         """One dict per completion: prompt, completion, refused (and ``kind`` when given)."""
@@ -79,10 +93,20 @@ class RateResult:
             "ci_high": self.ci_high,
             "n": self.n,
             "judge": self.judge,
+            "interval": self.interval,
         }
         if include_completions:
             out["records"] = self.records()
         return out
+
+
+def interval_estimate(refused: Sequence[bool], interval: IntervalMethod, seed: int = 0) -> Estimate:
+    """The rate of ``refused`` with its 95% interval by ``interval`` (module docstring)."""
+    if interval == "bootstrap":
+        return bootstrap([float(r) for r in refused], seed=seed)
+    if interval == "wilson":
+        return wilson(refused)
+    raise LensSafetyError(f"unknown interval method '{interval}'", f"use one of {', '.join(INTERVALS)}")
 
 
 def rate_of_completions(
@@ -92,14 +116,15 @@ def rate_of_completions(
     *,
     seed: int = 0,
     generations: Generations | None = None,
+    interval: IntervalMethod = "bootstrap",
 ) -> RateResult:
-    """Judge existing completions and return the refusal rate with its bootstrap interval."""
+    """Judge existing completions and return the refusal rate with its ``interval``."""
     the_judge = get_judge(judge)
     verdicts: list[Verdict] = run_judge(
         the_judge, list(completions), list(prompts) if prompts is not None else None
     )
     refused = [v.refused for v in verdicts]
-    estimate = bootstrap([float(r) for r in refused], seed=seed)
+    estimate = interval_estimate(refused, interval, seed)
     return RateResult(
         rate=estimate.value,
         ci_low=estimate.ci_low,
@@ -111,6 +136,7 @@ def rate_of_completions(
         scores=[v.score for v in verdicts],
         judge=getattr(the_judge, "name", "judge"),
         generations=generations,
+        interval=interval,
     )
 
 
@@ -127,11 +153,15 @@ def refusal_rate(
     temperature: float = 1.0,
     seed: int | None = None,
     progress: bool = False,
+    interval: IntervalMethod = "bootstrap",
 ) -> RateResult:
     """Generate a completion per prompt and return the fraction the judge calls refusals.
 
-    Greedy decoding by default (deterministic). ``judge`` defaults to :class:`SubstringJudge`.
+    Greedy decoding by default (deterministic). ``judge``: any judge (default
+    :class:`SubstringJudge`); ``interval``: ``"bootstrap"`` or ``"wilson"`` (module docstring).
     """
+    if interval not in INTERVALS:
+        raise LensSafetyError(f"unknown interval method '{interval}'", f"use one of {', '.join(INTERVALS)}")
     gens = generate(
         model,
         prompts,
@@ -144,7 +174,9 @@ def refusal_rate(
         intervention=intervention,
         progress=progress,
     )
-    return rate_of_completions(gens.completions, gens.prompt_of_completion, judge, generations=gens)
+    return rate_of_completions(
+        gens.completions, gens.prompt_of_completion, judge, generations=gens, interval=interval
+    )
 
 
 @dataclass

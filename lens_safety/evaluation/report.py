@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.fsutil import write_file_atomic
+from lens_safety.fsutil import require_free, write_file_atomic
 
 RATE_METRICS = (
     ("harmful_refusal_rate", "refusal (harmful)"),
@@ -182,8 +182,7 @@ def write_report(
 ) -> Path:
     """Render and write the report; refuses to overwrite unless asked, writes atomically."""
     out = Path(path).expanduser()
-    if out.exists() and not overwrite:
-        raise LensSafetyError(f"'{out}' already exists", "pass --overwrite or choose another path")
+    require_free(out, overwrite, option="path")
     page = render_report(evaluations, labels, title=title)
     write_file_atomic(out, page)
     return out

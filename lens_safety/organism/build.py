@@ -31,6 +31,7 @@ from lens_safety.organism.data import (
 from lens_safety.organism.train import TrainingConfig, fit_lora, save_adapter, write_json
 from lens_safety.prompts import PromptSet
 from lens_safety.selection import refusal_token_ids
+from lens_safety.splits import HELD_OUT_SPLITS
 
 BASE_SPEC = "smollm2"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -85,7 +86,7 @@ def training_harmless_set(config: TrainingConfig) -> tuple[PromptSet, dict[str, 
     held_out = {
         text: f"builtin:{kind}:{split}"
         for kind in ("harmful", "harmless")
-        for split in ("val", "test")
+        for split in HELD_OUT_SPLITS
         for text in PromptSet.load(f"builtin:{kind}:{split}")
     }
     for part in added.values():

@@ -12,17 +12,17 @@ contexts are read while sampling, :mod:`lens_safety.srr.capture`). The result is
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 
 import torch
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.jailbreaks import load_jailbreak_templates
 from lens_safety.evaluation.judges import Judge, get_judge
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet, builtin_path
+from lens_safety.prompts import PromptSet
 from lens_safety.srr.capture import SampledStates, sample_with_states
 from lens_safety.srr.data import CandidateList, SRRDataset, first_occurrences
 from lens_safety.srr.features import (
@@ -31,15 +31,10 @@ from lens_safety.srr.features import (
     SAMPLED_CONTEXTS,
     check_context,
     check_layers,
+    default_ranker_layer,
     list_features,
 )
 from lens_safety.srr.labels import label_candidates
-
-
-def load_jailbreaks() -> list[dict[str, str]]:
-    """The built-in jailbreak templates (``{"id", "name", "template"}`` with one ``{prompt}`` slot)."""
-    lines = builtin_path("jailbreaks.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _unit_hash(*parts: object) -> float:
@@ -53,12 +48,12 @@ def wrap_harmful(prompts: PromptSet, fraction: float, seed: int) -> list[tuple[s
         raise LensSafetyError(
             f"jailbreak fraction {fraction} is outside [0, 1]", "pass a fraction such as 0.5"
         )
-    templates = load_jailbreaks()
+    templates = load_jailbreak_templates("builtin")
     out: list[tuple[str, str | None]] = []
     for text in prompts.prompts:
         if _unit_hash("wrap", seed, text) < fraction:
             template = templates[int(_unit_hash("template", seed, text) * len(templates))]
-            out.append((template["template"].format(prompt=text), template["id"]))
+            out.append((template.wrap(text), template.id))
         else:
             out.append((text, None))
     return out
@@ -70,11 +65,6 @@ def default_layers(model: ChatModel, ranker_layer: int | None = None) -> tuple[i
     if ranker_layer is not None:
         layers.add(ranker_layer)
     return tuple(sorted(layers))
-
-
-def default_ranker_layer(model: ChatModel) -> int:
-    """The paper's region: within the lower 25% of layers (``floor(0.2 * n_layers)``)."""
-    return max(1, int(0.2 * model.n_layers))
 
 
 def _sample(

@@ -4,7 +4,7 @@ A layer sweep scored on the test lists (:func:`~lens_safety.srr.experiments.laye
 where the signal lives, but a setting picked from it is picked on the test lists. This module picks
 it without them:
 
-* every list goes to fold ``sha256("cv" | source instruction) mod K``, so a list and its
+* every list goes to fold :func:`~lens_safety.splits.source_fold` (``h("cv", source) mod K``), so a list and its
   jailbreak-wrapped siblings (and the same instruction sampled with another seed, in another data
   directory) always share a fold;
 * for each cell of the grid (layer x response context x width x members) and each fold ``k``, a
@@ -32,8 +32,9 @@ import torch
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.progress import track
+from lens_safety.splits import source_fold
 from lens_safety.srr.baselines import ranker_scores
-from lens_safety.srr.data import SRRDataset, source_hash
+from lens_safety.srr.data import SRRDataset
 from lens_safety.srr.metrics import ranking_metrics
 from lens_safety.srr.ranker import RankerConfig
 from lens_safety.srr.train import TrainConfig, train_ranker
@@ -88,11 +89,6 @@ class CVResult:
             "n_lists": self.n_lists,
             "rule": "max min(pairwise - bar, harmful top-1 - bar, harmless top-1 - bar); ties: pairwise",
         }
-
-
-def fold_of(source_instruction: str, folds: int) -> int:
-    """The fold of a list, from its source instruction only (stable across data directories)."""
-    return source_hash("cv", source_instruction) % folds
 
 
 def margin(pairwise: float, harmful: float, harmless: float, bars: Sequence[float]) -> float:
@@ -151,7 +147,7 @@ def cross_validate(
                 f"response context '{context}' is not stored in the data (stored: {sorted(mixed.responses)})",
                 "choose a stored context or rebuild the data with --contexts",
             )
-    fold = [fold_of(x.source_instruction, folds) for x in mixed.lists]
+    fold = [source_fold(x.source_instruction, folds) for x in mixed.lists]
     if len(set(fold)) < folds:
         raise LensSafetyError(
             f"only {len(set(fold))} of {folds} folds hold lists ({len(mixed)} mixed lists)",

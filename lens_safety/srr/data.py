@@ -11,7 +11,6 @@ settings, counts). Nothing is pickled; a directory is written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.fsutil import staged_directory
+from lens_safety.fsutil import require_free, staged_directory
 from lens_safety.srr.features import (
     check_context,
 )
@@ -82,14 +81,6 @@ class CandidateList:
             "n_sampled",
         )
         return cls(**{k: record[k] for k in keys if k in record})
-
-
-def source_hash(salt: str, source_instruction: str) -> int:
-    """A stable 64-bit hash of ``salt`` and a source instruction (first 8 bytes of SHA-256): what
-    train / validation splits and cross-validation folds are drawn from, so that every list of one
-    instruction (jailbreak-wrapped or re-sampled) lands on the same side."""
-    digest = hashlib.sha256(f"{salt}\x1f{source_instruction}".encode()).digest()
-    return int.from_bytes(digest[:8], "big")
 
 
 def first_occurrences(texts: Sequence[str]) -> list[int]:
@@ -180,8 +171,7 @@ class SRRDataset:
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write the dataset directory atomically (refuses an existing one unless ``overwrite``)."""
         target = Path(out_dir)
-        if target.exists() and not overwrite:
-            raise LensSafetyError(f"{target} already exists", "pass --overwrite or choose another --out")
+        require_free(target, overwrite)
         with staged_directory(target, overwrite=overwrite) as tmp:
             with open(tmp / LISTS_FILE, "w", encoding="utf-8") as handle:
                 for item in self.lists:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lens_safety.errors import LensSafetyError
 from lens_safety.progress import track
+from lens_safety.splits import category_split
 from lens_safety.srr.data import SRRDataset
 from lens_safety.srr.evaluate import evaluate
 from lens_safety.srr.features import CONTEXTS
@@ -77,15 +77,7 @@ def layer_sweep(
 
 def split_by_category(dataset: SRRDataset, train_categories: Sequence[str]) -> tuple[SRRDataset, SRRDataset]:
     """``(lists in train_categories, all other lists)``."""
-    wanted = set(train_categories)
-    known = {x.category for x in dataset.lists}
-    if not wanted & known:
-        raise LensSafetyError(
-            f"none of the categories {sorted(wanted)} occur in the data",
-            f"use some of {sorted(str(k) for k in known)}",
-        )
-    inside = [i for i, x in enumerate(dataset.lists) if x.category in wanted]
-    outside = [i for i, x in enumerate(dataset.lists) if x.category not in wanted]
+    inside, outside = category_split([x.category for x in dataset.lists], train_categories)
     return dataset.subset(inside), dataset.subset(outside)
 
 

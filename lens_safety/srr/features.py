@@ -67,6 +67,16 @@ def check_layers(model: ChatModel, layers: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+#: the default ranker layer sits at this fraction of the depth (the paper's region: the lower 25%)
+RANKER_LAYER_FRACTION = 0.2
+
+
+def default_ranker_layer(model: ChatModel | int) -> int:
+    """The default SRR feature layer of a model (or of ``n_layers``): ``max(1, floor(0.2 * n_layers))``."""
+    n_layers = model if isinstance(model, int) else model.n_layers
+    return max(1, int(RANKER_LAYER_FRACTION * n_layers))
+
+
 def hook_for_layer(model: ChatModel, layer: int) -> str:
     """Hook name of a feature layer (``n_layers`` = the final block's ``resid_post``)."""
     if layer == model.n_layers:

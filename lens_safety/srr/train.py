@@ -24,7 +24,8 @@ import torch
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.progress import track
-from lens_safety.srr.data import SRRDataset, source_hash
+from lens_safety.splits import source_val_split
+from lens_safety.srr.data import SRRDataset
 from lens_safety.srr.inputs import ListInput, list_inputs, pad_lists
 from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss
 
@@ -66,12 +67,8 @@ class TrainingReport:
 
 
 def split_by_source(dataset: SRRDataset, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices ``(train, val)``: a list is validation when hash(seed, source instruction) < fraction."""
-    train: list[int] = []
-    val: list[int] = []
-    for i, item in enumerate(dataset.lists):
-        (val if source_hash(str(seed), item.source_instruction) / 2**64 < val_fraction else train).append(i)
-    return train, val
+    """Indices ``(train, val)`` by source instruction (:func:`~lens_safety.splits.source_val_split`)."""
+    return source_val_split([item.source_instruction for item in dataset.lists], val_fraction, seed)
 
 
 def _mean_loss(ranker: SafetyRanker, items: Sequence[ListInput], batch_size: int) -> float:
