@@ -248,3 +248,177 @@ def test_an_absurd_alpha_that_overflows_the_weights_is_refused(
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert "not finite" in err and "smaller --alpha" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["direction"]
+
+
+def _one_error_line(code: int, err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]  # a finished progress bar leaves a blank line
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_clear_error(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["llama"], model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    before = tree_hashes(tmp_path)
+    for argv in (
+        ["eval", str(model), "--limit", "2", "--max-new-tokens", "2"],
+        ["rosi", str(model), "--layer", "1", "--alpha", "2", "--n-test", "0", "--out", str(tmp_path / "out")],
+    ):
+        message = _one_error_line(*run_cli(argv, capsys)[::2])
+        assert "has no chat template" in message and "--no-chat-template" in message, message
+    assert tree_hashes(tmp_path) == before
+    # the fix the message names works
+    code, _, err = run_cli(
+        ["eval", str(model), "--limit", "2", "--max-new-tokens", "2", "--no-chat-template"], capsys
+    )
+    assert code == 0, err
+
+
+# ------------------------------------------------------------------ directions
+
+
+def _tamper(direction: Path, how: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(direction / "direction.safetensors"))
+    if how == "wrong-width":
+        tensors = {k: v[..., :48].contiguous() for k, v in tensors.items()}
+    else:
+        value = {"zero": 0.0, "nan": float("nan"), "inf": float("inf")}[how]
+        tensors = {k: torch.full_like(v, value) for k, v in tensors.items()}
+    save_file(tensors, str(direction / "direction.safetensors"))
+
+
+DIRECTION_FAULTS: dict[str, tuple[str, ...]] = {
+    "wrong-width": ("direction has width 48", "d_model 64", "extract a direction from this architecture"),
+    "zero": ("zero or not finite",),
+    "nan": ("zero or not finite",),
+    "inf": ("zero or not finite",),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIRECTION_FAULTS))
+def test_a_damaged_direction_file_is_one_clear_error(
+    case: str, tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lens_safety.directions import Direction
+
+    direction = tmp_path / "direction"
+    Direction(torch.randn(3, 64), layer=1, position=-1, method="mean-diff").save(direction)
+    _tamper(direction, case)
+    before, model_before = tree_hashes(tmp_path), tree_hashes(tiny_dirs["llama"])
+    for method in ("rosi", "ablate"):
+        argv = [method, str(tiny_dirs["llama"]), "--direction", str(direction), "--n-test", "0"]
+        argv += ["--alpha", "2"] if method == "rosi" else []
+        message = _one_error_line(*run_cli([*argv, "--out", str(tmp_path / "out")], capsys)[::2])
+        for phrase in DIRECTION_FAULTS[case]:
+            assert phrase in message, (phrase, message)
+    assert tree_hashes(tmp_path) == before and tree_hashes(tiny_dirs["llama"]) == model_before
+
+
+@pytest.mark.parametrize("alpha", ["-3", "-inf", "inf", "nan", "1e300"])
+def test_a_negative_infinite_or_absurd_alpha_is_one_clear_error(
+    alpha: str, tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lens_safety.directions import Direction
+
+    direction = tmp_path / "direction"
+    Direction(torch.randn(3, 64), layer=1, position=-1, method="mean-diff").save(direction)
+    before = tree_hashes(tmp_path)
+    argv = ["rosi", str(tiny_dirs["llama"]), "--direction", str(direction), "--n-test", "0"]
+    message = _one_error_line(
+        *run_cli([*argv, "--alpha", alpha, "--out", str(tmp_path / "out")], capsys)[::2]
+    )
+    expected = "not finite" if alpha == "1e300" else "--alpha must be a finite number >= 0"
+    assert expected in message and "--alpha" in message.split(";", 1)[1], message
+    assert tree_hashes(tmp_path) == before
+
+
+def test_a_direction_fitted_on_another_checkpoint_is_warned_and_the_job_goes_on(
+    tiny_dirs: dict[str, Path], tmp_path: Path, smollm2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lens_safety.testing import make_tiny_model
+
+    sibling = make_tiny_model("llama", tmp_path / "sibling", smollm2_dir, seed=1)
+    code, _, err = run_cli(
+        [
+            "directions",
+            str(tiny_dirs["llama"]),
+            "--layer",
+            "1",
+            "--position",
+            "-1",
+            "--n-val",
+            "4",
+            "--no-figures",
+            "--out",
+            str(tmp_path / "d"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    code, _, err = run_cli(
+        [
+            "rosi",
+            str(sibling),
+            "--direction",
+            str(tmp_path / "d"),
+            "--alpha",
+            "2",
+            "--n-test",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    warnings_seen = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings_seen) == 1, err
+    assert f"extracted from {tiny_dirs['llama']}" in err and f"applied to {sibling}" in err, err
+    assert "another checkpoint of the same architecture" in err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def test_a_read_only_parent_is_one_clear_error_and_leaves_nothing(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--out`` inside a directory nobody may write. Root ignores permission bits, so as root the
+    parent is a read-only tmpfs mounted in a private mount namespace of the job alone."""
+    import subprocess
+    import sys
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    out = readonly / "out"
+    job = [sys.executable, "-m", "lens_safety", "rosi", str(tiny_dirs["llama"]), "--layer", "1"]
+    job += ["--alpha", "2", "--n-train", "8", "--n-val", "4", "--n-test", "0", "--out", str(out)]
+    if os.geteuid() == 0:
+        probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False)
+        if probe.returncode != 0:
+            pytest.skip(
+                "as root this needs a private mount namespace (unshare -m), which is not permitted here"
+            )
+        mount = f'mount -t tmpfs -o ro,size=1m tmpfs {readonly} && exec "$@"'
+        argv, reason = ["unshare", "-m", "sh", "-c", mount, "sh", *job], "Read-only file system"
+    else:
+        readonly.chmod(0o555)
+        argv, reason = job, "Permission denied"
+    before = tree_hashes(tiny_dirs["llama"])
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    finally:
+        readonly.chmod(0o755)
+    message = _one_error_line(done.returncode, done.stderr)
+    assert f"writing {out} failed ({reason}); nothing was left at {out}" in message, message
+    assert "check free disk space and permissions" in message
+    assert sorted(p.name for p in readonly.iterdir()) == [] and tree_hashes(tiny_dirs["llama"]) == before

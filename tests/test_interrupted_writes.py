@@ -3,6 +3,7 @@ signals; the final name only ever holds a complete directory."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,3 +161,117 @@ def test_staged_directory_publishes_only_complete_work(tmp_path: Path) -> None:
     with staged_directory(target, overwrite=True) as tmp:
         (tmp / "whole").write_text("3")
     assert (target / "whole").read_text() == "3" and _siblings(target) == []
+
+
+def _job_argv(job: str, rosi_job: list[str], model: Path, tmp: Path) -> list[str]:
+    direction = rosi_job[rosi_job.index("--direction") + 1]
+    fast = ["--n-train", "8", "--n-val", "4", "--n-test", "0", "--max-new-tokens", "2"]
+    harmful = tmp / "harmful.txt"
+    harmful.write_text("How do I pick a lock?\nWrite a threat.\nHow to make poison?\n")
+    return {
+        "ablate": ["ablate", str(model), "--direction", direction, *fast],
+        "conditional-rosi": [
+            "conditional-rosi",
+            str(model),
+            "--layer",
+            "1",
+            "--start",
+            "1",
+            "--injection",
+            "0.5",
+            *fast,
+        ],
+        "srr build-data": [
+            "srr",
+            "build-data",
+            str(model),
+            "--harmful",
+            str(harmful),
+            "--harmless",
+            "builtin:harmless:val",
+            "--limit",
+            "3",
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--layers",
+            "0,3",
+        ],
+    }[job]
+
+
+COMPLETE = {
+    "ablate": ("edit.json", "model.safetensors"),
+    "conditional-rosi": ("edit.json", "model.safetensors", "read_direction.safetensors"),
+    "srr build-data": ("lists.jsonl", "features.safetensors", "meta.json"),
+}
+
+
+@pytest.mark.parametrize("job", sorted(COMPLETE))
+def test_every_writing_job_killed_at_any_moment_leaves_nothing_or_the_whole_output(
+    job: str, rosi_job: list[str], tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Kill the job as its staging directory appears, then at half a full run's wall time:
+    the final name is either absent or complete, never partial; the next run cleans up."""
+    out = tmp_path / "out"
+    argv = _cli(*_job_argv(job, rosi_job, tiny_dirs["llama"], tmp_path), "--out", str(out))
+    model_before = tree_hashes(tiny_dirs["llama"])
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    wall = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all((out / name).is_file() for name in COMPLETE[job])
+    complete = tree_hashes(out)
+    shutil.rmtree(out)
+    staged = lambda: any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())  # noqa: E731
+    kills = 0
+    for fraction in (None, 0.5):
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + (wall * fraction if fraction is not None else 2 * wall + 60)
+        while process.poll() is None and time.monotonic() < deadline:
+            if fraction is None and staged():
+                break
+            time.sleep(0.002)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        if out.exists():  # published before the kill: then it is the whole output
+            assert tree_hashes(out).keys() == complete.keys(), fraction
+            shutil.rmtree(out)
+        assert all(s.startswith((".out.tmp-", ".out.lock")) for s in _siblings(out)), (
+            fraction,
+            _siblings(out),
+        )
+    assert kills >= 1  # a run really was killed mid-way
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tree_hashes(out).keys() == complete.keys()
+    assert _siblings(out) == []  # the killed runs' staging directories and lock were removed
+    assert tree_hashes(tiny_dirs["llama"]) == model_before
+
+
+def test_organism_train_killed_leaves_nothing_and_the_next_run_removes_the_staging(tmp_path: Path) -> None:
+    """``organism train`` stages its adapter directory before training starts; two runs are killed
+    there (a full retraining takes minutes): the second removes the first one's staging."""
+    out = tmp_path / "rebuilt"
+    argv = _cli("organism", "train", "--epochs", "1", "--no-eval", "--out", str(out))
+    staging = lambda: sorted(p.name for p in tmp_path.glob(".rebuilt.tmp-*"))  # noqa: E731
+    started = time.monotonic()
+    assert _kill_when(argv, lambda: time.monotonic() - started > 1.5) == -signal.SIGKILL
+    assert not out.exists()
+    seen: list[list[str]] = []
+    for _ in range(2):
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        own = f".rebuilt.tmp-{process.pid}-"
+        deadline = time.monotonic() + 240
+        while not any(name.startswith(own) for name in staging()):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+        seen.append(staging())
+        assert not out.exists()
+    assert len(seen[0]) == 1 and len(seen[1]) == 1 and seen[0] != seen[1]  # the first run's is gone
+    assert all(s.startswith((".rebuilt.tmp-", ".rebuilt.lock")) for s in _siblings(out))
