@@ -25,11 +25,20 @@ from lens_safety.cli.common import (
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import write_file_atomic
 
-JudgeOpt = Annotated[
-    str,
+JUDGE_SPECS = (
+    "substring (reference list, the default), substring-strict, substring-broad, hf:<classifier>, "
+    "guard:<guard model dir or id> (format detected; or llama-guard:/wildguard:<model>: answers "
+    "'is the response harmful?', so the refusal rate is the fraction judged safe), "
+    "openai:<model>@<base_url> (refusal rubric) or openai-harm:<model>@<base_url> "
+    "(StrongREJECT-style harm rubric), key from $LENS_SAFETY_JUDGE_API_KEY."
+)
+JudgeOpt = Annotated[str, typer.Option("--judge", help=f"Judge: {JUDGE_SPECS}")]
+JudgesOpt = Annotated[
+    list[str] | None,
     typer.Option(
         "--judge",
-        help="substring (reference list), substring-strict, substring-broad, or hf:<classifier id or path>.",
+        help=f"Judge(s); repeat or comma-separate to run several on the same completions and report "
+        f"their agreement (the first gives the headline rates). Default: substring. {JUDGE_SPECS}",
     ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
@@ -78,7 +87,21 @@ def evaluate(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="New tokens per completion.")] = 48,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 16,
-    judge: JudgeOpt = "substring",
+    judge: JudgesOpt = None,
+    utility: Annotated[
+        str | None,
+        typer.Option(
+            "--utility",
+            help="lm-evaluation-harness tasks, comma-separated (e.g. mmlu,hellaswag,arc_easy,arc_challenge,"
+            "boolq; 'paper' = those five). Needs pip install 'lens-safety[utility]'.",
+        ),
+    ] = None,
+    utility_limit: Annotated[
+        int | None, typer.Option("--utility-limit", help="Documents per utility task (default: all).")
+    ] = None,
+    utility_include: Annotated[
+        str | None, typer.Option("--utility-include", help="Folder of extra lm-eval task YAML files.")
+    ] = None,
     completions_out: Annotated[
         Path | None, typer.Option("--completions-out", help="Write every completion to this .jsonl file.")
     ] = None,
@@ -89,8 +112,10 @@ def evaluate(
     no_chat_template: NoTemplateOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Refusal, over-refusal, damage, cross-entropy, optional KL to a reference and jailbreak ASR (greedy)."""
-    from lens_safety.evaluation import evaluate_model, get_judge, load_jailbreak_templates
+    """Refusal, over-refusal, damage, cross-entropy, optional KL to a reference, jailbreak ASR (greedy),
+    optional utility benchmarks; every rate names its judge (default: substring) and prompt set."""
+    from lens_safety.evaluation import evaluate_model, load_jailbreak_templates
+    from lens_safety.evaluation.judges import get_judges
     from lens_safety.prompts import PromptSet
 
     if limit is not None and limit < 1:
@@ -101,7 +126,9 @@ def evaluate(
     if limit is not None:
         harmful_set, harmless_set = harmful_set.head(limit), harmless_set.head(limit)
     templates = load_jailbreak_templates(jailbreak_source) if jailbreaks else None
-    the_judge = get_judge(judge)
+    if utility_limit is not None and utility_limit < 1:
+        raise LensSafetyError(f"--utility-limit must be >= 1, got {utility_limit}", "pass a positive limit")
+    judges = get_judges(judge)
     loaded = load_cli_model(model, device, dtype, no_chat_template, system_prompt, selfcheck=True)
     ref = load_cli_model(reference, device, dtype, no_chat_template, system_prompt) if reference else None
     result = evaluate_model(
@@ -109,12 +136,15 @@ def evaluate(
         harmful_set,
         harmless_set,
         reference=ref,
-        judge=the_judge,
+        judge=judges,
         jailbreak_templates=templates,
         jailbreak_prompts=jailbreak_prompts,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=True,
+        utility_tasks=utility,
+        utility_limit=utility_limit,
+        utility_include=utility_include,
     )
     if completions_out is not None:
         write_jsonl(completions_out, result.records())
@@ -123,13 +153,16 @@ def evaluate(
     if json:
         print_json(result.to_dict())
         return
-    _print_summary(loaded.spec, result.summary())
+    _print_summary(loaded.spec, result.summary(), result.to_dict(include_completions=False))
 
 
-def _print_summary(name: str, summary: dict[str, Any]) -> None:
+def _print_summary(name: str, summary: dict[str, Any], full: dict[str, Any]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"lens-safety eval: {name}")
+    question = (
+        " (harm question: refusal rate = fraction judged safe)" if full["judge_question"] == "harm" else ""
+    )
+    table = Table(title=f"lens-safety eval: {name}", caption=f"judge: {full['judge']}{question}")
     for column in ("metric", "value", "95% CI", "n"):
         table.add_column(column)
     for key, entry in summary.items():
@@ -141,6 +174,32 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
                 str(entry["n"]),
             )
     stdout_console().print(table)
+    _print_panel(full)
+
+
+def _print_panel(full: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    for judge, rates in (full.get("judges") or {}).items():
+        table = Table(title=f"judge {judge} (question: {rates['question']})")
+        for column in ("metric", "value", "95% CI", "n"):
+            table.add_column(column)
+        for key, entry in rates.items():
+            if isinstance(entry, dict):
+                ci = f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+                table.add_row(key, f"{entry['value']:.4f}", ci, str(entry["n"]))
+        console.print(table)
+    for pair in full.get("judge_agreement") or []:
+        a = pair["agreement"]
+        console.print(
+            f"agreement {pair['judges'][0]} vs {pair['judges'][1]}: {a['value']:.3f} "
+            f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}] over {a['n']} completions, kappa {pair['kappa']:.3f}"
+        )
+    for task, result in ((full.get("utility") or {}).get("tasks") or {}).items():
+        for metric, entry in result["metrics"].items():
+            stderr = f" ± {entry['stderr']:.4f}" if entry["stderr"] is not None else ""
+            console.print(f"utility {task} {metric}: {entry['value']:.4f}{stderr} (n={result['n']}, lm-eval)")
 
 
 @app.command("judge-agreement")

@@ -14,6 +14,7 @@ from lens_safety.evaluation.damage import (
 )
 from lens_safety.evaluation.divergence import CEResult, KLResult, benign_texts, cross_entropy, kl_divergence
 from lens_safety.evaluation.generation import Generations, Intervention, generate
+from lens_safety.evaluation.guard import GuardJudge
 from lens_safety.evaluation.jailbreaks import (
     JailbreakResult,
     JailbreakTemplate,
@@ -30,9 +31,13 @@ from lens_safety.evaluation.judges import (
     SubstringJudge,
     Verdict,
     get_judge,
+    get_judges,
+    harm_verdict,
     judge_from_callable,
+    judge_question,
     run_judge,
 )
+from lens_safety.evaluation.llm_judge import OpenAIJudge
 from lens_safety.evaluation.metrics import (
     RateResult,
     RefusalEvaluation,
@@ -40,8 +45,10 @@ from lens_safety.evaluation.metrics import (
     rate_of_completions,
     refusal_rate,
 )
+from lens_safety.evaluation.panel import JudgeRates, PairAgreement, pair_agreement
 from lens_safety.evaluation.report import render_report, write_report
 from lens_safety.evaluation.suite import ModelEvaluation, evaluate_model
+from lens_safety.evaluation.utility import UtilityEvaluation, UtilityResult, evaluate_utility
 
 __all__ = [
     "REFUSAL_SUBSTRINGS",
@@ -54,16 +61,22 @@ __all__ = [
     "DegenerationCheck",
     "Estimate",
     "Generations",
+    "GuardJudge",
     "Intervention",
     "JailbreakResult",
     "JailbreakTemplate",
     "Judge",
+    "JudgeRates",
     "KLResult",
     "ModelEvaluation",
+    "OpenAIJudge",
+    "PairAgreement",
     "RateResult",
     "RefusalEvaluation",
     "StrictSubstringJudge",
     "SubstringJudge",
+    "UtilityEvaluation",
+    "UtilityResult",
     "Verdict",
     "attack_success_rate",
     "benign_texts",
@@ -72,15 +85,20 @@ __all__ = [
     "degeneration_check",
     "evaluate_model",
     "evaluate_refusal",
+    "evaluate_utility",
     "generate",
     "generation_damage",
     "get_judge",
+    "get_judges",
+    "harm_verdict",
     "is_degenerate",
     "judge_agreement",
     "judge_from_callable",
+    "judge_question",
     "kl_divergence",
     "load_jailbreak_templates",
     "load_labelled",
+    "pair_agreement",
     "rate_of_completions",
     "refusal_rate",
     "render_report",

@@ -378,11 +378,11 @@ def get_judge(spec: str | Judge | None = None, **kwargs: Any) -> Judge:
     )
 
 
-def get_judges(specs: str | Sequence[str | Judge] | None, **kwargs: Any) -> list[Judge]:
+def get_judges(specs: str | Judge | Sequence[str | Judge] | None, **kwargs: Any) -> list[Judge]:
     """Several judges from repeated specs and/or comma lists (``"substring,guard:DIR"``); default: substring."""
     if specs is None:
         return [get_judge(None)]
-    items = [specs] if isinstance(specs, str) else list(specs)
+    items: list[Any] = list(specs) if isinstance(specs, list | tuple) else [specs]
     flat: list[str | Judge] = []
     for item in items:
         flat += (

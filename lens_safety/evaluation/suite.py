@@ -5,7 +5,14 @@ on harmless prompts, generation damage on the harmless completions, cross-entrop
 benign text, and optionally KL(reference || model) on the harmless prompts and the jailbreak
 attack-success rate. :meth:`ModelEvaluation.to_dict` is the JSON the CLI prints and the report reads:
 top-level ``harmful_refusal_rate``, ``harmless_refusal_rate``, ``kl_harmless``, ``ce_benign``,
-``jailbreak_asr`` entries each hold ``value``, ``ci_low``, ``ci_high``, ``n``.
+``jailbreak_asr`` entries each hold ``value``, ``ci_low``, ``ci_high``, ``n``, and the judged
+rates also name their ``judge``, the ``question`` it answered (``refusal``, or ``harm``: then the
+"refusal rate" is the fraction judged safe) and their ``prompts`` set.
+
+Several judges: the first gives the headline rates; the others re-judge the same completions
+(``judges`` in the JSON, :mod:`lens_safety.evaluation.panel`) and ``judge_agreement`` holds every
+pair's agreement. ``utility_tasks`` adds lm-evaluation-harness benchmarks (``utility``,
+:mod:`lens_safety.evaluation.utility`).
 
 ``degeneration`` counts completions that are empty or one repeated token
 (:func:`~lens_safety.evaluation.damage.degeneration_check`) over every generation of the run; when
@@ -15,7 +22,7 @@ most are, each rate judged on them gains ``"untrustworthy": true`` and the summa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lens_safety.evaluation.damage import (
@@ -33,8 +40,9 @@ from lens_safety.evaluation.divergence import (
 )
 from lens_safety.evaluation.generation import Intervention
 from lens_safety.evaluation.jailbreaks import JailbreakResult, JailbreakTemplate, attack_success_rate
-from lens_safety.evaluation.judges import Judge, get_judge
-from lens_safety.evaluation.metrics import RefusalEvaluation, evaluate_refusal
+from lens_safety.evaluation.judges import Judge, get_judges, judge_question
+from lens_safety.evaluation.metrics import RateResult, RefusalEvaluation, evaluate_refusal
+from lens_safety.evaluation.panel import JudgeRates, PairAgreement, judge_rates, label, pairwise
 from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet
 
@@ -52,6 +60,17 @@ class ModelEvaluation:
     jailbreaks: JailbreakResult | None = None
     settings: dict[str, Any] | None = None
     degeneration: DegenerationCheck | None = None
+    question: str = "refusal"
+    panel: list[JudgeRates] = field(default_factory=list)
+    agreements: list[PairAgreement] = field(default_factory=list)
+    utility: Any = None
+
+    def prompt_sets(self) -> dict[str, str | None]:
+        """The prompt set behind each judged rate (its name), for labelling."""
+        settings = self.settings or {}
+        names = {k: (settings.get(k) or {}).get("name") for k in ("harmful", "harmless")}
+        names["jailbreak"] = f"jailbreak templates x {names['harmful']}" if self.jailbreaks else None
+        return names
 
     @property
     def trustworthy(self) -> bool:
@@ -64,13 +83,20 @@ class ModelEvaluation:
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers with intervals (no completions)."""
+        sets = self.prompt_sets()
         out: dict[str, Any] = {
-            "harmful_refusal_rate": self.refusal.harmful.estimate.to_dict(),
-            "harmless_refusal_rate": self.refusal.harmless.estimate.to_dict(),
+            "harmful_refusal_rate": label(
+                self.refusal.harmful.estimate, self.judge, self.question, sets["harmful"]
+            ),
+            "harmless_refusal_rate": label(
+                self.refusal.harmless.estimate, self.judge, self.question, sets["harmless"]
+            ),
             "kl_harmless": self.kl.first_token.to_dict() if self.kl else None,
             "kl_harmless_continuation": self.kl.continuation.to_dict() if self.kl else None,
             "ce_benign": self.ce.ce.to_dict() if self.ce else None,
-            "jailbreak_asr": self.jailbreaks.asr.to_dict() if self.jailbreaks else None,
+            "jailbreak_asr": label(self.jailbreaks.asr, self.judge, self.question, sets["jailbreak"])
+            if self.jailbreaks
+            else None,
         }
         if not self.trustworthy:
             for key in ("harmful_refusal_rate", "harmless_refusal_rate", "jailbreak_asr"):
@@ -83,6 +109,7 @@ class ModelEvaluation:
         out: dict[str, Any] = {
             "model": self.model,
             "judge": self.judge,
+            "judge_question": self.question,
             "settings": self.settings or {},
             **self.summary(),
             "degeneration": self.degeneration.to_dict() if self.degeneration else None,
@@ -92,6 +119,11 @@ class ModelEvaluation:
         )
         if self.kl:
             out["kl_reference"] = self.kl.reference
+        if self.panel:
+            sets = self.prompt_sets()
+            out["judges"] = {p.judge: {"question": p.question, **p.summary(sets)} for p in self.panel}
+            out["judge_agreement"] = [a.to_dict() for a in self.agreements]
+        out["utility"] = self.utility.to_dict() if self.utility is not None else None
         if include_completions:
             out["records"] = self.records()
         return out
@@ -103,7 +135,7 @@ def evaluate_model(
     harmless: PromptSet | Sequence[str],
     *,
     reference: ChatModel | None = None,
-    judge: Judge | str | None = None,
+    judge: Judge | str | Sequence[Judge | str] | None = None,
     jailbreak_templates: Sequence[JailbreakTemplate] | None = None,
     jailbreak_prompts: int = 4,
     benign_texts: Sequence[str] | None = None,
@@ -112,15 +144,21 @@ def evaluate_model(
     system_prompt: str | None = None,
     intervention: Intervention | None = None,
     progress: bool = False,
+    utility_tasks: str | Sequence[str] | None = None,
+    utility_limit: int | None = None,
+    utility_include: str | None = None,
 ) -> ModelEvaluation:
     """Run the evaluation suite (see the module docstring).
 
+    ``judge``: one judge or spec, a comma list, or a sequence; the first gives the headline rates.
     ``jailbreak_templates`` (None: no jailbreak run) wrap the first ``jailbreak_prompts`` harmful prompts.
     ``reference`` enables KL; it must share the tokenizer (checked before any generation).
+    ``utility_tasks`` (lm-eval task names) run with at most ``utility_limit`` documents each.
     """
     if reference is not None:
         check_same_tokenizer(model, reference)
-    the_judge = get_judge(judge)
+    judges = get_judges(judge)
+    the_judge = judges[0]
     harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
     common: dict[str, Any] = {
         "batch_size": batch_size,
@@ -161,7 +199,25 @@ def evaluate_model(
     if jailbreaks is not None:
         runs.append(jailbreaks.rates.generations)
     degeneration = degeneration_check([run for run in runs if run is not None])
-    return ModelEvaluation(
+    sets: dict[str, RateResult] = {"harmful": refusal.harmful, "harmless": refusal.harmless}
+    if jailbreaks is not None:
+        sets["jailbreak"] = jailbreaks.rates
+    panel = [JudgeRates(getattr(the_judge, "name", "judge"), judge_question(the_judge), sets)]
+    panel += [judge_rates(extra, sets) for extra in judges[1:]]
+    utility = None
+    if utility_tasks:
+        from lens_safety.evaluation.utility import evaluate_utility
+
+        utility = evaluate_utility(
+            model,
+            utility_tasks,
+            limit=utility_limit,
+            batch_size=batch_size,
+            include_path=utility_include,
+            intervention=intervention,
+        )
+        settings["utility_limit"] = utility_limit
+    result = ModelEvaluation(
         model.identity(),
         getattr(the_judge, "name", "judge"),
         refusal,
@@ -171,4 +227,9 @@ def evaluate_model(
         jailbreaks,
         settings,
         degeneration,
+        judge_question(the_judge),
     )
+    if len(judges) > 1:
+        result.panel, result.agreements = panel, pairwise(panel)
+    result.utility = utility
+    return result
