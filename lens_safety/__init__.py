@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from lens_safety.export import export_edit
     from lens_safety.interventions import ablate_direction, add_direction
     from lens_safety.models import ChatModel, load_model
+    from lens_safety.organism.demonstration import Demonstration, DemoSettings, demonstrate
+    from lens_safety.pipelines import (
+        ConditionalRun,
+        ConditionalSettings,
+        EditRun,
+        EditSettings,
+        run_conditional,
+        run_edit,
+    )
     from lens_safety.probing import probe_layers
     from lens_safety.prompts import PromptSet
 
@@ -48,6 +57,13 @@ _EXPORTS = {
     "ChatFormatter": "lens_safety.chat",
     "ChatModel": "lens_safety.models",
     "collect_activations": "lens_safety.activations",
+    "ConditionalRun": "lens_safety.pipelines",
+    "ConditionalSettings": "lens_safety.pipelines",
+    "demonstrate": "lens_safety.organism.demonstration",
+    "Demonstration": "lens_safety.organism.demonstration",
+    "DemoSettings": "lens_safety.organism.demonstration",
+    "EditRun": "lens_safety.pipelines",
+    "EditSettings": "lens_safety.pipelines",
     "Direction": "lens_safety.directions",
     "export_edit": "lens_safety.export",
     "extract_directions": "lens_safety.directions",
@@ -60,6 +76,8 @@ _EXPORTS = {
     "PromptSet": "lens_safety.prompts",
     "ResidualWriter": "lens_safety.architecture",
     "rosi": "lens_safety.edits",
+    "run_conditional": "lens_safety.pipelines",
+    "run_edit": "lens_safety.pipelines",
     "sum_activations": "lens_safety.activations",
 }
 
@@ -75,7 +93,13 @@ __all__ = [
     "CalibrationResult",
     "ChatFormatter",
     "ChatModel",
+    "ConditionalRun",
+    "ConditionalSettings",
+    "DemoSettings",
+    "Demonstration",
     "Direction",
+    "EditRun",
+    "EditSettings",
     "LensSafetyError",
     "PromptSet",
     "ResidualWriter",
@@ -89,6 +113,7 @@ __all__ = [
     "calibrate_block_range",
     "calibrate_layer",
     "collect_activations",
+    "demonstrate",
     "export_edit",
     "extract_directions",
     "find_direction",
@@ -97,5 +122,7 @@ __all__ = [
     "orthogonalize",
     "probe_layers",
     "rosi",
+    "run_conditional",
+    "run_edit",
     "sum_activations",
 ]

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from lens_safety.activations import collect_activations
 from lens_safety.calibration import injection_unit, projection_gap
-from lens_safety.cli.conditional import default_starts, resolve_blocks
+from lens_safety.cli.conditional import parse_starts
 from lens_safety.directions import Direction
 from lens_safety.edits import applied_edit, orthogonalize
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import load_model
+from lens_safety.pipelines import default_starts, resolve_blocks
 from lens_safety.prompts import PromptSet
 
 FAST = ["--n-train", "16", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4"]
@@ -131,13 +132,13 @@ def test_repairing_an_ablated_child_uses_the_parents_gap(
 
 def test_block_choices() -> None:
     assert default_starts(30) == [10, 15, 20] and default_starts(3) == [1]
-    assert resolve_blocks("auto", None, None, 30) == ([10, 15, 20], 29)
-    assert resolve_blocks("auto", "4,2,4", 30, 30) == ([2, 4], 30)
-    assert resolve_blocks("7", None, None, 30) == ([7], 29)
+    assert parse_starts("auto", None) is None and resolve_blocks(None, None, 30) == ([10, 15, 20], 29)
+    assert parse_starts("auto", "4,2,4") == [2, 4] and resolve_blocks([2, 4], 30, 30) == ([2, 4], 30)
+    assert parse_starts("7", None) == [7] and resolve_blocks([7], None, 30) == ([7], 29)
     with pytest.raises(LensSafetyError, match="not 0 <= start < end"):
-        resolve_blocks("29", None, None, 30)
+        resolve_blocks(parse_starts("29", None), None, 30)
     with pytest.raises(LensSafetyError, match="one block"):
-        resolve_blocks("3,4", None, None, 30)
+        parse_starts("3,4", None)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lens_safety.errors import LensSafetyError
 from lens_safety.organism.demonstration import Demonstration, demonstrate
 
 
@@ -35,9 +36,8 @@ def test_demonstration_runs_every_stage_on_held_out_prompts(tiny_demo: Demonstra
         assert stage.harmful_interval[0] <= stage.harmful_refusal <= stage.harmful_interval[1]
     assert tiny_demo.alpha in (1.0, 2.0)
     calibration = tiny_demo.calibration
-    expected_rule = (
-        "chosen" if calibration["chosen"] else "fallback" if calibration["fallback"] else "first point"
-    )
+    expected_rule = "chosen" if calibration["chosen"] else "fallback"  # else the demonstration stops
+    assert calibration["chosen"] or calibration["fallback"]
     assert tiny_demo.alpha_rule.startswith(f"{expected_rule}: ")  # ROSI's rule, not the conditional sweep's
     assert [p["alpha"] for p in tiny_demo.calibration["points"]] == [1.0, 2.0]
     assert tiny_demo.calibration["bounds"]["over_refusal_relative"] is False
@@ -88,9 +88,52 @@ def test_demonstration_leaves_no_exported_checkpoint_behind(
     assert [p["blocks"] for p in result.calibration["points"]] == [[0]]
 
 
-def test_demonstration_refuses_blocks_outside_the_organism(tiny_dirs: dict[str, Path]) -> None:
-    from lens_safety.errors import LensSafetyError
+def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measured(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
 
+    from lens_safety.organism.demonstration import DemoSettings
+
+    settings = DemoSettings.quick(
+        organism_spec=str(tiny_dirs["llama"]),
+        alphas=(1.0, 2.0),
+        starts=(0, 1),
+        relative_injections=(0.5, 1.0),
+        limit=3,
+        train_limit=4,
+        max_new_tokens=3,
+        read_harmless=(),
+    )
+    assert settings.base_spec is None and settings.heldout == () and DemoSettings().base_spec == "smollm2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = demonstrate(settings, out=tmp_path / "safer", work_dir=tmp_path)
+    assert [s.name for s in result.stages] == ["organism", "abliterated", "repaired", "conditional"]
+    assert sorted(p.name for p in (tmp_path / "safer").iterdir()) == ["conditional-rosi", "rosi"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["safer"]  # the abliterated child is gone
+    for export in result.exports:
+        assert export["max_abs_logit_diff"] <= export["bound"] <= 1e-4
+    kept = {e["stage"]: e["out"] for e in result.exports}
+    assert kept == {
+        "abliterated": None,
+        "repaired": str(tmp_path / "safer" / "rosi"),
+        "conditional": str(tmp_path / "safer" / "conditional-rosi"),
+    }
+    assert AutoModelForCausalLM.from_pretrained(kept["repaired"]).config.num_hidden_layers == 3
+    calibration = json.loads((tmp_path / "safer" / "rosi" / "calibration.json").read_text())
+    assert [p["alpha"] for p in calibration["points"]] == [1.0, 2.0]
+    summary = result.summary()
+    assert "builtin:harmful:test (3) + builtin:harmless:test (3)" in summary
+    assert "3 new tokens" in summary and "substring refusal judge" in summary
+    for stage in result.stages:
+        h, b = stage.n
+        assert (h, b) == (3, 3) and f"{round(stage.harmful_refusal * 3)}/3" in summary
+    with pytest.raises(LensSafetyError, match="already exists"):
+        demonstrate(settings, out=tmp_path / "safer")
+
+
+def test_demonstration_refuses_blocks_outside_the_organism(tiny_dirs: dict[str, Path]) -> None:
     with pytest.raises(LensSafetyError, match=r"blocks \[5\] are outside the organism's blocks 0\.\.2"):
         demonstrate(organism_spec=str(tiny_dirs["llama"]), base_spec=str(tiny_dirs["llama"]), blocks=(5,))
     with pytest.raises(LensSafetyError, match=r"start blocks \[2\] are outside 0\.\.1"):

@@ -195,7 +195,7 @@ def test_rosi_on_smollm2_with_a_tiny_sweep(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_parse_blocks_checks_the_range_only_when_the_depth_is_known() -> None:
-    from lens_safety.cli.rosi import parse_blocks
+    from lens_safety.cli.common import parse_blocks
     from lens_safety.errors import LensSafetyError
 
     assert parse_blocks("all", 4) is None and parse_blocks(None, None) is None

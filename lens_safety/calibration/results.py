@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lens_safety.errors import LensSafetyError
 
@@ -79,6 +79,22 @@ class CalibrationPoint:
         return out
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The point a calibration exports, the rule that picked it and a one-line account of why."""
+
+    point: CalibrationPoint
+    rule: Literal["chosen", "fallback"]
+    message: str
+
+    @property
+    def fallback(self) -> bool:
+        return self.rule == "fallback"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point": self.point.to_dict(), "rule": self.rule, "message": self.message}
+
+
 @dataclass
 class CalibrationResult:
     """A whole sweep: baseline, every point, the choice (or ``None``) and why."""
@@ -93,13 +109,29 @@ class CalibrationResult:
     fallback: CalibrationPoint | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def selected(self) -> tuple[CalibrationPoint, str]:
-        """The point to use and why: ``chosen``, else ``fallback``, else the ``first point`` swept."""
+    def choose(self) -> Choice:
+        """The point to use: ``chosen`` (the sweep's best point meeting every bound), else the
+        ``fallback`` (the highest harmful refusal inside the over-refusal and KL bounds), recorded
+        as such with a message saying so; raises when no point stays inside those two bounds."""
         if self.chosen is not None:
-            return self.chosen, "chosen"
-        if self.fallback is not None:
-            return self.fallback, "fallback"
-        return self.points[0], "first point"
+            return Choice(self.chosen, "chosen", self.reason)
+        if self.fallback is None:
+            raise LensSafetyError(
+                f"{self.reason}; and every {self.parameter} broke the over-refusal or KL bound",
+                f"sweep gentler settings (e.g. smaller alphas), loosen the over-refusal / KL bounds, "
+                f"or fix the {self.parameter} instead of calibrating it",
+            )
+        fb = self.fallback
+        message = (
+            f"{self.reason}; exported {fb.label}, the point with the highest harmful refusal "
+            f"({fb.harmful_refusal:.2f}) inside the over-refusal and KL bounds"
+        )
+        return Choice(fb, "fallback", message)
+
+    def selected(self) -> tuple[CalibrationPoint, str]:
+        """``(point, rule)`` of :meth:`choose`."""
+        choice = self.choose()
+        return choice.point, choice.rule
 
     def to_dict(self) -> dict[str, Any]:
         return {

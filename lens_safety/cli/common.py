@@ -8,7 +8,8 @@ import math
 import os
 import sys
 import warnings
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -44,6 +45,38 @@ NoTemplateOpt = Annotated[
 ]
 SystemPromptOpt = Annotated[
     str | None, typer.Option("--system-prompt", help="System prompt used when formatting prompts.")
+]
+# options of the edit jobs (rosi, ablate, conditional-rosi)
+OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited Hugging Face model.")]
+DirectionOpt = Annotated[
+    Path | None,
+    typer.Option("--direction", help="Saved direction directory (default: fit one on the train split)."),
+]
+HarmfulOpt = Annotated[
+    str, typer.Option("--harmful", help="Harmful prompts: .txt/.jsonl/.csv file or builtin:harmful.")
+]
+HarmlessOpt = Annotated[
+    str, typer.Option("--harmless", help="Harmless prompts: .txt/.jsonl/.csv file or builtin:harmless.")
+]
+LayerOpt = Annotated[str, typer.Option("--layer", help="Direction layer: auto (selection) or a block index.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+NTrainOpt = Annotated[
+    int, typer.Option("--n-train", help="Training prompts per class that fit the direction.")
+]
+NValOpt = Annotated[
+    int, typer.Option("--n-val", help="Validation prompts per class (selection, calibration).")
+]
+NTestOpt = Annotated[
+    int, typer.Option("--n-test", help="Test prompts per class for before/after refusal (0: skip).")
+]
+TokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", help="Greedy tokens per completion when judging refusal.")
+]
+MaxKlOpt = Annotated[float, typer.Option("--max-kl", help="Largest accepted harmless first-token KL.")]
+TargetRefusalOpt = Annotated[float, typer.Option("--target-refusal", help="Harmful refusal to reach.")]
+BlocksOpt = Annotated[
+    str | None,
+    typer.Option("--blocks", help="Blocks whose writers are edited: 'all' (default) or e.g. 15-29."),
 ]
 
 
@@ -176,3 +209,89 @@ def parse_heldout_pairs(value: str, option: str = "--heldout") -> list[tuple[str
         parse_prompt_sets(chunk)  # each set must load before any model work
         pairs.append((specs[0], specs[1]))
     return pairs
+
+
+def parse_alpha(value: str) -> float | Literal["auto"]:
+    """``auto`` or a finite non-negative float."""
+    if value == "auto":
+        return "auto"
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise LensSafetyError(
+            f"--alpha must be 'auto' or a number, got '{value}'", "pass e.g. --alpha 30"
+        ) from None
+    if not math.isfinite(alpha) or alpha < 0:
+        raise LensSafetyError(
+            f"--alpha must be a finite number >= 0, got {value} (a negative ROSI alpha removes safety)",
+            "pass e.g. --alpha 30 or --alpha auto",
+        )
+    return alpha
+
+
+def parse_alphas(value: str | None) -> list[float] | None:
+    """Comma-separated positive alphas (``None``: the default grid)."""
+    if value is None:
+        return None
+    values = [parse_alpha(x.strip()) for x in value.split(",") if x.strip()]
+    if not values or any(v == "auto" or v == 0 for v in values):
+        raise LensSafetyError(
+            f"--alphas must be positive numbers, got '{value}'", "pass e.g. --alphas 10,30,100"
+        )
+    return [float(v) for v in values]
+
+
+def parse_layer(value: str) -> int | Literal["auto"]:
+    """``auto`` or a block index."""
+    if value == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise LensSafetyError(
+            f"--layer must be 'auto' or an integer, got '{value}'", "pass e.g. --layer auto"
+        ) from None
+
+
+def parse_blocks(value: str | None, n_layers: int | None) -> list[int] | None:
+    """``all`` / ``None`` -> all blocks; ``a-b`` (inclusive) or ``a,b,c``.
+
+    ``n_layers=None`` checks the syntax only (the caller checks the range once the model is loaded).
+    """
+    if value is None or value == "all":
+        return None
+    try:
+        if "-" in value.strip("-"):
+            lo, hi = (int(x) for x in value.split("-", 1))
+            blocks = list(range(lo, hi + 1))
+        else:
+            blocks = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise LensSafetyError(
+            f"--blocks must be 'all', 'a-b' or 'a,b,c', got '{value}'", "pass e.g. --blocks 15-29"
+        ) from None
+    bad = [b for b in blocks if b < 0 or (n_layers is not None and b >= n_layers)]
+    if bad or not blocks:
+        valid = "non-negative block indices" if n_layers is None else f"blocks 0..{n_layers - 1}"
+        raise LensSafetyError(f"--blocks {value} is outside {valid}", f"use {valid}")
+    return blocks
+
+
+def print_export_summary(summary: dict[str, Any], as_json: bool) -> None:
+    """An edit job's summary (``EditRun.to_dict()`` / ``ConditionalRun.to_dict()``): strict JSON,
+    or its export line, the before -> after rates and its message."""
+    if as_json:
+        print_json(summary)
+        return
+    console = stdout_console()
+    console.print(
+        f"[bold]{summary['method']}[/bold] alpha={summary['alpha']:g} direction layer {summary['layer']} "
+        f"-> {summary['out']} (max |logit diff| on reload {summary['max_abs_logit_diff']:.2g})"
+    )
+    for key in ("harmful_refusal", "harmless_refusal"):
+        if key in summary:
+            console.print(
+                f"{key.replace('_', ' ')}: {summary[key]['before']:.2f} -> {summary[key]['after']:.2f}"
+            )
+    if summary.get("message"):
+        console.print(summary["message"])

@@ -13,6 +13,8 @@ from lens_safety.cli import app
 from lens_safety.cli.common import (
     JsonOpt,
     TemplateBlindOpt,
+    parse_alphas,
+    parse_blocks,
     parse_heldout_pairs,
     parse_numbers,
     parse_prompt_sets,
@@ -54,47 +56,54 @@ def _rates(evaluation: dict) -> str:
     )
 
 
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="Directory for the rebuilt adapter (default: a new cache dir)."),
+]
+EpochsOpt = Annotated[
+    int | None, typer.Option("--epochs", help="Training epochs (default: the shipped config).")
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (default: the shipped config).")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", help="torch threads (bitwise reproducibility needs the shipped value)."),
+]
+MoreHarmlessOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--more-harmless",
+        help="Extra benign training prompts (file or builtin:<set>), self-distilled; repeatable. "
+        "Replaces the shipped config's list.",
+    ),
+]
+EvaluateOpt = Annotated[
+    bool, typer.Option("--eval/--no-eval", help="Measure the rebuilt adapter on the held-out test split.")
+]
+LikeOpt = Annotated[
+    str,
+    typer.Option(
+        "--like",
+        help="Shipped organism whose recorded config is rebuilt and compared (e.g. smollm2-refusal-v1).",
+    ),
+]
+InstallOpt = Annotated[
+    bool,
+    typer.Option("--install", help="Replace the --like organism's shipped adapter with the rebuild."),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")]
+
+
 @organism_app.command("train")
 def train(
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Directory for the rebuilt adapter (default: a new cache dir)."),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Training epochs (default: the shipped config).")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="Random seed (default: the shipped config).")
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option("--threads", help="torch threads (bitwise reproducibility needs the shipped value)."),
-    ] = None,
-    more_harmless: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--more-harmless",
-            help="Extra benign training prompts (file or builtin:<set>), self-distilled; repeatable. "
-            "Replaces the shipped config's list.",
-        ),
-    ] = None,
-    evaluate: Annotated[
-        bool, typer.Option("--eval/--no-eval", help="Measure the rebuilt adapter on the held-out test split.")
-    ] = True,
-    like: Annotated[
-        str,
-        typer.Option(
-            "--like",
-            help="Shipped organism whose recorded config is rebuilt and compared (e.g. smollm2-refusal-v1).",
-        ),
-    ] = "smollm2-refusal",
-    install: Annotated[
-        bool,
-        typer.Option("--install", help="Replace the --like organism's shipped adapter with the rebuild."),
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --out directory.")
-    ] = False,
+    out: OutOpt = None,
+    epochs: EpochsOpt = None,
+    seed: SeedOpt = None,
+    threads: ThreadsOpt = None,
+    more_harmless: MoreHarmlessOpt = None,
+    evaluate: EvaluateOpt = True,
+    like: LikeOpt = "smollm2-refusal",
+    install: InstallOpt = False,
+    overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Retrain the organism's LoRA adapter (seeded, CPU) and report whether it matches the shipped one."""
@@ -192,120 +201,175 @@ def evaluate_cmd(
     typer.echo(f"smollm2-refusal, {split} split: " + _rates(evaluation.to_dict()))
 
 
-@organism_app.command("demo")
-def demo_cmd(
-    limit: LimitOpt = None,
-    alphas: Annotated[
-        str, typer.Option("--alphas", help="ROSI strengths swept on val for the repair (comma-separated).")
-    ] = "3,10,30,100",
-    max_new_tokens: TokensOpt = 48,
-    blocks: Annotated[
-        str | None,
-        typer.Option("--blocks", help="Blocks whose writers the repair edits: 'all' (default) or e.g. 5-14."),
-    ] = None,
-    targets: Annotated[
-        str | None,
-        typer.Option(
-            "--targets",
-            help="Writer kinds the repair edits, comma-separated (attn_out, mlp_out; default: both).",
-        ),
-    ] = None,
-    conditional: Annotated[
-        bool,
-        typer.Option(
-            "--conditional/--no-conditional",
-            help="Also repair with conditional ROSI (refusal injected along a harmfulness read direction).",
-        ),
-    ] = True,
-    starts: Annotated[
-        str,
-        typer.Option("--starts", help="First edited blocks swept for conditional ROSI (comma-separated)."),
-    ] = "10,15,20",
-    injections: Annotated[
-        str,
-        typer.Option(
-            "--injections", help="Injections swept for conditional ROSI (projection units, comma-separated)."
-        ),
-    ] = "100,150,200,250",
-    shrinkage: Annotated[
-        float,
-        typer.Option(
-            "--shrinkage",
-            min=0.0,
-            help="Shrinkage-LDA ridge of the read direction (1.0, chosen on val; 0: the plain mean difference).",
-        ),
-    ] = 1.0,
-    template: TemplateBlindOpt = False,
-    read_harmless: Annotated[
-        str,
-        typer.Option(
-            "--read-harmless",
-            help="Benign prompt sets added to the harmless train prompts of the read directions "
-            "(comma-separated; none for none).",
-        ),
-    ] = ",".join(READ_HARMLESS),
-    refine: Annotated[
-        int,
-        typer.Option("--refine", min=0, help="Bisection rounds on the injection after the conditional grid."),
-    ] = 2,
-    organism: Annotated[
-        str, typer.Option("--organism", help="Organism model spec (default: the shipped smollm2-refusal).")
-    ] = "smollm2-refusal",
-    heldout: Annotated[
-        str,
-        typer.Option(
-            "--heldout",
-            help="Extra held-out pairs 'HARMFUL,HARMLESS' (';'-separated; none for none) on which the "
-            "organism, abliterated and repaired stages are also scored.",
-        ),
-    ] = ";".join(",".join(pair) for pair in HELDOUT_PAIRS),
-    json: JsonOpt = False,
-) -> None:
-    """Organism -> refusal direction -> abliteration -> ROSI / conditional-ROSI repair -> the base, held out."""
-    quiet_libraries()
-    from lens_safety.cli.rosi import parse_alphas, parse_blocks
-    from lens_safety.organism.demonstration import demonstrate
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user passed (``None``: not given, the preset's value stands)."""
+    return {k: v for k, v in options.items() if v is not None}
 
-    grid = parse_alphas(alphas)
-    start_blocks = [int(x) for x in parse_numbers(starts, "--starts", "10,15,20", integer=True)]
-    injection_grid = parse_numbers(injections, "--injections", "100,150,200", integer=False)
+
+def _demo_overrides(
+    alphas: str | None,
+    blocks: str | None,
+    targets: str | None,
+    starts: str | None,
+    injections: str | None,
+    read_harmless: str | None,
+    heldout: str | None,
+    limit: int | None,
+) -> dict[str, Any]:
+    """Parse the grid options of ``organism demo`` into :class:`DemoSettings` fields."""
     if limit is not None and limit < 2:
         raise LensSafetyError(f"--limit {limit} leaves too few prompts", "use --limit 2 or more")
-    chosen_blocks = parse_blocks(blocks, n_layers=None)  # demonstrate() checks the range
-    kinds = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
-    unknown = [k for k in kinds or [] if k not in ("attn_out", "mlp_out")]
-    if unknown or kinds == []:
+    kinds = None if targets is None else tuple(t.strip() for t in targets.split(",") if t.strip())
+    unknown = [k for k in kinds or () if k not in ("attn_out", "mlp_out")]
+    if unknown or kinds == ():
         raise LensSafetyError(
             f"--targets {targets} names no residual writer kind", "use attn_out, mlp_out or both"
         )
-    result = demonstrate(
-        alphas=grid or (3.0, 10.0, 30.0, 100.0),
-        blocks=chosen_blocks,
-        targets=kinds,
+    chosen_blocks = parse_blocks(blocks, n_layers=None)  # demonstrate() checks the range
+    grid = parse_alphas(alphas)
+    return _given(
         limit=limit,
-        max_new_tokens=max_new_tokens,
-        organism_spec=organism,
-        conditional=conditional,
-        starts=start_blocks,
-        injections=injection_grid,
-        shrinkage=shrinkage or None,
-        template=template,
-        read_harmless=parse_prompt_sets(read_harmless),
-        refine=refine,
-        heldout=parse_heldout_pairs(heldout),
-        progress=not json,
+        alphas=None if grid is None else tuple(grid),
+        blocks=None if chosen_blocks is None else tuple(chosen_blocks),
+        targets=kinds,
+        starts=None
+        if starts is None
+        else tuple(int(x) for x in parse_numbers(starts, "--starts", "10,15,20", integer=True)),
+        injections=None
+        if injections is None
+        else tuple(parse_numbers(injections, "--injections", "100,150,200", integer=False)),
+        read_harmless=None if read_harmless is None else tuple(parse_prompt_sets(read_harmless)),
+        heldout=None if heldout is None else tuple(parse_heldout_pairs(heldout)),
     )
+
+
+QuickOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quick",
+        help="The first run (minutes on a CPU): 16 + 16 test prompts, 12 tokens, small sweeps, "
+        "no base stages; the options below still override it.",
+    ),
+]
+OrganismOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--organism", help="The model to abliterate and repair (default: the shipped smollm2-refusal)."
+    ),
+]
+DemoOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="Keep the verified repaired models as OUT/rosi and OUT/conditional-rosi."),
+]
+DemoOverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")]
+AlphasOpt = Annotated[
+    str | None,
+    typer.Option("--alphas", help="ROSI strengths swept on val for the repair (default 3,10,30,100)."),
+]
+MaxNewTokensOpt = Annotated[
+    int | None, typer.Option("--max-new-tokens", help="Greedy tokens generated per prompt (default 48).")
+]
+BlocksOpt = Annotated[
+    str | None,
+    typer.Option("--blocks", help="Blocks whose writers the repair edits: 'all' (default) or e.g. 5-14."),
+]
+TargetsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--targets",
+        help="Writer kinds the repair edits, comma-separated (attn_out, mlp_out; default: both).",
+    ),
+]
+ConditionalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--conditional/--no-conditional",
+        help="Also repair with conditional ROSI (refusal injected along a harmfulness read direction).",
+    ),
+]
+StartsOpt = Annotated[
+    str | None,
+    typer.Option("--starts", help="First edited blocks swept for conditional ROSI (default 10,15,20)."),
+]
+InjectionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--injections",
+        help="Injections swept for conditional ROSI (projection units, default 100,150,200,250).",
+    ),
+]
+ShrinkageOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--shrinkage",
+        min=0.0,
+        help="Shrinkage-LDA ridge of the read direction (default 1.0; 0: the plain mean difference).",
+    ),
+]
+ReadHarmlessOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--read-harmless",
+        help="Benign prompt sets added to the harmless train prompts of the read directions "
+        f"(comma-separated; none for none; default {','.join(READ_HARMLESS)}).",
+    ),
+]
+RefineOpt = Annotated[
+    int | None,
+    typer.Option("--refine", min=0, help="Bisection rounds on the injection after the conditional grid."),
+]
+HeldoutOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--heldout",
+        help="Extra held-out pairs 'HARMFUL,HARMLESS' (';'-separated; none for none) on which the "
+        "organism, abliterated and repaired stages are also scored "
+        f"(default {';'.join(','.join(pair) for pair in HELDOUT_PAIRS)}).",
+    ),
+]
+
+
+@organism_app.command("demo")
+def demo_cmd(
+    quick: QuickOpt = False,
+    organism: OrganismOpt = None,
+    out: DemoOutOpt = None,
+    overwrite: DemoOverwriteOpt = False,
+    limit: LimitOpt = None,
+    alphas: AlphasOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    blocks: BlocksOpt = None,
+    targets: TargetsOpt = None,
+    conditional: ConditionalOpt = True,
+    starts: StartsOpt = None,
+    injections: InjectionsOpt = None,
+    shrinkage: ShrinkageOpt = None,
+    template: TemplateBlindOpt = False,
+    read_harmless: ReadHarmlessOpt = None,
+    refine: RefineOpt = None,
+    heldout: HeldoutOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Organism -> refusal direction -> abliteration -> ROSI / conditional-ROSI repair -> the base, held out."""
+    overrides = _demo_overrides(alphas, blocks, targets, starts, injections, read_harmless, heldout, limit)
+    if injections is not None:
+        overrides["relative_injections"] = None  # given in projection units
+    overrides.update(
+        _given(organism_spec=organism, max_new_tokens=max_new_tokens, refine=refine),
+        conditional=conditional,
+        template=template,
+    )
+    if shrinkage is not None:
+        overrides["shrinkage"] = shrinkage or None
+    quiet_libraries()
+    from lens_safety.organism.demonstration import DemoSettings, demonstrate
+
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    result = demonstrate(settings, out=out, overwrite=overwrite, progress=not json, **overrides)
     if json:
         print_json(result.to_dict())
         return
-    d = result.direction
-    typer.echo(
-        f"direction: layer {d['layer']}, position {d['position']} ({d['method']}), "
-        f"held-out accuracy {d['heldout_accuracy']:.3f}; {d['selection_message']}"
-    )
-    typer.echo(f"repair alpha {result.alpha:g} ({result.alpha_rule})")
-    if result.conditional is not None:
-        c = result.conditional
-        typer.echo(f"conditional repair: {c['point']}, alpha {c['alpha']:.3g} ({c['rule']})")
-    for stage in result.stages:
-        typer.echo(stage.line())
+    if not quick:
+        for stage in result.stages:
+            typer.echo(stage.line())
+    typer.echo(result.summary())

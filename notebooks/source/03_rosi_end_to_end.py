@@ -23,11 +23,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lens_safety as ls
 from lens_safety import viz
 from lens_safety.activations import collect_activations
-from lens_safety.calibration import calibrate_alpha
-from lens_safety.directions import find_direction, find_read_direction
-from lens_safety.edits import applied_edit, conditional_rosi, orthogonalize, rosi
+from lens_safety.directions import find_read_direction
+from lens_safety.edits import applied_edit, conditional_rosi, orthogonalize
 from lens_safety.evaluation import evaluate_refusal
-from lens_safety.export import export_edit
+from lens_safety.pipelines import EditSettings, Splits, choose_alpha, edit_and_export, obtain_direction
 from lens_safety.viz.calibration import calibration_figure
 
 model = ls.load_model("smollm2-refusal")
@@ -48,21 +47,19 @@ print("organism:", rates(before))
 # ## 1. Find the direction
 #
 # Difference in means of `resid_pre` at the last prompt token, harmful minus harmless, on the
-# training split (raw HF basis). On the shipped organism, `find_direction` over every layer picks
+# training split (raw HF basis), by the same step `lens-safety rosi` runs (`obtain_direction`,
+# which calls `find_direction`). On the shipped organism, selection over every layer picks
 # block 25 (`lens-safety organism demo`), and abliterating that direction removes refusal on
 # held-out prompts (0/52 harmful refused, down from 49/52). Where ablation works depends on where 0 sits between the
 # class means: if it lies beyond the *harmful* mean, setting every projection to 0 pushes harmless
 # prompts toward refusal. The mean-projection plot shows where 0 sits at each layer.
 
 # %%
-report = find_direction(
-    model,
+train = (
     ls.PromptSet.load("builtin:harmful:train").head(24),
     ls.PromptSet.load("builtin:harmless:train").head(24),
-    layer=25,
-    position=-1,
 )
-direction = report.direction
+direction, report = obtain_direction(model, None, 25, train)
 print("layer", direction.layer, "position", direction.position, "held-out accuracy", report.heldout_accuracy)
 viz.mean_projections_figure(report.candidates, position=-1)
 
@@ -95,43 +92,56 @@ print(abliterated.harmful.completions[0][:200])
 # mean row of the original weight: each write gains `alpha * mean_k (W x)_k` along `s_hat`.
 # `|w_bar|` is tiny next to `|W|`, so the useful `alpha` is large and model-specific: sweep it on
 # **validation** prompts and keep the smallest value that reaches the target refusal while
-# over-refusal and the first-token KL on harmless prompts stay within bounds.
+# over-refusal and the first-token KL on harmless prompts stay within bounds. `choose_alpha` is
+# the step `lens-safety rosi --alpha auto` runs: when no alpha meets every bound it takes the
+# point with the most refusal inside the over-refusal and KL bounds and says so (`fallback`), and
+# when none stays inside those it stops with an error instead of exporting a harmful edit.
 
 # %%
-calibration = calibrate_alpha(
-    model,
-    direction,
-    ls.PromptSet.load("builtin:harmful:val").head(8),
-    ls.PromptSet.load("builtin:harmless:val").head(8),
+settings = EditSettings(
     alphas=(10.0, 30.0, 100.0),
     target_refusal=0.9,
     max_over_refusal=0.25,
     max_kl=0.5,
-    max_new_tokens=12,
+    n_test=len(test_h),
+    max_new_tokens=TOKENS,
 )
-print(calibration.reason)
+val = (ls.PromptSet.load("builtin:harmful:val").head(8), ls.PromptSet.load("builtin:harmless:val").head(8))
+choice, calibration = choose_alpha(model, direction, val, settings)
+print(choice.message)
 calibration_figure(calibration)
 
 # %%
-chosen, rule = calibration.selected()  # chosen, else the fallback, else the first point
-alpha = chosen.alpha
-print("alpha =", alpha, f"({rule})")
+alpha = choice.point.alpha
+print("alpha =", alpha, f"({choice.rule})")
 
 # %% [markdown]
 # **Question for the reader.** The curve has three lines. Which one would you give up first if you
 # had to, and what does the answer depend on (who the users are, what a refusal costs them)?
 
 # %% [markdown]
-# ## 4. Export and reload with vanilla `transformers`
+# ## 4. Edit, measure before / after, export and reload with vanilla `transformers`
 #
-# The export reads the original weights from disk shard by shard, applies the edit in float64,
-# writes a Hugging Face directory with `edit.json` (lineage) and a model card, and verifies it by
-# reloading and comparing logits — all in a temporary directory renamed into place only on success.
+# `edit_and_export` is the rest of `lens-safety rosi`'s job (`ls.run_edit` runs all of it from a
+# model spec): with the settings above it calibrates alpha on `val` (the same sweep as section 3),
+# measures refusal on `test` before and after the edit in memory, and exports. The export reads the
+# original weights from disk shard by shard, applies the edit in float64, writes a Hugging Face
+# directory with `edit.json` (lineage, the before / after numbers) and a model card, and verifies
+# it by reloading and comparing logits — all in a temporary directory renamed into place only on
+# success.
 
 # %%
 out = Path(tempfile.mkdtemp()) / "smollm2-rosi"
-result = export_edit(model, rosi(direction, alpha=alpha), out, direction=direction)
-print("max |logit diff| after reload:", result.max_abs_logit_diff, "bound", result.bound)
+run = edit_and_export(model, direction, Splits(val=val, test=(test_h, test_b)), settings, out)
+print(
+    "alpha",
+    run.spec.alpha,
+    run.alpha_choice,
+    "| test before -> after:",
+    run.measurements["harmful_refusal"],
+    run.measurements["harmless_refusal"],
+)
+print("max |logit diff| after reload:", run.export.max_abs_logit_diff, "bound", run.export.bound)
 sorted(p.name for p in out.iterdir())
 
 # %%
