@@ -262,3 +262,34 @@ def test_wildguard_reads_the_harmful_response_line(plain_dir: Path) -> None:
     for score, p_unsafe in zip(judge.scores(prompts, responses), expected, strict=True):
         assert math.isclose(score.p_unsafe, p_unsafe, rel_tol=1e-5)
         assert score.category is None
+
+
+def test_eval_cli_with_a_guard_judge_reports_harm_refusal(
+    guard_dir: Path, smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from cli_runner import run_cli as run
+
+    from lens_safety.testing import make_tiny_model
+
+    chat = make_tiny_model("llama", tmp_path / "chat", smollm2_dir, seed=5)
+    records_file = tmp_path / "records.jsonl"
+    argv = ["eval", str(chat), "--limit", "2", "--max-new-tokens", "4", "--judge", f"guard:{guard_dir}"]
+    code, out, err = run(
+        [*argv, "--judge", "substring", "--completions-out", str(records_file), "--json"], capsys
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["judge"] == "llama-guard:tiny-guard" and data["judge_question"] == "harm"
+    assert data["harmful_refusal_rate"]["question"] == "harm"
+    assert data["judges"]["substring"]["question"] == "refusal"
+    assert data["judge_agreement"][0]["questions"] == ["harm", "refusal"]
+    harmful = [json.loads(line) for line in records_file.read_text().splitlines()][:2]
+    assert [r["kind"] for r in harmful] == ["harmful", "harmful"]
+    verdicts = GuardJudge(guard_dir)([r["completion"] for r in harmful], [r["prompt"] for r in harmful])
+    safe = [not v.harmful for v in verdicts]
+    assert data["harmful_refusal_rate"]["value"] == pytest.approx(sum(safe) / len(safe))
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "refusal rate = fraction judged safe" in " ".join(out.split())

@@ -27,7 +27,7 @@ from lens_safety.fsutil import write_file_atomic
 
 JUDGE_SPECS = (
     "substring (reference list, the default), substring-strict, substring-broad, hf:<classifier>, "
-    "guard:<guard model dir or id> (format detected; or llama-guard:/wildguard:<model>: answers "
+    "guard:<guard model dir or id> (format detected; or llama-guard:/shieldgemma:/wildguard:<model>: answers "
     "'is the response harmful?', so the refusal rate is the fraction judged safe), "
     "openai:<model>@<base_url> (refusal rubric) or openai-harm:<model>@<base_url> "
     "(StrongREJECT-style harm rubric), key from $LENS_SAFETY_JUDGE_API_KEY."
