@@ -216,3 +216,10 @@ def test_never_follows_a_redirect_to_another_address(tmp_path: Path) -> None:
         for srv in (other, front):
             srv.shutdown()
             srv.server_close()
+
+
+def test_missing_openai_package_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openai", None)  # import openai now raises ImportError
+    judge = OpenAIJudge("m", "http://127.0.0.1:9/v1", cache_dir=tmp_path)
+    with pytest.raises(LensSafetyError, match=r"lens-safety\[judges\]"):
+        judge(["Blue."], ["Name a colour."])

@@ -7,6 +7,7 @@ of the same log-likelihood choice with vanilla transformers on the tiny model.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,13 @@ def test_eval_cli_utility_in_json(tiny_llama: Path, capsys: pytest.CaptureFixtur
     assert data["utility"]["harness"] == "lm-evaluation-harness"
     code, _, err = run(["eval", str(tiny_llama), "--utility", TASK, "--utility-limit", "0"], capsys)
     assert code == 2 and err.startswith("error:") and "--utility-limit" in err
+
+
+def test_missing_lm_eval_names_the_extra(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lens_safety.evaluation.utility import evaluate_utility
+
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(LensSafetyError, match=r"lens-safety\[utility\]"):
+        evaluate_utility(str(tiny_llama), TASK, include_path=TASK_DIR, device="cpu")

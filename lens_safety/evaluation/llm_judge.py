@@ -223,6 +223,7 @@ class OpenAIJudge:
     # -- requests --------------------------------------------------------------------------------
     def ask(self, prompt: str, response: str) -> dict[str, Any]:
         """One validated rubric answer from the server (retries, backoff; no cache)."""
+        client = self.client()  # a missing openai package is a one-line error here
         import openai
 
         transient = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
@@ -232,7 +233,7 @@ class OpenAIJudge:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 self.requests_sent += 1
-                reply = self.client().chat.completions.create(
+                reply = client.chat.completions.create(
                     model=self.model,
                     messages=[
                         {"role": "system", "content": RUBRICS[self.rubric]},
@@ -270,6 +271,7 @@ class OpenAIJudge:
                 found[i] = hit
         todo = [i for i in range(len(keys)) if i not in found]
         if todo:
+            self.client()
             self._ask_all(todo, keys, prompts, responses, found, cached_before=len(found))
         return [found[i] for i in range(len(keys))]
 
