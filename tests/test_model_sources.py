@@ -57,3 +57,18 @@ def test_compatibility_mode_is_explicit_and_labels_the_space(tiny_dirs):
     # GPT-2 processing centres the residual stream: processed reads are the raw reads minus their mean
     centred = raw_acts.tensor - raw_acts.tensor.mean(-1, keepdim=True)
     assert torch.allclose(processed_acts.tensor, centred, atol=1e-4)
+
+
+def test_named_models_come_from_a_registry_not_from_sources(tiny_dirs, monkeypatch) -> None:
+    """The organisms are entry points of ``lens_safety.models`` (pyproject.toml); a package or a
+    session registers its own name; ``sources.py`` names no module above it."""
+    import inspect
+
+    from lens_safety import sources
+
+    assert "organism" not in inspect.getsource(sources)
+    named = sources.embedded_models()
+    assert {"smollm2", "smollm2-refusal", "smollm2-refusal-v1"} <= set(named)
+    monkeypatch.setattr(sources, "_REGISTERED", {})
+    sources.register_model_source("my-tiny", lambda: tiny_dirs["llama"])
+    assert sources.resolve_spec("my-tiny") == (tiny_dirs["llama"], "my-tiny")
