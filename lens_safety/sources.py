@@ -21,7 +21,7 @@ import hashlib
 import importlib.util
 import os
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from lens_safety.checkpoint_files import check_checkpoint
@@ -45,12 +45,19 @@ def register_model_source(name: str, build: Callable[[], Path]) -> None:
     _REGISTERED[name] = build
 
 
+def _loader(point: EntryPoint) -> Callable[[], Path]:
+    def build() -> Path:
+        return Path(point.load()())
+
+    return build
+
+
 def embedded_models() -> dict[str, Callable[[], Path]]:
     """Every named model spec: the embedded default ``smollm2``, the installed entry points of
     ``lens_safety.models`` (loaded only when resolved) and the in-process registrations."""
     named: dict[str, Callable[[], Path]] = {"smollm2": embedded_smollm2}
     for point in entry_points(group=MODEL_SOURCES_GROUP):
-        named[point.name] = lambda point=point: point.load()()
+        named[point.name] = _loader(point)
     return {**named, **_REGISTERED}
 
 
