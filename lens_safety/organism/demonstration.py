@@ -31,6 +31,7 @@ verified by reloading it with vanilla ``transformers`` (:func:`~lens_safety.expo
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -331,7 +332,7 @@ def _settings_record(s: DemoSettings, prompts: _Prompts) -> dict[str, Any]:
 def demonstrate(
     settings: DemoSettings | None = None,
     *,
-    out: Path | None = None,
+    out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     work_dir: Path | None = None,
     progress: bool = False,
@@ -345,6 +346,7 @@ def demonstrate(
     """
     started = time.perf_counter()
     s = replace(settings or DemoSettings(), **overrides)
+    out = None if out is None else Path(out)
     if out is not None:
         check_out(out, overwrite)
     prompts = _Prompts.load(s)
