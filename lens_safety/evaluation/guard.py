@@ -297,10 +297,10 @@ class GuardJudge:
         if self.family == "shieldgemma":
             pairs = zip(prompts, responses, strict=True)
             return [self._ids(self.format(p, r, g)) for p, r in pairs for _, g in self.policies()]
-        rows = [self._ids(self.format(p, r)) for p, r in zip(prompts, responses, strict=True)]
+        texts = [self.format(p, r) for p, r in zip(prompts, responses, strict=True)]
+        rows = [self._ids(t) for t in texts]
         if self.family == "llama-guard":
             lead = self._ids("\n\n")
-            texts = [self.format(p, r) for p, r in zip(prompts, responses, strict=True)]
             return [
                 row + lead if t.endswith("<|end_header_id|>") else row
                 for row, t in zip(rows, texts, strict=True)
