@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -169,6 +170,7 @@ class OpenAIJudge:
             cache_dir = root() / "judge-cache"
         self.cache_dir = Path(cache_dir)
         self.requests_sent = 0
+        self._count_lock = threading.Lock()
         self._client: Any = None
 
     @classmethod
@@ -232,7 +234,8 @@ class OpenAIJudge:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                self.requests_sent += 1
+                with self._count_lock:
+                    self.requests_sent += 1
                 reply = client.chat.completions.create(
                     model=self.model,
                     messages=[
