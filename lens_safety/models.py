@@ -66,6 +66,8 @@ class ChatModel:
     compatibility_mode: bool = False
     lineage: dict[str, Any] = field(default_factory=dict)
     _weights_hash: str | None = field(default=None, repr=False)
+    #: the passed :func:`lens_safety.selfcheck.require_sound_generation` check of this load, if any
+    generation_check: Any = field(default=None, repr=False)
 
     @property
     def hf_model(self) -> Any:

@@ -27,9 +27,13 @@ installed versions and the fix). Set ``LENS_SAFETY_SKIP_SELFCHECK=1`` to skip it
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -37,7 +41,9 @@ import torch
 from lens_safety.checkpoint_files import weight_files
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import completion_length, end_of_sequence_ids, generate
+from lens_safety.fsutil import write_file_atomic
 from lens_safety.models import ChatModel
+from lens_safety.sources import cache_dir
 
 #: the two instructions of the check (different lengths, so the batch is left-padded)
 CHECK_PROMPTS = ("Name a colour.", "Write one short sentence about the sea and the sky at dawn.")
@@ -200,12 +206,64 @@ def check_generation(
     return check
 
 
+#: lens-safety modules whose code decides generation: part of the cache key of a passed check
+_CODE = ("bridge_cache.py", "chat.py", "models.py", "selfcheck.py", "evaluation/generation.py")
+
+
+def _loaded_weights_sample(model: ChatModel) -> str:
+    """SHA-256 of about 4096 evenly strided entries of every parameter as loaded in memory, so a
+    model edited in place after loading does not match the record of its checkpoint."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.hf_model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float64)
+            digest.update(name.encode() + sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_key(model: ChatModel, reference: str) -> str:
+    """SHA-256 of everything a check's outcome depends on: the checkpoint and a sample of the
+    weights in memory, device and dtype, the installed versions, the interpreter and the
+    lens-safety code that generates."""
+    root = Path(__file__).parent
+    code = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in _CODE}
+    facts = {
+        "weights": model.weights_hash,
+        "loaded": _loaded_weights_sample(model),
+        "spec": model.spec,
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        "compatibility_mode": model.compatibility_mode,
+        "reference": reference,
+        "versions": installed_versions(),
+        "python": sys.version,
+        "code": code,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
 def require_sound_generation(model: ChatModel) -> GenerationCheck | None:
-    """:func:`check_generation` once per loaded model, unless ``LENS_SAFETY_SKIP_SELFCHECK=1``."""
+    """:func:`check_generation` once per loaded model, unless ``LENS_SAFETY_SKIP_SELFCHECK=1``.
+
+    A passed check is remembered on disk (``cache_dir()/selfcheck/KEY.json``, :func:`check_key`):
+    the same weights on the same device, dtype, versions and code decode the same way, so a later
+    run skips the two reference decodes. A failed check is never stored.
+    """
     if os.environ.get(SKIP_ENV, "") == "1":
         return None
-    cached = getattr(model, "_generation_check", None)
-    if cached is None:
-        cached = check_generation(model)
-        model._generation_check = cached  # type: ignore[attr-defined]
-    return cached
+    if model.generation_check is not None:
+        return model.generation_check
+    record = cache_dir() / "selfcheck" / f"{check_key(model, _choose(model, 'auto'))}.json"
+    try:
+        stored = json.loads(record.read_text(encoding="utf-8"))
+        stored.pop("ok", None)
+        check = GenerationCheck(**{**stored, "prompts": tuple(stored["prompts"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        check = check_generation(model)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(record, json.dumps(check.to_dict(), indent=1))
+    if not check.ok:  # a stored record that does not pass is ignored: check again
+        check = check_generation(model)
+    model.generation_check = check
+    return check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ def test_self_check_fails_loudly_when_decoding_differs_from_the_checkpoint(
         assert f"transformers {installed_versions()['transformers']}" in message
         assert "pip install -c constraints.txt" in message
         assert check_generation(model, reference="uncached").ok  # same (edited) weights on both sides
-        model._generation_check = None  # type: ignore[attr-defined]
+        model.generation_check = None
         with pytest.raises(LensSafetyError):
             require_sound_generation(model)
     finally:
@@ -156,3 +157,32 @@ def test_self_check_passes_on_every_tiny_architecture(tiny_arch: str, tiny_dirs:
     check = check_generation(model, reference="vanilla")
     assert check.ok and check.ties == [], (check.tokens, check.expected)
     assert all(len(row) >= 2 for row in check.expected)
+
+
+def test_a_passed_check_is_remembered_on_disk_and_an_edit_in_memory_is_not_covered_by_it(
+    tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lens_safety import selfcheck
+
+    monkeypatch.setenv("LENS_SAFETY_CACHE", str(tmp_path / "cache"))
+    model = load_model(tiny_dirs["llama"], device="cpu")
+    first = require_sound_generation(model)
+    assert first is not None and first.ok
+    records = list((tmp_path / "cache" / "selfcheck").glob("*.json"))
+    key = selfcheck.check_key(model, first.reference)
+    assert [r.stem for r in records] == [key]
+    # a fresh load finds the record (marked here, so that reading it is visible) instead of decoding
+    stored = json.loads(records[0].read_text())
+    records[0].write_text(json.dumps({**stored, "versions": {"marker": "read from disk"}}))
+    again = load_model(tiny_dirs["llama"], device="cpu")
+    assert selfcheck.check_key(again, first.reference) == key
+    remembered = require_sound_generation(again)
+    assert remembered is not None and remembered.ok and remembered.versions == {"marker": "read from disk"}
+    # an edit in memory changes the key, so the check runs again (and fails)
+    with torch.no_grad():
+        again.hf_model.lm_head.weight.mul_(-1.0)
+    assert selfcheck.check_key(again, first.reference) != key
+    again.generation_check = None
+    with pytest.raises(LensSafetyError, match="differs from the vanilla reference"):
+        require_sound_generation(again)
+    assert len(list((tmp_path / "cache" / "selfcheck").glob("*.json"))) == 1  # a failure is not stored
