@@ -1,6 +1,6 @@
 """Chat formatting: one function turns instructions into token ids, for every architecture.
 
-Rules (see ``docs/concepts.md``):
+Rules:
 
 * the tokenizer's own chat template is used (``add_generation_prompt=True``); a model without one
   is refused unless the caller explicitly opts into :data:`PLAIN_TEMPLATE`;

@@ -7,8 +7,8 @@ exported tensor bit for bit. In compatibility mode:
 
 * RMSNorm models: TransformerLens leaves writers unchanged, so the same holds;
 * LayerNorm models (GPT-2): live writers are centred and value biases are folded into the output
-  bias, so the live model plus the raw delta is NOT the exported model (measured: log-prob diff
-  ~2e-3 on a tiny GPT-2 with ROSI). Use a raw (non-compatibility) model for exact trial edits.
+  bias, so the live model plus the raw delta is NOT the exported model (the delta is in the raw
+  basis, the live writers are not). Use a raw (non-compatibility) model for exact trial edits.
 
 The original tensors are restored on exit (``finally``). A tied ``lm_head`` is untied for the
 duration when the edit changes the token embedding (it keeps the ORIGINAL unembedding).

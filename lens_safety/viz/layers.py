@@ -68,7 +68,8 @@ def mean_projections_figure(candidates: Candidates, position: int = -1) -> go.Fi
     """Harmful and harmless mean projections onto ``r_hat`` per layer, with the line at 0.
 
     Plain ablation sets every projection to 0: where 0 lies beyond the harmful mean, ablation
-    pushes harmless prompts toward refusal (see ``docs/methods.md`` section 5).
+    pushes harmless prompts toward refusal (affine ablation, which sets the projection to the
+    harmless mean instead, does not).
     """
     import plotly.graph_objects as go
 
