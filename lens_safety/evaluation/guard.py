@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.judges import Verdict, harm_verdict
+from lens_safety.evaluation.verdict import Verdict, harm_verdict
 
 #: Llama Guard 3 1B's hazard categories (MLCommons taxonomy), as its chat template lists them.
 LLAMA_GUARD_3_CATEGORIES: tuple[tuple[str, str], ...] = (

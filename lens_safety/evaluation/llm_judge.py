@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.judges import Verdict, harm_verdict
+from lens_safety.evaluation.verdict import Verdict, harm_verdict
 from lens_safety.fsutil import write_file_atomic
 
 API_KEY_ENV = "LENS_SAFETY_JUDGE_API_KEY"
