@@ -141,7 +141,10 @@ class Demonstration:
                 f"{e['max_abs_logit_diff']:.2g} <= {e['bound']:g}"
             )
         cpu = sum(t["cpu_s"] for t in self.timings.values())
-        lines.append(f"took {self.seconds:.0f} s ({cpu:.0f} CPU-seconds)")
+        lines.append(f"took {self.seconds:.0f} s ({cpu:.0f} CPU-seconds); wall / CPU seconds per step:")
+        lines.append(
+            "  " + "; ".join(f"{k} {t['wall_s']:.0f} / {t['cpu_s']:.0f}" for k, t in self.timings.items())
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

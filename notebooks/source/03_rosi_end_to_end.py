@@ -14,6 +14,7 @@
 # %%
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import plotly.express as px
@@ -103,8 +104,7 @@ settings = EditSettings(
     target_refusal=0.9,
     max_over_refusal=0.25,
     max_kl=0.5,
-    n_test=len(test_h),
-    max_new_tokens=TOKENS,
+    max_new_tokens=12,
 )
 val = (ls.PromptSet.load("builtin:harmful:val").head(8), ls.PromptSet.load("builtin:harmless:val").head(8))
 choice, calibration = choose_alpha(model, direction, val, settings)
@@ -120,28 +120,27 @@ print("alpha =", alpha, f"({choice.rule})")
 # had to, and what does the answer depend on (who the users are, what a refusal costs them)?
 
 # %% [markdown]
-# ## 4. Edit, measure before / after, export and reload with vanilla `transformers`
+# ## 4. Export and reload with vanilla `transformers`
 #
 # `edit_and_export` is the rest of `lens-safety rosi`'s job (`ls.run_edit` runs all of it from a
-# model spec): with the settings above it calibrates alpha on `val` (the same sweep as section 3),
-# measures refusal on `test` before and after the edit in memory, and exports. The export reads the
-# original weights from disk shard by shard, applies the edit in float64, writes a Hugging Face
-# directory with `edit.json` (lineage, the before / after numbers) and a model card, and verifies
-# it by reloading and comparing logits — all in a temporary directory renamed into place only on
-# success.
+# model spec); with the alpha fixed to the one chosen above it builds the edit and exports it
+# (`n_test > 0` would also measure refusal before and after on test prompts and record it). The
+# export reads the original weights from disk shard by shard, applies the edit in float64, writes
+# a Hugging Face directory with `edit.json` (lineage) and a model card, and verifies it by
+# reloading and comparing logits — all in a temporary directory renamed into place only on success.
 
 # %%
 out = Path(tempfile.mkdtemp()) / "smollm2-rosi"
-run = edit_and_export(model, direction, Splits(val=val, test=(test_h, test_b)), settings, out)
+run = edit_and_export(model, direction, Splits(), replace(settings, alpha=alpha, n_test=0), out)
 print(
     "alpha",
     run.spec.alpha,
-    run.alpha_choice,
-    "| test before -> after:",
-    run.measurements["harmful_refusal"],
-    run.measurements["harmless_refusal"],
+    f"({run.alpha_choice})",
+    "max |logit diff| after reload:",
+    run.export.max_abs_logit_diff,
+    "bound",
+    run.export.bound,
 )
-print("max |logit diff| after reload:", run.export.max_abs_logit_diff, "bound", run.export.bound)
 sorted(p.name for p in out.iterdir())
 
 # %%
