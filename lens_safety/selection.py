@@ -11,8 +11,8 @@ Scores per candidate ``(l, i)`` on validation prompts (default 16 + 16):
   (lower is better). ``ablation="affine"`` sets the projection to the harmless mean projection of
   each layer instead of 0 (:func:`~lens_safety.interventions.ablate_direction` with ``reference``);
 * ``induce`` — mean ``m`` on harmless prompts with the raw ``r`` added at layer ``l`` (all positions);
-* ``kl`` — the first-token KL ``KL(p_baseline || p_ablated)`` (:func:`~lens_safety.evaluation.divergence.kl_from_log_probs`,
-  nats) averaged over harmless prompts.
+* ``kl`` — the first-token KL ``KL(p_baseline || p_ablated)`` in nats
+  (:func:`~lens_safety.evaluation.divergence.kl_from_log_probs`), averaged over harmless prompts.
 
 Rule: argmin ``bypass`` subject to ``induce > 0``, ``kl < 0.1``, ``l < 0.8 L`` and finite scores.
 Every candidate's row records why it was rejected and where 0 sits between the class means
@@ -195,7 +195,7 @@ def mean_kl(
     config: SelectionConfig,
     hooks: AbstractContextManager[Any],
 ) -> float:
-    """First-token ``KL(baseline || intervened)`` averaged over ``prompts`` (:mod:`~lens_safety.evaluation.divergence`)."""
+    """First-token ``KL(baseline || intervened)`` averaged over ``prompts`` (nats)."""
     with hooks:
         logprobs = last_token_log_probs(model, prompts, config.batch_size, config.system_prompt)
     return mean_first_token_kl(baseline, logprobs)
@@ -204,6 +204,33 @@ def mean_kl(
 def _zero_at(harmful_projection: float, harmless_projection: float) -> float:
     gap = harmful_projection - harmless_projection
     return -harmless_projection / gap if gap != 0 else math.nan
+
+
+def _check_extracted(candidates: Candidates, layers: Sequence[int], positions: Sequence[int]) -> None:
+    missing = [x for x in layers if x not in candidates.layers] + [
+        p for p in positions if p not in candidates.positions
+    ]
+    if missing:
+        raise LensSafetyError(
+            f"no extracted candidate for layer/position {missing}",
+            "score only extracted layers and positions",
+        )
+
+
+def _rejections(
+    bypass: float, induce: float, kl: float, layer: int, max_layer: float, config: SelectionConfig
+) -> list[str]:
+    """Why a scored candidate fails the selection filters (empty when it passes)."""
+    reasons = []
+    if not all(math.isfinite(v) for v in (bypass, induce, kl)):
+        reasons.append("NaN score")
+    if not induce > config.induce_threshold:
+        reasons.append(f"induce {induce:.3g} <= {config.induce_threshold:g}")
+    if not kl < config.kl_threshold:
+        reasons.append(f"kl {kl:.3g} >= {config.kl_threshold:g}")
+    if not layer < max_layer:
+        reasons.append(f"layer {layer} >= {config.max_layer_fraction:g} L")
+    return reasons
 
 
 # ------------------------------------------------------------------ selection
@@ -227,14 +254,7 @@ def select_direction(
         )
     layers = tuple(candidates.layers if config.layers is None else config.layers)
     positions = tuple(config.positions)
-    missing = [x for x in layers if x not in candidates.layers] + [
-        p for p in positions if p not in candidates.positions
-    ]
-    if missing:
-        raise LensSafetyError(
-            f"no extracted candidate for layer/position {missing}",
-            "score only extracted layers and positions",
-        )
+    _check_extracted(candidates, layers, positions)
     ids = refusal_token_ids(model.tokenizer, config.refusal_tokens)
     base_h = mean_metric(model, harmful, ids, config, nullcontext())
     base_b = mean_metric(model, harmless, ids, config, nullcontext())
@@ -284,15 +304,7 @@ def select_direction(
         p, k = candidates.positions.index(pos), candidates.layers.index(layer)
         hp, bp = float(candidates.harmful_projection[p, k]), float(candidates.harmless_projection[p, k])
         val_accuracy = accuracy(val_h, val_b, 0.5 * (hp + bp))
-        reasons = []
-        if not all(math.isfinite(v) for v in (bypass, induce, kl)):
-            reasons.append("NaN score")
-        if not induce > config.induce_threshold:
-            reasons.append(f"induce {induce:.3g} <= {config.induce_threshold:g}")
-        if not kl < config.kl_threshold:
-            reasons.append(f"kl {kl:.3g} >= {config.kl_threshold:g}")
-        if not layer < max_layer:
-            reasons.append(f"layer {layer} >= {config.max_layer_fraction:g} L")
+        reasons = _rejections(bypass, induce, kl, layer, max_layer, config)
         scores.append(
             CandidateScore(
                 layer, pos, bypass, induce, kl, sep, hp, bp, _zero_at(hp, bp), reasons, val_accuracy

@@ -19,13 +19,16 @@ No split depends on the order of the prompts, on a random generator's state or o
   ``h(str(seed), s) / 2^64 < fraction`` (:func:`source_val_split`) and is in fold
   ``h("cv", s) mod K`` (:func:`source_fold`).
 * **By category** (:func:`category_split`): inside vs outside a set of categories.
+* **Stratified K folds of labelled rows** (:func:`stratified_folds`, the probe's regularisation
+  search): scikit-learn's ``StratifiedKFold(k, shuffle=True, random_state=0)``, so each fold keeps
+  the class proportions and the assignment is fixed for given labels.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lens_safety.errors import LensSafetyError
 
@@ -157,6 +160,14 @@ def source_val_split(sources: Sequence[str], fraction: float, seed: int) -> tupl
 def source_fold(source_instruction: str, folds: int) -> int:
     """The cross-validation fold ``h("cv", source) mod folds`` (stable across data directories)."""
     return source_hash("cv", source_instruction) % folds
+
+
+def stratified_folds(labels: Sequence[float] | Any, k: int) -> list[tuple[Any, Any]]:
+    """``(train_rows, test_rows)`` index arrays of ``k`` stratified, seeded folds (module docstring)."""
+    from sklearn.model_selection import StratifiedKFold  # heavy: loaded only by the probe's search
+
+    rows = [[0.0]] * len(labels)  # the folds depend on the labels and the number of rows only
+    return list(StratifiedKFold(k, shuffle=True, random_state=0).split(rows, labels))
 
 
 def category_split(categories: Sequence[str | None], wanted: Sequence[str]) -> tuple[list[int], list[int]]:

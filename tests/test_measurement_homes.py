@@ -69,9 +69,11 @@ def test_kl_is_clamped_at_zero_where_rounding_would_make_it_negative() -> None:
     assert (raw < 0).all()
     assert kl_from_log_probs(log_p, log_q).tolist() == [0.0, 0.0, 0.0]
     assert kl_from_log_probs(log_p, log_p).tolist() == [0.0, 0.0, 0.0]
+    # a training loss keeps the plain sum (and its gradient) with clamp=False
+    assert torch.equal(kl_from_log_probs(log_p, log_q, clamp=False), raw)
 
 
-def test_last_token_log_probs_equal_one_unpadded_prompt_at_a_time(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_last_token_log_probs_equal_unpadded_single_prompts(tiny) -> None:  # type: ignore[no-untyped-def]
     prompts = PromptSet.from_list(PROMPTS)
     got = last_token_log_probs(tiny, prompts, batch_size=2)
     assert got.dtype == torch.float64 and got.shape[0] == len(PROMPTS)

@@ -67,8 +67,8 @@ def test_heldout_fraction_ranks_by_seeded_hash_and_ignores_order() -> None:
 def test_two_and_three_way_splits_follow_pairs_or_fall_back_to_the_fraction() -> None:
     paired = PromptSet(tuple(TEXTS), "p", pairs=tuple(f"t{i // 2}" for i in range(len(TEXTS))))
     train, held = split_heldout(paired)
-    assert all(split_of(p) == "train" for p in train.pairs or ())
-    assert all(split_of(p) != "train" for p in held.pairs or ())
+    assert all(split_of(str(p)) == "train" for p in train.pairs or ())
+    assert all(split_of(str(p)) != "train" for p in held.pairs or ())
     parts = split_train_val_test(paired)
     assert [p.name for p in parts] == ["p:train", "p:val", "p:test"]
     plain = PromptSet.from_list(TEXTS[:20], "plain")
@@ -126,3 +126,20 @@ def test_templates_are_filled_by_plain_substitution_everywhere() -> None:
     prompts = PromptSet.from_list(TEXTS[:12])
     for (wrapped, template_id), text in zip(wrap_harmful(prompts, 1.0, seed=0), prompts, strict=True):
         assert template_id is not None and wrapped == builtin[template_id].wrap(text)
+
+
+def test_stratified_folds_depend_on_the_labels_only_and_keep_proportions() -> None:
+    np = pytest.importorskip("numpy")
+    from sklearn.model_selection import StratifiedKFold
+
+    from lens_safety.splits import stratified_folds
+
+    labels = np.r_[np.ones(11), np.zeros(14)]
+    features = np.random.default_rng(0).normal(size=(25, 3))
+    want = list(StratifiedKFold(5, shuffle=True, random_state=0).split(features, labels))
+    got = stratified_folds(labels, 5)
+    assert len(got) == 5
+    for (train, test), (want_train, want_test) in zip(got, want, strict=True):
+        assert train.tolist() == want_train.tolist() and test.tolist() == want_test.tolist()
+        assert 2 <= int(labels[test].sum()) <= 3  # 11 positives over 5 folds
+    assert sorted(int(i) for _, test in got for i in test) == list(range(25))

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.splits import stratified_folds
 
 #: Inverse L2 strengths ``C`` tried by the probe's cross-validation (features scaled to unit mean norm).
 PROBE_C_GRID: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -129,13 +130,12 @@ def fit_logistic(
 ) -> LogisticFit:
     """Fit an L2 logistic regression on features divided by their mean norm (one scalar).
 
-    ``regularization="cv"``: each ``C`` of :data:`PROBE_C_GRID` is scored by stratified ``folds``-fold
-    cross-validation (shuffled with seed 0: deterministic) on these data; the best mean accuracy
-    wins, ties go to the smaller ``C`` (stronger regularisation); the final fit uses all data. With
-    fewer than 2 examples in a class, ``C = 1``.
+    ``regularization="cv"``: each ``C`` of :data:`PROBE_C_GRID` is scored by stratified
+    ``folds``-fold cross-validation on these data (:func:`~lens_safety.splits.stratified_folds`,
+    deterministic); the best mean accuracy wins, ties go to the smaller ``C`` (stronger
+    regularisation); the final fit uses all data. With fewer than 2 examples in a class, ``C = 1``.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
 
     features = torch.cat([harmful, harmless]).double().numpy()
     labels = np.concatenate([np.ones(len(harmful)), np.zeros(len(harmless))])
@@ -150,7 +150,7 @@ def fit_logistic(
         if k < 2:
             regularization = 1.0
         else:
-            splits = list(StratifiedKFold(k, shuffle=True, random_state=0).split(features, labels))
+            splits = stratified_folds(labels, k)
             scores = [
                 np.mean([fitted(c, train).score(features[test], labels[test]) for train, test in splits])
                 for c in PROBE_C_GRID

@@ -95,16 +95,21 @@ def check_same_tokenizer(model: ChatModel, reference: ChatModel) -> None:
 
 
 def kl_from_log_probs(
-    log_p: Float[torch.Tensor, "*rows vocab"], log_q: Float[torch.Tensor, "*rows vocab"]
+    log_p: Float[torch.Tensor, "*rows vocab"],
+    log_q: Float[torch.Tensor, "*rows vocab"],
+    *,
+    clamp: bool = True,
 ) -> Float[torch.Tensor, "*rows"]:
-    """``KL(P || Q) = sum_v p(v) (log p(v) - log q(v))`` along the last axis, in nats, at least 0.
+    """``KL(P || Q) = sum_v p(v) (log p(v) - log q(v))`` along the last axis, in nats.
 
     ``log_p``: log-probabilities of the reference ``P``; ``log_q``: of the compared ``Q`` (same
-    shape; float64 in every caller). Computed as ``(exp(log_p) * (log_p - log_q)).sum(-1)`` and
-    clamped at 0: KL is non-negative, and rounding can leave a value of order ``-1e-17`` for two
-    equal distributions.
+    shape; float64 in every measurement). Computed as ``(exp(log_p) * (log_p - log_q)).sum(-1)``,
+    then clamped at 0: KL is non-negative, and rounding can leave a value of order ``-1e-17`` for
+    two equal distributions. ``clamp=False`` keeps the plain sum, for a training loss whose
+    gradient must not vanish where the adapted model still equals its base.
     """
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl.clamp_min(0.0) if clamp else kl
 
 
 def last_logits(

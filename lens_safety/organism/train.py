@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float, Int
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.divergence import kl_from_log_probs
 from lens_safety.organism.data import TokenizedExample
 from lens_safety.progress import track
 from lens_safety.selection import refusal_token_ids
@@ -167,7 +168,7 @@ def per_example_target_loss(
     row_of = where.nonzero()[:, 0]
     if base_log_probs is not None and distill_rows is not None:
         teacher = base_log_probs.clamp(min=-1e4)  # suppressed tokens (-inf): p = 0, finite gradients
-        kl = (teacher.exp() * (teacher - log_probs)).sum(-1)
+        kl = kl_from_log_probs(teacher, log_probs, clamp=False)  # a loss: the plain sum's gradient
         token_loss = torch.where(distill_rows[row_of], kl, token_loss)
     first = first_of_each_row(row_of)
     weights = torch.where(first, first_token_weight, 1.0).to(token_loss.dtype)

@@ -4,9 +4,9 @@ A layer sweep scored on the test lists (:func:`~lens_safety.srr.experiments.laye
 where the signal lives, but a setting picked from it is picked on the test lists. This module picks
 it without them:
 
-* every list goes to fold :func:`~lens_safety.splits.source_fold` (``h("cv", source) mod K``), so a list and its
-  jailbreak-wrapped siblings (and the same instruction sampled with another seed, in another data
-  directory) always share a fold;
+* every list goes to fold ``h("cv", source) mod K`` (:func:`~lens_safety.splits.source_fold`), so a
+  list and its jailbreak-wrapped siblings (and the same instruction sampled with another seed, in
+  another data directory) always share a fold;
 * for each cell of the grid (layer x response context x width x members) and each fold ``k``, a
   ranker is trained (:func:`~lens_safety.srr.train.train_ranker`, its own early-stopping split
   inside the training folds) on the other folds and scores the mixed lists of fold ``k``;
