@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.verdict import Verdict, harm_verdict
 from lens_safety.fsutil import write_file_atomic
+from lens_safety.sources import cache_dir as lens_cache_dir
 
 API_KEY_ENV = "LENS_SAFETY_JUDGE_API_KEY"
 INSTALL = "pip install 'lens-safety[judges]'"
@@ -165,9 +166,7 @@ class OpenAIJudge:
         prefix = "openai" if rubric == "refusal" else "openai-harm"
         self.name = f"{prefix}:{model}@{self.base_url}"
         if cache_dir is None:
-            from lens_safety.sources import cache_dir as root
-
-            cache_dir = root() / "judge-cache"
+            cache_dir = lens_cache_dir() / "judge-cache"
         self.cache_dir = Path(cache_dir)
         self.requests_sent = 0
         self._count_lock = threading.Lock()

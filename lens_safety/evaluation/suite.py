@@ -43,6 +43,7 @@ from lens_safety.evaluation.jailbreaks import JailbreakResult, JailbreakTemplate
 from lens_safety.evaluation.judges import Judge, get_judges, judge_question
 from lens_safety.evaluation.metrics import RateResult, RefusalEvaluation, evaluate_refusal
 from lens_safety.evaluation.panel import JudgeRates, PairAgreement, judge_rates, label, pairwise
+from lens_safety.evaluation.utility import evaluate_utility
 from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet
 
@@ -206,8 +207,6 @@ def evaluate_model(
     panel += [judge_rates(extra, sets) for extra in judges[1:]]
     utility = None
     if utility_tasks:
-        from lens_safety.evaluation.utility import evaluate_utility
-
         utility = evaluate_utility(
             model,
             utility_tasks,

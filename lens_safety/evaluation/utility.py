@@ -19,6 +19,7 @@ from typing import Any
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import Intervention
+from lens_safety.sources import resolve_spec
 
 #: The ROSI paper's utility tasks (lm-eval task names).
 PAPER_TASKS: tuple[str, ...] = ("mmlu", "hellaswag", "arc_easy", "arc_challenge", "boolq")
@@ -106,8 +107,6 @@ def _lm(model: Any, batch_size: int, device: str | None) -> tuple[Any, dict[str,
         return lm, dict(model.identity())
     path = str(model)
     if not Path(path).is_dir():
-        from lens_safety.sources import resolve_spec
-
         path = str(resolve_spec(path)[0])
     import torch
 
