@@ -55,8 +55,14 @@ def tiny_config(arch: str, vocab_size: int) -> Any:
     )
 
 
-def make_tiny_model(arch: str, out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random ``arch`` model with the tokenizer of ``tokenizer_dir`` to ``out_dir``."""
+def make_tiny_model(
+    arch: str, out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, dtype: str = "float32"
+) -> Path:
+    """Write a tiny random ``arch`` model with the tokenizer of ``tokenizer_dir`` to ``out_dir``.
+
+    The weights are drawn in float32 and saved in ``dtype`` (``float32``, ``bfloat16`` or
+    ``float16``: one cast, as a checkpoint converted with ``save_pretrained`` after ``.to(dtype)``).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,6 +76,8 @@ def make_tiny_model(arch: str, out_dir: str | Path, tokenizer_dir: str | Path, s
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.02)
     out = Path(out_dir)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -10,6 +10,14 @@ exported tensor bit for bit. In compatibility mode:
   bias, so the live model plus the raw delta is NOT the exported model (the delta is in the raw
   basis, the live writers are not). Use a raw (non-compatibility) model for exact trial edits.
 
+Stored and live dtypes may differ (a bfloat16 checkpoint loaded in float32, or the reverse). The
+export writes ``cast_stored(W_orig + delta)``, and a reload in the live dtype holds
+``cast_live(cast_stored(W_orig + delta))``; a parameter whose live dtype differs from its stored
+dtype gets exactly that value (rounded to the stored dtype once, then cast to the live dtype), so an
+in-memory edit and its reloaded export hold the same weights. In compatibility mode the live
+weights may be processed, so there the live tensor plus the delta is rounded the same way. A
+parameter stored in its live dtype takes ``cast_live(W_live + delta)`` as before.
+
 The original tensors are restored on exit (``finally``). A tied ``lm_head`` is untied for the
 duration when the edit changes the token embedding (it keeps the ORIGINAL unembedding).
 """
@@ -32,6 +40,11 @@ from lens_safety.errors import LensSafetyError
 
 def edit_deltas(model: Any, spec: EditSpec) -> dict[str, torch.Tensor]:
     """``edit(W_orig) - W_orig`` (float64, CPU) for every touched parameter, by HF state-dict name."""
+    return {name: delta for name, (_, delta) in _originals_and_deltas(model, spec).items()}
+
+
+def _originals_and_deltas(model: Any, spec: EditSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (W_orig in its stored dtype, edit(W_orig) - W_orig in float64)}``."""
     if int(spec.direction.shape[0]) != model.d_model:
         raise LensSafetyError(
             f"direction has width {spec.direction.shape[0]} but the model's residual width is {model.d_model}",
@@ -40,12 +53,12 @@ def edit_deltas(model: Any, spec: EditSpec) -> dict[str, torch.Tensor]:
     writers = checkpoint_writers(model)
     targets = target_parameters(spec, writers, model.n_layers)
     originals = read_tensors(model.hf_path, targets)
-    deltas = {}
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (writer, is_bias) in targets.items():
         base = originals[name].to(torch.float64)
         edited = edit_writes(spec, base, writer.layout, is_bias)
         require_finite(name, base, edited, originals[name].dtype)
-        deltas[name] = edited - base
+        deltas[name] = (originals[name], edited - base)
     return deltas
 
 
@@ -71,13 +84,25 @@ def _untie(hf_model: Any) -> Any:
     return retie
 
 
+def _edited_value(
+    original: torch.Tensor, param: torch.Tensor, delta: torch.Tensor, processed: bool
+) -> torch.Tensor:
+    """The live value of an edited parameter (see the module docstring for the rounding)."""
+    live = param.detach().to(torch.float64).cpu()
+    if original.dtype == param.dtype:
+        return (live + delta).to(param.dtype)
+    base = live if processed else original.to(torch.float64)
+    return (base + delta).to(original.dtype).to(param.dtype)
+
+
 @contextmanager
 def applied_edit(model: Any, spec: EditSpec) -> Iterator[dict[str, torch.Tensor]]:
     """Apply ``spec`` to ``model.hf_model`` for the duration of the block; yields the deltas.
 
     Works for forward passes and ``hf_model.generate``; the original tensors are restored on exit.
     """
-    deltas = edit_deltas(model, spec)
+    pairs = _originals_and_deltas(model, spec)
+    deltas = {name: delta for name, (_, delta) in pairs.items()}
     hf_model = model.hf_model
     touches_embedding = any(w.kind == "embed" for w in model.arch.writers if f"{w.hf_name}.weight" in deltas)
     retie = _untie(hf_model) if touches_embedding else (lambda: None)
@@ -93,7 +118,7 @@ def applied_edit(model: Any, spec: EditSpec) -> Iterator[dict[str, torch.Tensor]
                     )
                 param = params[name]
                 saved[name] = param.detach().clone()
-                param.copy_((param.detach().to(torch.float64).cpu() + delta).to(param.dtype))
+                param.copy_(_edited_value(pairs[name][0], param, delta, model.compatibility_mode))
         yield deltas
     finally:
         with torch.no_grad():
