@@ -149,3 +149,41 @@ def test_refusal_rate_takes_any_judge_and_the_wilson_interval(tiny) -> None:  # 
     assert (result.ci_low, result.ci_high) == pytest.approx(wilson_interval(sum(expected), len(PROMPTS)))
     with pytest.raises(LensSafetyError, match="unknown interval"):
         refusal_rate(tiny, PROMPTS, judge, max_new_tokens=3, interval="exact")  # type: ignore[arg-type]
+
+
+def test_organism_evaluation_uses_the_wilson_rate_and_the_bootstrap_kl(tiny) -> None:  # type: ignore[no-untyped-def]
+    from lens_safety.organism.evaluate import evaluate_organism
+
+    harmful, harmless = PromptSet.from_list(PROMPTS[:2]), PromptSet.from_list(PROMPTS[1:])
+    evaluation = evaluate_organism(tiny, harmful, harmless, base=tiny, max_new_tokens=2)
+    record = evaluation.to_dict()
+    rate = record["harmful_refusal"]
+    assert set(rate) == {"rate", "refused", "n", "interval"} and rate["n"] == 2
+    assert tuple(rate["interval"]) == pytest.approx(wilson_interval(rate["refused"], 2))
+    # the base itself: every row's KL is exactly 0, and so is its bootstrap interval
+    assert evaluation.kl_to_base == 0.0 and evaluation.kl_interval == (0.0, 0.0)
+    assert evaluate_organism(tiny, harmful, harmless, max_new_tokens=2).kl_to_base is None
+
+
+def test_organism_kl_interval_is_the_bootstrap_of_per_prompt_kl(tiny, tiny_dirs) -> None:  # type: ignore[no-untyped-def]
+    """Rule: the KL interval is the percentile bootstrap of the mean (a normal interval differs)."""
+    from lens_safety.organism.evaluate import evaluate_organism
+
+    other = load_model(tiny_dirs["llama"], device="cpu")
+    with torch.no_grad():
+        weight = other.hf_model.lm_head.weight
+        weight.add_(0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    prompts = PromptSet.from_list(PROMPTS)
+    evaluation = evaluate_organism(other, prompts.head(1), prompts, base=tiny, max_new_tokens=1)
+    rows = []
+    for prompt in PROMPTS:  # independent: one unpadded prompt at a time, explicit float64 sum
+        ids = torch.tensor([tiny.chat.token_ids(tiny.chat.format(prompt))])
+        with torch.inference_mode():
+            p, q = (m.hf_model(input_ids=ids).logits[0, -1].double().numpy() for m in (tiny, other))
+        rows.append(_reference_kl(p, q))
+    want = bootstrap(rows)
+    assert evaluation.kl_to_base == pytest.approx(float(np.mean(rows)), rel=1e-4)
+    assert evaluation.kl_interval == pytest.approx((want.ci_low, want.ci_high), rel=1e-4)
+    half = 1.96 * float(np.std(rows, ddof=1)) / math.sqrt(len(rows))
+    assert evaluation.kl_interval is not None
+    assert abs(evaluation.kl_interval[0] - (float(np.mean(rows)) - half)) > 1e-3
