@@ -20,15 +20,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
+from lens_safety.vectors import DirectionLike, direction_vector
 
 
-def _as_vector(model: ChatModel, vector: Any) -> torch.Tensor:
-    tensor = getattr(vector, "direction", vector)  # accept a Direction result or a tensor
-    tensor = torch.as_tensor(tensor)
+def _as_vector(model: ChatModel, vector: DirectionLike) -> torch.Tensor:
+    tensor = direction_vector(vector)
     if tensor.ndim != 1 or tensor.shape[0] != model.d_model:
         raise LensSafetyError(
             f"direction has shape {tuple(tensor.shape)} but the model's residual width is {model.d_model}",
@@ -41,7 +40,7 @@ def _as_vector(model: ChatModel, vector: Any) -> torch.Tensor:
 
 @contextmanager
 def add_direction(
-    model: ChatModel, vector: Float[torch.Tensor, " d_model"] | Any, *, layer: int, coeff: float = 1.0
+    model: ChatModel, vector: DirectionLike, *, layer: int, coeff: float = 1.0
 ) -> Iterator[None]:
     """Activation addition: ``resid_pre[layer] += coeff * vector`` at every position (raw HF basis).
 
@@ -73,7 +72,7 @@ def ablation_hook_points(n_layers: int) -> list[str]:
 @contextmanager
 def ablate_direction(
     model: ChatModel,
-    direction: Float[torch.Tensor, " d_model"] | Any,
+    direction: DirectionLike,
     *,
     reference: float | Mapping[int, float] = 0.0,
 ) -> Iterator[None]:

@@ -128,3 +128,16 @@ def test_srr_comparison_figure_groups_ranker_and_baselines():
         assert list(figure.data[0].x) == ["pairwise_accuracy", "harmful_top1_safe", "harmless_top1_helpful"]
         assert list(figure.data[1].y) == [0.5, 0.9, 0.7]
         assert figure.layout.barmode == "group"
+
+
+def test_a_direction_is_a_tensor_or_anything_carrying_one() -> None:
+    import torch
+
+    from lens_safety.directions import Direction
+    from lens_safety.vectors import HasDirection, direction_vector
+
+    vector = torch.tensor([3.0, 4.0, 0.0])
+    saved = Direction(torch.stack([vector, -vector]), layer=0, position=-1, method="mean-diff")
+    assert direction_vector(vector) is vector  # unchanged, norm kept
+    assert isinstance(saved, HasDirection) and torch.equal(direction_vector(saved), saved.direction)
+    assert not isinstance(vector, HasDirection)

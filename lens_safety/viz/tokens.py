@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from jaxtyping import Float
-
 from lens_safety.activations import HookName, collect_activations
+from lens_safety.models import ChatModel
+from lens_safety.vectors import DirectionLike, direction_vector
 
 
 def token_projections(
-    model: Any,
+    model: ChatModel,
     prompt: str,
-    direction: Float[torch.Tensor, " d_model"] | Any,
+    direction: DirectionLike,
     *,
     layer: int | None = None,
     hook: HookName = "resid_pre",
@@ -32,7 +31,7 @@ def token_projections(
     """
     if layer is None:
         layer = int(getattr(direction, "layer", model.n_layers // 2))
-    vector = torch.as_tensor(getattr(direction, "direction", direction)).double()
+    vector = direction_vector(direction).double()
     unit = vector / vector.norm()
     ids = model.chat.token_ids(model.chat.format(prompt, system_prompt))
     acts = collect_activations(
@@ -44,14 +43,14 @@ def token_projections(
         system_prompt=system_prompt,
     )
     values = (acts.tensor[0, 0].double() @ unit).tolist()
-    tokens = [model.tokenizer.decode([i]) for i in ids]
+    tokens = [str(model.tokenizer.decode([i])) for i in ids]
     return tokens, values
 
 
 def token_projection_view(
-    model: Any,
+    model: ChatModel,
     prompt: str,
-    direction: Float[torch.Tensor, " d_model"] | Any,
+    direction: DirectionLike,
     *,
     layer: int | None = None,
     system_prompt: str | None = None,
