@@ -243,6 +243,12 @@ def _demo_overrides(
     )
 
 
+DemoLayerOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--layer", help="Fix the refusal direction's block instead of selecting it over every layer."
+    ),
+]
 QuickOpt = Annotated[
     bool,
     typer.Option(
@@ -336,6 +342,7 @@ def demo_cmd(
     out: DemoOutOpt = None,
     overwrite: DemoOverwriteOpt = False,
     limit: LimitOpt = None,
+    layer: DemoLayerOpt = None,
     alphas: AlphasOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     blocks: BlocksOpt = None,
@@ -355,7 +362,7 @@ def demo_cmd(
     if injections is not None:
         overrides["relative_injections"] = None  # given in projection units
     overrides.update(
-        _given(organism_spec=organism, max_new_tokens=max_new_tokens, refine=refine),
+        _given(organism_spec=organism, max_new_tokens=max_new_tokens, refine=refine, direction_layer=layer),
         conditional=conditional,
         template=template,
     )

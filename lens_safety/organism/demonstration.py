@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from lens_safety.errors import LensSafetyError, warn
 from lens_safety.evaluation import evaluate_refusal
@@ -82,7 +82,8 @@ class DemoSettings:
 
     ``limit`` caps the test and val splits and the extra held-out pairs at their first N prompts
     per class, ``train_limit`` the train split (conditional ROSI's read directions) and
-    ``direction_prompts`` the full sets the direction is fitted and selected on (``None``: no cap).
+    ``direction_prompts`` the full sets the direction is fitted and selected on (``None``: no cap);
+    ``direction_layer`` fixes the direction's block instead of selecting it over every layer.
     ``blocks`` / ``targets`` restrict the ROSI repair (and the base stage) to those blocks / writer
     kinds. ``conditional`` adds the conditional-ROSI stages: ``starts`` (first edited blocks;
     ``None``: about a third, a half and two thirds of the depth) x ``injections`` (projection units;
@@ -104,6 +105,7 @@ class DemoSettings:
     limit: int | None = None
     train_limit: int | None = None
     direction_prompts: int | None = None
+    direction_layer: int | Literal["auto"] = "auto"
     max_new_tokens: int = 48
     conditional: bool = True
     starts: tuple[int, ...] | None = (10, 15, 20)
@@ -355,7 +357,7 @@ def demonstrate(
     stages = _Stages(s, prompts, progress)
     stages.lap("load the organism")
     stages.measure("organism", organism, on_heldout=True)
-    direction, report = obtain_direction(organism, None, "auto", prompts.full, progress=progress)
+    direction, report = obtain_direction(organism, None, s.direction_layer, prompts.full, progress=progress)
     stages.lap("find the direction")
     exports: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=work_dir) as root:
