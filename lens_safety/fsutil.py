@@ -36,13 +36,28 @@ from pathlib import Path
 from lens_safety.errors import LensSafetyError
 
 
+def _directory_mode() -> int:
+    """The mode ``mkdir`` would give a new directory under the current umask (read from
+    ``/proc/self/status`` where it exists: setting and restoring the umask is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o777 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a process of another user counts: it cannot be signalled)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -124,6 +139,7 @@ def staged_directory(
             for stale in _stale_siblings(target):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+            tmp.chmod(_directory_mode())  # mkdtemp's 0o700 would make the published output private
             try:
                 yield tmp
                 _publish(tmp, target, overwrite, keep_existing)

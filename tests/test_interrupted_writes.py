@@ -275,3 +275,18 @@ def test_organism_train_killed_leaves_nothing_and_the_next_run_removes_the_stagi
         assert not out.exists()
     assert len(seen[0]) == 1 and len(seen[1]) == 1 and seen[0] != seen[1]  # the first run's is gone
     assert all(s.startswith((".rebuilt.tmp-", ".rebuilt.lock")) for s in _siblings(out))
+
+
+def test_a_published_directory_has_the_mode_mkdir_would_give_it(tmp_path: Path) -> None:
+    import os
+
+    from lens_safety.fsutil import staged_directory
+
+    previous = os.umask(0o022)
+    try:
+        with staged_directory(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("1")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
