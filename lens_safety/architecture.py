@@ -144,6 +144,24 @@ def _writer(
     )
 
 
+def _unsupported_block(block: Any) -> str | None:
+    """Why a block has residual writers beyond ``attn.o`` / ``mlp.out`` (experts, a hybrid mixer),
+    named by what its Hugging Face modules are; ``None`` for a plain attention + MLP block."""
+    hf_block = _original(block)
+    names = [name.lower() for name, _ in hf_block.named_modules()] if hf_block is not None else []
+    if any("expert" in name for name in names):
+        return (
+            "is a mixture-of-experts block: each expert's output projection writes to the residual "
+            "stream and lens-safety does not edit expert writers"
+        )
+    if any(key in name for name in names for key in ("mamba", "mixer", "linear_attn", "ssm")):
+        return (
+            "is a hybrid block (a Mamba / linear-attention mixer): its mixer's output projection writes "
+            "to the residual stream and lens-safety does not edit mixer writers"
+        )
+    return None
+
+
 def find_residual_writers(bridge: Any) -> tuple[ResidualWriter, ...]:
     """Locate every residual-stream writer of a TransformerBridge through its adapter map."""
     hf_model = bridge.original_model
@@ -158,6 +176,11 @@ def find_residual_writers(bridge: Any) -> tuple[ResidualWriter, ...]:
     if hasattr(bridge, "pos_embed") and (pos := _original(bridge.pos_embed)) is not None:
         writers.append(_writer("pos_embed", "pos_embed", None, pos, names))
     for layer, block in enumerate(bridge.blocks):
+        if (reason := _unsupported_block(block)) is not None:
+            raise LensSafetyError(
+                f"block {layer} of {type(hf_model).__name__} {reason}",
+                "this architecture is not supported for edits yet",
+            )
         children = dict(block.named_children())
         for sub, leaf, kind, post in (
             ("attn", "o", "attn_out", "ln1_post"),
