@@ -70,13 +70,9 @@ def comparison_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def logit_bound(dtype: torch.dtype) -> float:
-    """Largest accepted |logit diff| between the reloaded and the reference model.
-
-    The comparison always runs in :func:`comparison_dtype` (float32 for float32, bfloat16 and
-    float16 models), where kernel round-off on the verification prompts is far below the bound
-    and one wrongly edited writer far above it; in bfloat16 / float16 arithmetic the two overlap,
-    so no half-precision bound could tell them apart.
-    """
+    """Largest accepted |logit diff| between the reloaded and the reference model, computed in
+    :func:`comparison_dtype`: there round-off is far below it and one wrongly edited writer far
+    above it (in bfloat16 / float16 arithmetic the two overlap, so no half bound separates them)."""
     del dtype  # every dtype is compared in float32 or float64
     return 1e-4
 
@@ -284,16 +280,13 @@ def verify_export(
 ) -> dict[str, Any]:
     """Reload ``out`` with vanilla transformers and compare logits with a reference on chat prompts.
 
-    Both sides compute in :func:`comparison_dtype` and hold the same weights: the export's
-    tensors, each the edit of the ORIGINAL tensor cast once to its stored dtype. Reference: the
-    in-memory edited model (:func:`~lens_safety.edits.applied_edit`, which rounds to the stored
-    dtype the same way) when it computes in that dtype. A bfloat16 / float16 model, or one in
-    compatibility mode (processed weights: folded value biases, centred writers, where an
-    in-memory edit is not exact for LayerNorm models), is compared instead through a vanilla load
-    of the ORIGINAL weights with the edit applied, in float32. The reload uses the loaded model's
-    attention implementation (the bridge runs ``eager``), so that the comparison isolates the weights
-    from kernel differences (eager vs SDPA alone differ by ~1e-4 on SmolLM2's logits). Raises above
-    :func:`logit_bound`.
+    Both sides compute in :func:`comparison_dtype` and hold the export's weights (each the edit
+    of the ORIGINAL tensor cast once to its stored dtype). Reference: the in-memory edited model
+    (:func:`~lens_safety.edits.applied_edit` rounds the same way) when it computes in that dtype;
+    for a bfloat16 / float16 model or in compatibility mode (processed weights, where an in-memory
+    edit is not exact for LayerNorm models) a vanilla load of the ORIGINAL weights plus the edit.
+    The reload uses the loaded model's attention implementation, isolating the weights from
+    kernel differences. Raises above :func:`logit_bound`.
     """
     from lens_safety.activations import forward
 
