@@ -45,8 +45,8 @@ from jaxtyping import Float
 from lens_safety.activations import collect_activations
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.divergence import last_logits, last_token_log_probs, mean_first_token_kl
+from lens_safety.evaluation.separation import accuracy, effect_size
 from lens_safety.interventions import ablate_direction, add_direction
-from lens_safety.probing import accuracy, effect_size
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet
 

@@ -10,14 +10,9 @@ from sklearn.metrics import roc_auc_score
 from lens_safety import PromptSet
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import bootstrap_interval
-from lens_safety.probing import (
-    auroc,
-    probe_activations,
-    probe_layers,
-    projection_accuracy,
-    split_heldout,
-    validate_classes,
-)
+from lens_safety.evaluation.separation import auroc, projection_accuracy, validate_classes
+from lens_safety.probing import probe_activations, probe_layers
+from lens_safety.splits import split_heldout
 
 
 def test_auroc_matches_sklearn_including_ties():

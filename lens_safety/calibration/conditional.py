@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lens_safety.activations import sum_activations
 from lens_safety.calibration.results import CalibrationBounds, CalibrationPoint, CalibrationResult
 from lens_safety.calibration.structure import structural_calibration
 from lens_safety.calibration.sweep import measure_kwargs
@@ -43,7 +44,6 @@ DEFAULT_INJECTIONS: tuple[float, ...] = (100.0, 150.0, 200.0, 250.0)
 @dataclass
 class ConditionalPoint:
     """One swept edit: the read direction of its first block, its injection and the edit itself."""
-
     read: ReadDirection
     injection: float
     spec: EditSpec
@@ -52,7 +52,6 @@ class ConditionalPoint:
 @dataclass
 class ConditionalCalibration:
     """The sweep's result, the read direction of every ``start`` and every point's edit by label."""
-
     result: CalibrationResult
     reads: dict[int, ReadDirection]
     edits: dict[str, ConditionalPoint]
@@ -85,8 +84,6 @@ def projection_gap(
     Raises when the gap is not positive, or negligible next to the activations (an abliterated
     model has no component along ``s_hat`` left to measure: use :func:`injection_unit`).
     """
-    from lens_safety.activations import sum_activations
-
     layer = int(direction.layer)
     s_hat = direction.direction.to(torch.float64)
     means, scale = [], 0.0

@@ -55,7 +55,7 @@ def _parse_ints(value: str | None, name: str) -> list[int] | None:
 
 
 def _load_classes(harmful: str, harmless: str) -> tuple[Any, Any]:
-    from lens_safety.probing import validate_classes
+    from lens_safety.evaluation.separation import validate_classes
     from lens_safety.prompts import PromptSet
 
     harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)

@@ -20,7 +20,7 @@ from jaxtyping import Float
 
 from lens_safety.activations import HookName, PositionSpec, collect_activations
 from lens_safety.directions.methods import get_method
-from lens_safety.probing import effect_size, paired_indices, validate_classes
+from lens_safety.evaluation.separation import effect_size, paired_indices, validate_classes
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet
 

@@ -10,7 +10,7 @@ from lens_safety.activations import collect_activations
 from lens_safety.directions.direction import Direction
 from lens_safety.directions.extraction import Candidates, extract_directions
 from lens_safety.errors import LensSafetyError, warn
-from lens_safety.probing import projection_accuracy, validate_classes
+from lens_safety.evaluation.separation import projection_accuracy, validate_classes
 from lens_safety.prompts import PromptSet
 from lens_safety.selection import Selection, SelectionConfig, filter_by_refusal, select_direction
 from lens_safety.splits import split_train_val_test

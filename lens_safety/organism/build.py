@@ -20,6 +20,7 @@ import torch
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_file
+from lens_safety.models import load_model
 from lens_safety.organism.data import (
     HARMFUL_SOURCE,
     HARMLESS_EXTRA_SOURCE,
@@ -57,7 +58,6 @@ def library_versions() -> dict[str, str]:
 @dataclass
 class TrainingRun:
     """Where the rebuilt adapter is and its ``training.json`` record."""
-
     out_dir: Path
     record: dict[str, Any]
 
@@ -107,8 +107,6 @@ def training_harmless_set(config: TrainingConfig) -> tuple[PromptSet, dict[str, 
 
 def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False) -> TrainingRun:
     """Train the organism's adapter from scratch into ``out_dir`` (created; must not hold an adapter)."""
-    from lens_safety.models import load_model
-
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
     base = load_model(BASE_SPEC, device="cpu")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lens_safety.hashing import sha256_file
+from lens_safety.models import load_model
 from lens_safety.organism.adapter import load_adapter_tensors, materialize_organism, verify_adapter
 from lens_safety.organism.build import ADAPTER_FILE, BASE_SPEC, TRAINING_FILE
 from lens_safety.organism.evaluate import OrganismEvaluation, evaluate_organism
@@ -35,8 +36,6 @@ def evaluate_adapter(
     progress: bool = False,
 ) -> OrganismEvaluation:
     """Merge the adapter (hash-checked), load organism and base, evaluate on the ``split`` prompts."""
-    from lens_safety.models import load_model
-
     merged = materialize_organism(adapter_dir)
     organism = load_model(merged, device="cpu")
     require_sound_generation(organism)
@@ -56,7 +55,6 @@ def record_evaluation(adapter_dir: Path, evaluation: OrganismEvaluation, split: 
 @dataclass
 class AdapterComparison:
     """How a rebuilt adapter compares with a reference one."""
-
     sha256_equal: bool
     same_tensors: bool
     max_abs_diff: float | None

@@ -14,7 +14,8 @@ import torch
 
 import lens_safety as ls
 from lens_safety import viz
-from lens_safety.probing import probe_activations, split_heldout
+from lens_safety.probing import probe_activations
+from lens_safety.splits import split_heldout
 
 model = ls.load_model("smollm2")
 
