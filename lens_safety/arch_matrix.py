@@ -32,6 +32,13 @@ from typing import Any
 
 import torch
 
+from lens_safety.edits import orthogonalize, rosi
+from lens_safety.edits.checkpoint import read_tensors
+from lens_safety.errors import LensSafetyError
+from lens_safety.export import export_edit
+from lens_safety.models import load_model
+from lens_safety.sources import resolve_spec
+
 #: the cases CI runs by default; the others are marked slow
 FAST_CASES: tuple[str, ...] = (
     "Qwen3ForCausalLM",
@@ -160,7 +167,6 @@ def expected_tensor(
 
 def check_formula(model: Any, out: Path, method: str, s: torch.Tensor) -> float:
     """Largest relative error of an exported edited tensor; raises if an unedited tensor changed."""
-    from lens_safety.edits.checkpoint import read_tensors
 
     record = json.loads((out / "edit.json").read_text())
     edited = set(record["edited_parameters"])
@@ -197,9 +203,6 @@ def check_complete(out: Path, s: torch.Tensor, ids: torch.Tensor, n_layers: int)
 
 def _check_edits(model: Any, root: Path, ids: torch.Tensor) -> str:
     """Steps 2 and 3 of the module docstring; returns a note, raises AssertionError on a failure."""
-    from lens_safety.edits import orthogonalize, rosi
-    from lens_safety.errors import LensSafetyError
-    from lens_safety.export import export_edit
 
     s = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     s = s / s.norm()
@@ -229,8 +232,6 @@ def _where(exc: BaseException) -> str:
 
 def run_case(arch: str, model_type: str | None, root: Path, tokenizer_dir: Path) -> CaseResult:
     """Build, load, read, edit, export and verify one architecture (see the module docstring)."""
-    from lens_safety.errors import LensSafetyError
-    from lens_safety.models import load_model
 
     start = time.perf_counter()
 
@@ -316,7 +317,6 @@ def update_page(page: str, results: list[CaseResult]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """``python -m lens_safety.arch_matrix PAGE.md [ARCH ...]``: run the matrix (or the named
     architectures) and write their rows into the table between the markers of ``PAGE.md``."""
-    from lens_safety.sources import resolve_spec
 
     args = sys.argv[1:] if argv is None else argv
     archs = registry_architectures()

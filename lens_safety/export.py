@@ -37,6 +37,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lens_safety import __version__
+from lens_safety.activations import forward
 from lens_safety.architecture import clean_hf_name
 from lens_safety.checkpoint_files import INDEX_FILE, SINGLE_FILE, read_header
 from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors, stream_edit_shard, weight_shards
@@ -288,7 +290,6 @@ def verify_export(
     The reload uses the loaded model's attention implementation, isolating the weights from
     kernel differences. Raises above :func:`logit_bound`.
     """
-    from lens_safety.activations import forward
 
     batch = model.chat.encode(list(prompts))
     compute = comparison_dtype(model.dtype)
@@ -349,7 +350,6 @@ def export_edit(
             plain names only, never one of the files the export itself writes.
         progress: show a progress bar while writing shards.
     """
-    from lens_safety import __version__
 
     start = time.perf_counter()
     out = Path(out_dir)
