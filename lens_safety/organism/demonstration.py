@@ -39,8 +39,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lens_safety.calibration import calibrate_conditional, injection_unit
+from lens_safety.calibration.conditional import DEFAULT_INJECTIONS
+from lens_safety.directions.read import find_read_direction
+from lens_safety.edits import applied_edit, conditional_rosi, rosi
 from lens_safety.errors import LensSafetyError, warn
 from lens_safety.evaluation import evaluate_refusal
+from lens_safety.export import export_edit
 from lens_safety.models import load_model
 from lens_safety.organism.demo_results import (
     Demonstration,
@@ -247,9 +252,6 @@ def _repair_conditional(
     progress: bool,
 ) -> tuple[ConditionalCalibration, ConditionalPoint, Choice, ExportResult]:
     """Conditional ROSI on the abliterated checkpoint: first block x injection calibrated on val."""
-    from lens_safety.calibration import calibrate_conditional, injection_unit
-    from lens_safety.calibration.conditional import DEFAULT_INJECTIONS
-    from lens_safety.export import export_edit
 
     injections: Sequence[float] = s.injections or DEFAULT_INJECTIONS
     if s.relative_injections is not None:
@@ -288,8 +290,6 @@ def _base_stages(
 ) -> ReadDirection | None:
     """The same recipes on the base model: ROSI (same direction, alpha, blocks) and conditional
     ROSI (same direction, blocks and injection; its read direction read from the base)."""
-    from lens_safety.directions.read import find_read_direction
-    from lens_safety.edits import applied_edit, conditional_rosi, rosi
 
     s, train = stages.settings, stages.prompts.train
     base = load_model(s.base_spec, device="cpu")  # type: ignore[arg-type]

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lens_safety.calibration import calibrate_conditional, injection_unit
 from lens_safety.errors import LensSafetyError, warn
+from lens_safety.export import check_output_dir, export_edit
 from lens_safety.pipelines.steps import (
     before_after,
     calibration_files,
@@ -161,8 +163,6 @@ def run_conditional(
 ) -> ConditionalRun:
     """Calibrate conditional ROSI on ``model`` (a loaded model or a spec, then loaded and
     self-checked) and export the chosen edit to ``out`` as a verified Hugging Face directory."""
-    from lens_safety.calibration import calibrate_conditional, injection_unit
-    from lens_safety.export import check_output_dir, export_edit
 
     started = time.perf_counter()
     s = settings or ConditionalSettings()

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lens_safety.calibration import calibrate_alpha
+from lens_safety.edits import make_spec
 from lens_safety.errors import LensSafetyError, warn
+from lens_safety.export import check_output_dir, export_edit
 from lens_safety.pipelines.steps import (
     Pair,
     Splits,
@@ -158,7 +161,6 @@ def choose_alpha(
     model: ChatModel, direction: Direction, val: Pair, settings: EditSettings, *, progress: bool = False
 ) -> tuple[Choice, CalibrationResult]:
     """The strength calibrated on ``val`` (:meth:`CalibrationResult.choose`; a fallback warns)."""
-    from lens_safety.calibration import calibrate_alpha
 
     result = calibrate_alpha(
         model,
@@ -193,8 +195,6 @@ def edit_and_export(
 ) -> EditRun:
     """The edit of ``settings`` with ``direction`` on a loaded ``model``: calibrate on
     ``splits.val`` (``alpha="auto"``), measure on ``splits.test`` (``n_test > 0``), export to ``out``."""
-    from lens_safety.edits import make_spec
-    from lens_safety.export import export_edit
 
     s = settings
     check_blocks(s.blocks, model.n_layers)
@@ -238,7 +238,6 @@ def run_edit(
 ) -> EditRun:
     """Edit ``model`` (a loaded model or a spec, then loaded and self-checked) as ``settings`` say
     and export it to ``out`` as a verified Hugging Face directory (module docstring)."""
-    from lens_safety.export import check_output_dir
 
     started = time.perf_counter()
     s = settings or EditSettings()

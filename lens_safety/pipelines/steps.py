@@ -14,7 +14,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lens_safety.directions import Direction, find_direction
+from lens_safety.edits import applied_edit
 from lens_safety.errors import LensSafetyError, warn
+from lens_safety.evaluation import refusal_rate
+from lens_safety.models import ChatModel, load_model
+from lens_safety.probing import validate_classes
+from lens_safety.prompts import PromptSet
+from lens_safety.selection import SelectionConfig
+from lens_safety.selfcheck import require_sound_generation
+from lens_safety.viz.calibration import calibration_figure
 
 if TYPE_CHECKING:
     from lens_safety.calibration import CalibrationResult
@@ -58,8 +67,6 @@ def check_out(out: Path, overwrite: bool) -> None:
 def load_splits(harmful: str, harmless: str, n_train: int, n_val: int, n_test: int) -> Splits:
     """The first ``n_train`` / ``n_val`` / ``n_test`` prompts per class of each split (``n_test``
     may be 0: no test split)."""
-    from lens_safety.probing import validate_classes
-    from lens_safety.prompts import PromptSet
 
     for value, name in ((n_train, "n-train"), (n_val, "n-val"), (n_test, "n-test")):
         if value < 0 or (value == 0 and name != "n-test"):
@@ -83,8 +90,6 @@ def load_chat_model(
 ) -> ChatModel:
     """``model`` itself when already loaded, else :func:`~lens_safety.models.load_model` of the spec
     followed by the greedy-generation self-check (:func:`~lens_safety.selfcheck.require_sound_generation`)."""
-    from lens_safety.models import ChatModel, load_model
-    from lens_safety.selfcheck import require_sound_generation
 
     if isinstance(model, ChatModel):
         return model
@@ -115,8 +120,6 @@ def obtain_direction(
     """``(direction, report)``: the saved direction at ``direction_dir`` (its candidate at block
     ``layer`` when a number is given; no report), or the difference-in-means direction fitted on
     ``train`` at the last prompt token (``layer="auto"``: selected on a held-out part of it)."""
-    from lens_safety.directions import Direction, find_direction
-    from lens_safety.selection import SelectionConfig
 
     if direction_dir is not None:
         direction = Direction.load(direction_dir, model=model)
@@ -148,7 +151,6 @@ def refusal_rates(
     model: ChatModel, test: Pair, max_new_tokens: int, *, progress: bool = False
 ) -> tuple[float, float]:
     """``(harmful, harmless)`` refusal rates of greedy completions (substring judge)."""
-    from lens_safety.evaluation import refusal_rate
 
     harmful, harmless = (
         refusal_rate(model, p, max_new_tokens=max_new_tokens, progress=progress).rate for p in test
@@ -160,7 +162,6 @@ def before_after(
     model: ChatModel, spec: EditSpec, test: Pair, max_new_tokens: int, *, progress: bool = False
 ) -> dict[str, Any]:
     """Refusal on ``test`` (greedy, substring judge), unedited then with ``spec`` applied in memory."""
-    from lens_safety.edits import applied_edit
 
     before = refusal_rates(model, test, max_new_tokens, progress=progress)
     with applied_edit(model, spec):
@@ -176,7 +177,6 @@ def before_after(
 
 def calibration_files(result: CalibrationResult) -> dict[str, str]:
     """``calibration.json`` (the whole sweep) and ``calibration.html`` (its curve) for an export."""
-    from lens_safety.viz.calibration import calibration_figure
 
     figure = calibration_figure(result)
     return {
