@@ -297,9 +297,9 @@ def _tamper(direction: Path, how: str) -> None:
 
 DIRECTION_FAULTS: dict[str, tuple[str, ...]] = {
     "wrong-width": ("direction has width 48", "d_model 64", "extract a direction from this architecture"),
-    "zero": ("zero or not finite",),
-    "nan": ("zero or not finite",),
-    "inf": ("zero or not finite",),
+    "zero": ("zero or not finite (a damaged or hand-edited file)", "re-extract it"),
+    "nan": ("zero or not finite (a damaged or hand-edited file)", "re-extract it"),
+    "inf": ("zero or not finite (a damaged or hand-edited file)", "re-extract it"),
 }
 
 

@@ -173,6 +173,12 @@ class Direction:
                 "re-extract the direction",
             )
         fields = {k: v for k, v in metadata.items() if k not in {"layer", "position", "method"}}
+        row = tensors["directions"][int(metadata["layer"])] if tensors["directions"].ndim == 2 else None
+        if row is not None and (float(row.norm()) == 0 or not torch.isfinite(row).all()):
+            raise LensSafetyError(
+                f"the direction in {directory} is zero or not finite (a damaged or hand-edited file)",
+                "re-extract it with `lens-safety directions`",
+            )
         direction = cls(
             tensors["directions"],
             int(metadata["layer"]),
