@@ -43,7 +43,7 @@ from lens_safety.calibration import calibrate_conditional, injection_unit
 from lens_safety.calibration.conditional import DEFAULT_INJECTIONS
 from lens_safety.directions.read import find_read_direction
 from lens_safety.edits import applied_edit, conditional_rosi, rosi
-from lens_safety.errors import LensSafetyError, warn
+from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation import evaluate_refusal
 from lens_safety.export import export_edit
 from lens_safety.models import load_model
@@ -66,7 +66,7 @@ from lens_safety.pipelines import (
     load_chat_model,
     obtain_direction,
 )
-from lens_safety.pipelines.steps import TEST_JUDGE, Pair
+from lens_safety.pipelines.steps import TEST_JUDGE, Pair, choose_point
 from lens_safety.prompts import PromptSet
 
 if TYPE_CHECKING:
@@ -274,9 +274,7 @@ def _repair_conditional(
         max_new_tokens=s.max_new_tokens,
         progress=progress,
     )
-    choice = sweep.result.choose()
-    if choice.fallback:
-        warn(choice.message)
+    choice = choose_point(sweep.result)
     picked = sweep.edits[choice.point.label]
     files = calibration_files(sweep.result)
     exported = export_edit(

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lens_safety.calibration import calibrate_conditional, injection_unit
-from lens_safety.errors import LensSafetyError, warn
+from lens_safety.errors import LensSafetyError
 from lens_safety.export import check_output_dir, export_edit
 from lens_safety.pipelines.steps import (
     before_after,
     calibration_files,
     check_out,
+    choose_point,
     export_summary,
     load_chat_model,
     load_splits,
@@ -194,9 +195,7 @@ def run_conditional(
         refine=s.refine,
         progress=progress,
     )
-    choice = sweep.result.choose()
-    if choice.fallback:
-        warn(choice.message)
+    choice = choose_point(sweep.result)
     picked = sweep.edits[choice.point.label]
     measurements = (
         before_after(loaded, picked.spec, splits.pair("test"), s.max_new_tokens, progress=progress)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lens_safety.calibration import calibrate_alpha
 from lens_safety.edits import make_spec
-from lens_safety.errors import LensSafetyError, warn
+from lens_safety.errors import LensSafetyError
 from lens_safety.export import check_output_dir, export_edit
 from lens_safety.pipelines.steps import (
     Pair,
@@ -34,6 +34,7 @@ from lens_safety.pipelines.steps import (
     calibration_files,
     check_blocks,
     check_out,
+    choose_point,
     export_summary,
     load_chat_model,
     load_splits,
@@ -177,10 +178,7 @@ def choose_alpha(
         max_new_tokens=settings.max_new_tokens,
         progress=progress,
     )
-    choice = result.choose()
-    if choice.fallback:
-        warn(choice.message)
-    return choice, result
+    return choose_point(result), result
 
 
 def edit_and_export(

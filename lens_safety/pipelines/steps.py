@@ -27,6 +27,7 @@ from lens_safety.viz.calibration import calibration_figure
 
 if TYPE_CHECKING:
     from lens_safety.calibration import CalibrationResult
+    from lens_safety.calibration.results import Choice
     from lens_safety.directions import Direction
     from lens_safety.directions.pipeline import DirectionReport
     from lens_safety.edits.spec import EditSpec
@@ -173,6 +174,14 @@ def before_after(
         "judge": TEST_JUDGE,
         "max_new_tokens": max_new_tokens,
     }
+
+
+def choose_point(result: CalibrationResult) -> Choice:
+    """:meth:`CalibrationResult.choose`, with a fallback choice shown as a warning."""
+    choice = result.choose()
+    if choice.fallback:
+        warn(choice.message)
+    return choice
 
 
 def calibration_files(result: CalibrationResult) -> dict[str, str]:
