@@ -181,6 +181,7 @@ class GuardJudge:
     """
 
     question = "harm"
+    needs_prompts = True
 
     def __init__(
         self,

@@ -44,7 +44,14 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.classifier_judge import ClassifierJudge
 from lens_safety.evaluation.guard import GuardJudge
 from lens_safety.evaluation.llm_judge import OpenAIJudge
-from lens_safety.evaluation.verdict import QUESTIONS, Judge, Verdict, harm_verdict, judge_question
+from lens_safety.evaluation.verdict import (
+    QUESTIONS,
+    Judge,
+    Verdict,
+    harm_verdict,
+    judge_needs_prompts,
+    judge_question,
+)
 
 __all__ = [
     "QUESTIONS",
@@ -61,6 +68,7 @@ __all__ = [
     "get_judges",
     "harm_verdict",
     "judge_from_callable",
+    "judge_needs_prompts",
     "judge_question",
     "run_judge",
 ]

@@ -136,6 +136,8 @@ def _split_spec(spec: str) -> tuple[str, str, str]:
 class OpenAIJudge:
     """Refusal or harm rubric answered by a model behind an OpenAI-compatible endpoint (module docstring)."""
 
+    needs_prompts = True
+
     def __init__(
         self,
         model: str,

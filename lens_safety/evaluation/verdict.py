@@ -64,9 +64,19 @@ def judge_question(judge: Any) -> str:
     return question if question in QUESTIONS else "refusal"
 
 
+def judge_needs_prompts(judge: Any) -> bool:
+    """Whether a judge reads each completion's prompt (its ``needs_prompts`` attribute; guard and
+    LLM judges do, keyword judges do not)."""
+    return bool(getattr(judge, "needs_prompts", False))
+
+
 @runtime_checkable
 class Judge(Protocol):
-    """Anything with a ``name`` that maps completions (and optionally their prompts) to verdicts."""
+    """Anything with a ``name`` that maps completions (and optionally their prompts) to verdicts.
+
+    Optional attributes: ``question`` (``"refusal"`` or ``"harm"``, default refusal) and
+    ``needs_prompts`` (``True`` when the judge cannot decide without each completion's prompt).
+    """
 
     name: str
 
