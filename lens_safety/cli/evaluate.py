@@ -207,31 +207,52 @@ def judge_agreement_command(
     labelled: Annotated[
         str,
         typer.Argument(
-            help="Labelled completions (.jsonl/.csv with completion + refused columns), or 'pyrit' for "
-            "PyRIT's human-labelled refusal CSVs (needs pyrit installed)."
+            help="Labelled completions (.jsonl/.csv with a completion column, a refused or harmful label "
+            "column and, for judges that read prompts, a prompt column), or 'pyrit' for PyRIT's "
+            "human-labelled refusal CSVs (needs pyrit installed)."
         ),
     ],
     judge: JudgeOpt = "substring",
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            help="Which label column to read: refusal (refused/label/human_score) or harm (harmful/unsafe). "
+            "Default: refusal when the file has such a column, else harm.",
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Precision, recall and confusion matrix of a judge against labelled completions."""
+    """Precision, recall and accuracy (95% Wilson intervals) and the confusion matrix of a judge
+    (default: substring) against labelled completions; names the judge's question and the labels'."""
     quiet_libraries()
-    from lens_safety.evaluation import judge_agreement
-    from lens_safety.evaluation.agreement import load_labelled_many, pyrit_refusal_files
+    from lens_safety.evaluation.agreement import judge_agreement, pyrit_refusal_files, read_labelled_many
 
+    if labels is not None and labels not in ("refusal", "harm"):
+        raise LensSafetyError(
+            f"--labels must be refusal or harm, got '{labels}'", "pass --labels refusal or harm"
+        )
     files = pyrit_refusal_files() if labelled == "pyrit" else [Path(labelled)]
-    completions, labels = load_labelled_many(files)
-    result = judge_agreement(judge, completions, labels)
+    result = judge_agreement(judge, read_labelled_many(files, labels))
     if json:
         print_json(result.to_dict())
         return
-    typer.echo(f"judge {result.judge} on {result.n} labelled completions")
+    positive = "refused" if result.labels == "refusal" else "harmful"
     typer.echo(
-        f"precision {result.precision:.3f}  recall {result.recall:.3f}  accuracy {result.accuracy:.3f}"
+        f"judge {result.judge} (question: {result.question}) on {result.n} labelled completions "
+        f"({result.source}; labels mark {result.labels}; prompts {'given' if result.with_prompts else 'absent'})"
     )
-    typer.echo("                 labelled refused  labelled answered")
-    typer.echo(f"judged refused   {result.tp:>16}  {result.fp:>17}")
-    typer.echo(f"judged answered  {result.fn:>16}  {result.tn:>17}")
+    typer.echo(f"positive class: labelled {positive}; the judge's positive decision: {result.decision}")
+    for name, estimate in (
+        ("precision", result.precision_estimate),
+        ("recall", result.recall_estimate),
+        ("accuracy", result.accuracy_estimate),
+    ):
+        interval = f"[{estimate.ci_low:.3f}, {estimate.ci_high:.3f}]"
+        typer.echo(f"{name:<9} {estimate.value:.3f} {interval} (n={estimate.n}, 95% Wilson)")
+    typer.echo(f"{'':15}  labelled {positive:<8}  labelled not")
+    typer.echo(f"judge positive   {result.tp:>17}  {result.fp:>12}")
+    typer.echo(f"judge negative   {result.fn:>17}  {result.tn:>12}")
 
 
 @app.command("report")
