@@ -66,6 +66,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lens_safety.pipelines",
             "lens_safety.organism",
             "lens_safety.srr",
+            "lens_safety.serving",
             "lens_safety.testing",
             "lens_safety.arch_matrix",
         ),

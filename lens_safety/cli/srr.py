@@ -18,6 +18,7 @@ from lens_safety.cli.common import (
     print_json,
     quiet_libraries,
 )
+from lens_safety.cli.srr_serve import serve_command
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free, staged_directory
 
@@ -25,6 +26,7 @@ srr_app = typer.Typer(
     help="Safety Representation Ranking: best-of-N with a hidden-state ranker.", no_args_is_help=True
 )
 app.add_typer(srr_app, name="srr")
+srr_app.command("serve")(serve_command)
 
 HarmfulOpt = Annotated[
     str, typer.Option("--harmful", help="Harmful instructions: file or builtin:harmful[:split].")
