@@ -26,8 +26,8 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.activations import collect_activations
-from lens_safety.directions.methods import fit_logistic
 from lens_safety.evaluation.bootstrap import bootstrap_interval
+from lens_safety.evaluation.logistic import fit_logistic
 from lens_safety.evaluation.separation import (
     accuracy,
     auroc,
@@ -109,7 +109,7 @@ def probe_activations(
 
     ``regularization``: the probe's inverse L2 strength ``C``, or ``"cv"`` (default) to choose it
     per layer by cross-validation on the training split
-    (:func:`~lens_safety.directions.methods.fit_logistic`).
+    (:func:`~lens_safety.evaluation.logistic.fit_logistic`).
     """
     results, units = [], []
     for k in track(range(len(layers)), "probing layers", total=len(layers), enabled=progress):

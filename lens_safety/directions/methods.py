@@ -15,22 +15,32 @@ norm for activation addition and the sign convention ``u . r > 0`` holds by cons
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, Protocol
 
-import numpy as np
 import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.splits import stratified_folds
+from lens_safety.evaluation.logistic import (
+    PROBE_C_GRID,
+    PROBE_REGULARIZATION,
+    LogisticFit,
+    fit_logistic,
+)
 
-#: Inverse L2 strengths ``C`` tried by the probe's cross-validation (features scaled to unit mean norm).
-PROBE_C_GRID: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
-#: Default probe regularisation: chosen per fit by deterministic k-fold CV on the training data.
-#: Why not one constant: on SmolLM2's activations (n ~ 400 < d = 576) CV on the training split picks
-#: C = 100-1000 (CV accuracy 0.92-0.94 vs 0.87 at C = 1), while on small isotropic problems
-#: C = 1 recovers a planted direction better (cosine 0.94 vs 0.84 at C = 100).
-PROBE_REGULARIZATION: Literal["cv"] = "cv"
+__all__ = [
+    "METHODS",
+    "PROBE_C_GRID",
+    "PROBE_REGULARIZATION",
+    "ExtractionMethod",
+    "LogisticFit",
+    "fit_logistic",
+    "get_method",
+    "logistic_probe",
+    "mean_difference",
+    "paired_differences",
+    "pca_of_differences",
+]
 
 
 class ExtractionMethod(Protocol):
@@ -105,59 +115,10 @@ def logistic_probe(
 
     Features are divided by one global scalar (the mean activation norm), never per coordinate,
     so the weight vector stays in the raw HF basis. ``regularization`` is sklearn's inverse
-    strength ``C``, or ``"cv"`` to choose it by cross-validation (:func:`fit_logistic`).
+    strength ``C``, or ``"cv"`` to choose it by cross-validation (:func:`~lens_safety.evaluation.logistic.fit_logistic`).
     """
     weights = fit_logistic(harmful, harmless, regularization=regularization).weights
     return _along_mean_difference(torch.from_numpy(weights), harmful, harmless)
-
-
-class LogisticFit(NamedTuple):
-    """``p(harmful | x) = sigmoid(weights . x + bias)`` (raw-basis weights), the feature ``scale``
-    and the inverse L2 strength ``regularization`` used."""
-
-    weights: np.ndarray
-    bias: float
-    scale: float
-    regularization: float
-
-
-def fit_logistic(
-    harmful: torch.Tensor,
-    harmless: torch.Tensor,
-    *,
-    regularization: float | Literal["cv"] = PROBE_REGULARIZATION,
-    folds: int = 5,
-) -> LogisticFit:
-    """Fit an L2 logistic regression on features divided by their mean norm (one scalar).
-
-    ``regularization="cv"``: each ``C`` of :data:`PROBE_C_GRID` is scored by stratified
-    ``folds``-fold cross-validation on these data (:func:`~lens_safety.splits.stratified_folds`,
-    deterministic); the best mean accuracy wins, ties go to the smaller ``C`` (stronger
-    regularisation); the final fit uses all data. With fewer than 2 examples in a class, ``C = 1``.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    features = torch.cat([harmful, harmless]).double().numpy()
-    labels = np.concatenate([np.ones(len(harmful)), np.zeros(len(harmless))])
-    scale = float(np.linalg.norm(features, axis=1).mean()) or 1.0
-    features = features / scale
-
-    def fitted(c: float, rows: np.ndarray | slice = slice(None)) -> LogisticRegression:
-        return LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(features[rows], labels[rows])
-
-    if regularization == "cv":
-        k = min(folds, len(harmful), len(harmless))
-        if k < 2:
-            regularization = 1.0
-        else:
-            splits = stratified_folds(labels, k)
-            scores = [
-                np.mean([fitted(c, train).score(features[test], labels[test]) for train, test in splits])
-                for c in PROBE_C_GRID
-            ]
-            regularization = PROBE_C_GRID[int(np.argmax(scores))]  # first maximum: smallest C
-    model = fitted(float(regularization))
-    return LogisticFit(model.coef_[0] / scale, float(model.intercept_[0]), scale, float(regularization))
 
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {
