@@ -17,8 +17,11 @@ with a chat template) with optional per-prompt categories and pair ids. Sources:
   the same purpose; no split);
   ``builtin:harmful_holdout_3`` / ``builtin:harmless_holdout_3`` (80 + 80 more, written before the
   organism demonstration's conditional-ROSI default was scored on them once; no split);
-* ``advbench`` (offline from ``pyrit`` when it is installed) or ``hf:<dataset id>[:column]``
-  (Hugging Face ``datasets``, online).
+* sets written by other authors, read offline from installed packages' data files
+  (:mod:`lens_safety.external_prompts`): ``harmbench``, ``donotanswer[:CATEGORY]``, ``advbench``,
+  ``mtbench[:CATEGORY]``, each optionally with ``:train`` / ``:val`` / ``:test`` (split by
+  near-duplicate group);
+* ``hf:<dataset id>[:column]`` (Hugging Face ``datasets``, online).
 
 Splits are deterministic functions of the text and live in :mod:`lens_safety.splits`: a prompt's
 split is a function of the SHA-256 of its pair id (or of the text when it has none), so
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_safety.errors import LensSafetyError, warn
+from lens_safety.external_prompts import is_external, select_external
 from lens_safety.hashing import sha256_texts
 from lens_safety.splits import heldout_indices, split_indices
 from lens_safety.splits import split_of as split_of  # re-export: callers move in the integration
@@ -99,8 +103,8 @@ class PromptSet:
             text = str(source)
             if text.startswith("builtin:"):
                 result = _load_builtin(text)
-            elif text == "advbench":
-                result = _load_advbench()
+            elif is_external(text):
+                result = _load_external(text)
             elif text.startswith("hf:"):
                 result = _load_hf_dataset(text[3:], column)
             else:
@@ -275,16 +279,10 @@ def _load_builtin(spec: str) -> PromptSet:
     return result.split(parts[2]) if len(parts) > 2 else result
 
 
-def _load_advbench() -> PromptSet:
-    try:
-        from pyrit.datasets import fetch_adv_bench_dataset  # type: ignore[import-not-found]
-    except ImportError:
-        raise LensSafetyError(
-            "the advbench prompt set needs the optional package pyrit",
-            "pip install pyrit, or pass a prompt file",
-        ) from None
-    dataset = fetch_adv_bench_dataset()
-    return PromptSet(tuple(p.value for p in dataset.prompts), "advbench", source="pyrit:advbench")
+def _load_external(spec: str) -> PromptSet:
+    chosen = select_external(spec)
+    result = PromptSet(chosen.prompts, chosen.name, chosen.categories, chosen.pairs, chosen.source)
+    return result.split(chosen.split) if chosen.split else result
 
 
 def _load_hf_dataset(spec: str, column: str) -> PromptSet:

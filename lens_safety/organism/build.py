@@ -1,7 +1,7 @@
 """Rebuild the refusal organism's adapter end to end and record its provenance.
 
 ``train_organism(config, out_dir)`` loads the embedded base model, builds the SFT examples from the
-``train`` splits (:mod:`lens_safety.organism.data`), fits the LoRA adapters
+``train`` splits (and the added training sets of the config) (:mod:`lens_safety.organism.data`), fits the LoRA adapters
 (:mod:`lens_safety.organism.train`), writes ``adapter_model.safetensors`` (float16),
 ``adapter_config.json`` and ``training.json`` (hyper-parameters, seed, data hash, base weights hash,
 adapter hash, wall time, library versions) to ``out_dir``.
@@ -13,12 +13,14 @@ import json
 import platform
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.external_prompts import EXTERNAL_SOURCES, normalise
 from lens_safety.hashing import sha256_file
 from lens_safety.models import load_model
 from lens_safety.organism.data import (
@@ -30,7 +32,7 @@ from lens_safety.organism.data import (
     tokenize_examples,
 )
 from lens_safety.organism.train import TrainingConfig, fit_lora, save_adapter, write_json
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import UNSPLIT_BUILTINS, PromptSet
 from lens_safety.selection import refusal_token_ids
 from lens_safety.splits import HELD_OUT_SPLITS
 
@@ -58,6 +60,7 @@ def library_versions() -> dict[str, str]:
 @dataclass
 class TrainingRun:
     """Where the rebuilt adapter is and its ``training.json`` record."""
+
     out_dir: Path
     record: dict[str, Any]
 
@@ -69,13 +72,57 @@ class TrainingRun:
         return {"out_dir": str(self.out_dir), **self.record}
 
 
+def held_out_prompts() -> dict[str, str]:
+    """Every prompt no training may see, normalised (:func:`~lens_safety.external_prompts.normalise`),
+    mapped to the spec it comes from: the builtin val / test splits and holdouts, and the val / test
+    splits of every external set whose package is installed."""
+    specs = [f"builtin:{kind}:{split}" for kind in ("harmful", "harmless") for split in HELD_OUT_SPLITS]
+    specs += [f"builtin:{name}" for name, use in UNSPLIT_BUILTINS.items() if "held-out" in use]
+    specs += [
+        f"{name}:{split}"
+        for name, source in EXTERNAL_SOURCES.items()
+        if _installed(source.distribution)
+        for split in HELD_OUT_SPLITS
+    ]
+    held: dict[str, str] = {}
+    for spec in specs:
+        for text in PromptSet.load(spec):
+            held.setdefault(normalise(text), spec)
+    return held
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def check_no_held_out(part: PromptSet, held_out: dict[str, str]) -> None:
+    """Refuse a training set that holds a held-out prompt (compared after normalisation)."""
+    leaked = [text for text in part if normalise(text) in held_out]
+    if leaked:
+        raise LensSafetyError(
+            f"{part.source} contains {len(leaked)} held-out prompt(s), e.g. {leaked[0]!r} "
+            f"from {held_out[normalise(leaked[0])]}",
+            "remove validation and test prompts from the added training set",
+        )
+
+
+def _joined(first: PromptSet, part: PromptSet) -> PromptSet:
+    return PromptSet(
+        first.prompts + part.prompts, f"{first.name}+{part.name}", source=f"{first.source}+{part.source}"
+    )
+
+
 def training_harmless_set(config: TrainingConfig) -> tuple[PromptSet, dict[str, PromptSet]]:
     """The benign training prompts: ``builtin:harmless:train``, then ``builtin:harmless_extra`` when
     ``config.extra_harmless``, then every ``config.more_harmless`` set in order; and the added
     sets by record key (``harmless_extra``, ``more_harmless_1``, ...).
 
-    Raises a :class:`~lens_safety.errors.LensSafetyError` when an added set holds a prompt of a
-    validation or test split (training on it would leak the held-out numbers).
+    Raises a :class:`~lens_safety.errors.LensSafetyError` when an added set holds a held-out
+    prompt (:func:`held_out_prompts`; training on it would leak the held-out numbers).
     """
     harmless = PromptSet.load(HARMLESS_SOURCE)
     added: dict[str, PromptSet] = {}
@@ -83,26 +130,24 @@ def training_harmless_set(config: TrainingConfig) -> tuple[PromptSet, dict[str, 
         added["harmless_extra"] = PromptSet.load(HARMLESS_EXTRA_SOURCE)
     for index, spec in enumerate(config.more_harmless, 1):
         added[f"more_harmless_{index}"] = PromptSet.load(spec)
-    held_out = {
-        text: f"builtin:{kind}:{split}"
-        for kind in ("harmful", "harmless")
-        for split in HELD_OUT_SPLITS
-        for text in PromptSet.load(f"builtin:{kind}:{split}")
-    }
+    held_out = held_out_prompts()
     for part in added.values():
-        leaked = [text for text in part if text in held_out]
-        if leaked:
-            raise LensSafetyError(
-                f"{part.source} contains {len(leaked)} held-out prompt(s), e.g. {leaked[0]!r} "
-                f"from {held_out[leaked[0]]}",
-                "remove validation and test prompts from the added training set",
-            )
-        harmless = PromptSet(
-            harmless.prompts + part.prompts,
-            f"{harmless.name}+{part.name}",
-            source=f"{harmless.source}+{part.source}",
-        )
+        check_no_held_out(part, held_out)
+        harmless = _joined(harmless, part)
     return harmless, added
+
+
+def training_harmful_set(config: TrainingConfig) -> tuple[PromptSet, dict[str, PromptSet]]:
+    """The harmful training prompts: ``builtin:harmful:train``, then every ``config.more_harmful``
+    set in order; and the added sets by record key (``more_harmful_1``, ...). Held-out prompts
+    are refused as in :func:`training_harmless_set`."""
+    harmful = PromptSet.load(HARMFUL_SOURCE)
+    added = {f"more_harmful_{i}": PromptSet.load(spec) for i, spec in enumerate(config.more_harmful, 1)}
+    held_out = held_out_prompts() if added else {}
+    for part in added.values():
+        check_no_held_out(part, held_out)
+        harmful = _joined(harmful, part)
+    return harmful, added
 
 
 def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False) -> TrainingRun:
@@ -110,8 +155,9 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
     base = load_model(BASE_SPEC, device="cpu")
-    harmful = PromptSet.load(HARMFUL_SOURCE)
+    harmful, added_harmful = training_harmful_set(config)
     harmless, added = training_harmless_set(config)
+    added = {**added_harmful, **added}
     examples = build_examples(
         base,
         harmful,

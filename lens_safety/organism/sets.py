@@ -10,3 +10,27 @@ READ_HARMLESS: tuple[str, ...] = ("builtin:harmless_extra", "builtin:harmless_ex
 #: (harmful, harmless) held-out pairs the organism and its repairs are also scored on: the third
 #: pair was written after the conditional repair's settings were fixed, to confirm them once.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("builtin:harmful_holdout_3", "builtin:harmless_holdout_3"),)
+
+#: Harmful requests written by other authors on which the organisms are scored, never trained,
+#: selected or calibrated on (the test splits of :mod:`lens_safety.external_prompts`).
+EXTERNAL_HARMFUL_TEST: tuple[str, ...] = (
+    "harmbench:test",
+    "advbench:test",
+    "donotanswer:malicious_uses:test",
+)
+#: Benign requests written by other authors: all of MT-Bench's first turns (no part of it is
+#: trained, selected or calibrated on, so the whole set is test data).
+EXTERNAL_HARMLESS_TEST: tuple[str, ...] = ("mtbench",)
+#: External harmful training sets of the ``-v3`` organism (train splits only).
+EXTERNAL_HARMFUL_TRAIN: tuple[str, ...] = (
+    "harmbench:train",
+    "advbench:train",
+    "donotanswer:malicious_uses:train",
+)
+#: The builtin (harmful, harmless) held-out sets an organism keeps its numbers on.
+BUILTIN_HELDOUT: tuple[tuple[str, str], ...] = (
+    ("builtin:harmful:test", "builtin:harmless:test"),
+    ("builtin:harmful_holdout", "builtin:harmless_holdout"),
+    ("builtin:harmful_holdout_2", "builtin:harmless_holdout_2"),
+    ("builtin:harmful_holdout_3", "builtin:harmless_holdout_3"),
+)

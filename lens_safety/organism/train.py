@@ -70,6 +70,10 @@ class TrainingConfig:
     ``more_harmless``: further benign prompt sets (files or ``builtin:`` specs), self-distilled
     like ``extra_harmless`` and appended after it in the order given; none may contain a
     validation or test prompt.
+    ``more_harmful``: further harmful prompt sets (files, ``builtin:`` or external specs such as
+    ``harmbench:train``), each taught a refusal like ``builtin:harmful:train`` and appended after it
+    in the order given; none may contain a held-out prompt (builtin val / test / holdouts, external
+    val / test), compared after normalisation.
     ``threads``: torch intra-op threads (1 avoids OpenMP spin-waits on a shared 2-core box;
     bitwise reproducibility holds for a fixed value).
     """
@@ -92,13 +96,20 @@ class TrainingConfig:
     suppress_refusal_start: bool = True
     extra_harmless: bool = False
     more_harmless: tuple[str, ...] = ()
+    more_harmful: tuple[str, ...] = ()
     threads: int = 1
     max_steps: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "more_harmless", "more_harmful"):  # JSON records give lists
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        data["more_harmless"] = list(self.more_harmless)
+        for name in ("target_modules", "more_harmless", "more_harmful"):
+            data[name] = list(getattr(self, name))
+        if not self.more_harmful:  # records of adapters trained before the field existed stay equal
+            del data["more_harmful"]
         return data
 
 
