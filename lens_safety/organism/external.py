@@ -1,0 +1,158 @@
+"""Refusal of a model on prompt sets, judged by several judges from one greedy generation.
+
+For each set, every prompt gets one greedy completion of ``max_new_tokens`` tokens; each judge
+labels every completion, and the rate ``(1/n) sum_i refused_i`` is reported with its 95% Wilson
+interval (:func:`lens_safety.evaluation.metrics.rate_of_completions`). On harmful sets the rate is
+the refusal rate, on harmless sets the over-refusal rate. Pooled rates concatenate the sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lens_safety.evaluation.bootstrap import wilson
+from lens_safety.evaluation.generation import generate
+from lens_safety.evaluation.metrics import RateResult, rate_of_completions
+from lens_safety.fsutil import write_file_atomic
+from lens_safety.models import ChatModel, load_model
+from lens_safety.organism.adapter import materialize_organism
+from lens_safety.organism.sets import BUILTIN_HELDOUT, EXTERNAL_HARMFUL_TEST, EXTERNAL_HARMLESS_TEST
+from lens_safety.prompts import PromptSet
+from lens_safety.selfcheck import require_sound_generation
+
+DEFAULT_JUDGES: tuple[str, ...] = ("substring", "substring-broad")
+
+
+@dataclass
+class SetRates:
+    """One prompt set's rates, one per judge, and its completions."""
+
+    spec: str
+    harmful: bool
+    metadata: dict[str, Any]
+    rates: dict[str, RateResult]
+    completions: list[str] = field(repr=False, default_factory=list)
+
+    def to_dict(self, with_completions: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "spec": self.spec,
+            "harmful": self.harmful,
+            "set": self.metadata,
+            "rates": {
+                judge: {
+                    "rate": r.rate,
+                    "refused": sum(r.refused),
+                    "n": r.n,
+                    "interval": [r.ci_low, r.ci_high],
+                    "judge": r.judge,
+                }
+                for judge, r in self.rates.items()
+            },
+        }
+        if with_completions:
+            prompts = next(iter(self.rates.values())).prompts
+            out["completions"] = [
+                {"prompt": p, "completion": c} for p, c in zip(prompts, self.completions, strict=True)
+            ]
+        return out
+
+
+@dataclass
+class SetsEvaluation:
+    """Rates of one model on several sets, and the pooled harmful / harmless rates per judge."""
+
+    model: str
+    max_new_tokens: int
+    sets: list[SetRates]
+    pooled: dict[str, dict[str, dict[str, Any]]]
+
+    def to_dict(self, with_completions: bool = False) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "max_new_tokens": self.max_new_tokens,
+            "decoding": "greedy",
+            "interval": "wilson",
+            "sets": [s.to_dict(with_completions) for s in self.sets],
+            "pooled": self.pooled,
+        }
+
+
+def judge_sets(
+    model: ChatModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    judges: Sequence[str] = DEFAULT_JUDGES,
+    max_new_tokens: int = 48,
+    progress: bool = False,
+    name: str = "model",
+) -> SetsEvaluation:
+    """Generate once per prompt of every set (specs for :meth:`PromptSet.load`), judge with every
+    judge (specs for :func:`~lens_safety.evaluation.judges.get_judge`), pool per class."""
+    results: list[SetRates] = []
+    for specs, harmful_class in ((harmful, True), (harmless, False)):
+        for spec in specs:
+            prompts = PromptSet.load(spec)
+            gens = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
+            rates = {
+                j: rate_of_completions(gens.completions, gens.prompt_of_completion, j, interval="wilson")
+                for j in judges
+            }
+            results.append(SetRates(spec, harmful_class, prompts.metadata(), rates, list(gens.completions)))
+    pooled: dict[str, dict[str, dict[str, Any]]] = {}
+    for label, harmful_class in (("harmful", True), ("harmless", False)):
+        chosen = [s for s in results if s.harmful == harmful_class]
+        if not chosen:
+            continue
+        pooled[label] = {}
+        for j in judges:
+            refused = [x for s in chosen for x in s.rates[j].refused]
+            estimate = wilson(refused)
+            pooled[label][j] = {
+                "rate": estimate.value,
+                "refused": sum(refused),
+                "n": estimate.n,
+                "interval": [estimate.ci_low, estimate.ci_high],
+                "sets": [s.spec for s in chosen],
+            }
+    return SetsEvaluation(name, max_new_tokens, results, pooled)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    """``python -m lens_safety.organism.external MODEL OUT.json [--builtin] [--judges a,b]``: the
+    external test sets (and with ``--builtin`` the builtin test split and holdouts), every judge."""
+    parser = argparse.ArgumentParser(prog="python -m lens_safety.organism.external")
+    parser.add_argument("model", help="model spec, or an adapter directory (merged into smollm2)")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--builtin", action="store_true", help="also the builtin test split and holdouts")
+    parser.add_argument("--judges", default=",".join(DEFAULT_JUDGES))
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    adapter = Path(args.model)
+    is_adapter = adapter.is_dir() and (adapter / "training.json").is_file()
+    model = load_model(materialize_organism(adapter, name="organism-candidate") if is_adapter else args.model)
+    require_sound_generation(model)
+    judges = args.judges.split(",")
+    groups = {"external": (EXTERNAL_HARMFUL_TEST, EXTERNAL_HARMLESS_TEST)}
+    if args.builtin:
+        groups["builtin"] = (tuple(h for h, _ in BUILTIN_HELDOUT), tuple(b for _, b in BUILTIN_HELDOUT))
+    record: dict[str, Any] = {"model": args.model}
+    for group, (harmful, harmless) in groups.items():
+        result = judge_sets(model, harmful, harmless, judges, args.max_new_tokens, True, args.model)
+        record[group] = result.to_dict(with_completions=True)
+        for one in result.sets:
+            print(group, one.spec, {j: f"{sum(r.refused)}/{r.n}" for j, r in one.rates.items()})
+        print(group, json.dumps(result.pooled))
+    write_file_atomic(args.out, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    _main()
