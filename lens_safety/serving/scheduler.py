@@ -14,8 +14,9 @@ the next one.
   overruns it is answered with :class:`RequestTimeout` (HTTP 504) and its result dropped (a
   generation in progress is not interrupted);
 * a handler that goes away (client disconnect) marks its job abandoned; the worker skips it;
-* :meth:`Scheduler.close` refuses new jobs (:class:`ShuttingDown`, HTTP 503), fails the queued
-  ones with the same error and waits for the step in progress to finish.
+* at shutdown, :meth:`Scheduler.abort` (when the grace period is over) answers every queued and
+  running job with :class:`ShuttingDown` (HTTP 503) at once; :meth:`Scheduler.close` refuses new
+  jobs, fails the queued ones the same way and waits for the step in progress to finish.
 """
 
 from __future__ import annotations
@@ -89,11 +90,17 @@ class Scheduler:
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="lens-safety-worker", daemon=True)
         self.in_flight = 0
+        self._current: list[Job] = []
         self.counts = {"answered": 0, "failed": 0, "rejected": 0, "timed_out": 0, "steps": 0}
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._thread.is_alive()
 
     @property
     def queued(self) -> int:
@@ -118,16 +125,28 @@ class Scheduler:
         finally:
             job.abandoned = True
 
-    def close(self, wait: float = 30.0) -> None:
-        """Refuse new jobs, fail the queued ones (ShuttingDown), wait up to ``wait`` s for the step."""
+    def abort(self) -> None:
+        """Refuse new jobs and answer every queued and running job with ShuttingDown now (the step
+        in progress runs on; its results are dropped)."""
         self._closed = True
+        for job in self._drain() + list(self._current):
+            self._resolve(job, ShuttingDown())
+
+    def _drain(self) -> list[Job]:
+        jobs: list[Job] = []
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return jobs
             if job is not None:
-                self._resolve(job, ShuttingDown())
+                jobs.append(job)
+
+    def close(self, wait: float = 30.0) -> None:
+        """Refuse new jobs, fail the queued ones (ShuttingDown), wait up to ``wait`` s for the step."""
+        self._closed = True
+        for job in self._drain():
+            self._resolve(job, ShuttingDown())
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(wait)
@@ -162,7 +181,7 @@ class Scheduler:
                     self._resolve(job, RequestTimeout())
             if not live:
                 continue
-            self.in_flight = len(live)
+            self.in_flight, self._current = len(live), live
             results: Sequence[Answer | BaseException]
             try:
                 results = self._answer([job.request for job in live])
@@ -172,7 +191,7 @@ class Scheduler:
             for job, result in zip(live, results, strict=True):
                 self.counts["failed" if isinstance(result, BaseException) else "answered"] += 1
                 self._resolve(job, result)
-            self.in_flight = 0
+            self.in_flight, self._current = 0, []
 
     def stats(self) -> dict[str, Any]:
         return {"queued": self.queued, "in_flight": self.in_flight, **self.counts}

@@ -3,10 +3,10 @@
 :func:`build_server` loads the model and its ranker (a ranker trained on another base model is
 refused), the generation engine, the scheduler and the optional audit log, and returns the ASGI
 application with its :class:`~lens_safety.serving.app.ServerState`. :func:`serve` runs it with
-uvicorn until SIGINT / SIGTERM: uvicorn stops listening, lets the requests in progress finish (up
-to ``shutdown_timeout`` seconds), then the application's shutdown fails what is still queued with
-503 and writes the audit log out. :class:`BackgroundServer` runs an application on a thread of the
-calling process (tests, notebooks, benchmarks).
+uvicorn until SIGINT / SIGTERM: the server stops listening, lets the requests in progress finish
+for up to ``shutdown_timeout`` seconds, answers those still waiting with 503 (none is dropped),
+then the application's shutdown stops the worker and writes the audit log out. :class:`BackgroundServer` runs an application on a thread of the
+calling process (tests, notebooks, benchmarks); both stop the same way (:class:`GracefulServer`).
 
 Why Starlette + uvicorn: the server needs three routes, a lifespan and full control of every error
 body (OpenAI's shape, including for non-UTF-8 and malformed JSON bodies, which a schema-validating
@@ -18,6 +18,7 @@ require.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import ipaddress
 import signal
@@ -35,6 +36,7 @@ from starlette.applications import Starlette
 
 from lens_safety.chat import ChatFormatter
 from lens_safety.errors import LensSafetyError, warn
+from lens_safety.evaluation.verdict import Judge
 from lens_safety.hashing import sha256_file
 from lens_safety.models import ChatModel, load_model
 from lens_safety.serving.app import ServerState, build_app, locked
@@ -82,11 +84,14 @@ class ServeConfig:
     request_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     audit_log: Path | None = None
-    audit_judge: str | None = None
+    audit_judge: str | Judge | None = None
     expose_candidates: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if self.audit_judge is not None and not isinstance(self.audit_judge, str):
+            out["audit_judge"] = self.audit_judge.name
+        return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
 
     def check(self) -> None:
         """Raise a one-line error for settings that cannot work."""
@@ -220,16 +225,7 @@ def serve(
         warn(f"serving on {config.host} without a bearer token: anyone who reaches it can use the model")
     model = load_model(model_spec, device=device, dtype=dtype, system_prompt=system_prompt)
     app, state = build_server(model, config, api_key)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level="warning",
-            timeout_graceful_shutdown=int(config.shutdown_timeout),
-            lifespan="on",
-        )
-    )
+    server = GracefulServer(app, config.host, config.port, config.shutdown_timeout)
     started = time.time()
     watcher = threading.Thread(target=_announce, args=(server, on_ready), daemon=True)
     watcher.start()
@@ -249,6 +245,36 @@ def serve(
         dict(state.scheduler.counts),
         state.audit.lines if state.audit is not None else None,
     )
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with the safeguard's shutdown: stop listening, give the requests in progress
+    ``grace`` seconds, then answer what is still unanswered with 503 (:meth:`Scheduler.abort`),
+    so no client sees a dropped connection; then the application's own shutdown runs."""
+
+    def __init__(self, app: Starlette, host: str, port: int, grace: float) -> None:
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(grace) + 10,
+            lifespan="on",
+        )
+        super().__init__(config)
+        self.grace = grace
+        self.state: ServerState | None = getattr(app.state, "serving", None)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.state is None:
+            await super().shutdown(sockets)
+            return
+        self.state.stopping = True
+        timer = asyncio.get_running_loop().call_later(self.grace, self.state.scheduler.abort)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
 
 @contextmanager
@@ -282,17 +308,8 @@ class BackgroundServer:
     shutdown runs). ``port=0`` takes a free port.
     """
 
-    def __init__(self, app: Any, port: int = 0, shutdown_timeout: float = 30.0) -> None:
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                timeout_graceful_shutdown=int(shutdown_timeout),
-                lifespan="on",
-            )
-        )
+    def __init__(self, app: Starlette, port: int = 0, shutdown_timeout: float = 30.0) -> None:
+        self.server = GracefulServer(app, "127.0.0.1", port, shutdown_timeout)
         self._thread = threading.Thread(target=self.server.run, name="lens-safety-server", daemon=True)
         self.port = port
 
