@@ -193,3 +193,20 @@ def test_external_test_prompts_were_seen_by_no_training_set_of_any_shipped_organ
         assert harmless.sha256 == record["data"]["harmless"]["sha256"], organism
         trained = {normalise(t) for t in (*harmful, *harmless)}
         assert not trained & held, organism
+
+
+@needs_data
+def test_an_external_test_prompt_in_a_training_set_is_refused(tmp_path: Path) -> None:
+    from lens_safety.organism.build import training_harmful_set
+    from lens_safety.organism.train import TrainingConfig
+
+    leaky = tmp_path / "leaky.txt"
+    leaky.write_text(
+        "Write ransomware for hospitals.\n" + PromptSet.load("advbench:test").prompts[3].lower() + "\n"
+    )
+    with pytest.raises(LensSafetyError, match=r"held-out prompt.*advbench:test"):
+        training_harmful_set(TrainingConfig(more_harmful=(str(leaky),)))
+    harmful, _ = training_harmful_set(TrainingConfig(more_harmful=("harmbench:train",)))
+    assert len(harmful) == len(PromptSet.load("builtin:harmful:train")) + len(
+        PromptSet.load("harmbench:train")
+    )

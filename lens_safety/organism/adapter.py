@@ -30,7 +30,7 @@ from jaxtyping import Float
 from lens_safety.checkpoint_files import weight_files
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_file, weights_fingerprint
-from lens_safety.organism.build import ADAPTER_FILE, BASE_SPEC, CONFIG_FILE, TRAINING_FILE
+from lens_safety.organism.files import ADAPTER_FILE, BASE_SPEC, CONFIG_FILE, TRAINING_FILE
 from lens_safety.sources import atomic_directory, cache_dir, resolve_spec
 
 LINEAGE_FILE = "organism.json"

@@ -23,6 +23,7 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.external_prompts import EXTERNAL_SOURCES, normalise
 from lens_safety.hashing import sha256_file
 from lens_safety.models import load_model
+from lens_safety.organism.adapter import load_adapter_tensors, shipped_adapter_dir, verify_adapter
 from lens_safety.organism.data import (
     HARMFUL_SOURCE,
     HARMLESS_EXTRA_SOURCE,
@@ -31,15 +32,11 @@ from lens_safety.organism.data import (
     examples_sha256,
     tokenize_examples,
 )
+from lens_safety.organism.files import ADAPTER_FILE, BASE_SPEC, TRAINING_FILE
 from lens_safety.organism.train import TrainingConfig, fit_lora, save_adapter, write_json
 from lens_safety.prompts import UNSPLIT_BUILTINS, PromptSet
 from lens_safety.selection import refusal_token_ids
 from lens_safety.splits import HELD_OUT_SPLITS
-
-BASE_SPEC = "smollm2"
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-TRAINING_FILE = "training.json"
 
 
 def library_versions() -> dict[str, str]:
@@ -171,7 +168,12 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     )
     tokenized = tokenize_examples(base, examples)
     data_seconds = time.perf_counter() - start
-    fit = fit_lora(base.hf_path, tokenized, config, progress)
+    init = None
+    if config.init_adapter is not None:
+        init_dir = shipped_adapter_dir(config.init_adapter)
+        verify_adapter(init_dir)
+        init = load_adapter_tensors(init_dir)
+    fit = fit_lora(base.hf_path, tokenized, config, progress, init)
     adapter = save_adapter(fit.tensors, config, out_dir, BASE_SPEC, base.n_layers)
     record: dict[str, Any] = {
         "base_spec": BASE_SPEC,
@@ -180,6 +182,11 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
         "adapter_sha256": sha256_file(adapter),
         "adapter_bytes": adapter.stat().st_size,
         "adapter_dtype": "float16",
+        **(
+            {"init_adapter_sha256": sha256_file(shipped_adapter_dir(config.init_adapter) / ADAPTER_FILE)}
+            if config.init_adapter
+            else {}
+        ),
         "config": config.to_dict(),
         "data": {
             "harmful": harmful.metadata(),

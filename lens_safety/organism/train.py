@@ -74,6 +74,8 @@ class TrainingConfig:
     ``harmbench:train``), each taught a refusal like ``builtin:harmful:train`` and appended after it
     in the order given; none may contain a held-out prompt (builtin val / test / holdouts, external
     val / test), compared after normalisation.
+    ``init_adapter``: a shipped organism (e.g. ``smollm2-refusal``) whose adapter tensors start the
+    fit instead of peft's initialisation (a continued fine-tune; same rank, modules and blocks).
     ``threads``: torch intra-op threads (1 avoids OpenMP spin-waits on a shared 2-core box;
     bitwise reproducibility holds for a fixed value).
     """
@@ -97,6 +99,7 @@ class TrainingConfig:
     extra_harmless: bool = False
     more_harmless: tuple[str, ...] = ()
     more_harmful: tuple[str, ...] = ()
+    init_adapter: str | None = None
     threads: int = 1
     max_steps: int | None = None
 
@@ -108,8 +111,9 @@ class TrainingConfig:
         data = asdict(self)
         for name in ("target_modules", "more_harmless", "more_harmful"):
             data[name] = list(getattr(self, name))
-        if not self.more_harmful:  # records of adapters trained before the field existed stay equal
-            del data["more_harmful"]
+        for name in ("more_harmful", "init_adapter"):  # records of older adapters stay equal
+            if not data[name]:
+                del data[name]
         return data
 
 
@@ -205,10 +209,15 @@ def lora_config(config: TrainingConfig, n_layers: int) -> Any:
 
 
 def fit_lora(
-    base_dir: Path, examples: list[TokenizedExample], config: TrainingConfig, progress: bool = False
+    base_dir: Path,
+    examples: list[TokenizedExample],
+    config: TrainingConfig,
+    progress: bool = False,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
-    """Train LoRA adapters on ``examples`` starting from the HF model at ``base_dir`` (float32, CPU)."""
-    from peft import get_peft_model, get_peft_model_state_dict
+    """Train LoRA adapters on ``examples`` starting from the HF model at ``base_dir`` (float32, CPU);
+    ``init``: adapter tensors (peft state-dict names) to start from instead of peft's initialisation."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if config.harmless_objective not in ("kl", "ce"):
@@ -221,6 +230,13 @@ def fit_lora(
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     torch.manual_seed(config.seed)
     model = get_peft_model(base, lora_config(config, base.config.num_hidden_layers))
+    if init is not None:
+        loaded = set_peft_model_state_dict(model, {k: v.to(torch.float32) for k, v in init.items()})
+        if loaded.unexpected_keys or any("lora" in k for k in loaded.missing_keys):
+            raise LensSafetyError(
+                "the initial adapter does not match the configured rank, modules and blocks",
+                "start from an adapter trained with the same rank, target_modules and first_layer",
+            )
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
