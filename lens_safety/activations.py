@@ -155,13 +155,14 @@ def _read_batch(
             f"position {min(positions)} is before the start of a {width}-token prompt",
             "use positions closer to the end",
         )
-    index = torch.tensor(positions, device=model.device)
+    index = torch.tensor(positions)  # moved to each hook's device (blocks may sit on several)
     captured: dict[int, torch.Tensor] = {}
     last = max(layers)
 
     def make_hook(layer: int) -> Any:
         def read(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-            captured[layer] = activation.index_select(1, index + activation.shape[1]).float().cpu()
+            where = index.to(activation.device) + activation.shape[1]
+            captured[layer] = activation.index_select(1, where).float().cpu()
             if layer == last:  # nothing deeper is needed: skip the rest of the model
                 raise _StopForward
             return activation

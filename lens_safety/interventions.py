@@ -5,6 +5,8 @@ the hooks sit on the bridge's hook points inside the wrapped HF modules, so ever
 edited as it is produced. Hooks are always removed on exit (``finally``).
 
 Vectors are in the raw HF residual basis (``blocks.{l}.hook_resid_pre`` = HF ``hidden_states[l]``).
+On a model split across devices (``load_model(..., device_map=...)``) each hook meets the residual
+stream on its own block's device; the vector is moved there (and cast to the activation's dtype).
 
 * :func:`add_direction` — activation addition, ``x^(l) <- x^(l) + c r`` at one layer, all positions;
 * :func:`ablate_direction` — directional ablation, ``x <- x - r_hat (r_hat^T x - m_l)`` at every layer
@@ -48,10 +50,12 @@ def add_direction(
     """
     if not 0 <= layer < model.n_layers:
         raise LensSafetyError(f"layer {layer} out of range", f"use 0..{model.n_layers - 1}")
-    vec = _as_vector(model, vector).to(model.device)
+    scaled = coeff * _as_vector(model, vector)
+    on_device = {str(device): scaled.to(device) for device in model.devices}
 
     def add(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-        return activation + (coeff * vec).to(activation.dtype)
+        vec = on_device.get(str(activation.device), scaled)
+        return activation + vec.to(activation.device, activation.dtype)
 
     with model.bridge.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", add)]):
         yield
@@ -83,17 +87,18 @@ def ablate_direction(
         reference: ``m_l``, the projection each position is set to: ``0`` (plain ablation, the
             inference-time twin of weight orthogonalisation) or per-layer values (affine ablation).
     """
-    vec = _as_vector(model, direction).to(model.device, torch.float32)
+    vec = _as_vector(model, direction).to(torch.float32)
     norm = vec.norm()
     if norm == 0:
         raise LensSafetyError("cannot ablate a zero direction", "use a non-zero direction")
     unit = vec / norm
+    on_device = {str(device): unit.to(device) for device in model.devices}
 
     def make(layer: int) -> Any:
         offset = float(reference.get(layer, 0.0)) if isinstance(reference, Mapping) else float(reference)
 
         def ablate(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-            u = unit.to(activation.dtype)
+            u = on_device.get(str(activation.device), unit).to(activation.device, activation.dtype)
             projection = activation @ u
             return activation - (projection - offset).unsqueeze(-1) * u
 

@@ -28,6 +28,7 @@ from lens_safety.bridge_cache import install_cache_alias
 from lens_safety.chat import ChatFormatter
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import weights_fingerprint
+from lens_safety.placement import device_map_of, execution_devices, input_device
 from lens_safety.sources import resolve_spec
 
 _DTYPES = {
@@ -84,7 +85,18 @@ class ChatModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the token embedding's execution device (see :mod:`lens_safety.placement`)."""
+        return input_device(self.hf_model)
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """Every device the model computes on (one unless loaded with ``device_map``)."""
+        return execution_devices(self.hf_model)
+
+    @property
+    def device_map(self) -> dict[str, str | int] | None:
+        """accelerate's realised placement (module -> device or ``"disk"``), ``None`` on one device."""
+        return device_map_of(self.hf_model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,7 +155,36 @@ def _default_device() -> str:
     return "cpu"
 
 
-def _boot(hf_path: Path, device: str, dtype: torch.dtype, trust_remote_code: bool, tokenizer: Any) -> Any:
+#: accelerate placement of a dispatched load: ``device_map``, ``max_memory``, ``offload_folder``
+Placement = dict[str, Any]
+
+
+def _placement(
+    device: str | None,
+    device_map: str | dict[str, str | int] | None,
+    max_memory: dict[str | int, str | int] | None,
+    offload_folder: str | os.PathLike[str] | None,
+) -> Placement:
+    """``boot_transformers`` placement arguments; one device unless ``device_map`` is given."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise LensSafetyError(
+                "max_memory and offload_folder only apply to a split model", 'pass device_map="auto" too'
+            )
+        return {"device": device or _default_device()}
+    if device is not None:
+        raise LensSafetyError(f"device={device!r} and device_map are mutually exclusive", "pass one of them")
+    placement: Placement = {"device_map": device_map}
+    if max_memory is not None:
+        placement["max_memory"] = dict(max_memory)
+    if offload_folder is not None:
+        placement["offload_folder"] = str(offload_folder)
+    return placement
+
+
+def _boot(
+    hf_path: Path, placement: Placement, dtype: torch.dtype, trust_remote_code: bool, tokenizer: Any
+) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
     config = json.loads((hf_path / "config.json").read_text())
@@ -153,13 +194,20 @@ def _boot(hf_path: Path, device: str, dtype: torch.dtype, trust_remote_code: boo
             warnings.simplefilter("ignore")
             return TransformerBridge.boot_transformers(
                 str(hf_path),
-                device=device,
                 dtype=dtype,
                 tokenizer=tokenizer,
                 trust_remote_code=trust_remote_code,
+                **placement,
             )
     except (ValueError, KeyError, NotImplementedError) as exc:
         text = str(exc)
+        if any(word in text for word in ("device_map", "n_devices", "Multi-device", "offload")):
+            raise LensSafetyError(
+                f"TransformerBridge cannot place {arch} with device_map={placement.get('device_map')!r}: "
+                f"{text.splitlines()[0] if text else type(exc).__name__}",
+                "give the GPUs enough max_memory for the whole model (all-GPU map), or split it "
+                "between cpu and disk only (max_memory={'cpu': ...}) on a CPU machine",
+            ) from None
         if "supported architecture" in text or "not supported" in text.lower() or isinstance(exc, KeyError):
             raise LensSafetyError(
                 f"architecture {arch} is not supported by TransformerLens' TransformerBridge",
@@ -185,6 +233,9 @@ def load_model(
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, str | int] | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     compatibility_mode: bool = False,
     system_prompt: str | None = None,
     chat_template: bool = True,
@@ -198,6 +249,15 @@ def load_model(
             HF directory, a ``.gguf`` file or a hub id.
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
         dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``"auto"`` (the checkpoint's dtype).
+        device_map: split the model with accelerate instead of placing it on ``device``:
+            ``"auto"``, ``"balanced"``, ``"sequential"`` or an explicit ``{module: device}`` map.
+            TransformerBridge accepts all-GPU maps and, on a CPU machine, maps of ``cpu`` and
+            ``disk`` (offloaded weights are read from the checkpoint's own safetensors at each
+            call); see :mod:`lens_safety.placement`.
+        max_memory: per-device budgets for ``device_map``, e.g. ``{0: "70GiB", 1: "70GiB"}`` or
+            ``{"cpu": "8GiB"}`` (the rest goes to disk).
+        offload_folder: where accelerate writes disk-offloaded weights that are not stored as
+            safetensors (default: its own temporary folder).
         compatibility_mode: apply TransformerLens weight processing (irreversible, costs memory;
             see the module docstring). Off by default.
         system_prompt: default system prompt of the chat formatter.
@@ -216,7 +276,13 @@ def load_model(
         use_chat_template=chat_template,
         max_length=context_length(config),
     )
-    bridge = _boot(hf_path, device or _default_device(), torch_dtype, trust_remote_code, tokenizer)
+    placement = _placement(device, device_map, max_memory, offload_folder)
+    if compatibility_mode and device_map is not None:
+        raise LensSafetyError(
+            "compatibility mode rewrites every weight in memory and cannot run on a split model",
+            "load on one device for compatibility mode, or leave it off (every lens-safety function works without it)",
+        )
+    bridge = _boot(hf_path, placement, torch_dtype, trust_remote_code, tokenizer)
     bridge.original_model.eval()
     install_cache_alias(bridge)
     facts = architecture_facts(bridge)

@@ -38,11 +38,13 @@ from typing import Any, Literal
 
 import torch
 
+from lens_safety.architecture import clean_hf_name
 from lens_safety.checkpoint_files import weight_files
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import completion_length, end_of_sequence_ids, generate
 from lens_safety.fsutil import write_file_atomic
 from lens_safety.models import ChatModel
+from lens_safety.placement import placement_kwargs, read_parameter
 from lens_safety.sources import cache_dir
 
 #: the two instructions of the check (different lengths, so the batch is left-padded)
@@ -95,8 +97,11 @@ class GenerationCheck:
 def _vanilla_reference(model: ChatModel, rows: list[list[int]], eos: set[int]) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    vanilla: Any = AutoModelForCausalLM.from_pretrained(str(model.hf_path), dtype=model.dtype)
-    vanilla.to(model.device).eval()
+    placement = placement_kwargs(model.hf_model)
+    vanilla: Any = AutoModelForCausalLM.from_pretrained(str(model.hf_path), dtype=model.dtype, **placement)
+    if not placement:
+        vanilla.to(model.device)
+    vanilla.eval()
     out = []
     with torch.inference_mode():
         for row in rows:
@@ -212,10 +217,14 @@ _CODE = ("bridge_cache.py", "chat.py", "models.py", "selfcheck.py", "evaluation/
 
 def _loaded_weights_sample(model: ChatModel) -> str:
     """SHA-256 of about 4096 evenly strided entries of every parameter as loaded in memory, so a
-    model edited in place after loading does not match the record of its checkpoint."""
+    model edited in place after loading does not match the record of its checkpoint (an offloaded
+    parameter, read from the checkpoint at each call, is sampled as materialised)."""
     digest = hashlib.sha256()
+    offloaded = {name for name, param in model.hf_model.named_parameters() if param.device.type == "meta"}
     with torch.no_grad():
         for name, param in model.hf_model.named_parameters():
+            if name in offloaded:
+                param = read_parameter(model.hf_model, clean_hf_name(name))
             flat = param.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float64)
             digest.update(name.encode() + sample.numpy().tobytes())
@@ -233,6 +242,7 @@ def check_key(model: ChatModel, reference: str) -> str:
         "loaded": _loaded_weights_sample(model),
         "spec": model.spec,
         "device": str(model.device),
+        "device_map": model.device_map,
         "dtype": str(model.dtype),
         "compatibility_mode": model.compatibility_mode,
         "reference": reference,

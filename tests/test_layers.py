@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lens_safety.sources",
             "lens_safety.architecture",
             "lens_safety.placement",
+            "lens_safety.placement",
             "lens_safety.bridge_cache",
             "lens_safety.models",
             "lens_safety.chat",

@@ -231,7 +231,7 @@ def generate(
     counts: list[int] = []
     truncated: list[bool] = []
     token_ids: list[list[int]] = []
-    devices = [model.device] if model.device.type == "cuda" else []
+    devices = [device for device in model.devices if device.type == "cuda"]
     started = time.perf_counter()
     with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
         if seed is not None:

@@ -129,7 +129,7 @@ def read_token_states(
 
     def make_hook(layer: int) -> Any:
         def read(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-            gather = index.unsqueeze(-1).expand(-1, -1, activation.shape[-1])
+            gather = index.to(activation.device).unsqueeze(-1).expand(-1, -1, activation.shape[-1])
             captured[layer] = activation.gather(1, gather).float().cpu()
             if layer == deepest:
                 raise _Done
