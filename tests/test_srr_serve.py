@@ -75,21 +75,25 @@ def hf_model(tiny_dirs: dict[str, Path]) -> Any:
     return AutoModelForCausalLM.from_pretrained(str(tiny_dirs["llama"]), dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def served(
-    tiny: ChatModel, rankers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Any]:
-    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    config = ServeConfig(
+def audited(rankers: dict[str, Path], audit: Path, judge: Any) -> ServeConfig:
+    """4 candidates of 8 tokens, candidates in the response, an audit log judged by ``judge``."""
+    return ServeConfig(
         ranker=rankers["with_instruction"],
         n=4,
         max_tokens=8,
         served_name="tiny",
         expose_candidates=True,
         audit_log=audit,
-        audit_judge=vowel_judge(),
+        audit_judge=judge,
     )
-    app, state = build_server(tiny, config, api_key=KEY)
+
+
+@pytest.fixture(scope="module")
+def served(
+    tiny: ChatModel, rankers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    app, state = build_server(tiny, audited(rankers, audit, vowel_judge()), api_key=KEY)
     with BackgroundServer(app) as server:
         server.audit_path = audit
         server.state = state
@@ -384,16 +388,7 @@ def test_audit_log_records_scores_choices_and_judge_verdicts(
 ) -> None:
     audit = tmp_path / "audit.jsonl"
     judge = vowel_judge()
-    config = ServeConfig(
-        ranker=rankers["with_instruction"],
-        n=4,
-        max_tokens=8,
-        served_name="tiny",
-        expose_candidates=True,
-        audit_log=audit,
-        audit_judge=judge,
-    )
-    app, _ = build_server(tiny, config)
+    app, _ = build_server(tiny, audited(rankers, audit, judge))
     with BackgroundServer(app) as server:
         answers = [ask(server, p, seed=i) for i, p in enumerate(PROMPTS[:3])]
         off = ask(server, PROMPTS[0], seed=9, safeguard="off")

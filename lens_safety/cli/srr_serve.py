@@ -123,5 +123,6 @@ def serve_command(
         counts = result.counts
         typer.echo(
             f"stopped after {result.seconds:.0f} s: {counts['answered']} answered, {counts['failed']} failed, "
-            f"{counts['rejected']} rejected (queue full), {counts['timed_out']} timed out"
+            f"{counts['rejected']} rejected (queue full), {counts['timed_out']} timed out, "
+            f"{counts['dropped']} finished after their client stopped waiting"
         )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,7 +118,7 @@ class Safeguard:
 
     def __init__(self, model: ChatModel, ranker: SafetyRanker, engine: Engine) -> None:
         if ranker.base_model is not None:
-            check_base_model(ranker.base_model, model.identity(), model.hf_path)
+            check_base_model(ranker.base_model, model.identity(), Path("<in memory>"))
         config = ranker.config
         if config.features != "text" and config.layer is None:
             raise LensSafetyError(

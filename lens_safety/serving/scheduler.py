@@ -91,7 +91,9 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="lens-safety-worker", daemon=True)
         self.in_flight = 0
         self._current: list[Job] = []
-        self.counts = {"answered": 0, "failed": 0, "rejected": 0, "timed_out": 0, "steps": 0}
+        #: answered / failed: settled by the worker; dropped: finished after its client stopped waiting
+        #: (timeout, shutdown); rejected: queue full; timed_out: answered 504
+        self.counts = {"answered": 0, "failed": 0, "dropped": 0, "rejected": 0, "timed_out": 0, "steps": 0}
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -189,7 +191,8 @@ class Scheduler:
                 results = [exc] * len(live)
             self.counts["steps"] += 1
             for job, result in zip(live, results, strict=True):
-                self.counts["failed" if isinstance(result, BaseException) else "answered"] += 1
+                failed = isinstance(result, BaseException)
+                self.counts["dropped" if job.abandoned else "failed" if failed else "answered"] += 1
                 self._resolve(job, result)
             self.in_flight, self._current = 0, []
 
