@@ -162,7 +162,8 @@ def conditional_rosi_cmd(
 ) -> None:
     """Conditional ROSI: W <- (I + alpha s_hat g^T) W on blocks start..end-1; export a verified HF model.
 
-    Use --direction with the PARENT's saved direction to repair an abliterated child.
+    Use --direction with the PARENT's saved direction to repair an abliterated child. Refusal
+    (calibration on val, before/after on test) is judged by the substring judge.
     """
     the_layer = parse_layer(layer)
     grid = parse_injections(injection, injections)

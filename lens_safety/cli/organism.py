@@ -357,7 +357,10 @@ def demo_cmd(
     heldout: HeldoutOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Organism -> refusal direction -> abliteration -> ROSI / conditional-ROSI repair -> the base, held out."""
+    """Organism -> refusal direction -> abliteration -> ROSI / conditional-ROSI repair -> the base, held out.
+
+    Every refusal rate is judged by the substring judge.
+    """
     overrides = _demo_overrides(alphas, blocks, targets, starts, injections, read_harmless, heldout, limit)
     if injections is not None:
         overrides["relative_injections"] = None  # given in projection units

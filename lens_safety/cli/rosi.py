@@ -87,6 +87,7 @@ def rosi(
 
     --system-prompt is used when FITTING the direction only (ROSI's recipe for models that barely
     refuse); calibration and before/after measurements use the model's default formatting.
+    Refusal is judged by the substring judge (calibration on val, before/after on test).
     """
     _run("rosi", locals())
 
@@ -113,7 +114,10 @@ def ablate(
     dtype: DtypeOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Weight orthogonalisation (abliteration): W <- (I - s s^T) W on every writer, embeddings included."""
+    """Weight orthogonalisation (abliteration): W <- (I - s s^T) W on every writer, embeddings included.
+
+    Refusal before/after on the test split is judged by the substring judge.
+    """
     _run("orthogonalize", locals())
 
 

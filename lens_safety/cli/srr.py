@@ -46,7 +46,11 @@ JailbreakOpt = Annotated[
 ]
 JudgeOpt = Annotated[
     str,
-    typer.Option("--judge", help="Refusal judge: substring, substring-strict, substring-broad or hf:<id>."),
+    typer.Option(
+        "--judge",
+        help="Refusal judge that labels the candidates (refused = safe): substring, substring-strict, "
+        "substring-broad or hf:<id>.",
+    ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 LimitOpt = Annotated[
