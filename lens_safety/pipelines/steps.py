@@ -172,6 +172,8 @@ def before_after(
         "harmless_refusal": {"before": before[1], "after": after[1]},
         "n_test": [len(test[0]), len(test[1])],
         "judge": TEST_JUDGE,
+        "question": "refusal",
+        "prompts": {"harmful": test[0].name, "harmless": test[1].name},
         "max_new_tokens": max_new_tokens,
     }
 
