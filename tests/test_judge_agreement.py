@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_runner import run_cli as run
+from tiny_guard import make_tiny_guard
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.agreement import judge_agreement, read_labelled
@@ -69,16 +70,7 @@ def _check_counts(data: dict[str, object], decided: list[bool], labels: list[boo
 
 @pytest.fixture(scope="module")
 def guard_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
-    from test_guard_judge import GUARD_TEMPLATE
-    from transformers import AutoTokenizer
-
-    from lens_safety.testing import make_tiny_model
-
-    out = make_tiny_model("llama", tmp_path_factory.mktemp("agreement") / "tiny-guard", smollm2_dir, seed=3)
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
-    tokenizer.chat_template = GUARD_TEMPLATE
-    tokenizer.save_pretrained(str(out))
-    return out
+    return make_tiny_guard(tmp_path_factory.mktemp("agreement") / "tiny-guard", smollm2_dir)
 
 
 def test_reads_prompts_and_either_label_kind(tmp_path: Path) -> None:

@@ -105,6 +105,28 @@ def evaluate(
     completions_out: Annotated[
         Path | None, typer.Option("--completions-out", help="Write every completion to this .jsonl file.")
     ] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare",
+            help="Edited model(s) (exported directory or spec) to evaluate with the same settings and "
+            "show next to MODEL in ROSI's table: harm refusal, benign compliance, jailbreak success, utility.",
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label", help="Name of each model in the table (repeat: MODEL first, then --compare)."
+        ),
+    ] = None,
+    card: Annotated[
+        bool,
+        typer.Option(
+            "--card",
+            help="Record the table (and utility before/after) in the model card of the one --compare model, "
+            "a lens-safety export (its edit.json and README.md).",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -113,7 +135,8 @@ def evaluate(
     json: JsonOpt = False,
 ) -> None:
     """Refusal, over-refusal, damage, cross-entropy, optional KL to a reference, jailbreak ASR (greedy),
-    optional utility benchmarks; every rate names its judge (default: substring) and prompt set."""
+    optional utility benchmarks; every rate names its judge (default: substring) and prompt set.
+    With --compare: ROSI's table of MODEL and the edited model(s) side by side."""
     from lens_safety.evaluation import evaluate_model, load_jailbreak_templates
     from lens_safety.evaluation.judges import get_judges
     from lens_safety.prompts import PromptSet
@@ -128,24 +151,46 @@ def evaluate(
     templates = load_jailbreak_templates(jailbreak_source) if jailbreaks else None
     if utility_limit is not None and utility_limit < 1:
         raise LensSafetyError(f"--utility-limit must be >= 1, got {utility_limit}", "pass a positive limit")
+    if label and len(label) != 1 + len(compare or []):
+        raise LensSafetyError(
+            f"{len(label)} --label for {1 + len(compare or [])} models",
+            "give one --label per model (MODEL first, then each --compare), or none",
+        )
+    if (label or card) and not compare:
+        raise LensSafetyError("--label and --card need --compare", "drop them or add --compare EDITED")
+    if card:
+        from lens_safety.model_card import check_recordable
+
+        if compare is None or len(compare) != 1:
+            raise LensSafetyError("--card records one comparison", "give exactly one --compare with --card")
+        check_recordable(compare[0], CARD_KEYS, overwrite)
     judges = get_judges(judge)
     loaded = load_cli_model(model, device, dtype, no_chat_template, system_prompt, selfcheck=True)
     ref = load_cli_model(reference, device, dtype, no_chat_template, system_prompt) if reference else None
-    result = evaluate_model(
-        loaded,
-        harmful_set,
-        harmless_set,
-        reference=ref,
-        judge=judges,
-        jailbreak_templates=templates,
-        jailbreak_prompts=jailbreak_prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=True,
-        utility_tasks=utility,
-        utility_limit=utility_limit,
-        utility_include=utility_include,
-    )
+    settings: dict[str, Any] = {
+        "harmful": harmful_set,
+        "harmless": harmless_set,
+        "reference": ref,
+        "judge": judges,
+        "jailbreak_templates": templates,
+        "jailbreak_prompts": jailbreak_prompts,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "progress": True,
+        "utility_tasks": utility,
+        "utility_limit": utility_limit,
+        "utility_include": utility_include,
+    }
+    if compare:
+        edited = [
+            load_cli_model(m, device, dtype, no_chat_template, system_prompt, selfcheck=True) for m in compare
+        ]
+        names = label or [m.spec for m in (loaded, *edited)]
+        _compare(
+            [loaded, *edited], names, settings, completions_out, json, compare[0] if card else None, overwrite
+        )
+        return
+    result = evaluate_model(loaded, **settings)
     if completions_out is not None:
         write_jsonl(completions_out, result.records())
     if result.degeneration is not None and not result.trustworthy:
@@ -156,40 +201,101 @@ def evaluate(
     _print_summary(loaded.spec, result.summary(), result.to_dict(include_completions=False))
 
 
-def _print_summary(name: str, summary: dict[str, Any], full: dict[str, Any]) -> None:
+CARD_KEYS = ("table", "utility")
+
+
+def _compare(
+    models: list[Any],
+    labels: list[str],
+    settings: dict[str, Any],
+    completions_out: Path | None,
+    json: bool,
+    card: str | None,
+    overwrite: bool,
+) -> None:
+    from lens_safety.evaluation.table import compare_models
+
+    comparison = compare_models(models, labels, **settings)
+    if card is not None:
+        from lens_safety.model_card import record_measurements
+
+        entries: dict[str, Any] = {"table": comparison.table.to_dict()}
+        base, edited = comparison.evaluations
+        if base.utility is not None and edited.utility is not None:
+            entries["utility"] = {"before": base.utility.to_dict(), "after": edited.utility.to_dict()}
+        readme = record_measurements(card, entries, overwrite=overwrite)
+        typer.echo(f"recorded in {readme}", err=True)
+    if completions_out is not None:
+        records = [
+            {"model": name, **record}
+            for name, result in zip(comparison.table.labels, comparison.evaluations, strict=True)
+            for record in result.records()
+        ]
+        write_jsonl(completions_out, records)
+    for result in comparison.evaluations:
+        if result.degeneration is not None and not result.trustworthy:
+            typer.echo(f"warning: {result.model.get('spec')}: {result.degeneration.message()}", err=True)
+    if json:
+        print_json(comparison.to_dict())
+        return
+    print_table(comparison.table)
+
+
+def print_table(table: Any) -> None:
+    """ROSI's table (a :class:`~lens_safety.evaluation.table.RosiTable`) as a rich table, then one
+    note per column naming its instrument."""
     from rich.table import Table
 
-    question = (
-        " (harm question: refusal rate = fraction judged safe)" if full["judge_question"] == "harm" else ""
-    )
-    table = Table(title=f"lens-safety eval: {name}", caption=f"judge: {full['judge']}{question}")
-    for column in ("metric", "value", "95% CI", "n"):
+    out = Table(title="lens-safety: models side by side")
+    out.add_column("model")
+    for column in table.columns:
+        out.add_column(column.title)
+    for name, row in zip(table.labels, table.cells, strict=True):
+        out.add_row(name, *[cell.text() for cell in row])
+    console = stdout_console()
+    console.print(out)
+    for note in table.notes():
+        console.print(note, soft_wrap=True, highlight=False)
+
+
+def _measured_by(entry: dict[str, Any]) -> str:
+    """``judge (question) on prompts`` of a judged rate; '' for the other metrics."""
+    if not entry.get("judge"):
+        return ""
+    return f"{entry['judge']} ({entry.get('question', 'refusal')}) on {entry.get('prompts')}"
+
+
+def _rate_table(title: str, rates: dict[str, Any], caption: str | None = None) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption)
+    for column in ("metric", "value", "95% CI", "n", "judge (question) on prompts"):
         table.add_column(column)
-    for key, entry in summary.items():
-        if entry is not None:
+    for key, entry in rates.items():
+        if isinstance(entry, dict) and "value" in entry:
             table.add_row(
                 key,
                 f"{entry['value']:.4f}" + (" (untrustworthy)" if entry.get("untrustworthy") else ""),
                 f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]",
                 str(entry["n"]),
+                _measured_by(entry),
             )
-    stdout_console().print(table)
+    return table
+
+
+def _print_summary(name: str, summary: dict[str, Any], full: dict[str, Any]) -> None:
+    question = (
+        " (harm question: refusal rate = fraction judged safe)" if full["judge_question"] == "harm" else ""
+    )
+    caption = f"judge: {full['judge']}{question}"
+    stdout_console().print(_rate_table(f"lens-safety eval: {name}", summary, caption))
     _print_panel(full)
 
 
 def _print_panel(full: dict[str, Any]) -> None:
-    from rich.table import Table
-
     console = stdout_console()
     for judge, rates in (full.get("judges") or {}).items():
-        table = Table(title=f"judge {judge} (question: {rates['question']})")
-        for column in ("metric", "value", "95% CI", "n"):
-            table.add_column(column)
-        for key, entry in rates.items():
-            if isinstance(entry, dict):
-                ci = f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
-                table.add_row(key, f"{entry['value']:.4f}", ci, str(entry["n"]))
-        console.print(table)
+        console.print(_rate_table(f"judge {judge} (question: {rates['question']})", rates))
     for pair in full.get("judge_agreement") or []:
         a = pair["agreement"]
         console.print(
@@ -199,7 +305,10 @@ def _print_panel(full: dict[str, Any]) -> None:
     for task, result in ((full.get("utility") or {}).get("tasks") or {}).items():
         for metric, entry in result["metrics"].items():
             stderr = f" ± {entry['stderr']:.4f}" if entry["stderr"] is not None else ""
-            console.print(f"utility {task} {metric}: {entry['value']:.4f}{stderr} (n={result['n']}, lm-eval)")
+            console.print(
+                f"utility {task} {metric}: {entry['value']:.4f}{stderr} "
+                f"(n={result['n']}, limit={result['limit']}, lm-evaluation-harness)"
+            )
 
 
 @app.command("judge-agreement")
@@ -258,7 +367,10 @@ def judge_agreement_command(
 @app.command("report")
 def report(
     evaluations: Annotated[
-        list[Path], typer.Argument(help="Evaluation JSON files written by 'lens-safety eval --json'.")
+        list[Path],
+        typer.Argument(
+            help="Evaluation JSON files written by 'lens-safety eval --json' (or eval --compare --json)."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
         "lens-safety-report.html"
@@ -267,12 +379,32 @@ def report(
         list[str] | None, typer.Option("--label", help="Name of each model in the report (repeat, in order).")
     ] = None,
     title: Annotated[str, typer.Option("--title", help="Page title.")] = "lens-safety evaluation",
+    table: Annotated[
+        bool,
+        typer.Option(
+            "--table",
+            help="Print ROSI's side-by-side table of the evaluations (harm refusal, benign compliance, "
+            "jailbreak success, utility; each column naming its judge) instead of writing HTML.",
+        ),
+    ] = False,
+    json: JsonOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Render a self-contained HTML page comparing evaluated models side by side."""
-    from lens_safety.evaluation.report import load_evaluation, write_report
+    """Render a self-contained HTML page comparing evaluated models side by side (or, with --table,
+    print their ROSI table)."""
+    from lens_safety.evaluation.report import load_evaluations, write_report
 
+    data = [e for p in evaluations for e in load_evaluations(p)]
+    if table:
+        from lens_safety.evaluation.table import rosi_table
+
+        names = label or [str(e.get("label") or (e.get("model") or {}).get("spec")) for e in data]
+        result = rosi_table(data, names)
+        if json:
+            print_json(result.to_dict())
+        else:
+            print_table(result)
+        return
     check_writable(out, overwrite)
-    data = [load_evaluation(p) for p in evaluations]
     written = write_report(data, out, label or None, overwrite=overwrite, title=title)
     typer.echo(str(written))
