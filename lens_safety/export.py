@@ -42,13 +42,15 @@ from lens_safety.activations import forward
 from lens_safety.architecture import clean_hf_name
 from lens_safety.checkpoint_files import INDEX_FILE, SINGLE_FILE, read_header
 from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors, stream_edit_shard, weight_shards
-from lens_safety.edits.memory import applied_edit
+from lens_safety.edits.memory import applied_edit, write_stored
 from lens_safety.edits.spec import EditSpec, edit_writes_inplace
+from lens_safety.edits.stored import live_groups
 from lens_safety.edits.targets import compute_edit, target_parameters
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import staged_directory
 from lens_safety.hashing import sha256_vector
 from lens_safety.model_card import render_model_card
+from lens_safety.placement import placement_kwargs
 from lens_safety.progress import track
 
 GENERATED_FILES = {
@@ -149,11 +151,11 @@ def _write_shards(
     """
     writers = checkpoint_writers(model)
     targets = target_parameters(spec, writers, model.n_layers)
-    embed_key = next(f"{w.hf_name}.weight" for w in writers if w.kind == "embed")
+    embed_key = next(w.tensors[0].key for w in writers if w.kind == "embed")
     head_key = _output_embedding_name(model) if untie else None
     edits = {
-        name: functools.partial(edit_writes_inplace, spec, layout=writer.layout, is_bias=is_bias)
-        for name, (writer, is_bias) in targets.items()
+        name: functools.partial(edit_writes_inplace, spec, layout=tensor.layout, is_bias=tensor.is_bias)
+        for name, (_, tensor) in targets.items()
     }
     edited: list[str] = []
     weight_map: dict[str, str] = {}
@@ -249,8 +251,9 @@ def _vanilla_logits(
     from transformers import AutoModelForCausalLM
 
     attention = getattr(model.hf_model.config, "_attn_implementation", None) or "eager"
+    placement = placement_kwargs(model.hf_model)
     hf = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=False, attn_implementation=attention
+        str(path), dtype=dtype, trust_remote_code=False, attn_implementation=attention, **placement
     ).eval()
     try:
         if edit is not None:
@@ -260,11 +263,13 @@ def _vanilla_logits(
                 hf.get_output_embeddings().weight = torch.nn.Parameter(
                     hf.get_input_embeddings().weight.detach().clone()
                 )
-            originals = read_tensors(model.hf_path, touched)
-            with torch.no_grad():
-                for name, tensor in compute_edit(edit, originals, writers).items():
-                    hf.get_parameter(name).copy_(tensor)
-        hf.to(model.device)
+            for live, tensors in live_groups(t for _, t in touched.values()).items():
+                # one live parameter at a time: memory holds one parameter's originals and edit
+                originals = read_tensors(model.hf_path, [t.key for t in tensors])
+                new = compute_edit(edit, originals, writers, strict=False)
+                write_stored(hf, live, [(t, new[t.key]) for t in tensors], reversible=False)
+        if not placement:
+            hf.to(model.device)
         inputs = batch.to(model.device)
         with torch.inference_mode():
             return hf(

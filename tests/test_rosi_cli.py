@@ -26,7 +26,7 @@ def test_rosi_end_to_end_on_a_tiny_model(
     summary = json.loads(stdout)
     for key in ("alpha", "layer", "targets", "max_abs_logit_diff", "harmful_refusal", "harmless_refusal"):
         assert key in summary, key
-    assert summary["layer"] == 1 and summary["targets"] == ["attn_out", "mlp_out"]
+    assert summary["layer"] == 1 and summary["targets"] == ["attn_out", "mlp_out", "mixer_out"]
     assert summary["alpha"] in (10.0, 100.0) and summary["max_abs_logit_diff"] <= 1e-4
     assert set(summary["harmful_refusal"]) == {"before", "after"}
     assert [p["alpha"] for p in summary["calibration"]] == [10.0, 100.0]

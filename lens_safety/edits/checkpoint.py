@@ -16,6 +16,7 @@ from safetensors import safe_open
 from lens_safety.architecture import ResidualWriter
 from lens_safety.checkpoint_files import read_header, weight_files
 from lens_safety.edits.spec import require_finite
+from lens_safety.edits.stored import locate_writer_tensors
 from lens_safety.errors import LensSafetyError
 
 
@@ -52,29 +53,27 @@ def read_tensors(hf_path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]
     return out
 
 
-def checkpoint_keys(hf_path: Path) -> set[str]:
-    """Every tensor name stored in the checkpoint at ``hf_path`` (reads headers only)."""
-    return {key for shard in weight_shards(hf_path) for key in shard_keys(shard)}
+def checkpoint_shapes(hf_path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name stored in the checkpoint at ``hf_path`` with its shape (reads headers only)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in weight_shards(hf_path):
+        _, header = read_header(shard)
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
 
 
 def checkpoint_writers(model: Any) -> tuple[ResidualWriter, ...]:
-    """The model's residual writers, checked against the checkpoint at ``model.hf_path``.
+    """The model's residual writers with their tensors located in the checkpoint at ``model.hf_path``.
 
-    ``ResidualWriter.hf_name`` is the state-dict module name on every supported architecture
+    ``ResidualWriter.hf_name`` is the state-dict module name on every dense architecture
     (``model.layers.3.self_attn.o_proj``, GPT-2's ``transformer.h.3.attn.c_proj``), so it names the
-    saved tensors directly; a writer whose ``{hf_name}.weight`` (or declared bias) is absent from the
-    checkpoint is an error rather than a silent no-op edit.
+    saved tensors directly; fused expert tensors may be stored per expert or renamed
+    (:mod:`lens_safety.edits.stored`). A writer tensor absent from the checkpoint is an error
+    rather than a silent no-op edit.
     """
-    keys = checkpoint_keys(model.hf_path)
-    for writer in model.arch.writers:
-        needed = [f"{writer.hf_name}.weight"] + ([f"{writer.hf_name}.bias"] if writer.has_bias else [])
-        absent = [name for name in needed if name not in keys]
-        if absent:
-            raise LensSafetyError(
-                f"writer {writer.name} ({absent[0]}) is not in the checkpoint at {model.hf_path}",
-                "re-save the checkpoint with save_pretrained, or report this architecture to lens-safety",
-            )
-    return tuple(model.arch.writers)
+    return locate_writer_tensors(
+        model.hf_model, model.arch.writers, checkpoint_shapes(model.hf_path), model.hf_path
+    )
 
 
 #: safetensors dtype codes of the floating dtypes a checkpoint may store

@@ -31,11 +31,18 @@ conditional       ``alpha``           ``s_hat``                   ``g`` (a unit 
   embeddings too). With tied embeddings the (unchanged) ``lm_head`` must be untied first; exports
   say so with ``untied: true``.
 
+The writers are every attention, MLP and mixer output (``attn_out``, ``mlp_out``, ``mixer_out``).
+In a mixture-of-experts block every expert is a writer: a fused ``[n_experts, d_model, d_in]``
+tensor (``[n_experts, d_in, d_model]`` in the Conv1D orientation, with an ``[n_experts, d_model]``
+bias) is edited slice by slice, so ROSI's ``w_bar`` is each expert's own row mean and abliteration
+projects every expert's writes and bias. Shared experts and dense MLPs are writers as well; router
+weights only read the residual and are never edited.
+
 All arithmetic is float64; results are cast back to the parameter's dtype once. ``w_bar`` of a
 TransformerLens-centred writer is exactly zero, so ROSI is always computed from the original
 weights on disk (``model.hf_path``), never from compatibility-mode (processed) weights.
 
-Gemma 2/3 writers pass through a post-norm (``ResidualWriter.post_norm``): there a weight edit is
+Gemma 2/3 writers (and Bloom's embedding) pass through a norm (``ResidualWriter.post_norm``): there a weight edit is
 not a residual edit. ``orthogonalize`` refuses such writers unless ``approximate=True``, which the
 export records (``exact: false``); ROSI/amplify apply the formula to the weight as the paper does.
 """
@@ -60,12 +67,12 @@ METHODS: tuple[str, ...] = (
     "amplify",
     "orthogonalize",
 )  # rank-one writer edits (make_spec)
-WRITER_KINDS: tuple[str, ...] = ("embed", "pos_embed", "attn_out", "mlp_out")
+WRITER_KINDS: tuple[str, ...] = ("embed", "pos_embed", "attn_out", "mlp_out", "mixer_out")
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "rosi": ("attn_out", "mlp_out"),
-    "conditional_rosi": ("attn_out", "mlp_out"),
-    "amplify": ("attn_out", "mlp_out"),
-    "orthogonalize": ("embed", "pos_embed", "attn_out", "mlp_out"),
+    "rosi": ("attn_out", "mlp_out", "mixer_out"),
+    "conditional_rosi": ("attn_out", "mlp_out", "mixer_out"),
+    "amplify": ("attn_out", "mlp_out", "mixer_out"),
+    "orthogonalize": ("embed", "pos_embed", "attn_out", "mlp_out", "mixer_out"),
     "add_bias": ("mlp_out",),
 }
 
@@ -228,17 +235,26 @@ def _coefficients(
     return -1.0, s, s
 
 
+def stacked(tensor: torch.Tensor, layout: str, is_bias: bool) -> bool:
+    """Whether ``tensor`` has a leading expert axis (a fused expert weight or bias)."""
+    return tensor.ndim == (2 if is_bias else 3) and layout != "embedding"
+
+
 def edit_writes(spec: EditSpec, tensor: torch.Tensor, layout: str, is_bias: bool = False) -> torch.Tensor:
     """Apply ``v' = v + a u (g^T v)`` to every write vector of one parameter; float64 in, float64 out.
 
     Layouts: ``linear`` weight ``(d_model, d_in)`` (columns are writes), ``conv1d`` weight
     ``(d_in, d_model)`` and ``embedding`` ``(vocab, d_model)`` (rows are writes), bias ``(d_model,)``.
+    A fused expert tensor (``[n_experts, ...]`` weight, ``[n_experts, d_model]`` bias) is edited
+    one expert at a time, each slice as its own writer (ROSI: ``w_bar`` per expert).
     """
     d_model = int(spec.direction.shape[0])
     a, u, g = _coefficients(spec, d_model)
     w = tensor.to(torch.float64)
     if spec.method == "add_bias":
         return _added_bias(spec, w, is_bias)
+    if stacked(w, layout, is_bias):
+        return torch.stack([edit_writes(spec, part, layout, is_bias) for part in w.unbind(0)])
     if is_bias:
         if w.shape != (d_model,):
             raise LensSafetyError(
@@ -287,6 +303,10 @@ def edit_writes_inplace(
     a, u, g = _coefficients(spec, d_model)
     if spec.method == "add_bias":
         work.copy_(_added_bias(spec, work, is_bias))
+        return work
+    if stacked(work, layout, is_bias):
+        for part in work.unbind(0):
+            edit_writes_inplace(spec, part, layout, is_bias)
         return work
     if is_bias:
         if work.shape != (d_model,):

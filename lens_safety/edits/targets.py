@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from lens_safety.architecture import ResidualWriter
+from lens_safety.architecture import ResidualWriter, WriterTensor
 from lens_safety.edits.spec import WRITER_KINDS, EditSpec, edit_writes, require_finite
 from lens_safety.errors import LensSafetyError
 
@@ -48,17 +48,18 @@ def select_writers(
 
 
 def writer_parameters(writer: ResidualWriter) -> list[tuple[str, bool]]:
-    """HF state-dict names of a writer's parameters, with ``is_bias``."""
-    out = [(f"{writer.hf_name}.weight", False)]
-    if writer.has_bias:
-        out.append((f"{writer.hf_name}.bias", True))
-    return out
+    """Checkpoint names of a writer's tensors, with ``is_bias``."""
+    return [(tensor.key, tensor.is_bias) for tensor in writer.tensors]
 
 
 def target_parameters(
     spec: EditSpec, writers: Iterable[ResidualWriter], n_layers: int | None = None
-) -> dict[str, tuple[ResidualWriter, bool]]:
-    """Map every parameter an edit touches to its writer and ``is_bias`` (``add_bias``: biases only)."""
+) -> dict[str, tuple[ResidualWriter, WriterTensor]]:
+    """Map every checkpoint tensor an edit touches to its writer and tensor (``add_bias``: biases only).
+
+    Names are the checkpoint's (:attr:`ResidualWriter.tensors`): a fused expert parameter stored
+    one expert per tensor is touched as ``n_experts`` tensors.
+    """
     chosen = select_writers(spec, writers, n_layers)
     if spec.method == "add_bias":
         missing = [w.name for w in chosen if not w.has_bias]
@@ -68,10 +69,10 @@ def target_parameters(
                 "use inference-time add_direction, or an architecture with output biases such as GPT-2",
             )
     return {
-        name: (w, is_bias)
+        tensor.key: (w, tensor)
         for w in chosen
-        for name, is_bias in writer_parameters(w)
-        if is_bias or spec.method != "add_bias"
+        for tensor in w.tensors
+        if tensor.is_bias or spec.method != "add_bias"
     }
 
 
@@ -85,8 +86,8 @@ def compute_edit(
     """New tensors (in each base tensor's dtype) for the targeted parameters present in ``base_state``.
 
     Pure: ``base_state`` is read, never modified. ``base_state`` holds ORIGINAL (un-centred) HF
-    weights by state-dict name. With ``strict`` every targeted parameter must be present (pass
-    ``strict=False`` to edit one shard of a checkpoint at a time).
+    weights by checkpoint name (:func:`target_parameters`). With ``strict`` every targeted
+    parameter must be present (pass ``strict=False`` to edit one shard of a checkpoint at a time).
     """
     targets = target_parameters(spec, writers)
     missing = [name for name in targets if name not in base_state]
@@ -95,9 +96,9 @@ def compute_edit(
             f"parameter {missing[0]} is not in the base weights", "pass the model's full original state"
         )
     edited = {}
-    for name, (writer, is_bias) in targets.items():
+    for name, (_, tensor) in targets.items():
         if name in base_state:
-            new = edit_writes(spec, base_state[name], writer.layout, is_bias)
+            new = edit_writes(spec, base_state[name], tensor.layout, tensor.is_bias)
             require_finite(name, base_state[name], new, base_state[name].dtype)
             edited[name] = new.to(base_state[name].dtype)
     return edited
