@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from jaxtyping import Float
@@ -31,6 +31,24 @@ from lens_safety.prompts import PromptSet
 HookName = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 PositionSpec = Sequence[int] | Literal["post_instruction"]
+
+
+class ResidualReader(Protocol):
+    """Another engine that reads the residual stream of a LEFT-padded batch (e.g.
+    :class:`lens_safety.evaluation.vllm_engine.VLLMReader`), in the raw HF basis."""
+
+    name: str
+
+    def read(
+        self,
+        model: ChatModel,
+        batch: EncodedBatch,
+        layers: Sequence[int],
+        positions: Sequence[int],
+        hook: str,
+    ) -> Float[torch.Tensor, "batch n_layers n_positions d_model"]:
+        """States at negative ``positions`` of every row, float32 on CPU."""
+        ...
 
 
 class _StopForward(Exception):
@@ -194,6 +212,7 @@ def collect_activations(
     batch_size: int = 16,
     system_prompt: str | None = None,
     progress: bool = False,
+    reader: ResidualReader | None = None,
 ) -> Activations:
     """Read residual activations ``[n_prompts, n_layers, n_positions, d_model]`` (raw HF basis).
 
@@ -206,9 +225,11 @@ def collect_activations(
         batch_size: prompts per forward pass.
         system_prompt: overrides the formatter's default system prompt.
         progress: show a progress bar.
+        reader: read through another engine (:class:`ResidualReader`, e.g. vLLM) instead of the
+            bridge's hooks.
     """
     prompt_set, layer_ids, pos, chunks = _read_all(
-        model, prompts, layers, positions, hook, batch_size, system_prompt, progress
+        model, prompts, layers, positions, hook, batch_size, system_prompt, progress, reader
     )
     return Activations(
         torch.cat(list(chunks)), layer_ids, pos, hook, _space(model), prompt_set, system_prompt
@@ -225,10 +246,11 @@ def sum_activations(
     batch_size: int = 16,
     system_prompt: str | None = None,
     progress: bool = False,
+    reader: ResidualReader | None = None,
 ) -> ActivationSums:
     """Streaming mode: float64 per-(layer, position) sums; memory flat in the number of prompts."""
     _, layer_ids, pos, chunks = _read_all(
-        model, prompts, layers, positions, hook, batch_size, system_prompt, progress
+        model, prompts, layers, positions, hook, batch_size, system_prompt, progress, reader
     )
     sums = torch.zeros(len(layer_ids), len(pos), model.d_model, dtype=torch.float64)
     count = 0
@@ -247,6 +269,7 @@ def _read_all(
     batch_size: int,
     system_prompt: str | None,
     progress: bool,
+    reader: ResidualReader | None = None,
 ) -> tuple[PromptSet, tuple[int, ...], tuple[int, ...], Iterator[torch.Tensor]]:
     """Validate the request; return the prompts, layers, positions and a lazy stream of batch reads."""
     prompt_set = PromptSet.load(prompts)
@@ -258,7 +281,8 @@ def _read_all(
         total=-(-len(prompt_set) // batch_size),
         enabled=progress,
     )
-    return prompt_set, layer_ids, pos, (_read_batch(model, batch, layer_ids, pos, hook) for batch in encoded)
+    read = reader.read if reader is not None else _read_batch
+    return prompt_set, layer_ids, pos, (read(model, batch, layer_ids, pos, hook) for batch in encoded)
 
 
 def _space(model: ChatModel) -> str:

@@ -215,7 +215,7 @@ def check_generation(
 _CODE = ("bridge_cache.py", "chat.py", "models.py", "selfcheck.py", "evaluation/generation.py")
 
 
-def _loaded_weights_sample(model: ChatModel) -> str:
+def loaded_weights_sample(model: ChatModel) -> str:
     """SHA-256 of about 4096 evenly strided entries of every parameter as loaded in memory, so a
     model edited in place after loading does not match the record of its checkpoint (an offloaded
     parameter, read from the checkpoint at each call, is sampled as materialised)."""
@@ -239,7 +239,7 @@ def check_key(model: ChatModel, reference: str) -> str:
     code = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in _CODE}
     facts = {
         "weights": model.weights_hash,
-        "loaded": _loaded_weights_sample(model),
+        "loaded": loaded_weights_sample(model),
         "spec": model.spec,
         "device": str(model.device),
         "device_map": model.device_map,

@@ -28,6 +28,14 @@ DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="float32 (default), bfloat16, float16 or auto.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="Generate with hf (the bridge's model, default) or vllm (needs vLLM: docs how-to/gpu-model.md; "
+        "no interventions, no in-memory edits).",
+    ),
+]
 TemplateBlindOpt = Annotated[
     bool,
     typer.Option(

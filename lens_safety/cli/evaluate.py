@@ -13,6 +13,7 @@ from lens_safety.cli import app
 from lens_safety.cli.common import (
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     JsonOpt,
     ModelArg,
     NoTemplateOpt,
@@ -26,7 +27,8 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import write_file_atomic
 
 JUDGE_SPECS = (
-    "substring (reference list, the default), substring-strict, substring-broad, hf:<classifier>, "
+    "substring (reference list, the default), substring-strict, substring-broad, learned (a calibrated "
+    "probe on SmolLM2's states, docs: judges), hf:<classifier>, "
     "guard:<guard model dir or id> (format detected; or llama-guard:/shieldgemma:/wildguard:<model>: answers "
     "'is the response harmful?', so the refusal rate is the fraction judged safe), "
     "openai:<model>@<base_url> (refusal rubric) or openai-harm:<model>@<base_url> "
@@ -132,6 +134,7 @@ def evaluate(
     dtype: DtypeOpt = None,
     system_prompt: SystemPromptOpt = None,
     no_chat_template: NoTemplateOpt = False,
+    engine: EngineOpt = "hf",
     json: JsonOpt = False,
 ) -> None:
     """Refusal, over-refusal, damage, cross-entropy, optional KL to a reference, jailbreak ASR (greedy),
@@ -155,6 +158,13 @@ def evaluate(
         raise LensSafetyError(
             f"{len(label)} --label for {1 + len(compare or [])} models",
             "give one --label per model (MODEL first, then each --compare), or none",
+        )
+    from lens_safety.evaluation.vllm_engine import engine_for, require_engine_name
+
+    require_engine_name(engine)
+    if engine != "hf" and compare:
+        raise LensSafetyError(
+            f"--engine {engine} evaluates one model per run", "drop --compare, or use --engine hf"
         )
     if (label or card) and not compare:
         raise LensSafetyError("--label and --card need --compare", "drop them or add --compare EDITED")
@@ -190,7 +200,12 @@ def evaluate(
             [loaded, *edited], names, settings, completions_out, json, compare[0] if card else None, overwrite
         )
         return
-    result = evaluate_model(loaded, **settings)
+    generator = engine_for(engine, loaded)
+    try:
+        result = evaluate_model(loaded, **settings, engine=generator)
+    finally:
+        if generator is not None:
+            generator.close()
     if completions_out is not None:
         write_jsonl(completions_out, result.records())
     if result.degeneration is not None and not result.trustworthy:

@@ -12,6 +12,7 @@ from lens_safety.cli import app
 from lens_safety.cli.common import (
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     JsonOpt,
     ModelArg,
     load_cli_model,
@@ -49,7 +50,7 @@ JudgeOpt = Annotated[
     typer.Option(
         "--judge",
         help="Refusal judge that labels the candidates (refused = safe): substring, substring-strict, "
-        "substring-broad or hf:<id>.",
+        "substring-broad, learned (the shipped probe on SmolLM2's states) or hf:<id>.",
     ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
@@ -127,31 +128,41 @@ def build_data(
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    engine: EngineOpt = "hf",
     json_out: JsonOpt = False,
 ) -> None:
     """Sample, label and featurise candidate lists for harmful and/or harmless instructions."""
+    from lens_safety.evaluation.vllm_engine import engine_for, require_engine_name
     from lens_safety.srr.build import build_dataset
     from lens_safety.srr.features import CONTEXTS
+
+    require_engine_name(engine)
 
     if harmful is None and harmless is None:
         raise LensSafetyError("no instructions given", "pass --harmful FILE and/or --harmless FILE")
     require_free(out, overwrite)
     chosen_contexts = tuple(c.strip() for c in contexts.split(",") if c.strip()) if contexts else CONTEXTS
     chat_model = load_cli_model(model, device, dtype, selfcheck=True)
-    dataset = build_dataset(
-        chat_model,
-        _prompts(harmful, limit),
-        _prompts(harmless, limit),
-        n=n,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        jailbreak_fraction=jailbreak_fraction,
-        judge=judge,
-        layers=_parse_ints(layers),
-        contexts=chosen_contexts,
-        progress=True,
-    )
+    generator = engine_for(engine, chat_model)
+    try:
+        dataset = build_dataset(
+            chat_model,
+            _prompts(harmful, limit),
+            _prompts(harmless, limit),
+            n=n,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            jailbreak_fraction=jailbreak_fraction,
+            judge=judge,
+            layers=_parse_ints(layers),
+            contexts=chosen_contexts,
+            progress=True,
+            engine=generator,
+        )
+    finally:
+        if generator is not None:
+            generator.close()
     dataset.save(out, overwrite=overwrite)
     summary = {
         "out": str(out),

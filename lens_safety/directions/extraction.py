@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import HookName, PositionSpec, collect_activations
+from lens_safety.activations import HookName, PositionSpec, ResidualReader, collect_activations
 from lens_safety.directions.methods import get_method
 from lens_safety.evaluation.separation import effect_size, paired_indices, validate_classes
 from lens_safety.progress import track
@@ -115,6 +115,7 @@ def extract_directions(
     system_prompt: str | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    reader: ResidualReader | None = None,
 ) -> Candidates:
     """Candidate directions for every (position, layer).
 
@@ -126,6 +127,8 @@ def extract_directions(
         positions: ``"post_instruction"`` (default) or negative offsets.
         system_prompt: wrapped around both classes at extraction time (ROSI's recipe for models
             that barely refuse); drop it at test time.
+        reader: read the activations through another engine (e.g.
+            :class:`~lens_safety.evaluation.vllm_engine.VLLMReader`) instead of the bridge.
     """
     harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
     validate_classes(harmful_set, harmless_set)
@@ -140,6 +143,7 @@ def extract_directions(
             batch_size=batch_size,
             system_prompt=system_prompt,
             progress=progress,
+            reader=reader,
         )
         for prompts in (harmful_set, harmless_set)
     ]

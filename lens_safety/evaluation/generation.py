@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Int
@@ -186,6 +186,50 @@ def _generate_batch(
     return output[:, input_ids.shape[1] :].cpu()
 
 
+class GenerationEngine(Protocol):
+    """An engine other than the bridge's wrapped Hugging Face model that decodes the same
+    chat-formatted token rows (e.g. :class:`lens_safety.evaluation.vllm_engine.VLLMEngine`).
+
+    It generates from the checkpoint on disk, so it sees neither interventions nor in-memory edits
+    (:func:`generate` refuses an intervention with an engine)."""
+
+    name: str
+
+    def sample(
+        self,
+        model: ChatModel,
+        rows: list[list[int]],
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        seed: int | None,
+        num_return_sequences: int,
+        progress: bool,
+    ) -> list[list[int]]:
+        """New token ids of every completion, prompt-major (``num_return_sequences`` per row)."""
+        ...
+
+
+def _hf_rows(
+    model: ChatModel,
+    rows: list[list[int]],
+    batch_size: int,
+    intervention: Intervention | None,
+    progress: bool,
+    **settings: Any,
+) -> list[list[int]]:
+    """New token ids of every completion from the bridge's wrapped model, batch by batch."""
+    out: list[list[int]] = []
+    n_batches = -(-len(rows) // batch_size)
+    for start in track(range(0, len(rows), batch_size), "generating", total=n_batches, enabled=progress):
+        batch = model.chat.pad(rows[start : start + batch_size])
+        with intervention() if intervention is not None else nullcontext():
+            new = _generate_batch(model, batch.input_ids, batch.attention_mask, **settings)
+        out += new.tolist()
+    return out
+
+
 def generate(
     model: ChatModel,
     prompts: PromptSet | Sequence[str],
@@ -200,6 +244,7 @@ def generate(
     intervention: Intervention | None = None,
     suppress_first_tokens: Sequence[int] | None = None,
     progress: bool = False,
+    engine: GenerationEngine | None = None,
 ) -> Generations:
     """Generate completions for instructions, in left-padded batches with the KV cache.
 
@@ -219,52 +264,56 @@ def generate(
         suppress_first_tokens: token ids the FIRST new token may not be (e.g.
             :func:`~lens_safety.selection.refusal_token_ids`: answers that cannot open with a refusal).
         progress: show a progress bar.
+        engine: decode with another engine (:class:`GenerationEngine`, e.g. vLLM) instead of the
+            bridge's model: same prompts, same post-processing; no intervention, no first-token
+            suppression.
     """
     prompt_set = PromptSet.load(prompts) if not isinstance(prompts, PromptSet) else prompts
     if len(prompt_set) == 0:
         raise LensSafetyError("no prompts to generate from", "pass at least one prompt")
     _validate(prompt_set, max_new_tokens, batch_size, do_sample, temperature, num_return_sequences)
+    if engine is not None and (intervention is not None or suppress_first_tokens):
+        raise LensSafetyError(
+            f"the {engine.name} engine generates from the checkpoint on disk and cannot apply "
+            "an intervention or suppress first tokens",
+            "generate with the Hugging Face engine (engine=None, --engine hf) for this run",
+        )
     rows = [model.chat.token_ids(model.chat.format(p, system_prompt)) for p in prompt_set.prompts]
     model.chat.check_fit(rows, extra_tokens=max_new_tokens, name=prompt_set.source)
     eos_ids = end_of_sequence_ids(model)
-    completions: list[str] = []
-    counts: list[int] = []
-    truncated: list[bool] = []
-    token_ids: list[list[int]] = []
+    settings: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "num_return_sequences": num_return_sequences,
+    }
     devices = [device for device in model.devices if device.type == "cuda"]
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
-        if seed is not None:
-            torch.manual_seed(seed)
-        n_batches = -(-len(prompt_set) // batch_size)
-        for start in track(
-            range(0, len(prompt_set), batch_size), "generating", total=n_batches, enabled=progress
-        ):
-            batch = model.chat.pad(rows[start : start + batch_size])
-            with intervention() if intervention is not None else nullcontext():
-                new = _generate_batch(
-                    model,
-                    batch.input_ids,
-                    batch.attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    temperature=temperature,
-                    num_return_sequences=num_return_sequences,
-                    suppress_first_tokens=suppress_first_tokens,
-                )
-            for row in new.tolist():
-                n, cut = completion_length(row, eos_ids)
-                counts.append(n)
-                truncated.append(cut)
-                token_ids.append(row[:n])
-                completions.append(str(model.tokenizer.decode(row[:n], skip_special_tokens=True)).strip())
+    if engine is not None:
+        new_rows = engine.sample(model, rows, seed=seed, progress=progress, **settings)
+    else:
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            new_rows = _hf_rows(
+                model,
+                rows,
+                batch_size,
+                intervention,
+                progress,
+                suppress_first_tokens=suppress_first_tokens,
+                **settings,
+            )
+    lengths = [completion_length(row, eos_ids) for row in new_rows]
+    token_ids = [row[:n] for row, (n, _) in zip(new_rows, lengths, strict=True)]
+    completions = [str(model.tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in token_ids]
     seconds = time.perf_counter() - started
     k = num_return_sequences
     return Generations(
         prompts=prompt_set.prompts,
         completions=completions,
-        n_tokens=counts,
-        truncated=truncated,
+        n_tokens=[n for n, _ in lengths],
+        truncated=[cut for _, cut in lengths],
         prompt_index=[i for i in range(len(prompt_set)) for _ in range(k)],
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,

@@ -29,7 +29,7 @@ from typing import Any
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap
-from lens_safety.evaluation.generation import Intervention
+from lens_safety.evaluation.generation import GenerationEngine, Intervention
 from lens_safety.evaluation.judges import Judge
 from lens_safety.evaluation.metrics import RateResult, refusal_rate
 from lens_safety.models import ChatModel
@@ -195,8 +195,10 @@ def attack_success_rate(
     system_prompt: str | None = None,
     intervention: Intervention | None = None,
     progress: bool = False,
+    engine: GenerationEngine | None = None,
 ) -> JailbreakResult:
-    """Wrap every harmful prompt in every template, generate, and report the non-refusal fraction."""
+    """Wrap every harmful prompt in every template, generate (with ``engine`` when given), and
+    report the non-refusal fraction."""
     requests = PromptSet.load(harmful)
     chosen = list(templates) if templates is not None else load_jailbreak_templates()
     if not chosen:
@@ -212,6 +214,7 @@ def attack_success_rate(
         system_prompt=system_prompt,
         intervention=intervention,
         progress=progress,
+        engine=engine,
     )
     success = [0.0 if r else 1.0 for r in rates.refused]
     per_template = {

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap, wilson
-from lens_safety.evaluation.generation import Generations, Intervention, generate
+from lens_safety.evaluation.generation import GenerationEngine, Generations, Intervention, generate
 from lens_safety.evaluation.judges import Judge, Verdict, get_judge, run_judge
 from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet
@@ -154,11 +154,13 @@ def refusal_rate(
     seed: int | None = None,
     progress: bool = False,
     interval: IntervalMethod = "bootstrap",
+    engine: GenerationEngine | None = None,
 ) -> RateResult:
     """Generate a completion per prompt and return the fraction the judge calls refusals.
 
     Greedy decoding by default (deterministic). ``judge``: any judge (default
-    :class:`SubstringJudge`); ``interval``: ``"bootstrap"`` or ``"wilson"`` (module docstring).
+    :class:`SubstringJudge`); ``interval``: ``"bootstrap"`` or ``"wilson"`` (module docstring);
+    ``engine``: generate with another engine (e.g. vLLM, :func:`~lens_safety.evaluation.generate`).
     """
     if interval not in INTERVALS:
         raise LensSafetyError(f"unknown interval method '{interval}'", f"use one of {', '.join(INTERVALS)}")
@@ -173,6 +175,7 @@ def refusal_rate(
         seed=seed,
         intervention=intervention,
         progress=progress,
+        engine=engine,
     )
     return rate_of_completions(
         gens.completions, gens.prompt_of_completion, judge, generations=gens, interval=interval
@@ -207,6 +210,7 @@ def evaluate_refusal(
     system_prompt: str | None = None,
     intervention: Intervention | None = None,
     progress: bool = False,
+    engine: GenerationEngine | None = None,
 ) -> RefusalEvaluation:
     """Refusal rate on ``harmful`` and over-refusal rate on ``harmless`` prompts, same settings."""
     the_judge = get_judge(judge)
@@ -216,6 +220,7 @@ def evaluate_refusal(
         "system_prompt": system_prompt,
         "intervention": intervention,
         "progress": progress,
+        "engine": engine,
     }
     return RefusalEvaluation(
         harmful=refusal_rate(model, harmful, the_judge, **settings),

@@ -38,7 +38,7 @@ from lens_safety.evaluation.divergence import (
     cross_entropy,
     kl_divergence,
 )
-from lens_safety.evaluation.generation import Intervention
+from lens_safety.evaluation.generation import GenerationEngine, Intervention
 from lens_safety.evaluation.jailbreaks import JailbreakResult, JailbreakTemplate, attack_success_rate
 from lens_safety.evaluation.judges import Judge, get_judges, judge_question
 from lens_safety.evaluation.metrics import RateResult, RefusalEvaluation, evaluate_refusal
@@ -148,9 +148,12 @@ def evaluate_model(
     utility_tasks: str | Sequence[str] | None = None,
     utility_limit: int | None = None,
     utility_include: str | None = None,
+    engine: GenerationEngine | None = None,
 ) -> ModelEvaluation:
     """Run the evaluation suite (see the module docstring).
 
+    ``engine`` (e.g. :class:`~lens_safety.evaluation.vllm_engine.VLLMEngine`) generates the
+    refusal and jailbreak completions; KL, cross-entropy and utility are read by the bridge.
     ``judge``: one judge or spec, a comma list, or a sequence; the first gives the headline rates.
     ``jailbreak_templates`` (None: no jailbreak run) wrap the first ``jailbreak_prompts`` harmful prompts.
     ``reference`` enables KL; it must share the tokenizer (checked before any generation).
@@ -168,7 +171,7 @@ def evaluate_model(
         "progress": progress,
     }
     refusal = evaluate_refusal(
-        model, harmful_set, harmless_set, the_judge, max_new_tokens=max_new_tokens, **common
+        model, harmful_set, harmless_set, the_judge, max_new_tokens=max_new_tokens, engine=engine, **common
     )
     assert refusal.harmless.generations is not None
     damage = generation_damage(refusal.harmless.generations)
@@ -186,6 +189,7 @@ def evaluate_model(
             jailbreak_templates,
             the_judge,
             max_new_tokens=max_new_tokens,
+            engine=engine,
             **common,
         )
     settings = {
@@ -194,6 +198,7 @@ def evaluate_model(
         "max_new_tokens": max_new_tokens,
         "system_prompt": system_prompt,
         "decoding": "greedy",
+        "engine": engine.name if engine is not None else "hf",
         "reference": reference.identity() if reference is not None else None,
     }
     runs = [refusal.harmful.generations, refusal.harmless.generations]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.generation import GenerationEngine
 from lens_safety.evaluation.jailbreaks import load_jailbreak_templates
 from lens_safety.evaluation.judges import Judge, get_judge
 from lens_safety.models import ChatModel
@@ -77,6 +78,7 @@ def _sample(
     progress: bool,
     capture_layers: Sequence[int] | None = None,
     pooled: bool = False,
+    engine: GenerationEngine | None = None,
 ) -> tuple[list[list[str]], SampledStates | None]:
     """Completions grouped by prompt, and their ``generated`` (and with ``pooled``
     ``generated_mean``) features when ``capture_layers``."""
@@ -95,6 +97,7 @@ def _sample(
         seed=seed,
         progress=progress,
         pooled=pooled,
+        engine=engine,
     )
     return sampled.generations.grouped(), sampled if capture_layers else None
 
@@ -113,6 +116,7 @@ def build_dataset(
     layers: Sequence[int] | None = None,
     contexts: Sequence[str] = CONTEXTS,
     progress: bool = False,
+    engine: GenerationEngine | None = None,
 ) -> SRRDataset:
     """Sample, deduplicate, label and featurise candidate lists for harmful and harmless instructions.
 
@@ -130,6 +134,9 @@ def build_dataset(
         contexts: response encodings to store (``with_instruction``, ``response_only``,
             ``generated`` / ``generated_mean``: read while sampling, see
             :mod:`lens_safety.srr.capture`).
+        engine: sample the candidates with another engine (e.g.
+            :class:`~lens_safety.evaluation.vllm_engine.VLLMEngine`); every feature is then read
+            by the bridge from the sampled tokens (teacher forcing).
     """
     started = time.perf_counter()
     judge_obj = get_judge(judge)
@@ -167,6 +174,7 @@ def build_dataset(
         progress,
         capture,
         pooled="generated_mean" in contexts,
+        engine=engine,
     )
     generation_seconds = time.perf_counter() - started
     lists: list[CandidateList] = []
@@ -202,6 +210,7 @@ def build_dataset(
             "seed": seed,
             "jailbreak_fraction": jailbreak_fraction,
             "judge": judge_obj.name,
+            "engine": engine.name if engine is not None else "hf",
         },
         "prompts": {"harmful": harmful_set.metadata(), "harmless": harmless_set.metadata()},
         "space": "raw_hf",

@@ -35,10 +35,10 @@ from jaxtyping import Float
 
 from lens_safety.activations import hooks
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.generation import Generations, generate
+from lens_safety.evaluation.generation import GenerationEngine, Generations, generate
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.srr.features import check_layers, hook_for_layer
+from lens_safety.srr.features import check_layers, hook_for_layer, read_token_states
 
 
 @dataclass
@@ -108,10 +108,14 @@ def sample_with_states(
     batch_size: int = 8,
     progress: bool = False,
     pooled: bool = True,
+    engine: GenerationEngine | None = None,
 ) -> SampledStates:
     """Sample ``n`` completions per prompt and keep their ``generated``-context features, and with
     ``pooled`` their ``generated_mean`` ones (a float64 running sum over every step: skip it when
     only the last-token features are wanted).
+
+    With ``engine`` (e.g. vLLM) the candidates are sampled there, all prompts in one call, and the
+    features are read afterwards by teacher forcing (:func:`teacher_forced_states`).
 
     Prompts go ``batch_size`` at a time, batch ``b`` seeded with ``seed + b`` (reproducible, and
     the same candidates whether or not ``layers`` are captured); each batch's states are reduced
@@ -119,6 +123,19 @@ def sample_with_states(
     With ``layers=()`` nothing is captured (the feature tensors are empty).
     """
     layer_ids = check_layers(model, layers) if layers else ()
+    if engine is not None:
+        gens = generate(
+            model,
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            seed=seed,
+            num_return_sequences=n,
+            progress=progress,
+            engine=engine,
+        )
+        return teacher_forced_states(model, gens, layer_ids, pooled=pooled, batch_size=batch_size)
     batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
     parts: list[Generations] = []
     instruction, responses, means = [], [], []
@@ -154,6 +171,50 @@ def sample_with_states(
         layer_ids,
         torch.cat(instruction) if instruction else empty,
         torch.cat(responses) if responses else empty,
+        torch.cat(means) if means else empty,
+    )
+
+
+def teacher_forced_states(
+    model: ChatModel,
+    gens: Generations,
+    layers: Sequence[int],
+    *,
+    pooled: bool = True,
+    batch_size: int = 8,
+) -> SampledStates:
+    """The features :func:`sample_with_states` reads while sampling, for completions sampled
+    elsewhere: one forward pass per batch over ``prompt + g_1 .. g_s`` (``s`` =
+    :func:`read_call`) reads the states of the prompt's last token and of ``g_1 .. g_s``, which the
+    sampling calls ``0 .. s`` would have read (causal attention: the same maths, another order of
+    floating-point sums)."""
+    layer_ids = tuple(layers)
+    empty = torch.zeros(0, len(layer_ids), model.d_model)
+    if not layer_ids:
+        return SampledStates(gens, (), empty, empty, empty)
+    prompts = [model.chat.token_ids(model.chat.format(p, gens.system_prompt)) for p in gens.prompts]
+    steps = [read_call(k, cut) for k, cut in zip(gens.n_tokens, gens.truncated, strict=True)]
+    first, last, means = [], [], []
+    for start in range(0, len(gens), batch_size):
+        rows = range(start, min(start + batch_size, len(gens)))
+        width = max(steps[j] for j in rows) + 1
+        seqs, positions = [], []
+        for j in rows:
+            prompt = prompts[gens.prompt_index[j]]
+            seqs.append(prompt + gens.token_ids[j][: steps[j]])
+            positions.append([len(prompt) - 1 + min(t, steps[j]) for t in range(width)])
+        states = read_token_states(model, seqs, positions, layer_ids).transpose(0, 1)  # [calls, rows, ...]
+        taken = torch.tensor([steps[j] for j in rows])
+        first.append(states[0])
+        last.append(states[taken, torch.arange(len(taken))])
+        if pooled:
+            means.append(mean_of_read_states(states, taken))
+    k = gens.num_return_sequences
+    return SampledStates(
+        gens,
+        layer_ids,
+        torch.cat(first)[::k],
+        torch.cat(last),
         torch.cat(means) if means else empty,
     )
 
