@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "rosi",
     "conditional",
     "evaluate",
+    "judge",
     "organism",
     "srr",
     "srr_experiments",

@@ -16,6 +16,9 @@
   its measured agreement with hand labels). Not the reference.
 * :class:`~lens_safety.evaluation.classifier_judge.ClassifierJudge` (``hf:``) — a Hugging Face
   sequence classifier loaded by hub id or local path; ``score`` is the probability of its refusal label.
+* :class:`~lens_safety.evaluation.learned_judge.LearnedJudge` (``learned``, or ``learned:<file>`` for
+  another trained file) — a calibrated logistic probe on the embedded SmolLM2's residual stream
+  over the (prompt, response) pair; ``score`` is its refusal probability.
 * :class:`CallableJudge` / :func:`judge_from_callable` — plug any ``str -> bool | float`` function.
 
 * ``guard:`` / ``llama-guard:`` / ``shieldgemma:`` / ``wildguard:`` — a generative guard model
@@ -43,6 +46,7 @@ from typing import Any
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.classifier_judge import ClassifierJudge
 from lens_safety.evaluation.guard import GuardJudge
+from lens_safety.evaluation.learned_judge import LearnedJudge
 from lens_safety.evaluation.llm_judge import OpenAIJudge
 from lens_safety.evaluation.verdict import (
     QUESTIONS,
@@ -232,8 +236,8 @@ def judge_from_callable(
 
 def get_judge(spec: str | Judge | None = None, **kwargs: Any) -> Judge:
     """A judge from a spec: ``substring`` (default), ``substring-strict``, ``substring-broad``,
-    ``hf:<id or path>``, ``guard:<id or dir>`` (or ``llama-guard:`` / ``shieldgemma:`` / ``wildguard:``),
-    ``openai:<model>@<base_url>`` (``openai-harm:`` for the harm rubric), or a Judge."""
+    ``learned`` (or ``learned:<file>``), ``hf:<id or path>``, ``guard:<id or dir>`` (or
+    ``llama-guard:`` / ``shieldgemma:`` / ``wildguard:``), ``openai:<model>@<base_url>`` (``openai-harm:`` for the harm rubric), or a Judge."""
     if spec is None or spec == "substring":
         return SubstringJudge()
     if not isinstance(spec, str):
@@ -250,6 +254,8 @@ def get_judge(spec: str | Judge | None = None, **kwargs: Any) -> Judge:
         return BroadSubstringJudge()
     if spec.startswith("hf:"):
         return ClassifierJudge(spec[3:], **kwargs)
+    if spec == "learned" or spec.startswith("learned:"):
+        return LearnedJudge(spec.partition(":")[2] or None, **kwargs)
     family, _, target = spec.partition(":")
     if family in {"guard", "llama-guard", "shieldgemma", "wildguard"} and target:
         return GuardJudge(target, family=None if family == "guard" else family, **kwargs)
@@ -257,7 +263,7 @@ def get_judge(spec: str | Judge | None = None, **kwargs: Any) -> Judge:
         return OpenAIJudge.from_spec(spec, **kwargs)
     raise LensSafetyError(
         f"unknown judge '{spec}'",
-        "use substring, substring-strict, substring-broad, hf:<classifier>, guard:<guard model>, "
+        "use substring, substring-strict, substring-broad, learned, hf:<classifier>, guard:<guard model>, "
         "llama-guard:/shieldgemma:/wildguard:<guard model> or openai:<model>@<base_url>",
     )
 

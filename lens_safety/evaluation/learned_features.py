@@ -1,0 +1,167 @@
+"""Features of the learned refusal judge: a reader model's residual stream pooled over a response.
+
+A (prompt, response) pair becomes ONE token row for the reader: the prompt, cut to at most
+``max_prompt_tokens`` of its own tokens (the first half and the last half of that budget kept),
+formatted by the reader's chat template as the user turn (no prompt: an empty user turn), then
+the response's tokens (no special tokens; at most ``max_response_tokens``, the first 2/3 and the
+last 1/3 of the budget kept), then the end-of-sequence token. The response span is those
+response tokens plus the end-of-sequence token, so an empty response still has one token.
+
+The feature vector is, for each layer ``l`` of ``layers``, the mean over the response span of
+``blocks.{l}.hook_resid_pre`` (= HF ``hidden_states[l]``, **raw HF residual basis**, read in the
+reader's dtype and summed in float64), concatenated in layer order. Rows are read in left-padded batches with the attention
+mask and mask-derived position ids (a batched read equals a one-row read); rows are sorted by
+length first so that a batch holds rows of similar length, and the result is in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from lens_safety.activations import forward, hook_point_name, hooks
+from lens_safety.errors import LensSafetyError
+from lens_safety.models import ChatModel
+from lens_safety.progress import track
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How a pair is read: the reader, its layers and the token budgets (module docstring)."""
+
+    reader: str = "smollm2"
+    layers: tuple[int, ...] = (8, 16)
+    max_prompt_tokens: int = 128
+    max_response_tokens: int = 384
+
+    def __post_init__(self) -> None:
+        if not self.layers or any(layer < 0 for layer in self.layers):
+            raise LensSafetyError(f"feature layers {self.layers} are invalid", "give layers >= 0")
+        if self.max_prompt_tokens < 2 or self.max_response_tokens < 3:
+            raise LensSafetyError(
+                "the token budgets are too small", "use max_prompt_tokens >= 2 and max_response_tokens >= 3"
+            )
+
+    def width(self, d_model: int) -> int:
+        """The length of a feature vector for a reader of width ``d_model``."""
+        return len(self.layers) * d_model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reader": self.reader,
+            "layers": list(self.layers),
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "max_response_tokens": self.max_response_tokens,
+        }
+
+
+def _cut(ids: list[int], budget: int, head_fraction: float) -> list[int]:
+    """``ids`` when they fit in ``budget``, else their first and last parts (head share given)."""
+    if len(ids) <= budget:
+        return ids
+    head = int(budget * head_fraction)
+    return ids[:head] + ids[len(ids) - (budget - head) :]
+
+
+def pair_row(model: ChatModel, prompt: str | None, response: str, spec: FeatureSpec) -> tuple[list[int], int]:
+    """Token ids of one formatted pair and the index where its response span starts."""
+    tokenizer = model.tokenizer
+    instruction = ""
+    if prompt:
+        prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        instruction = str(tokenizer.decode(_cut(prompt_ids, spec.max_prompt_tokens, 0.5)))
+    head = model.chat.token_ids(model.chat.format(instruction))
+    body = _cut(
+        list(tokenizer(response, add_special_tokens=False)["input_ids"]), spec.max_response_tokens, 2 / 3
+    )
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LensSafetyError(
+            f"reader '{spec.reader}' has no end-of-sequence token",
+            "use a chat model with an eos token as reader",
+        )
+    return head + body + [int(eos)], len(head)
+
+
+class _Done(Exception):
+    """Raised inside a hook once the deepest requested layer has been read."""
+
+
+def pooled_states(
+    model: ChatModel, rows: Sequence[Sequence[int]], starts: Sequence[int], layers: Sequence[int]
+) -> Float[torch.Tensor, "n_rows n_layers d_model"]:
+    """Mean of ``resid_pre`` over ``row[start:]`` of each row, per layer, in ONE batched pass (float64)."""
+    if not rows or len(rows) != len(starts):
+        raise LensSafetyError(f"{len(rows)} rows with {len(starts)} span starts", "pass one start per row")
+    if any(not 0 <= s < len(r) for r, s in zip(rows, starts, strict=True)):
+        raise LensSafetyError(
+            "a response span is empty or outside its row", "start every span inside its row"
+        )
+    bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
+    if bad:
+        raise LensSafetyError(f"layers {bad} out of range", f"use layers 0..{model.n_layers - 1}")
+    batch = model.chat.pad([list(r) for r in rows])
+    width = batch.input_ids.shape[1]
+    weights = torch.zeros(len(rows), width, dtype=torch.float64)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        weights[i, width - len(row) + start :] = 1.0 / (len(row) - start)
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+
+    def make_hook(layer: int) -> Any:
+        def read(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            w = weights.to(activation.device)
+            captured[layer] = torch.einsum("bs,bsd->bd", w, activation.double()).cpu()
+            if layer == deepest:
+                raise _Done
+            return activation
+
+        return read
+
+    fwd_hooks = [(hook_point_name("resid_pre", layer), make_hook(layer)) for layer in layers]
+    try:
+        with torch.inference_mode(), hooks(model, fwd_hooks):
+            forward(model, batch)
+    except _Done:
+        pass
+    missing = [layer for layer in layers if layer not in captured]
+    if missing:
+        raise LensSafetyError(
+            f"residual hooks did not fire for layers {missing}",
+            "this reader's bridge lacks those hook points",
+        )
+    return torch.stack([captured[layer] for layer in layers], dim=1)
+
+
+def pair_features(
+    model: ChatModel,
+    prompts: Sequence[str | None] | None,
+    responses: Sequence[str],
+    spec: FeatureSpec,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Float[torch.Tensor, "n width"]:
+    """Feature vectors ``[n, spec.width(d_model)]`` (float64) of the pairs, in input order."""
+    if prompts is not None and len(prompts) != len(responses):
+        raise LensSafetyError(
+            f"{len(prompts)} prompts for {len(responses)} responses", "pass one prompt per response"
+        )
+    if batch_size < 1:
+        raise LensSafetyError(f"batch_size must be >= 1, got {batch_size}", "pass a positive batch size")
+    if not responses:
+        return torch.zeros(0, spec.width(model.d_model), dtype=torch.float64)
+    pairs = [
+        pair_row(model, None if prompts is None else prompts[i], r, spec) for i, r in enumerate(responses)
+    ]
+    order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), i))
+    states = torch.zeros(len(pairs), len(spec.layers), model.d_model, dtype=torch.float64)
+    chunks = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    for chunk in track(chunks, "reading pairs", total=len(chunks), enabled=progress):
+        rows, starts = [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk]
+        states[chunk] = pooled_states(model, rows, starts, spec.layers)
+    return states.reshape(len(pairs), -1)
