@@ -181,7 +181,11 @@ def write_parameter(
 
 def placement_kwargs(hf_model: nn.Module) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments that place a second load of the same architecture as
-    ``hf_model`` is placed: its realised ``device_map`` when dispatched, else ``{}`` (then move the
-    loaded model to :func:`input_device`)."""
+    ``hf_model`` is placed: its realised ``device_map`` when dispatched; ``{"": device}`` on one
+    accelerator (transformers then loads each shard straight onto it, so host memory never holds
+    the whole model); ``{}`` on the CPU."""
     found = device_map_of(hf_model)
-    return {} if found is None else {"device_map": found}
+    if found is not None:
+        return {"device_map": found}
+    device = input_device(hf_model)
+    return {} if device.type == "cpu" else {"device_map": {"": str(device)}}
