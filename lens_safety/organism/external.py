@@ -130,10 +130,22 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lens_safety.organism.external")
     parser.add_argument("model", help="model spec, or an adapter directory (merged into smollm2)")
     parser.add_argument("out", type=Path)
-    parser.add_argument("--builtin", action="store_true", help="also the builtin test split and holdouts")
+    parser.add_argument(
+        "--builtin",
+        type=int,
+        nargs="?",
+        const=len(BUILTIN_HELDOUT),
+        default=0,
+        help="also the first K builtin held-out pairs (1: the test split; alone: all, with the holdouts)",
+    )
     parser.add_argument("--judges", default=",".join(DEFAULT_JUDGES))
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 avoids OpenMP spin-waits on a shared machine)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     adapter = Path(args.model)
@@ -143,7 +155,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
     judges = args.judges.split(",")
     groups = {"external": (EXTERNAL_HARMFUL_TEST, EXTERNAL_HARMLESS_TEST)}
     if args.builtin:
-        groups["builtin"] = (tuple(h for h, _ in BUILTIN_HELDOUT), tuple(b for _, b in BUILTIN_HELDOUT))
+        pairs = BUILTIN_HELDOUT[: args.builtin]
+        groups["builtin"] = (tuple(h for h, _ in pairs), tuple(b for _, b in pairs))
     record: dict[str, Any] = {"model": args.model}
     for group, (harmful, harmless) in groups.items():
         result = judge_sets(model, harmful, harmless, judges, args.max_new_tokens, True, args.model)
