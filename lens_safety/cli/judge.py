@@ -60,6 +60,12 @@ def train(
         int | None,
         typer.Option("--limit", help="Use only the first N pairs of each class in train and in val."),
     ] = None,
+    regularization: Annotated[
+        float | None,
+        typer.Option(
+            "--regularization", help="The probe's inverse L2 strength C (default: chosen by 5-fold CV)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per reader forward pass.")] = 8,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
@@ -70,6 +76,12 @@ def train(
     from lens_safety.evaluation.judge_training import TrainSettings, train_learned_judge
 
     settings = TrainSettings(batch_size=batch_size, limit=limit, reader=reader, device=device)
+    if regularization is not None:
+        if not regularization > 0:
+            raise LensSafetyError(
+                f"--regularization must be > 0, got {regularization}", "pass e.g. --regularization 10"
+            )
+        settings.regularization = regularization
     if data is not None:
         settings.data = data
     candidates = _parse_layer_sets(layers)

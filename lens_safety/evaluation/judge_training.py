@@ -9,7 +9,8 @@ splits are hashes, the folds are :func:`~lens_safety.splits.stratified_folds`, t
 2. Features of every pair at the union of the candidate layer sets, one reader pass
    (:func:`~lens_safety.evaluation.learned_features.pair_features`).
 3. For each candidate layer set, in order: standardise on ``train``, fit the probe on ``train``
-   (C chosen by 5-fold CV there), measure accuracy on ``val``. The first best set wins.
+   (C chosen by 5-fold CV there, unless ``regularization`` fixes it), measure accuracy on ``val``.
+   The first best set wins.
 4. With that set: standardise and fit on ``train`` + ``val`` (C by CV again); out-of-fold logits
    of the same data (5 stratified folds, same C) give the Platt calibration ``(a, c)``.
 """
@@ -20,7 +21,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ class TrainSettings:
     max_prompt_tokens: int = 128
     max_response_tokens: int = 384
     with_promptless: bool = False
+    regularization: float | Literal["cv"] = "cv"
     batch_size: int = 8
     limit: int | None = None
     device: str | None = None
@@ -63,6 +65,7 @@ class TrainSettings:
             "max_response_tokens": self.max_response_tokens,
             "with_promptless": self.with_promptless,
             "limit": self.limit,
+            "regularization": self.regularization,
         }
 
 
@@ -150,7 +153,7 @@ def _select(
         cols = _columns(layers, chosen, d)
         xt, yt, xv, yv = x[~is_val][:, cols], y[~is_val], x[is_val][:, cols], y[is_val]
         mean, std = _standardiser(xt)
-        w, b, c = _fit(xt, yt, mean, std)
+        w, b, c = _fit(xt, yt, mean, std, settings.regularization)
         accuracy = float((((((xv - mean) / std) @ w + b) >= 0) == yv).double().mean())
         rows.append({"layers": list(chosen), "val_accuracy": accuracy, "regularization": c})
     best = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -i))
@@ -181,7 +184,7 @@ def fit_judge(
     chosen, selection = _select(x, y, is_val, settings, layers, reader.d_model)
     x = x[:, _columns(layers, chosen, reader.d_model)]
     mean, std = _standardiser(x)
-    w, b, c = _fit(x, y, mean, std)
+    w, b, c = _fit(x, y, mean, std, settings.regularization)
     oof = _out_of_fold_logits(x, y, mean, std, c)
     platt = fit_logistic(oof[y][:, None], oof[~y][:, None], regularization=CALIBRATION_C)
     spec = FeatureSpec(settings.reader, chosen, settings.max_prompt_tokens, settings.max_response_tokens)
