@@ -73,13 +73,13 @@ class JudgeComparison:
                 continue
             positives = rows[0].tp + rows[0].fn
             lines.append(f"\n[{name}] n = {rows[0].n} ({positives} refusals)")
-            lines.append(f"{'judge':<18} {'accuracy':<22} {'precision':<22} {'recall':<22}")
+            lines.append(f"{'judge':<18} {'accuracy':<22} {'precision':<22} recall")
             for a in rows:
                 cells = [
                     f"{e.value:.3f} [{e.ci_low:.3f}, {e.ci_high:.3f}]"
                     for e in (a.accuracy_estimate, a.precision_estimate, a.recall_estimate)
                 ]
-                lines.append(f"{a.judge:<18} " + " ".join(f"{c:<22}" for c in cells))
+                lines.append((f"{a.judge:<18} " + " ".join(f"{c:<22}" for c in cells)).rstrip())
             for other, est in self.differences.get(name, {}).items():
                 lines.append(
                     f"accuracy {self.judges[0]} - {other}: {est.value:+.3f} "
