@@ -16,6 +16,8 @@ judge_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(judge_app, name="judge")
+#: the judges ``judge compare`` measures by default, the learned one first
+DEFAULT_COMPARED = ["learned", "substring", "substring-strict", "substring-broad"]
 
 
 def _parse_layer_sets(value: str | None) -> tuple[tuple[int, ...], ...] | None:
@@ -105,13 +107,12 @@ def train(
 @judge_app.command("compare")
 def compare(
     judges: Annotated[
-        list[str] | None,
+        list[str],
         typer.Option(
             "--judge",
-            help="Judges to compare (repeat); the first is compared with each other one. "
-            "Default: learned, substring, substring-strict, substring-broad.",
+            help="Judges to compare (repeat); the first is compared with each other one.",
         ),
-    ] = None,
+    ] = DEFAULT_COMPARED,
     data: Annotated[
         list[Path] | None,
         typer.Option(
@@ -131,7 +132,7 @@ def compare(
 
     files = data or [TEST_FILE]
     pairs = [pair for file in files for pair in load_pairs(file)]
-    specs = judges or ["learned", "substring", "substring-strict", "substring-broad"]
+    specs = list(judges) or list(DEFAULT_COMPARED)
     source = ", ".join(f.name for f in files)
     result = compare_judges(specs, pairs, with_prompts=not no_prompts, source=source)
     if json:
