@@ -129,13 +129,11 @@ def test_teacher_forced_features_equal_the_ones_read_while_sampling(smollm2: Cha
     completions cut at max_new_tokens alike)."""
     from lens_safety.srr.capture import sample_with_states, teacher_forced_states
 
-    prompts = ["Reply with one word: yes or no.", "Name a colour.", "Say hi.", "Count to three."]
-    layers = (2, 15, smollm2.n_layers)
-    sampled = sample_with_states(
-        smollm2, prompts, n=3, layers=layers, max_new_tokens=10, seed=1, batch_size=2
-    )
+    prompts = ["Reply with one word: yes or no.", "Say hi.", "Count to three."]
+    layers = (2, smollm2.n_layers)
+    sampled = sample_with_states(smollm2, prompts, n=2, layers=layers, max_new_tokens=8, seed=1, batch_size=3)
     assert any(sampled.generations.truncated) and not all(sampled.generations.truncated)
-    forced = teacher_forced_states(smollm2, sampled.generations, layers, batch_size=5)
+    forced = teacher_forced_states(smollm2, sampled.generations, layers, batch_size=4)
     for got, want in (
         (forced.instruction, sampled.instruction),
         (forced.responses, sampled.responses),

