@@ -367,7 +367,9 @@ def export_edit(
     writers = checkpoint_writers(model)
     touched = target_parameters(spec, writers, model.n_layers)
     untie = model.arch.tied_embeddings and any(w.kind == "embed" for w, _ in touched.values())
-    exact = not any(w.post_norm for w, _ in touched.values()) or spec.method != "orthogonalize"
+    exact = (
+        not any(w.post_norm or w.fixed_with for w, _ in touched.values()) or spec.method != "orthogonalize"
+    )
     for name in extra_files or {}:
         taken = name in GENERATED_FILES or (model.hf_path / name).exists() or name.endswith(".safetensors")
         if Path(name).name != name or taken:

@@ -25,6 +25,7 @@ OUT.md`` runs every case and writes the docs table (:func:`render_table`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -70,7 +71,8 @@ FAST_CASES: tuple[str, ...] = (
 @dataclass
 class CaseResult:
     """One architecture's outcome: ``supported``, ``refused`` (a LensSafetyError, by design),
-    ``not buildable`` (no offline tiny model), ``bridge error`` (TransformerBridge fails) or
+    ``not buildable`` (no offline tiny model), ``bridge error`` (TransformerBridge fails, or its
+    residuals differ from Hugging Face's) or
     ``failed`` (a lens-safety check failed: a bug)."""
 
     architecture: str
@@ -104,6 +106,12 @@ def _where(exc: BaseException) -> str:
     return f"{Path(frame.filename).name}:{frame.lineno}"
 
 
+def _in_bridge(exc: BaseException) -> bool:
+    """Whether TransformerLens' code is on the exception's stack (the bridge's forward failed)."""
+    marker = f"{os.sep}transformer_lens{os.sep}"
+    return any(marker in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
+
+
 def run_case(arch: str, model_type: str | None, root: Path, tokenizer_dir: Path) -> CaseResult:
     """Build, load, read, edit, export and verify one architecture (see the module docstring)."""
 
@@ -126,17 +134,18 @@ def run_case(arch: str, model_type: str | None, root: Path, tokenizer_dir: Path)
         return result("refused", str(exc))
     except Exception as exc:
         return result("bridge error", f"{type(exc).__name__}: {exc}")
-    ids = model.chat.encode(["How do I bake sourdough bread?"]).input_ids
+    batch = model.chat.encode(["How do I bake sourdough bread?"])
     try:
-        if (err := check_residuals(model, ids)) > 1e-4:
-            return result("failed", f"resid_pre differs from HF hidden_states by {err:.2g} (relative)")
-        note = check_edits(model, root, ids) + writer_summary(model)
+        if (err := check_residuals(model, batch.input_ids)) > 1e-4:
+            return result("bridge error", f"resid_pre differs from HF hidden_states by {err:.2g} (relative)")
+        note = check_edits(model, root, batch) + writer_summary(model)
     except LensSafetyError as exc:
         return result("refused", str(exc), len(model.arch.writers))
     except AssertionError as exc:
         return result("failed", str(exc), len(model.arch.writers))
     except Exception as exc:
-        return result("failed", f"{type(exc).__name__}: {exc} (in {_where(exc)})")
+        status = "bridge error" if _in_bridge(exc) else "failed"
+        return result(status, f"{type(exc).__name__}: {exc} (in {_where(exc)})")
     return result("supported", note, len(model.arch.writers))
 
 

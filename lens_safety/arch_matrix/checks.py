@@ -13,22 +13,24 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from lens_safety.activations import forward
 from lens_safety.edits import orthogonalize, rosi
 from lens_safety.edits.checkpoint import checkpoint_writers, weight_shards
 from lens_safety.edits.spec import DEFAULT_TARGETS
 from lens_safety.errors import LensSafetyError
 from lens_safety.export import export_edit
+from lens_safety.interventions import ablation_hook_points
 
 ALPHA = 5.0
 
 
-def vanilla(path: Path, dtype: torch.dtype) -> Any:
+def vanilla(path: Path, dtype: torch.dtype, attention: str = "eager") -> Any:
     """A plain ``from_pretrained`` load (eager attention and experts: grouped expert kernels take
     no float64), for reference computations."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+        str(path), dtype=dtype, attn_implementation=attention, experts_implementation="eager"
     ).eval()
 
 
@@ -125,16 +127,72 @@ def check_formula(
 def check_complete(out: Path, s: torch.Tensor, ids: torch.Tensor, n_layers: int) -> float:
     """Largest ``|s^T h| / |h|`` of the residual entering each block of an abliterated export."""
     with torch.inference_mode():
-        hidden = vanilla(out, torch.float64)(ids, output_hidden_states=True).hidden_states
+        try:
+            hidden = vanilla(out, torch.float64)(ids, output_hidden_states=True).hidden_states
+        except RuntimeError:  # XGLM's eager attention fills a default-dtype scalar with float64's min
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+            try:
+                hidden = vanilla(out, torch.float64)(ids, output_hidden_states=True).hidden_states
+            finally:
+                torch.set_default_dtype(default)
     return max(
         float(((hidden[layer][0] @ s).abs() / hidden[layer][0].norm(dim=-1).clamp_min(1e-30)).max())
         for layer in range(n_layers)
     )
 
 
-def check_edits(model: Any, root: Path, ids: torch.Tensor) -> str:
-    """Export ROSI and abliteration and check both (formula, untouched tensors, completeness);
-    returns a note, raises AssertionError on a failure."""
+def _fireable(model: Any, names: list[str], ids: torch.Tensor) -> list[str]:
+    """The hook points among ``names`` the bridge has and accepts a hook on (parallel-attention
+    blocks have no ``hook_resid_mid``)."""
+    out = []
+    for name in names:
+        if name not in model.bridge.hook_dict:
+            continue
+        try:
+            with torch.inference_mode(), model.bridge.hooks(fwd_hooks=[(name, lambda x, hook: x)]):
+                model.bridge(ids[:, :2])
+        except Exception:
+            continue
+        out.append(name)
+    return out
+
+
+def _sublayer(hf_name: str, layer: int) -> str:
+    """The decoder-layer child a writer belongs to (``model.layers.3.mlp.experts`` -> ``mlp``)."""
+    return hf_name.split(f".{layer}.", 1)[-1].split(".", 1)[0]
+
+
+def check_ablation(model: Any, out: Path, s: torch.Tensor, batch: Any) -> float | None:
+    """Largest ``|logit|`` difference between a vanilla reload of the abliterated export and
+    inference-time directional ablation ``x - s (s^T x)`` of the base model at every block's
+    ``resid_pre`` / ``resid_mid`` / ``resid_post`` (parallel attention + MLP blocks and
+    single-mixer blocks have no ``resid_mid``): equal when exactly the residual writers were projected (a missed writer, or an
+    edited tensor that is not one, makes them differ). ``None`` where the bridge lacks the hook
+    points to ablate every read of the residual."""
+    names = _fireable(model, ablation_hook_points(model.n_layers), batch.input_ids)
+    parallel = bool(getattr(model.bridge.cfg, "parallel_attn_mlp", False))
+    for layer in range(model.n_layers):
+        count = len({_sublayer(w.hf_name, layer) for w in model.arch.writers if w.layer == layer})
+        hooked = all(f"blocks.{layer}.hook_resid_{p}" in names for p in ("pre", "post"))
+        if not hooked or (count > 1 and not parallel and f"blocks.{layer}.hook_resid_mid" not in names):
+            return None  # a sequential block without resid_mid: its second sub-layer would read s
+    unit = s.to(torch.float32)
+
+    def ablate(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        u = unit.to(x.device, x.dtype)
+        return x - (x @ u).unsqueeze(-1) * u
+
+    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=[(name, ablate) for name in names]):
+        ablated = forward(model, batch).logits.float()
+    with torch.inference_mode():
+        edited = vanilla(out, torch.float32)(batch.input_ids).logits.float()
+    return float((edited - ablated).abs().max())
+
+
+def check_edits(model: Any, root: Path, batch: Any) -> str:
+    """Export ROSI and abliteration and check both (formula, untouched tensors, completeness,
+    equality with directional ablation); returns a note, raises AssertionError on a failure."""
     s = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     s = s / s.norm()
     export_edit(model, rosi(s, ALPHA), root / "rosi")
@@ -143,13 +201,19 @@ def check_edits(model: Any, root: Path, ids: torch.Tensor) -> str:
     try:
         export_edit(model, orthogonalize(s), root / "ablated")
     except LensSafetyError as exc:
-        if "post-norm" not in str(exc):
-            raise
-        return "abliteration refused (writers pass through a post-norm); ROSI exact"
+        if "post-norm" in str(exc):
+            return "abliteration refused (writers pass through a post-norm); ROSI exact"
+        if "joined by" in str(exc):
+            return "abliteration refused (a weightless position embedding); ROSI exact"
+        raise
     if (err := check_formula(model, root / "ablated", "orthogonalize", s)) >= 1e-3:
         raise AssertionError(f"abliterated export differs from the formula by {err:.2g} (relative)")
-    if (leak := check_complete(root / "ablated", s, ids, model.n_layers)) > 1e-6:
+    if (leak := check_complete(root / "ablated", s, batch.input_ids, model.n_layers)) > 1e-6:
         raise AssertionError(
             f"abliterated residual keeps {leak:.2g} of its norm along s (a writer was missed)"
         )
+    if (gap := check_ablation(model, root / "ablated", s, batch)) is None:
+        return "ROSI and abliteration exact (no ablation hooks to compare with)"
+    if gap > 1e-4:
+        raise AssertionError(f"abliterated export differs from directional ablation by {gap:.2g} in logits")
     return "ROSI and abliteration exact"

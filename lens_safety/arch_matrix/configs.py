@@ -68,16 +68,31 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "n_group": 1,
         "topk_group": 1,
     },
+    "glm_moe_dsa": {
+        **_MLA,
+        "index_topk": 8,
+        "index_head_dim": 16,
+        "index_n_heads": 2,
+        "mlp_layer_types": ["dense", "sparse"],
+        "n_group": 1,
+        "topk_group": 1,
+    },
     "qwen2_moe": {"shared_expert_intermediate_size": 32},
     "qwen3_next": {**_LINEAR_ATTENTION, **_HYBRID_LAYERS, "shared_expert_intermediate_size": 32},
     "qwen3_5_text": {**_LINEAR_ATTENTION, **_HYBRID_LAYERS},
     "qwen3_5_moe_text": {**_LINEAR_ATTENTION, **_HYBRID_LAYERS, "shared_expert_intermediate_size": 32},
     "olmo_hybrid": {**_LINEAR_ATTENTION},
     "llama4_text": {"intermediate_size_mlp": 128, "interleave_moe_layer_step": 2, "moe_layers": [1]},
-    "gemma4_text": {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 128},
+    "gemma4_text": {"hidden_size_per_layer_input": 16},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"], "lru_width": 64},
     "falcon_h1": {**_MAMBA2, "mamba_d_ssm": 128},
-    "bamba": {**_MAMBA2},
-    "granitemoehybrid": {**_MAMBA2, "shared_intermediate_size": 64, "layer_types": ["mamba", "attention"]},
+    "bamba": {**_MAMBA2, "attn_layer_indices": [1]},
+    "granitemoehybrid": {
+        **_MAMBA2,
+        "shared_intermediate_size": 64,
+        "layer_types": ["mamba", "attention"],
+        "position_embedding_type": "rope",
+    },
     "nemotron_h": {
         "mamba_num_heads": 8,
         "mamba_head_dim": 16,
@@ -106,18 +121,38 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "chunk_size": 16,
     },
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": 2},
-    "lfm2_moe": {"num_dense_layers": 1},
+    "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8},
+    "youtu": {**_MLA},
+    "lfm2_moe": {"num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
 }
 #: keys a model_type's config cannot take (a read-only property there)
 DROPPED: dict[str, tuple[str, ...]] = {"falcon": ("head_dim",)}
 MAX_TINY_PARAMETERS = 12_000_000  # untied embeddings of a 49k vocabulary at width 64 are ~6.3M
 
 
+def _defines(config: Any, key: str) -> bool:
+    """Whether a config class has ``key`` (a per-layer attribute, which raises on a global read, too)."""
+    try:
+        getattr(config, key)
+    except AttributeError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 def tiny_config(model_type: str, vocab_size: int, **extra: Any) -> Any:
-    """The tiny config of ``model_type`` (:data:`TINY`, its :data:`OVERRIDES`, then ``extra``)."""
+    """The tiny config of ``model_type``: the :data:`TINY` keys its config class defines (an
+    unknown key would only become a stray attribute, which TransformerBridge may still read, e.g.
+    ``num_key_value_heads`` on GPT-2), then its :data:`OVERRIDES`, then ``extra``."""
     from transformers import AutoConfig
 
-    keys = {**TINY, **OVERRIDES.get(model_type, {}), **extra}
+    defaults = AutoConfig.for_model(model_type)
+    known = {key: value for key, value in TINY.items() if _defines(defaults, key)}
+    if _defines(defaults, "vocab_size_per_layer_input"):  # Gemma 3n / 4 per-layer input embeddings
+        known["vocab_size_per_layer_input"] = vocab_size
+    keys = {**known, **OVERRIDES.get(model_type, {}), **extra}
     for key in DROPPED.get(model_type, ()):
         keys.pop(key, None)
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **keys)

@@ -64,6 +64,8 @@ class ResidualWriter:
         layout: layout of one write matrix in memory (see the module docstring).
         has_bias: whether a bias (which also writes to the residual stream) comes with the weight.
         post_norm: HF name of a norm applied to the output before the residual add (Gemma 2/3).
+        fixed_with: a weightless write joining this one before block 0 (XGLM's sinusoidal position
+            embedding joins the token embedding): no weight edit can remove a direction from it.
         weight: the live weight parameter (default ``{hf_name}.weight``).
         bias: the live bias parameter (default ``{hf_name}.bias`` when ``has_bias``).
         experts: number of experts of a fused ``[n_experts, ...]`` weight (each slice is edited
@@ -80,6 +82,7 @@ class ResidualWriter:
     has_bias: bool
     post_norm: str | None = None
     weight: str = ""
+    fixed_with: str | None = None
     bias: str | None = None
     experts: int | None = None
     stored: tuple[WriterTensor, ...] = field(default=())

@@ -18,7 +18,7 @@ is a single projection narrower than ``d_model`` only reads the residual and is 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,8 @@ OUTPUT_NAMES = frozenset(
         "out_proj",
         "down_proj",
         "output_linear",
+        "linear_out",
+        "o_b_proj",
         "w2",
         "c_proj",
         "dense",
@@ -156,8 +158,12 @@ def _expert_layout(block: _Block, name: str, module: nn.Module, shape: torch.Siz
     )
 
 
-def _fused_experts(block: _Block, path: str, module: nn.Module, kind: WriterKind) -> ResidualWriter | None:
-    """The writer of a fused ``[n_experts, ...]`` output projection held by ``module``, if any."""
+def _fused_experts(
+    block: _Block, path: str, module: nn.Module, kind: WriterKind, parent: nn.Module | None
+) -> ResidualWriter | None:
+    """The writer of a fused ``[n_experts, ...]`` output projection held by ``module``, if any, with
+    its bias: per expert (``[n_experts, d_model]``, gpt-oss) or one ``[d_model]`` ``bias`` of the
+    experts block ``parent`` added to the routed sum (JetMoE)."""
     leaf = path.rsplit(".", 1)[-1]
     for attr, bias_attr in (("down_proj", "down_proj_bias"), ("weight", "bias")):
         param = module._parameters.get(attr)
@@ -167,6 +173,10 @@ def _fused_experts(block: _Block, path: str, module: nn.Module, kind: WriterKind
         layout = _expert_layout(block, f"{hf_name}.{attr}", module, param.shape)
         bias = module._parameters.get(bias_attr)
         has_bias = bias is not None and tuple(bias.shape) == (param.shape[0], block.d_model)
+        bias_name = f"{hf_name}.{bias_attr}" if has_bias else None
+        shared = parent._parameters.get("bias") if parent is not None else None
+        if not has_bias and shared is not None and tuple(shared.shape) == (block.d_model,):
+            has_bias, bias_name = True, f"{block.prefix}.{path.rsplit('.', 1)[0]}.bias"
         post = block.post_norms.get(kind)
         if getattr(module, "has_post_expert_norm", False):
             post = post or f"{hf_name} (post-expert norm)"
@@ -179,35 +189,41 @@ def _fused_experts(block: _Block, path: str, module: nn.Module, kind: WriterKind
             has_bias=has_bias,
             post_norm=post,
             weight=f"{hf_name}.{attr}",
-            bias=f"{hf_name}.{bias_attr}" if has_bias else None,
+            bias=bias_name,
             experts=int(param.shape[0]),
         )
     return None
 
 
-def child_kind(child: nn.Module) -> WriterKind:
-    """The writer kind of a decoder-layer child, by what its Hugging Face class is."""
+def child_kind(child: nn.Module, architecture: str = "") -> WriterKind:
+    """The writer kind of a decoder-layer child, by what its Hugging Face class is (the model's own
+    class prefix dropped: ``RecurrentGemmaMlp`` is an MLP, ``GraniteMoeHybridMambaLayer`` a mixer)."""
+    prefix = architecture.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
     name = type(child).__name__
-    if any(key in name for key in _MIXERS):
-        return "mixer_out"
+    name = name.removeprefix(prefix) if prefix and name != prefix else name
     if any(key in name for key in _MLPS):
         return "mlp_out"
-    if "Attention" in name:
+    if any(key in name for key in _MIXERS):
+        return "mixer_out"
+    if "Attention" in name or "MoA" in name:
         return "attn_out"
     return "mixer_out"
 
 
 def _child_writers(block: _Block, path: str, child: nn.Module) -> list[ResidualWriter]:
     """Writers inside one decoder-layer child the adapter does not map (see the module docstring)."""
-    kind = child_kind(child)
+    kind = child_kind(child, block.architecture)
     if (width := _out_width(child)) is not None:
         return [block.writer(path, kind, child)] if width == block.d_model else []
     found: list[ResidualWriter] = []
     taken: list[str] = []
-    for sub, module in [(path, child), *walk(child, path)]:
+    modules = dict([(path, child), *walk(child, path)])
+    for sub, module in modules.items():
         if any(sub.startswith(t + ".") for t in taken):
             continue
-        if (fused := _fused_experts(block, sub, module, kind)) is not None:
+        if (
+            fused := _fused_experts(block, sub, module, kind, modules.get(sub.rsplit(".", 1)[0]))
+        ) is not None:
             found.append(fused)
             taken.append(sub)
         elif sub.rsplit(".", 1)[-1] in OUTPUT_NAMES and _out_width(module) == block.d_model:
@@ -265,6 +281,12 @@ def block_writers(
     for path, child in ((n, unwrap(c)) for n, c in hf_block.named_children()):
         if not _has_matrices(child) or any(id(m) in adapter_modules for m in child.modules()):
             continue
+        if "DecoderLayer" in type(child).__name__:
+            raise LensSafetyError(
+                f"block {layer} of {architecture} nests a {type(child).__name__} ({path}) whose "
+                "sub-layers reach the residual stream only through other modules",
+                UNSUPPORTED,
+            )
         inside = _child_writers(context, path, child)
         if not inside and _out_width(child) is None:
             raise LensSafetyError(
@@ -296,9 +318,41 @@ def find_residual_writers(bridge: Any) -> tuple[ResidualWriter, ...]:
     writers = [_embedding("embed", "embed", embed, names, names.get(id(norm)) if norm is not None else None)]
     if hasattr(bridge, "pos_embed") and (pos := original(bridge.pos_embed)) is not None:
         writers.append(_embedding("pos_embed", "pos_embed", pos, names))
+    elif (fixed := _weightless_positions(hf_model)) is not None:
+        writers[0] = replace(writers[0], fixed_with=f"a weightless position embedding ({fixed})")
     for layer, block in enumerate(bridge.blocks):
         writers += block_writers(block, layer, names, architecture, d_model)
+    _refuse_shared(hf_model, writers, architecture)
     return tuple(writers)
+
+
+def _weightless_positions(hf_model: nn.Module) -> str | None:
+    """The HF name of a position embedding without weights (XGLM's sinusoidal one), if any: its
+    write joins the token embedding's and no weight edit can remove a direction from it."""
+    for name, module in walk(hf_model):
+        kind = type(module).__name__
+        positional = "Positional" in kind or "PositionEmbedding" in kind or "Sinusoidal" in kind
+        if positional and "Rotary" not in kind and not any(True for _ in module.parameters()):
+            return name
+    return None
+
+
+def _refuse_shared(hf_model: nn.Module, writers: list[ResidualWriter], architecture: str) -> None:
+    """Refuse writers whose weight is one tensor shared between blocks (Zamba2's shared transformer):
+    an edit of one block's writer would silently edit the others."""
+    params = {clean_hf_name(n): p for n, p in hf_model.named_parameters(remove_duplicate=False)}
+    seen: dict[int, str] = {}
+    for writer in writers:
+        param = params.get(writer.weight)
+        if param is None:
+            continue
+        if id(param) in seen:
+            raise LensSafetyError(
+                f"{writer.name} of {architecture} shares its weight with {seen[id(param)]}, so a "
+                "per-block edit is not defined",
+                UNSUPPORTED,
+            )
+        seen[id(param)] = writer.name
 
 
 def _embedding(

@@ -135,8 +135,8 @@ def locate_writer_tensors(
     writers = tuple(writers)
     real = {name: tuple(p.shape) for name, p in live_parameters(hf_model).items()}
     as_loaded = {t.live for w in writers for t in w.live_tensors() if shapes.get(t.live) == real.get(t.live)}
-    wanted = {
-        t.live: (real[t.live], w.experts is not None)
+    wanted = {  # live name -> (shape, whether its leading axis is the experts')
+        t.live: (real[t.live], w.experts is not None and len(real[t.live]) == (2 if t.is_bias else 3))
         for w in writers
         for t in w.live_tensors()
         if t.live not in as_loaded and t.live in real

@@ -38,10 +38,15 @@ def select_writers(
             f"edit targets {list(spec.targets)} match no writer of this model", "check --targets and --layers"
         )
     post = [w.name for w in chosen if w.post_norm]
-    if post and spec.method in ("orthogonalize", "add_bias") and not spec.approximate:
+    fixed = [w for w in chosen if w.fixed_with]
+    if (post or fixed) and spec.method in ("orthogonalize", "add_bias") and not spec.approximate:
+        why = (
+            f"{post[0]} (and {len(post) - 1} more) writes through a post-norm"
+            if post
+            else f"{fixed[0].name} is joined by {fixed[0].fixed_with}"
+        )
         raise LensSafetyError(
-            f"{post[0]} (and {len(post) - 1} more) writes through a post-norm, so orthogonalising its weight "
-            "does not remove the direction from the residual stream",
+            f"{why}, so orthogonalising its weight does not remove the direction from the residual stream",
             "use inference-time ablate_direction, or pass approximate=True to accept an inexact edit",
         )
     return chosen
