@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lens_safety.cli import app
 from lens_safety.cli.common import (
     DeviceOpt,
@@ -44,8 +46,8 @@ def info(
         "residual_writers": {
             "count": len(writers),
             "embed": [w.hf_name for w in writers if w.kind in ("embed", "pos_embed")],
-            "attn_out": writers[[w.kind for w in writers].index("attn_out")].hf_name.replace(".0.", ".{l}."),
-            "mlp_out": writers[[w.kind for w in writers].index("mlp_out")].hf_name.replace(".0.", ".{l}."),
+            **{kind: _pattern(writers, kind) for kind in ("attn_out", "mlp_out", "mixer_out")},
+            "experts": max((w.experts or 0 for w in writers), default=0),
             "layout": writers[-1].layout,
             "biases": any(w.has_bias for w in writers),
             "post_norm": any(w.post_norm for w in writers),
@@ -64,3 +66,9 @@ def info(
         else:
             table.add_row(key, repr(value) if key == "chat_template_tail" else str(value))
     stdout_console().print(table)
+
+
+def _pattern(writers: Any, kind: str) -> str | None:
+    """The HF name of the first writer of ``kind`` with its block index as ``{l}`` (None if absent)."""
+    first = next((w for w in writers if w.kind == kind), None)
+    return None if first is None else first.hf_name.replace(f".{first.layer}.", ".{l}.", 1)
