@@ -49,6 +49,8 @@ from lens_safety.splits import split_of as split_of  # re-export: callers move i
 UNSPLIT_BUILTINS = {
     "harmless_extra": "all of it is training data for the refusal organism",
     "harmless_extra_2": "all of it is training data for organism candidates (--more-harmless)",
+    "harmless_extra_3": "all of it is training data for organism candidates (--more-harmless)",
+    "harmful_extra": "all of it is training data for organism candidates (--more-harmful)",
     "harmful_holdout": "all of it is held-out test data",
     "harmless_holdout": "all of it is held-out test data",
     "harmful_holdout_2": "all of it is held-out test data",
