@@ -3,8 +3,10 @@ added bias).
 
 :mod:`lens_safety.edits.spec` holds the maths (pure functions of a spec and base tensors),
 :mod:`lens_safety.edits.targets` which parameters an edit touches and the pure state-dict edit,
-:mod:`lens_safety.edits.memory` applies an edit to a loaded model reversibly and
-:mod:`lens_safety.edits.checkpoint` reads the original weights shard by shard.
+:mod:`lens_safety.edits.memory` applies an edit to a loaded model reversibly,
+:mod:`lens_safety.edits.checkpoint` reads the original weights shard by shard and
+:mod:`lens_safety.edits.stored` locates each writer's tensors in the checkpoint (fused expert
+tensors may be stored per expert, renamed or transposed).
 """
 
 from lens_safety.edits.checkpoint import read_tensors, weight_shards
