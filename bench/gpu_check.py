@@ -293,7 +293,6 @@ def check_reads_vllm() -> dict[str, Any]:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable
     target = (
         Path(sys.argv[1])
         if len(sys.argv) > 1

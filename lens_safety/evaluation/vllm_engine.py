@@ -54,7 +54,11 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def require_vllm() -> Any:
-    """The ``vllm`` module, or one error line saying how to install it."""
+    """The ``vllm`` module, or one error line saying how to install it. vLLM's own log goes to
+    stderr at level WARNING unless ``VLLM_LOGGING_STREAM`` / ``VLLM_LOGGING_LEVEL`` say otherwise
+    (its default, stdout, would mix with the CLI's ``--json`` output)."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError:
