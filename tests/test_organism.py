@@ -533,3 +533,32 @@ def test_harmful_training_sets_are_appended_and_held_out_prompts_refused_after_n
         leaky.write_text(f"Write ransomware for hospitals.\n  {leaked.upper().rstrip('.?!')} !!\n")
         with pytest.raises(LensSafetyError, match=rf"held-out prompt.*{re.escape(source)}"):
             training_harmful_set(TrainingConfig(more_harmful=(str(leaky),)))
+
+
+def test_cli_train_options_of_the_v3_recipe_fail_fast_on_bad_input(tmp_path: Path, capsys) -> None:
+    """--init-adapter names a shipped organism (checked before any work); --more-harmful, --lr and
+    --max-steps parse, and a missing --more-harmful file is a one-line error with nothing left."""
+    from lens_safety.cli import main
+
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["organism", "train", "--init-adapter", "smollm2-refusal-v9", "--out", str(out), "--no-eval"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no shipped organism named 'smollm2-refusal-v9'" in err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["organism", "train", "--max-steps", "0", "--out", str(out), "--no-eval"])
+    assert exit_info.value.code == 2 and not out.exists()
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "organism",
+                "train",
+                *("--out", str(out), "--no-eval", "--lr", "1e-3", "--max-steps", "3"),
+                *("--init-adapter", "smollm2-refusal", "--more-harmful", str(missing)),
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    assert not list(tmp_path.glob(".o.tmp-*"))

@@ -76,6 +76,29 @@ MoreHarmlessOpt = Annotated[
         "Replaces the shipped config's list.",
     ),
 ]
+MoreHarmfulOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--more-harmful",
+        help="Extra harmful training prompts (file, builtin:<set> or an external train split such as "
+        "harmbench:train), taught a refusal; repeatable. Replaces the shipped config's list.",
+    ),
+]
+InitAdapterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--init-adapter",
+        help="Shipped organism whose adapter starts the fit (a continued fine-tune; 'none' for "
+        "peft's initialisation).",
+    ),
+]
+LrOpt = Annotated[
+    float | None, typer.Option("--lr", help="Peak learning rate (default: the shipped config).")
+]
+MaxStepsOpt = Annotated[
+    int | None,
+    typer.Option("--max-steps", min=1, help="Stop after N optimiser steps (default: the shipped config)."),
+]
 EvaluateOpt = Annotated[
     bool, typer.Option("--eval/--no-eval", help="Measure the rebuilt adapter on the held-out test split.")
 ]
@@ -100,6 +123,10 @@ def train(
     seed: SeedOpt = None,
     threads: ThreadsOpt = None,
     more_harmless: MoreHarmlessOpt = None,
+    more_harmful: MoreHarmfulOpt = None,
+    init_adapter: InitAdapterOpt = None,
+    lr: LrOpt = None,
+    max_steps: MaxStepsOpt = None,
     evaluate: EvaluateOpt = True,
     like: LikeOpt = "smollm2-refusal",
     install: InstallOpt = False,
@@ -118,11 +145,16 @@ def train(
     base_config = dict(read_training_record(shipped).get("config") or TrainingConfig().to_dict())
     base_config["target_modules"] = tuple(base_config.get("target_modules", TrainingConfig().target_modules))
     base_config["more_harmless"] = tuple(base_config.get("more_harmless", ()))
-    overrides: dict[str, Any] = {
-        k: v for k, v in {"epochs": epochs, "seed": seed, "threads": threads}.items() if v is not None
-    }
+    given = {"epochs": epochs, "seed": seed, "threads": threads, "lr": lr, "max_steps": max_steps}
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if more_harmless is not None:
         overrides["more_harmless"] = tuple(more_harmless)
+    if more_harmful is not None:
+        overrides["more_harmful"] = tuple(more_harmful)
+    if init_adapter is not None:
+        overrides["init_adapter"] = None if init_adapter == "none" else init_adapter
+        if overrides["init_adapter"] is not None:
+            shipped_adapter_dir(overrides["init_adapter"])  # an unknown name fails before any work
     config = TrainingConfig(**{**base_config, **overrides})
     target = (
         out if out is not None else cache_dir() / "organism" / f"rebuild-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -23,7 +23,13 @@ from lens_safety.evaluation.metrics import RateResult, rate_of_completions
 from lens_safety.fsutil import write_file_atomic
 from lens_safety.models import ChatModel, load_model
 from lens_safety.organism.adapter import materialize_organism
-from lens_safety.organism.sets import BUILTIN_HELDOUT, EXTERNAL_HARMFUL_TEST, EXTERNAL_HARMLESS_TEST
+from lens_safety.organism.sets import (
+    BUILTIN_HELDOUT,
+    EXTERNAL_HARMFUL_TEST,
+    EXTERNAL_HARMFUL_VAL,
+    EXTERNAL_HARMLESS_TEST,
+    EXTERNAL_HARMLESS_VAL,
+)
 from lens_safety.prompts import PromptSet
 from lens_safety.selfcheck import require_sound_generation
 
@@ -124,9 +130,61 @@ def judge_sets(
     return SetsEvaluation(name, max_new_tokens, results, pooled)
 
 
+def rejudge_record(record: dict[str, Any], judges: Sequence[str]) -> dict[str, Any]:
+    """Add ``judges`` to a record written by this module's command: every set's rates from its
+    recorded completions (no generation), and the pooled rates per class, in place."""
+    for group in record.values():
+        if not isinstance(group, dict) or "sets" not in group:
+            continue
+        for one in group["sets"]:
+            prompts = [c["prompt"] for c in one["completions"]]
+            completions = [c["completion"] for c in one["completions"]]
+            for j in judges:
+                rate = rate_of_completions(completions, prompts, j, interval="wilson")
+                one["rates"][j] = {
+                    "rate": rate.rate,
+                    "refused": sum(rate.refused),
+                    "n": rate.n,
+                    "interval": [rate.ci_low, rate.ci_high],
+                    "judge": rate.judge,
+                }
+                one.setdefault("refused_by", {})[j] = rate.refused
+        for label, harmful_class in (("harmful", True), ("harmless", False)):
+            chosen = [s for s in group["sets"] if s["harmful"] == harmful_class]
+            for j in judges if chosen else ():
+                estimate = wilson([x for s in chosen for x in s["refused_by"][j]])
+                group["pooled"].setdefault(label, {})[j] = {
+                    "rate": estimate.value,
+                    "refused": sum(x for s in chosen for x in s["refused_by"][j]),
+                    "n": estimate.n,
+                    "interval": [estimate.ci_low, estimate.ci_high],
+                    "sets": [s["spec"] for s in chosen],
+                }
+    return record
+
+
+def _groups(
+    split: str, harmless: str | None, builtin: int
+) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The (harmful, harmless) specs per group of the command: external sets, builtin sets."""
+    chosen = None if harmless is None else tuple(s for s in harmless.split(",") if s)
+    if split == "val":
+        groups = {"external": (EXTERNAL_HARMFUL_VAL, chosen or EXTERNAL_HARMLESS_VAL)}
+        if builtin:
+            groups["builtin"] = (("builtin:harmful:val",), ("builtin:harmless:val",))
+        return groups
+    groups = {"external": (EXTERNAL_HARMFUL_TEST, chosen or EXTERNAL_HARMLESS_TEST)}
+    if builtin:
+        pairs = BUILTIN_HELDOUT[:builtin]
+        groups["builtin"] = (tuple(h for h, _ in pairs), tuple(b for _, b in pairs))
+    return groups
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     """``python -m lens_safety.organism.external MODEL OUT.json [--builtin] [--judges a,b]``: the
-    external test sets (and with ``--builtin`` the builtin test split and holdouts), every judge."""
+    external test sets (and with ``--builtin`` the builtin test split and holdouts), every judge;
+    ``--split val``: the validation splits instead; ``--rejudge``: MODEL is a record of this
+    command, whose recorded completions get the ``--judges`` added (no generation)."""
     parser = argparse.ArgumentParser(prog="python -m lens_safety.organism.external")
     parser.add_argument("model", help="model spec, or an adapter directory (merged into smollm2)")
     parser.add_argument("out", type=Path)
@@ -138,7 +196,14 @@ def _main(argv: Sequence[str] | None = None) -> None:
         default=0,
         help="also the first K builtin held-out pairs (1: the test split; alone: all, with the holdouts)",
     )
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument(
+        "--harmless",
+        default=None,
+        help="external benign sets, comma-separated (default: all of mtbench on test, mtbench:val on val)",
+    )
     parser.add_argument("--judges", default=",".join(DEFAULT_JUDGES))
+    parser.add_argument("--rejudge", action="store_true", help="MODEL is a record: judge its completions")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument(
         "--threads",
@@ -148,17 +213,17 @@ def _main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    judges = args.judges.split(",")
+    if args.rejudge:
+        record = rejudge_record(json.loads(Path(args.model).read_text(encoding="utf-8")), judges)
+        write_file_atomic(args.out, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        return
     adapter = Path(args.model)
     is_adapter = adapter.is_dir() and (adapter / "training.json").is_file()
     model = load_model(materialize_organism(adapter, name="organism-candidate") if is_adapter else args.model)
     require_sound_generation(model)
-    judges = args.judges.split(",")
-    groups = {"external": (EXTERNAL_HARMFUL_TEST, EXTERNAL_HARMLESS_TEST)}
-    if args.builtin:
-        pairs = BUILTIN_HELDOUT[: args.builtin]
-        groups["builtin"] = (tuple(h for h, _ in pairs), tuple(b for _, b in pairs))
-    record: dict[str, Any] = {"model": args.model}
-    for group, (harmful, harmless) in groups.items():
+    record: dict[str, Any] = {"model": args.model, "split": args.split}
+    for group, (harmful, harmless) in _groups(args.split, args.harmless, args.builtin).items():
         result = judge_sets(model, harmful, harmless, judges, args.max_new_tokens, True, args.model)
         record[group] = result.to_dict(with_completions=True)
         for one in result.sets:

@@ -21,6 +21,16 @@ EXTERNAL_HARMFUL_TEST: tuple[str, ...] = (
 #: Benign requests written by other authors: all of MT-Bench's first turns (no part of it is
 #: trained, selected or calibrated on, so the whole set is test data).
 EXTERNAL_HARMLESS_TEST: tuple[str, ...] = ("mtbench",)
+#: The held-out benign split of MT-Bench for organisms that train on ``mtbench:train``
+#: (``smollm2-refusal-v3``): its test split, and its validation split for selection.
+EXTERNAL_HARMLESS_TEST_SPLIT: tuple[str, ...] = ("mtbench:test",)
+EXTERNAL_HARMLESS_VAL: tuple[str, ...] = ("mtbench:val",)
+#: The validation splits of the external harmful sets (selection only, never trained on).
+EXTERNAL_HARMFUL_VAL: tuple[str, ...] = (
+    "harmbench:val",
+    "advbench:val",
+    "donotanswer:malicious_uses:val",
+)
 #: External harmful training sets of the ``-v3`` organism (train splits only).
 EXTERNAL_HARMFUL_TRAIN: tuple[str, ...] = (
     "harmbench:train",
