@@ -41,6 +41,17 @@ class EncodedBatch:
         return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device))
 
 
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """Number of leading token ids every row shares (the whole length of identical rows)."""
+    if not rows:
+        return 0
+    length = min(len(row) for row in rows)
+    for i in range(length):
+        if any(row[i] != rows[0][i] for row in rows[1:]):
+            return i
+    return length
+
+
 @dataclass
 class ChatFormatter:
     """Formats user instructions with a model's chat template and tokenises them.

@@ -26,7 +26,9 @@ the best held-out separation among layers ``< 0.8 L`` is chosen: the highest val
 accuracy of ``r_hat . x > midpoint of the training class-mean projections`` (the rule the direction
 is reported with), ties broken by Cohen's d of the validation projections, then the earlier layer.
 Separation and accuracy use the WHOLE validation split (a read pass, cheap); the steering scores use
-its first ``n_val`` prompts per class.
+its first ``n_val`` prompts per class. Every scoring pass computes the prompts' shared chat-template
+prefix once per batch (:func:`~lens_safety.activations.forward_rows`; both interventions treat all
+positions alike), which equals the plain batched pass up to float rounding.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def mean_metric(
     with hooks:
         values = [
             refusal_metric(x, ids)
-            for x in last_logits(model, prompts, config.batch_size, config.system_prompt)
+            for x in last_logits(model, prompts, config.batch_size, config.system_prompt, share_prefix=True)
         ]
     return float(torch.cat(values).mean())
 
@@ -197,7 +199,9 @@ def mean_kl(
 ) -> float:
     """First-token ``KL(baseline || intervened)`` averaged over ``prompts`` (nats)."""
     with hooks:
-        logprobs = last_token_log_probs(model, prompts, config.batch_size, config.system_prompt)
+        logprobs = last_token_log_probs(
+            model, prompts, config.batch_size, config.system_prompt, share_prefix=True
+        )
     return mean_first_token_kl(baseline, logprobs)
 
 
@@ -257,8 +261,12 @@ def select_direction(
     _check_extracted(candidates, layers, positions)
     ids = refusal_token_ids(model.tokenizer, config.refusal_tokens)
     base_h = mean_metric(model, harmful, ids, config, nullcontext())
-    base_b = mean_metric(model, harmless, ids, config, nullcontext())
-    baseline = last_token_log_probs(model, harmless, config.batch_size, config.system_prompt)
+    # one pass over the harmless prompts gives their baseline metric and the KL reference
+    harmless_logits = torch.cat(
+        list(last_logits(model, harmless, config.batch_size, config.system_prompt, share_prefix=True))
+    )
+    base_b = float(refusal_metric(harmless_logits, ids).mean())
+    baseline = torch.log_softmax(harmless_logits, -1)
     val_reads = [
         collect_activations(
             model,

@@ -5,7 +5,10 @@ only as good as the decoding behind it, and an upstream release can break decodi
 KV cache of :mod:`lens_safety.bridge_cache`). :func:`check_generation` is a fast guard run by every
 long job before it starts: two short instructions of different lengths are decoded greedily by
 :func:`lens_safety.evaluation.generate` (one left-padded batch, the KV cache, the bridge's hooks)
-and by a reference, one prompt at a time without padding, and the new token ids must be equal.
+and by a reference, one prompt at a time without padding, and the new token ids must be equal. The
+batch is decoded twice, plainly and with its shared chat-template prefix computed once
+(``share_prefix=True``, what calibration and evaluation use): rows 3 and 4 of the comparison are
+the second decode of prompts 1 and 2.
 
 The reference is chosen by ``reference``:
 
@@ -196,12 +199,22 @@ def check_generation(
         raise LensSafetyError(f"unknown self-check reference '{reference}'", "use auto, vanilla or uncached")
     chosen = _choose(model, reference)
     eos = end_of_sequence_ids(model)
-    got = generate(model, list(CHECK_PROMPTS), max_new_tokens=CHECK_NEW_TOKENS, batch_size=len(CHECK_PROMPTS))
+    got = [
+        generate(
+            model,
+            list(CHECK_PROMPTS),
+            max_new_tokens=CHECK_NEW_TOKENS,
+            batch_size=len(CHECK_PROMPTS),
+            share_prefix=shared,
+        ).token_ids
+        for shared in (False, True)
+    ]
     rows = [model.chat.token_ids(model.chat.format(p)) for p in CHECK_PROMPTS]
     make = _vanilla_reference if chosen == "vanilla" else _uncached_reference
     expected = make(model, rows, eos)
-    ties = _ties(model, rows, got.token_ids, expected)
-    check = GenerationCheck(chosen, CHECK_PROMPTS, got.token_ids, expected, installed_versions(), ties)
+    tokens, expected, rows = got[0] + got[1], expected + expected, rows + rows
+    ties = _ties(model, rows, tokens, expected)
+    check = GenerationCheck(chosen, CHECK_PROMPTS * 2, tokens, expected, installed_versions(), ties)
     if raise_on_mismatch and not check.ok:
         raise LensSafetyError(
             mismatch_message(check, model.tokenizer),
@@ -212,7 +225,14 @@ def check_generation(
 
 
 #: lens-safety modules whose code decides generation: part of the cache key of a passed check
-_CODE = ("bridge_cache.py", "chat.py", "models.py", "selfcheck.py", "evaluation/generation.py")
+_CODE = (
+    "bridge_cache.py",
+    "chat.py",
+    "models.py",
+    "activations.py",
+    "selfcheck.py",
+    "evaluation/generation.py",
+)
 
 
 def loaded_weights_sample(model: ChatModel) -> str:

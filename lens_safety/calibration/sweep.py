@@ -1,4 +1,11 @@
-"""Measure refusal, over-refusal and first-token KL with each edit applied and reverted."""
+"""Measure refusal, over-refusal and first-token KL with each edit applied and reverted.
+
+One greedy generation per prompt and state gives everything: the judged completions, and on the
+harmless prompts the first new token's log-probabilities (the logits generation computes at the
+last prompt position anyway), so the first-token KL needs no pass of its own. Each batch's shared
+chat-template prefix is computed once (:func:`~lens_safety.evaluation.generate`'s
+``share_prefix``; the edits are weight edits, the same at every position).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,10 @@ from jaxtyping import Float
 from lens_safety.calibration.results import CalibrationBounds, CalibrationPoint
 from lens_safety.edits import applied_edit
 from lens_safety.edits.spec import EditSpec
-from lens_safety.evaluation.divergence import last_token_log_probs, mean_first_token_kl
+from lens_safety.evaluation.divergence import mean_first_token_kl
+from lens_safety.evaluation.generation import Generations, generate
 from lens_safety.evaluation.judges import Judge, get_judge
-from lens_safety.evaluation.metrics import refusal_rate
+from lens_safety.evaluation.metrics import rate_of_completions
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet
 
@@ -32,19 +40,25 @@ class Measurer:
     system_prompt: str | None
     baseline_logprobs: Float[torch.Tensor, "n_harmless vocab"] | None = None
 
+    def _generate(self, prompts: PromptSet, first_log_probs: bool) -> Generations:
+        return generate(
+            self.model,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            system_prompt=self.system_prompt,
+            share_prefix=True,
+            first_log_probs=first_log_probs,
+        )
+
     def measure(self) -> tuple[float, float, float]:
+        harmful, harmless = self._generate(self.harmful, False), self._generate(self.harmless, True)
         rates = [
-            refusal_rate(
-                self.model,
-                prompts,
-                self.judge,
-                max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size,
-                system_prompt=self.system_prompt,
-            ).rate
-            for prompts in (self.harmful, self.harmless)
+            rate_of_completions(g.completions, g.prompt_of_completion, self.judge, generations=g).rate
+            for g in (harmful, harmless)
         ]
-        logprobs = last_token_log_probs(self.model, self.harmless, self.batch_size, self.system_prompt)
+        logprobs = harmless.first_log_probs
+        assert logprobs is not None
         if self.baseline_logprobs is None:
             self.baseline_logprobs = logprobs
         return rates[0], rates[1], mean_first_token_kl(self.baseline_logprobs, logprobs)

@@ -111,7 +111,7 @@ def find_direction(
         chosen = select_direction(model, candidates, val_h, val_b, config, progress=progress)
         layer, position = chosen.layer, chosen.position
     assert isinstance(layer, int) and isinstance(position, int)
-    reads = [
+    held = [
         collect_activations(
             model,
             p,
@@ -119,13 +119,13 @@ def find_direction(
             positions=(position,),
             batch_size=batch_size,
             system_prompt=system_prompt,
-        )
-        for p in (train_h, train_b, held_h, held_b)
+        ).at(layer, position)
+        for p in (held_h, held_b)
     ]
-    accuracy = projection_accuracy(
-        candidates.vector(layer, position), *(r.at(layer, position) for r in reads)
-    )
-    p = candidates.positions.index(position)
+    p, k = candidates.positions.index(position), candidates.layers.index(layer)
+    # the training class means are the candidates' own (one row each: its mean is itself)
+    train_means = candidates.harmful_mean[p, k, None], candidates.harmless_mean[p, k, None]
+    accuracy = projection_accuracy(candidates.vector(layer, position), *train_means, *held)
     metadata = {
         "model": model.identity(),
         "hook": candidates.hook,

@@ -51,6 +51,7 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.activations import HookName, collect_activations
+from lens_safety.chat import common_prefix_length
 from lens_safety.edits.spec import unit_direction
 from lens_safety.errors import LensSafetyError
 from lens_safety.prompts import PromptSet
@@ -173,12 +174,7 @@ def _orthonormal_basis(columns: Sequence[torch.Tensor]) -> Float[torch.Tensor, "
 def shared_prefix_length(model: Any, prompts: Sequence[str]) -> int:
     """Number of leading tokens every formatted prompt shares: the chat template before the
     instruction (first token, system prompt, user header)."""
-    ids = [model.chat.token_ids(model.chat.format(p)) for p in prompts]
-    length = min(len(row) for row in ids)
-    for i in range(length):
-        if any(row[i] != ids[0][i] for row in ids[1:]):
-            return i
-    return length
+    return common_prefix_length([model.chat.token_ids(model.chat.format(p)) for p in prompts])
 
 
 def _increments(

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import batches, forward
+from lens_safety.activations import forward, forward_rows, row_batches
 from lens_safety.chat import EncodedBatch
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap
@@ -113,12 +113,20 @@ def kl_from_log_probs(
 
 
 def last_logits(
-    model: ChatModel, prompts: PromptSet, batch_size: int, system_prompt: str | None
+    model: ChatModel,
+    prompts: PromptSet,
+    batch_size: int,
+    system_prompt: str | None,
+    *,
+    share_prefix: bool = False,
 ) -> Iterator[Float[torch.Tensor, "batch vocab"]]:
-    """float64 logits ``[batch, vocab]`` at the last prompt position, one left-padded batch at a time."""
+    """float64 logits ``[batch, vocab]`` at the last prompt position, one left-padded batch at a
+    time (``share_prefix``: the batch's shared leading tokens computed once,
+    :func:`~lens_safety.activations.forward_rows`; only under position-independent hooks)."""
     with torch.inference_mode():
-        for batch in batches(model, prompts, batch_size, system_prompt):
-            yield forward(model, batch, logits_to_keep=1).logits[:, -1].double().cpu()
+        for rows in row_batches(model, prompts, batch_size, system_prompt):
+            output = forward_rows(model, rows, share_prefix=share_prefix, logits_to_keep=1)
+            yield output.logits[:, -1].double().cpu()
 
 
 def last_token_log_probs(
@@ -126,9 +134,12 @@ def last_token_log_probs(
     prompts: PromptSet | Sequence[str],
     batch_size: int = 16,
     system_prompt: str | None = None,
+    *,
+    share_prefix: bool = False,
 ) -> Float[torch.Tensor, "n_prompts vocab"]:
     """float64 next-token log-probabilities at the last prompt position (:func:`last_logits`)."""
-    rows = last_logits(model, PromptSet.load(prompts), batch_size, system_prompt)
+    prompt_set = PromptSet.load(prompts)
+    rows = last_logits(model, prompt_set, batch_size, system_prompt, share_prefix=share_prefix)
     return torch.cat([torch.log_softmax(x, -1) for x in rows])
 
 
@@ -244,12 +255,15 @@ def cross_entropy(
     for b in track(range(n_batches), "cross-entropy", total=n_batches, enabled=progress):
         chunk = rows[b * batch_size : (b + 1) * batch_size]
         batch = model.chat.pad(chunk)
-        log_probs = _log_probs(model, batch, intervention)
+        with torch.inference_mode(), intervention() if intervention is not None else nullcontext():
+            logits = forward(model, batch).logits
         width = batch.input_ids.shape[1]
         for j, row in enumerate(chunk):
             start = width - len(row)
-            targets = batch.input_ids[j, start + 1 :]
-            predicted = log_probs[j, start : width - 1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # log p(x_t | x_<t) = z_t - logsumexp(z) in float64, on the row's own positions only
+            z = logits[j, start : width - 1].double().cpu()
+            targets = batch.input_ids[j, start + 1 :].unsqueeze(-1)
+            predicted = z.gather(-1, targets).squeeze(-1) - torch.logsumexp(z, -1)
             nll.append(float(-predicted.sum()))
             counts.append(len(row) - 1)
     per_text = [s / c for s, c in zip(nll, counts, strict=True)]

@@ -11,6 +11,14 @@ Decoding is greedy by default. ``do_sample=True`` samples from ``softmax(logits 
 over the whole vocabulary (no top-k / top-p truncation); with ``seed`` set the draws are
 reproducible and the global torch RNG is left untouched.
 
+``share_prefix=True`` computes the leading tokens every prompt of a batch shares (the chat
+template's system prompt and user header) once and starts each batch from their KV cache
+(:func:`~lens_safety.activations.shared_prefix_batch`): the same completions up to float rounding,
+for less prefill. Only valid under hooks that treat every position alike (weight edits,
+``add_direction``, ``ablate_direction``). ``first_log_probs=True`` also keeps the float64
+``log_softmax`` of the raw logits of the first new token (the last prompt position, before any
+logits processor): the next-token distribution a first-token KL needs, without another pass.
+
 A completion is the decoded text of the new tokens up to (not including) the first end-of-sequence
 token, with special tokens removed and surrounding whitespace stripped. ``n_tokens`` counts those
 tokens; ``truncated`` is true when no end-of-sequence token appeared within ``max_new_tokens``.
@@ -25,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 
+from lens_safety.activations import cache_argument, shared_prefix_batch
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
@@ -53,6 +62,8 @@ class Generations:
         max_new_tokens, do_sample, temperature, seed, num_return_sequences: the decoding settings.
         system_prompt: the system prompt used when formatting (``None``: the template default).
         seconds: wall time spent generating.
+        first_log_probs: ``[n_completions, vocab]`` float64 log-probabilities of the first new
+            token (with ``first_log_probs=True``; module docstring), else ``None``.
     """
 
     prompts: tuple[str, ...]
@@ -68,6 +79,7 @@ class Generations:
     system_prompt: str | None = None
     seconds: float = 0.0
     token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    first_log_probs: Float[torch.Tensor, "n vocab"] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -166,7 +178,11 @@ def _generate_batch(
     temperature: float,
     num_return_sequences: int,
     suppress_first_tokens: Sequence[int] | None = None,
-) -> Int[torch.Tensor, "batch_times_k new"]:
+    cache: Any = None,
+    first_log_probs: bool = False,
+) -> tuple[Int[torch.Tensor, "batch_times_k new"], Float[torch.Tensor, "batch_times_k vocab"] | None]:
+    """New token ids (and the first step's float64 log-probabilities with ``first_log_probs``);
+    ``cache``: the KV cache of the batch's shared prefix (:class:`~lens_safety.activations.PrefixedBatch`)."""
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
         if do_sample
@@ -181,9 +197,14 @@ def _generate_batch(
         pad_token_id=int(model.tokenizer.pad_token_id),
         use_cache=True,
         **({"begin_suppress_tokens": list(suppress_first_tokens)} if suppress_first_tokens else {}),
+        **({cache_argument(model): cache} if cache is not None else {}),
+        **({"output_logits": True, "return_dict_in_generate": True} if first_log_probs else {}),
         **sampling,
     )
-    return output[:, input_ids.shape[1] :].cpu()
+    if not first_log_probs:
+        return output[:, input_ids.shape[1] :].cpu(), None
+    first = torch.log_softmax(output.logits[0].double(), dim=-1).cpu()
+    return output.sequences[:, input_ids.shape[1] :].cpu(), first
 
 
 class GenerationEngine(Protocol):
@@ -217,17 +238,26 @@ def _hf_rows(
     batch_size: int,
     intervention: Intervention | None,
     progress: bool,
+    share_prefix: bool = False,
     **settings: Any,
-) -> list[list[int]]:
-    """New token ids of every completion from the bridge's wrapped model, batch by batch."""
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """New token ids of every completion from the bridge's wrapped model, batch by batch, and the
+    first step's log-probabilities of each batch (with ``first_log_probs`` in ``settings``)."""
     out: list[list[int]] = []
+    firsts: list[torch.Tensor] = []
     n_batches = -(-len(rows) // batch_size)
     for start in track(range(0, len(rows), batch_size), "generating", total=n_batches, enabled=progress):
-        batch = model.chat.pad(rows[start : start + batch_size])
+        chunk = rows[start : start + batch_size]
         with intervention() if intervention is not None else nullcontext():
-            new = _generate_batch(model, batch.input_ids, batch.attention_mask, **settings)
+            prefixed = shared_prefix_batch(model, chunk) if share_prefix else None
+            batch = model.chat.pad(chunk) if prefixed is None else prefixed.batch
+            cache = None if prefixed is None else prefixed.cache
+            new, first = _generate_batch(
+                model, batch.input_ids, batch.attention_mask, cache=cache, **settings
+            )
         out += new.tolist()
-    return out
+        firsts += [] if first is None else [first]
+    return out, firsts
 
 
 def generate(
@@ -245,6 +275,8 @@ def generate(
     suppress_first_tokens: Sequence[int] | None = None,
     progress: bool = False,
     engine: GenerationEngine | None = None,
+    share_prefix: bool = False,
+    first_log_probs: bool = False,
 ) -> Generations:
     """Generate completions for instructions, in left-padded batches with the KV cache.
 
@@ -267,15 +299,19 @@ def generate(
         engine: decode with another engine (:class:`GenerationEngine`, e.g. vLLM) instead of the
             bridge's model: same prompts, same post-processing; no intervention, no first-token
             suppression.
+        share_prefix: compute each batch's shared leading tokens once (module docstring; only
+            under hooks that treat every position alike; not with ``num_return_sequences > 1``).
+        first_log_probs: keep the first new token's log-probabilities
+            (:attr:`Generations.first_log_probs`; not with an engine).
     """
     prompt_set = PromptSet.load(prompts) if not isinstance(prompts, PromptSet) else prompts
     if len(prompt_set) == 0:
         raise LensSafetyError("no prompts to generate from", "pass at least one prompt")
     _validate(prompt_set, max_new_tokens, batch_size, do_sample, temperature, num_return_sequences)
-    if engine is not None and (intervention is not None or suppress_first_tokens):
+    if engine is not None and (intervention is not None or suppress_first_tokens or first_log_probs):
         raise LensSafetyError(
             f"the {engine.name} engine generates from the checkpoint on disk and cannot apply "
-            "an intervention or suppress first tokens",
+            "an intervention, suppress first tokens or return first-token log-probabilities",
             "generate with the Hugging Face engine (engine=None, --engine hf) for this run",
         )
     rows = [model.chat.token_ids(model.chat.format(p, system_prompt)) for p in prompt_set.prompts]
@@ -289,19 +325,22 @@ def generate(
     }
     devices = [device for device in model.devices if device.type == "cuda"]
     started = time.perf_counter()
+    firsts: list[torch.Tensor] = []
     if engine is not None:
         new_rows = engine.sample(model, rows, seed=seed, progress=progress, **settings)
     else:
         with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            new_rows = _hf_rows(
+            new_rows, firsts = _hf_rows(
                 model,
                 rows,
                 batch_size,
                 intervention,
                 progress,
+                share_prefix=share_prefix and num_return_sequences == 1,
                 suppress_first_tokens=suppress_first_tokens,
+                first_log_probs=first_log_probs,
                 **settings,
             )
     lengths = [completion_length(row, eos_ids) for row in new_rows]
@@ -323,4 +362,5 @@ def generate(
         system_prompt=system_prompt,
         seconds=seconds,
         token_ids=token_ids,
+        first_log_probs=torch.cat(firsts) if firsts else None,
     )

@@ -155,12 +155,16 @@ def refusal_rate(
     progress: bool = False,
     interval: IntervalMethod = "bootstrap",
     engine: GenerationEngine | None = None,
+    share_prefix: bool = False,
 ) -> RateResult:
     """Generate a completion per prompt and return the fraction the judge calls refusals.
 
     Greedy decoding by default (deterministic). ``judge``: any judge (default
     :class:`SubstringJudge`); ``interval``: ``"bootstrap"`` or ``"wilson"`` (module docstring);
-    ``engine``: generate with another engine (e.g. vLLM, :func:`~lens_safety.evaluation.generate`).
+    ``engine``: generate with another engine (e.g. vLLM, :func:`~lens_safety.evaluation.generate`);
+    ``share_prefix``: compute each batch's shared chat-template prefix once (same completions up to
+    float rounding; only under hooks that treat every position alike: see
+    :func:`~lens_safety.evaluation.generate`).
     """
     if interval not in INTERVALS:
         raise LensSafetyError(f"unknown interval method '{interval}'", f"use one of {', '.join(INTERVALS)}")
@@ -176,6 +180,7 @@ def refusal_rate(
         intervention=intervention,
         progress=progress,
         engine=engine,
+        share_prefix=share_prefix,
     )
     return rate_of_completions(
         gens.completions, gens.prompt_of_completion, judge, generations=gens, interval=interval
@@ -211,8 +216,10 @@ def evaluate_refusal(
     intervention: Intervention | None = None,
     progress: bool = False,
     engine: GenerationEngine | None = None,
+    share_prefix: bool = False,
 ) -> RefusalEvaluation:
-    """Refusal rate on ``harmful`` and over-refusal rate on ``harmless`` prompts, same settings."""
+    """Refusal rate on ``harmful`` and over-refusal rate on ``harmless`` prompts, same settings
+    (:func:`refusal_rate`)."""
     the_judge = get_judge(judge)
     settings: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
@@ -221,6 +228,7 @@ def evaluate_refusal(
         "intervention": intervention,
         "progress": progress,
         "engine": engine,
+        "share_prefix": share_prefix,
     }
     return RefusalEvaluation(
         harmful=refusal_rate(model, harmful, the_judge, **settings),
