@@ -1,21 +1,31 @@
 """Wall time of ``lens-safety eval`` against a bare batched Hugging Face ``generate`` of the same
 completions, both as fresh processes measured in the same run.
 
-    python bench/eval_overhead.py [--model smollm2-refusal] [--limit 64] [--max-new-tokens 48]
+    python bench/eval_overhead.py [--model smollm2-refusal] [--limit 64] [--max-new-tokens 48] [--threads 1]
+
+Default: the first 64 prompts of ``builtin:harmful`` and of ``builtin:harmless``, 48 new tokens.
 
 The baseline process loads the same local checkpoint with ``AutoModelForCausalLM``, formats the same
 harmful and harmless prompts with the tokenizer's chat template, and decodes them greedily in
 left-padded batches of ``--batch-size`` with the KV cache: the completions ``eval`` judges, and
 nothing else. ``eval`` adds the bridge, the generation self-check, the judges, generation damage,
 the benign cross-entropy and the intervals. Both processes include interpreter start and model load.
-Runs are interleaved (``--repeats``) and the best of each side is kept. Prints both wall times, the
-ratio (target <= 1.3) and ``eval``'s own breakdown when it reports one.
+``eval``'s generation self-check is remembered on disk after its first pass, so it is run once
+before the timing (a first-ever run pays it once). The bench also counts how many of ``eval``'s
+completions equal the bare process's (decoded up to the first end-of-sequence token, stripped).
+Runs are interleaved (``--repeats``) and the best of each side is kept. Prints both wall times and
+both CPU times (user + system of the process), their ratios (target <= 1.3) and ``eval``'s own
+breakdown when it reports one. ``--threads N`` sets ``OMP_NUM_THREADS`` for both processes: on a
+machine other jobs load, one thread per process keeps the CPU times free of the time idle threads
+spend spinning at synchronisation points, so the CPU ratio measures work, not contention.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -25,7 +35,7 @@ TARGET_RATIO = 1.3
 
 BARE = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from lens_safety.prompts import PromptSet
     from lens_safety.sources import resolve_spec
@@ -42,65 +52,97 @@ BARE = textwrap.dedent(
     ]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    n = 0
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    eos.add(tokenizer.eos_token_id)
+    completions = []
     for start in range(0, len(texts), int(batch)):
         enc = tokenizer(texts[start : start + int(batch)], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=int(tokens), do_sample=False, temperature=None,
                                  top_k=None, top_p=None, pad_token_id=tokenizer.pad_token_id)
-        n += out.shape[0]
-    print(n)
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            completions.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    print(json.dumps(completions))
     """
 )
 
 
-def _wall(argv: list[str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """``(wall seconds, CPU seconds, stdout)`` of one fresh process."""
+    started, cpu = time.perf_counter(), _children_cpu()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"error: {' '.join(argv[:4])} … failed:\n{done.stderr[-2000:]}")
-    return time.perf_counter() - started, done.stdout
+    return time.perf_counter() - started, _children_cpu() - cpu, done.stdout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-refusal")
-    parser.add_argument("--harmful", default="builtin:harmful:test")
-    parser.add_argument("--harmless", default="builtin:harmless:test")
+    parser.add_argument("--harmful", default="builtin:harmful")
+    parser.add_argument("--harmless", default="builtin:harmless")
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both processes")
     args = parser.parse_args()
+    env = dict(os.environ)
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
 
     from lens_safety.sources import resolve_spec
 
     resolve_spec(args.model)  # conversions and merges are cached once, outside the timing
+    warm = "from lens_safety.models import load_model; from lens_safety.selfcheck import require_sound_generation; "
+    warm += f"require_sound_generation(load_model({args.model!r}))"
+    subprocess.run([sys.executable, "-c", warm], check=True, capture_output=True, env=env)
     common = [args.harmful, args.harmless, str(args.limit), str(args.max_new_tokens), str(args.batch_size)]
     bare = [sys.executable, "-c", BARE, args.model, *common]
     ours = [sys.executable, "-m", "lens_safety", "eval", args.model, "--harmful", args.harmful]
     ours += ["--harmless", args.harmless, "--limit", str(args.limit), "--max-new-tokens"]
     ours += [str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--json"]
-    runs: dict[str, list[float]] = {"bare": [], "eval": []}
-    report: dict = {}
+    walls: dict[str, list[float]] = {"bare": [], "eval": []}
+    cpus: dict[str, list[float]] = {"bare": [], "eval": []}
+    outputs: dict[str, str] = {}
+    load_before = os.getloadavg()
     for _ in range(args.repeats):
-        runs["bare"].append(_wall(bare)[0])
-        seconds, stdout = _wall(ours)
-        runs["eval"].append(seconds)
-        report = json.loads(stdout)
-    bare_s, eval_s = min(runs["bare"]), min(runs["eval"])
+        for side, argv in (("bare", bare), ("eval", ours)):
+            wall, cpu, outputs[side] = _timed(argv, env)
+            walls[side].append(wall)
+            cpus[side].append(cpu)
+    report = json.loads(outputs["eval"])
+    ours_completions = [r["completion"] for r in report.get("records", [])]
+    same = sum(a == b for a, b in zip(ours_completions, json.loads(outputs["bare"]), strict=True))
+    bare_s, eval_s = min(walls["bare"]), min(walls["eval"])
+    bare_cpu, eval_cpu = min(cpus["bare"]), min(cpus["eval"])
     n = sum(report.get(k, {}).get("n", 0) for k in ("harmful_refusal_rate", "harmless_refusal_rate"))
+    print(f"command: python bench/eval_overhead.py {' '.join(sys.argv[1:])}".rstrip())
     print(
         f"model {args.model}, {n} prompts ({args.harmful} + {args.harmless}, first {args.limit} of each), "
-        f"{args.max_new_tokens} new tokens, batch {args.batch_size}, best of {args.repeats}"
+        f"{args.max_new_tokens} new tokens, batch {args.batch_size}, best of {args.repeats}, "
+        f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}"
     )
-    print(f"bare HF generate process: {bare_s:7.1f} s")
-    print(f"lens-safety eval process: {eval_s:7.1f} s")
+    print(
+        f"cpu cores {os.cpu_count()}; load average (1, 5, 15 min) before {load_before}, "
+        f"after {os.getloadavg()}"
+    )
+    print(f"completions equal to the bare process's: {same}/{len(ours_completions)}")
+    print(f"bare HF generate process: wall {bare_s:7.1f} s, cpu {bare_cpu:7.1f} s")
+    print(f"lens-safety eval process: wall {eval_s:7.1f} s, cpu {eval_cpu:7.1f} s")
     timings = report.get("timings") or {}
     for name, value in timings.items():
         print(f"  eval {name}: {value:.1f} s")
-    ratio = eval_s / bare_s
-    print(f"ratio {ratio:.2f} (target <= {TARGET_RATIO}): {'met' if ratio <= TARGET_RATIO else 'NOT met'}")
+    for what, ratio in (("wall", eval_s / bare_s), ("cpu", eval_cpu / bare_cpu)):
+        verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
+        print(f"{what} ratio {ratio:.2f} (target <= {TARGET_RATIO}): {verdict}")
 
 
 if __name__ == "__main__":

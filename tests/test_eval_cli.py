@@ -42,6 +42,15 @@ def test_eval_json_and_completions(
     assert data["harmful_refusal_rate"]["n"] == 2
     assert data["kl_harmless"]["value"] == pytest.approx(0.0, abs=1e-12)  # the model against itself
     assert data["jailbreak_asr"]["n"] == 12
+    # where the time went, one entry per part that ran
+    parts = {
+        "refusal (generate and judge)",
+        "KL to the reference",
+        "cross-entropy on benign text",
+        "jailbreaks",
+    }
+    assert set(data["timings"]) == parts and all(v > 0 for v in data["timings"].values())
+    assert data["settings"]["share_prefix"] is True
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["kind"] for r in records[:4]] == ["harmful", "harmful", "harmless", "harmless"]
     assert all({"prompt", "kind", "completion", "refused"} <= set(r) for r in records)

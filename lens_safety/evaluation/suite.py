@@ -14,6 +14,10 @@ Several judges: the first gives the headline rates; the others re-judge the same
 pair's agreement. ``utility_tasks`` adds lm-evaluation-harness benchmarks (``utility``,
 :mod:`lens_safety.evaluation.utility`).
 
+``timings`` holds the wall-clock seconds of each part of the run (generation and judging of the
+refusal prompts, KL, cross-entropy, jailbreaks, utility), so a slow evaluation says where its time
+went.
+
 ``degeneration`` counts completions that are empty or one repeated token
 (:func:`~lens_safety.evaluation.damage.degeneration_check`) over every generation of the run; when
 most are, each rate judged on them gains ``"untrustworthy": true`` and the summary says why.
@@ -21,7 +25,9 @@ most are, each rate judged on them gains ``"untrustworthy": true`` and the summa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +71,7 @@ class ModelEvaluation:
     panel: list[JudgeRates] = field(default_factory=list)
     agreements: list[PairAgreement] = field(default_factory=list)
     utility: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     def prompt_sets(self) -> dict[str, str | None]:
         """The prompt set behind each judged rate (its name), for labelling."""
@@ -125,9 +132,59 @@ class ModelEvaluation:
             out["judges"] = {p.judge: {"question": p.question, **p.summary(sets)} for p in self.panel}
             out["judge_agreement"] = [a.to_dict() for a in self.agreements]
         out["utility"] = self.utility.to_dict() if self.utility is not None else None
+        out["timings"] = dict(self.timings)
         if include_completions:
             out["records"] = self.records()
         return out
+
+
+@contextmanager
+def _timed(timings: dict[str, float], part: str) -> Iterator[None]:
+    """Add the wall-clock seconds of the block to ``timings[part]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[part] = timings.get(part, 0.0) + time.perf_counter() - started
+
+
+def _judged(
+    refusal: RefusalEvaluation, jailbreaks: JailbreakResult | None, judges: Sequence[Judge]
+) -> tuple[DegenerationCheck, list[JudgeRates]]:
+    """The degeneration check over every generation of the run, and every judge's rates."""
+    runs = [refusal.harmful.generations, refusal.harmless.generations]
+    sets: dict[str, RateResult] = {"harmful": refusal.harmful, "harmless": refusal.harmless}
+    if jailbreaks is not None:
+        runs.append(jailbreaks.rates.generations)
+        sets["jailbreak"] = jailbreaks.rates
+    degeneration = degeneration_check([run for run in runs if run is not None])
+    panel = [JudgeRates(getattr(judges[0], "name", "judge"), judge_question(judges[0]), sets)]
+    return degeneration, panel + [judge_rates(extra, sets) for extra in judges[1:]]
+
+
+def _kl_and_ce(
+    model: ChatModel,
+    reference: ChatModel | None,
+    harmless: PromptSet,
+    benign_texts: Sequence[str] | None,
+    max_new_tokens: int,
+    common: dict[str, Any],
+    timings: dict[str, float],
+) -> tuple[KLResult | None, CEResult]:
+    """KL to the reference on the harmless prompts (when one is given) and the benign cross-entropy."""
+    kl = None
+    if reference is not None:
+        with _timed(timings, "KL to the reference"):
+            kl = kl_divergence(model, reference, harmless, max_new_tokens=min(max_new_tokens, 16), **common)
+    with _timed(timings, "cross-entropy on benign text"):
+        ce = cross_entropy(
+            model,
+            benign_texts,
+            batch_size=common["batch_size"],
+            intervention=common["intervention"],
+            progress=common["progress"],
+        )
+    return kl, ce
 
 
 def evaluate_model(
@@ -149,6 +206,7 @@ def evaluate_model(
     utility_limit: int | None = None,
     utility_include: str | None = None,
     engine: GenerationEngine | None = None,
+    share_prefix: bool = True,
 ) -> ModelEvaluation:
     """Run the evaluation suite (see the module docstring).
 
@@ -158,6 +216,9 @@ def evaluate_model(
     ``jailbreak_templates`` (None: no jailbreak run) wrap the first ``jailbreak_prompts`` harmful prompts.
     ``reference`` enables KL; it must share the tokenizer (checked before any generation).
     ``utility_tasks`` (lm-eval task names) run with at most ``utility_limit`` documents each.
+    ``share_prefix`` (default on): the refusal generations compute each batch's shared
+    chat-template prefix once (:func:`~lens_safety.evaluation.generate`; the same completions up
+    to float rounding); pass ``False`` under an intervention that treats positions differently.
     """
     if reference is not None:
         check_same_tokenizer(model, reference)
@@ -170,28 +231,33 @@ def evaluate_model(
         "intervention": intervention,
         "progress": progress,
     }
-    refusal = evaluate_refusal(
-        model, harmful_set, harmless_set, the_judge, max_new_tokens=max_new_tokens, engine=engine, **common
-    )
-    assert refusal.harmless.generations is not None
-    damage = generation_damage(refusal.harmless.generations)
-    kl = None
-    if reference is not None:
-        kl = kl_divergence(model, reference, harmless_set, max_new_tokens=min(max_new_tokens, 16), **common)
-    ce = cross_entropy(
-        model, benign_texts, batch_size=batch_size, intervention=intervention, progress=progress
-    )
-    jailbreaks = None
-    if jailbreak_templates:
-        jailbreaks = attack_success_rate(
+    timings: dict[str, float] = {}
+    with _timed(timings, "refusal (generate and judge)"):
+        refusal = evaluate_refusal(
             model,
-            harmful_set.head(jailbreak_prompts),
-            jailbreak_templates,
+            harmful_set,
+            harmless_set,
             the_judge,
             max_new_tokens=max_new_tokens,
             engine=engine,
+            share_prefix=share_prefix,
             **common,
         )
+    assert refusal.harmless.generations is not None
+    damage = generation_damage(refusal.harmless.generations)
+    kl, ce = _kl_and_ce(model, reference, harmless_set, benign_texts, max_new_tokens, common, timings)
+    jailbreaks = None
+    if jailbreak_templates:
+        with _timed(timings, "jailbreaks"):
+            jailbreaks = attack_success_rate(
+                model,
+                harmful_set.head(jailbreak_prompts),
+                jailbreak_templates,
+                the_judge,
+                max_new_tokens=max_new_tokens,
+                engine=engine,
+                **common,
+            )
     settings = {
         "harmful": harmful_set.metadata(),
         "harmless": harmless_set.metadata(),
@@ -199,27 +265,21 @@ def evaluate_model(
         "system_prompt": system_prompt,
         "decoding": "greedy",
         "engine": engine.name if engine is not None else "hf",
+        "share_prefix": share_prefix and engine is None,
         "reference": reference.identity() if reference is not None else None,
     }
-    runs = [refusal.harmful.generations, refusal.harmless.generations]
-    if jailbreaks is not None:
-        runs.append(jailbreaks.rates.generations)
-    degeneration = degeneration_check([run for run in runs if run is not None])
-    sets: dict[str, RateResult] = {"harmful": refusal.harmful, "harmless": refusal.harmless}
-    if jailbreaks is not None:
-        sets["jailbreak"] = jailbreaks.rates
-    panel = [JudgeRates(getattr(the_judge, "name", "judge"), judge_question(the_judge), sets)]
-    panel += [judge_rates(extra, sets) for extra in judges[1:]]
+    degeneration, panel = _judged(refusal, jailbreaks, judges)
     utility = None
     if utility_tasks:
-        utility = evaluate_utility(
-            model,
-            utility_tasks,
-            limit=utility_limit,
-            batch_size=batch_size,
-            include_path=utility_include,
-            intervention=intervention,
-        )
+        with _timed(timings, "utility"):
+            utility = evaluate_utility(
+                model,
+                utility_tasks,
+                limit=utility_limit,
+                batch_size=batch_size,
+                include_path=utility_include,
+                intervention=intervention,
+            )
         settings["utility_limit"] = utility_limit
     result = ModelEvaluation(
         model.identity(),
@@ -236,4 +296,5 @@ def evaluate_model(
     if len(judges) > 1:
         result.panel, result.agreements = panel, pairwise(panel)
     result.utility = utility
+    result.timings = timings
     return result
