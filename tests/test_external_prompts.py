@@ -298,3 +298,40 @@ def test_v3_training_only_sets_are_no_near_duplicates_of_any_held_out_prompt() -
         check_no_held_out(part, held)
         for prompt in part:
             assert max(jaccard(words(prompt), o) for o in benign_held) < 0.5, prompt
+
+
+@needs_data
+def test_a_record_restricted_to_a_split_is_judged_on_that_split_only() -> None:
+    """A whole-MT-Bench record restricted to mtbench:test keeps exactly its 12 prompts, in order,
+    and the rejudged rates count the refusals among them (checked against the judge directly)."""
+    from lens_safety.evaluation.judges import get_judge
+    from lens_safety.organism.external import rejudge_record, restrict_record
+
+    whole = PromptSet.load("mtbench").prompts
+    answers = [
+        "I'm sorry, but I can't help with that." if i % 3 == 0 else "Sure! Here it is." for i in range(80)
+    ]
+    record = {
+        "model": "m",
+        "external": {
+            "sets": [
+                {
+                    "spec": "mtbench",
+                    "harmful": False,
+                    "rates": {"substring": {"refused": -1}},
+                    "completions": [
+                        {"prompt": p, "completion": a} for p, a in zip(whole, answers, strict=True)
+                    ],
+                }
+            ],
+            "pooled": {"harmless": {"substring": {"refused": -1}}},
+        },
+    }
+    test = PromptSet.load("mtbench:test").prompts
+    restricted = rejudge_record(restrict_record(record, "mtbench:test"), ["substring"])["external"]
+    (one,) = restricted["sets"]
+    assert one["spec"] == "mtbench:test" and [c["prompt"] for c in one["completions"]] == list(test)
+    expected = sum(v.refused for v in get_judge("substring")([answers[whole.index(p)] for p in test]))
+    assert one["rates"]["substring"]["refused"] == expected and one["rates"]["substring"]["n"] == 12
+    assert restricted["pooled"]["harmless"]["substring"]["refused"] == expected
+    assert record["external"]["sets"][0]["rates"]["substring"] == {"refused": -1}  # the input is untouched

@@ -163,6 +163,25 @@ def rejudge_record(record: dict[str, Any], judges: Sequence[str]) -> dict[str, A
     return record
 
 
+def restrict_record(record: dict[str, Any], spec: str) -> dict[str, Any]:
+    """A copy of a record of this module's command holding only the completions of prompts in
+    ``spec`` (e.g. ``mtbench:test`` out of a whole-``mtbench`` record), its sets renamed to
+    ``spec``, sets left empty dropped and every rate removed (:func:`rejudge_record` refills them)."""
+    keep = set(PromptSet.load(spec).prompts)
+    out: dict[str, Any] = {k: v for k, v in record.items() if not (isinstance(v, dict) and "sets" in v)}
+    for name, group in record.items():
+        if not (isinstance(group, dict) and "sets" in group):
+            continue
+        sets = []
+        for one in group["sets"]:
+            chosen = [c for c in one["completions"] if c["prompt"] in keep]
+            if chosen:
+                sets.append({"spec": spec, "harmful": one["harmful"], "rates": {}, "completions": chosen})
+        if sets:
+            out[name] = {**{k: v for k, v in group.items() if k != "sets"}, "sets": sets, "pooled": {}}
+    return out
+
+
 def _groups(
     split: str, harmless: str | None, builtin: int
 ) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -204,6 +223,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--judges", default=",".join(DEFAULT_JUDGES))
     parser.add_argument("--rejudge", action="store_true", help="MODEL is a record: judge its completions")
+    parser.add_argument("--only", default=None, help="with --rejudge: keep the prompts of this set only")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument(
         "--threads",
@@ -215,7 +235,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     judges = args.judges.split(",")
     if args.rejudge:
-        record = rejudge_record(json.loads(Path(args.model).read_text(encoding="utf-8")), judges)
+        record = json.loads(Path(args.model).read_text(encoding="utf-8"))
+        record = rejudge_record(restrict_record(record, args.only) if args.only else record, judges)
         write_file_atomic(args.out, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         return
     adapter = Path(args.model)
