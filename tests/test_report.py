@@ -22,6 +22,8 @@ def fake_evaluation(spec: str, harmful: float) -> dict:  # type: ignore[type-arg
 
     return {
         "model": {"spec": spec},
+        "judge": "substring",
+        "judge_question": "refusal",
         "harmful_refusal_rate": est(harmful),
         "harmless_refusal_rate": est(0.05),
         "kl_harmless": est(0.2),
@@ -50,6 +52,10 @@ def test_report_html_content(tmp_path: Path) -> None:
         write_report([fake_evaluation("a", 0.5)], out)
     with pytest.raises(LensSafetyError, match="no evaluations"):
         render_report([])
+    unnamed = fake_evaluation("b", 0.5)
+    del unnamed["judge"]
+    with pytest.raises(LensSafetyError, match="does not name the judge"):
+        render_report([unnamed])
 
 
 def test_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

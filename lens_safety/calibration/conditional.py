@@ -44,6 +44,7 @@ DEFAULT_INJECTIONS: tuple[float, ...] = (100.0, 150.0, 200.0, 250.0)
 @dataclass
 class ConditionalPoint:
     """One swept edit: the read direction of its first block, its injection and the edit itself."""
+
     read: ReadDirection
     injection: float
     spec: EditSpec
@@ -52,6 +53,7 @@ class ConditionalPoint:
 @dataclass
 class ConditionalCalibration:
     """The sweep's result, the read direction of every ``start`` and every point's edit by label."""
+
     result: CalibrationResult
     reads: dict[int, ReadDirection]
     edits: dict[str, ConditionalPoint]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.table import rosi_table
+from lens_safety.evaluation.table import evaluation_dict, rosi_table
 from lens_safety.fsutil import require_free, write_file_atomic
 
 RATE_METRICS = (
@@ -248,6 +248,7 @@ def render_report(
         raise LensSafetyError(
             f"{len(names)} labels for {len(evaluations)} evaluations", "give one label per evaluation"
         )
+    evaluations = [evaluation_dict(e) for e in evaluations]
     rates = _figure(
         evaluations, names, RATE_METRICS, "Refusal, jailbreak and damage rates (95% bootstrap CI)", "fraction"
     )

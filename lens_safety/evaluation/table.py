@@ -145,12 +145,19 @@ class RosiTable:
         return "\n".join([*lines, "", *(f"- {note}" for note in self.notes())])
 
 
-def _as_dict(evaluation: ModelEvaluation | Mapping[str, Any]) -> dict[str, Any]:
+def evaluation_dict(evaluation: ModelEvaluation | Mapping[str, Any]) -> dict[str, Any]:
+    """``evaluation`` as an ``eval --json`` dict, refused in one line unless it is one that names
+    the judge of its rates."""
     if isinstance(evaluation, ModelEvaluation):
         return evaluation.to_dict(include_completions=False)
     if not isinstance(evaluation, Mapping) or "harmful_refusal_rate" not in evaluation:
         raise LensSafetyError(
             "not a lens-safety evaluation", "pass ModelEvaluation results or eval --json dicts"
+        )
+    if "judge" not in evaluation:
+        raise LensSafetyError(
+            "the evaluation does not name the judge of its rates",
+            "re-run lens-safety eval (its --json names the judge and its question)",
         )
     return dict(evaluation)
 
@@ -310,7 +317,7 @@ def rosi_table(
     ``harm_judge`` / ``refusal_judge`` name the judges to read (default: the first judge
     answering each question; harm refusal falls back to the refusal judge when no harm judge ran).
     """
-    data = [_as_dict(e) for e in evaluations]
+    data = [evaluation_dict(e) for e in evaluations]
     if not data:
         raise LensSafetyError("no evaluations for the table", "pass at least one evaluation")
     names = (

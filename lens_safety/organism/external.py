@@ -235,9 +235,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     judges = args.judges.split(",")
     if args.rejudge:
-        record = json.loads(Path(args.model).read_text(encoding="utf-8"))
-        record = rejudge_record(restrict_record(record, args.only) if args.only else record, judges)
-        write_file_atomic(args.out, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        saved = json.loads(Path(args.model).read_text(encoding="utf-8"))
+        rejudged = rejudge_record(restrict_record(saved, args.only) if args.only else saved, judges)
+        write_file_atomic(args.out, json.dumps(rejudged, indent=1, ensure_ascii=False) + "\n")
         return
     adapter = Path(args.model)
     is_adapter = adapter.is_dir() and (adapter / "training.json").is_file()

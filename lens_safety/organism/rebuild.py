@@ -55,6 +55,7 @@ def record_evaluation(adapter_dir: Path, evaluation: OrganismEvaluation, split: 
 @dataclass
 class AdapterComparison:
     """How a rebuilt adapter compares with a reference one."""
+
     sha256_equal: bool
     same_tensors: bool
     max_abs_diff: float | None

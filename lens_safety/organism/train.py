@@ -231,7 +231,7 @@ def fit_lora(
     torch.manual_seed(config.seed)
     model = get_peft_model(base, lora_config(config, base.config.num_hidden_layers))
     if init is not None:
-        loaded = set_peft_model_state_dict(model, {k: v.to(torch.float32) for k, v in init.items()})
+        loaded: Any = set_peft_model_state_dict(model, {k: v.to(torch.float32) for k, v in init.items()})
         if loaded.unexpected_keys or any("lora" in k for k in loaded.missing_keys):
             raise LensSafetyError(
                 "the initial adapter does not match the configured rank, modules and blocks",
