@@ -9,6 +9,7 @@ the ranker, one list at a time; the server must return the argmax.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import generate
 from lens_safety.evaluation.judges import judge_from_callable
 from lens_safety.models import ChatModel, load_model
-from lens_safety.serving import BackgroundServer, HFEngine, Safeguard, ServeConfig, build_server
+from lens_safety.serving import BackgroundServer, GenerateEngine, Safeguard, ServeConfig, build_server
 from lens_safety.srr.data import first_occurrences
 from lens_safety.srr.features import list_features
 from lens_safety.srr.ranker import RankerConfig, SafetyRanker, load_ranker, save_ranker
@@ -412,7 +413,7 @@ def test_audit_log_records_scores_choices_and_judge_verdicts(
 def test_an_engine_that_cannot_read_states_refuses_a_sampled_context_ranker(
     tiny: ChatModel, rankers: dict[str, Path]
 ) -> None:
-    class NoStates(HFEngine):
+    class NoStates(GenerateEngine):
         exposes_states = False
 
     with pytest.raises(LensSafetyError, match="cannot read hidden states while sampling"):
@@ -431,12 +432,14 @@ def test_cli_refuses_bad_settings_before_loading_the_model(
 ) -> None:
     base = ["srr", "serve", str(tiny_dirs["llama"]), "--ranker", str(rankers["with_instruction"])]
     cases = [
-        (["--engine", "vllm"], "use --engine hf"),
+        (["--engine", "tgi"], "unknown generation engine 'tgi'; use one of hf, vllm"),
         (["--n", "20"], "--max-n"),
         (["--api-key-env", "LENS_SAFETY_TEST_NO_SUCH_VARIABLE"], "not set"),
         (["--audit-judge", "substring"], "--audit-log"),
         (["--audit-log", str(tmp_path / "missing" / "a.jsonl")], "does not exist"),
     ]
+    if importlib.util.find_spec("vllm") is None:
+        cases.append((["--engine", "vllm"], "vLLM is not installed"))
     for extra, message in cases:
         code, _, err = run_cli([*base, *extra], capsys)
         assert code == 2 and err.startswith("error: ") and message in err, err

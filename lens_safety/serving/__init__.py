@@ -9,7 +9,7 @@ scores, choices and judge verdicts (:mod:`.audit`); :func:`serve` runs it all wi
 """
 
 from lens_safety.serving.audit import AuditLog
-from lens_safety.serving.engine import ENGINES, Capture, Engine, HFEngine, SamplingSettings, load_engine
+from lens_safety.serving.engine import ENGINES, Capture, Engine, GenerateEngine, SamplingSettings, load_engine
 from lens_safety.serving.protocol import APIError, ChatRequest, Limits, parse_chat_request
 from lens_safety.serving.safeguard import Answer, Safeguard
 from lens_safety.serving.scheduler import QueueFull, RequestTimeout, Scheduler, ShuttingDown
@@ -24,7 +24,7 @@ __all__ = [
     "Capture",
     "ChatRequest",
     "Engine",
-    "HFEngine",
+    "GenerateEngine",
     "Limits",
     "QueueFull",
     "RequestTimeout",

@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lens_safety.serving.audit import AuditLog
+from lens_safety.serving.engine import Engine
 from lens_safety.serving.protocol import APIError, ChatRequest, Limits, decode_body, parse_chat_request
 from lens_safety.serving.responses import completion_body, stream_events
 from lens_safety.serving.safeguard import Answer
@@ -57,6 +58,7 @@ class ServerState:
     ranker: dict[str, Any]
     api_key: str | None = None
     audit: AuditLog | None = None
+    engine: Engine | None = None
     expose_candidates: bool = False
     started: float = field(default_factory=time.time)
     stopping: bool = False
@@ -243,7 +245,8 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 def build_app(state: ServerState) -> Starlette:
     """The ASGI application over ``state``; its lifespan starts the worker and, at shutdown, closes
-    the scheduler (queued requests fail with 503, the step in progress finishes) and the audit log."""
+    the scheduler (queued requests fail with 503, the step in progress finishes), the engine and
+    the audit log."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -253,6 +256,8 @@ def build_app(state: ServerState) -> Starlette:
         finally:
             state.stopping = True
             await run_in_threadpool(state.scheduler.close)
+            if state.engine is not None and not state.scheduler.alive:
+                await run_in_threadpool(state.engine.close)
             if state.audit is not None:
                 await run_in_threadpool(state.audit.close)
 

@@ -1,16 +1,24 @@
 """Generation engines of the safeguard server: who samples the N candidates.
 
 An :class:`Engine` samples ``n`` completions for each of several instructions in one call, with
-the same settings (:class:`SamplingSettings`). It may also return the ranker's features read
-WHILE sampling (:class:`Capture`; the ``generated`` / ``generated_mean`` contexts of
-:mod:`lens_safety.srr.capture`): an engine that cannot (``exposes_states = False``) serves only
-rankers whose features come from a separate teacher-forced pass (``with_instruction``,
-``response_only``) or from text.
+the same settings (:class:`SamplingSettings`). It also returns the ranker's ``generated`` /
+``generated_mean`` features (:class:`Capture`, :mod:`lens_safety.srr.capture`) when asked; an
+engine that cannot (``exposes_states = False``) serves only rankers whose features come from a
+separate teacher-forced pass (``with_instruction``, ``response_only``) or from text.
 
-:class:`HFEngine` is the in-process Hugging Face engine: :func:`lens_safety.srr.capture.sample_with_states`
-on the loaded :class:`~lens_safety.models.ChatModel` (the same sampling as ``srr build-data``, so a
-seeded request alone in its batch reproduces ``generate(model, [prompt], do_sample=True, seed=s,
-num_return_sequences=n)``). Other engines register in :data:`ENGINES`.
+:class:`GenerateEngine` is :func:`lens_safety.srr.capture.sample_with_states`, the sampling of
+``srr build-data``, on the loaded :class:`~lens_safety.models.ChatModel`:
+
+* ``hf``: decoded by the bridge's Hugging Face model, the features read by hooks WHILE sampling
+  (no extra pass); a seeded request alone in its batch reproduces ``generate(model, [prompt],
+  do_sample=True, seed=s, num_return_sequences=n)``;
+* ``vllm``: decoded by :class:`~lens_safety.evaluation.vllm_engine.VLLMEngine` from the checkpoint
+  on disk (the ``vllm`` extra), the same features read afterwards by ONE teacher-forced bridge
+  pass over ``prompt + candidate`` (:func:`~lens_safety.srr.capture.teacher_forced_states`: the
+  same maths, another order of floating-point sums); vLLM's seeded draws are its own random
+  stream, not the Hugging Face engine's.
+
+Other engines register a factory in :data:`ENGINES`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.generation import GenerationEngine
+from lens_safety.evaluation.vllm_engine import VLLMEngine, require_vllm
 from lens_safety.models import ChatModel
 from lens_safety.srr.capture import sample_with_states
 
@@ -64,7 +74,8 @@ class EngineOutput:
 
 
 class Engine(Protocol):
-    """Samples candidates; owned by one worker thread (never called concurrently)."""
+    """Samples candidates; owned by one worker thread (never called concurrently); ``close`` runs
+    once at shutdown, after the last call."""
 
     name: str
     exposes_states: bool
@@ -73,15 +84,19 @@ class Engine(Protocol):
         self, instructions: Sequence[str], settings: SamplingSettings, capture: Capture | None
     ) -> EngineOutput: ...
 
+    def close(self) -> None: ...
 
-class HFEngine:
-    """Sampling with Hugging Face ``generate`` on the loaded model (module docstring)."""
 
-    name = "hf"
+class GenerateEngine:
+    """Sampling through :func:`~lens_safety.srr.capture.sample_with_states` (module docstring):
+    the bridge's Hugging Face model, or ``decoder`` (e.g. a vLLM engine) with teacher-forced features."""
+
     exposes_states = True
 
-    def __init__(self, model: ChatModel) -> None:
+    def __init__(self, model: ChatModel, decoder: GenerationEngine | None = None) -> None:
         self.model = model
+        self.decoder = decoder
+        self.name = "hf" if decoder is None else decoder.name
 
     def sample(
         self, instructions: Sequence[str], settings: SamplingSettings, capture: Capture | None
@@ -95,8 +110,11 @@ class HFEngine:
             temperature=settings.temperature,
             max_new_tokens=settings.max_new_tokens,
             seed=settings.seed,
-            batch_size=len(instructions),
+            batch_size=len(instructions)
+            if self.decoder is None
+            else 64,  # else: rows per teacher-forced pass
             pooled=capture is not None and capture.pooled,
+            engine=self.decoder,
         )
         gens = sampled.generations
         out = EngineOutput(list(gens.completions), list(gens.n_tokens), list(gens.truncated), 0.0)
@@ -106,20 +124,29 @@ class HFEngine:
         out.seconds = time.perf_counter() - started
         return out
 
+    def close(self) -> None:
+        """Stop the decoder (a vLLM engine frees its memory); nothing to do for ``hf``."""
+        close = getattr(self.decoder, "close", None)
+        if close is not None:
+            close()
+
+
+def _vllm(model: ChatModel) -> Engine:
+    return GenerateEngine(model, VLLMEngine(model))
+
 
 #: engine name -> factory; another engine (e.g. vLLM) registers here
-ENGINES: dict[str, Callable[[ChatModel], Engine]] = {"hf": HFEngine}
+ENGINES: dict[str, Callable[[ChatModel], Engine]] = {"hf": GenerateEngine, "vllm": _vllm}
 
 
 def check_engine(name: str) -> None:
     """Raise a one-line error unless an engine called ``name`` is registered."""
     if name not in ENGINES:
-        hint = (
-            "the vLLM engine is not part of this version of lens-safety; use --engine hf"
-            if name == "vllm"
-            else f"use one of {', '.join(sorted(ENGINES))}"
+        raise LensSafetyError(
+            f"unknown generation engine '{name}'", f"use one of {', '.join(sorted(ENGINES))}"
         )
-        raise LensSafetyError(f"unknown generation engine '{name}'", hint)
+    if name == "vllm":
+        require_vllm()  # before the model loads: one line saying how to install it
 
 
 def load_engine(name: str, model: ChatModel) -> Engine:

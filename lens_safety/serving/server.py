@@ -146,7 +146,8 @@ def build_server(
     """The application serving ``model`` behind the ranker of ``config`` (module docstring)."""
     config.check()
     ranker = load_ranker(config.ranker, model)
-    safeguard = Safeguard(model, ranker, load_engine(config.engine, model))
+    engine = load_engine(config.engine, model)
+    safeguard = Safeguard(model, ranker, engine)
     audit = AuditLog(config.audit_log, config.audit_judge) if config.audit_log is not None else None
     state = ServerState(
         limits=Limits(
@@ -167,6 +168,7 @@ def build_server(
         ranker=ranker_summary(ranker, Path(config.ranker)),
         api_key=api_key,
         audit=audit,
+        engine=engine,
         expose_candidates=config.expose_candidates,
     )
     return build_app(state), state
