@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import collect_activations
+from lens_safety.activations import Activations, collect_activations
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.divergence import last_logits, last_token_log_probs, mean_first_token_kl
 from lens_safety.evaluation.separation import accuracy, effect_size
@@ -99,7 +99,11 @@ def refusal_metric(
 
 @dataclass
 class SelectionConfig:
-    """What selection scores and how (defaults keep it affordable on CPU)."""
+    """What selection scores and how (defaults keep it affordable on CPU).
+
+    ``stride`` > 1 scores every ``stride``-th layer of ``layers`` (from the first), then the two
+    layers next to the one the rule picks among those, and applies the rule to all of them.
+    """
 
     layers: Sequence[int] | None = None
     positions: Sequence[int] = (-1,)
@@ -111,6 +115,7 @@ class SelectionConfig:
     ablation: Literal["zero", "affine"] = "zero"
     refusal_tokens: Sequence[str] | None = None
     system_prompt: str | None = None
+    stride: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -237,6 +242,46 @@ def _rejections(
     return reasons
 
 
+def _score(
+    model: Any,
+    candidates: Candidates,
+    layer: int,
+    pos: int,
+    config: SelectionConfig,
+    harmful: PromptSet,
+    harmless: PromptSet,
+    ids: list[int],
+    baseline: Float[torch.Tensor, "n vocab"],
+    val_reads: list[Activations],
+    max_layer: float,
+) -> CandidateScore:
+    """Bypass, induce, KL and validation separation of the candidate at ``(layer, pos)``."""
+    if float(candidates.vector(layer, pos).norm()) == 0:  # e.g. layer 0 at a fixed template token
+        nan = math.nan
+        return CandidateScore(
+            layer, pos, nan, nan, nan, nan, 0.0, 0.0, nan, ["zero vector (classes identical here)"]
+        )
+    unit = candidates.unit(layer, pos)
+    reference: float | dict[int, float] = (
+        candidates.reference_projections(layer, pos) if config.ablation == "affine" else 0.0
+    )
+    ablated = ablate_direction(model, unit.float(), reference=reference)
+    bypass = mean_metric(model, harmful, ids, config, ablated)
+    added = add_direction(model, candidates.vector(layer, pos).float(), layer=layer)
+    induce = mean_metric(model, harmless, ids, config, added)
+    kl = mean_kl(
+        model, harmless, baseline, config, ablate_direction(model, unit.float(), reference=reference)
+    )
+    val_h, val_b = ((r.at(layer, pos).double() @ unit).numpy() for r in val_reads)
+    p, k = candidates.positions.index(pos), candidates.layers.index(layer)
+    hp, bp = float(candidates.harmful_projection[p, k]), float(candidates.harmless_projection[p, k])
+    reasons = _rejections(bypass, induce, kl, layer, max_layer, config)
+    sep, val_accuracy = effect_size(val_h, val_b), accuracy(val_h, val_b, 0.5 * (hp + bp))
+    return CandidateScore(
+        layer, pos, bypass, induce, kl, sep, hp, bp, _zero_at(hp, bp), reasons, val_accuracy
+    )
+
+
 # ------------------------------------------------------------------ selection
 def select_direction(
     model: Any,
@@ -255,6 +300,10 @@ def select_direction(
         raise LensSafetyError(
             "selection needs at least 2 validation prompts per class",
             "give more prompts or pass --layer/--position",
+        )
+    if config.stride < 1:
+        raise LensSafetyError(
+            f"selection stride must be >= 1, got {config.stride}", "pass 1 (every layer) or more"
         )
     layers = tuple(candidates.layers if config.layers is None else config.layers)
     positions = tuple(config.positions)
@@ -279,45 +328,20 @@ def select_direction(
         for p in (all_harmful, all_harmless)
     ]
     max_layer = config.max_layer_fraction * model.n_layers
-    scores: list[CandidateScore] = []
-    grid = [(layer, pos) for pos in positions for layer in layers]
-    for layer, pos in track(grid, "scoring candidates", total=len(grid), enabled=progress):
-        if float(candidates.vector(layer, pos).norm()) == 0:  # e.g. layer 0 at a fixed template token
-            nan = math.nan
-            scores.append(
-                CandidateScore(
-                    layer, pos, nan, nan, nan, nan, 0.0, 0.0, nan, ["zero vector (classes identical here)"]
-                )
-            )
-            continue
-        unit = candidates.unit(layer, pos)
-        reference: float | dict[int, float] = (
-            candidates.reference_projections(layer, pos) if config.ablation == "affine" else 0.0
-        )
-        bypass = mean_metric(
-            model, harmful, ids, config, ablate_direction(model, unit.float(), reference=reference)
-        )
-        induce = mean_metric(
-            model,
-            harmless,
-            ids,
-            config,
-            add_direction(model, candidates.vector(layer, pos).float(), layer=layer),
-        )
-        kl = mean_kl(
-            model, harmless, baseline, config, ablate_direction(model, unit.float(), reference=reference)
-        )
-        val_h, val_b = ((r.at(layer, pos).double() @ unit).numpy() for r in val_reads)
-        sep = effect_size(val_h, val_b)
-        p, k = candidates.positions.index(pos), candidates.layers.index(layer)
-        hp, bp = float(candidates.harmful_projection[p, k]), float(candidates.harmless_projection[p, k])
-        val_accuracy = accuracy(val_h, val_b, 0.5 * (hp + bp))
-        reasons = _rejections(bypass, induce, kl, layer, max_layer, config)
-        scores.append(
-            CandidateScore(
-                layer, pos, bypass, induce, kl, sep, hp, bp, _zero_at(hp, bp), reasons, val_accuracy
-            )
-        )
+    measured = (harmful, harmless, ids, baseline, val_reads, max_layer)
+
+    def score(layer: int, pos: int) -> CandidateScore:
+        return _score(model, candidates, layer, pos, config, *measured)
+
+    grid = [(layer, pos) for pos in positions for layer in layers[:: config.stride]]
+    scores = [score(*cell) for cell in track(grid, "scoring candidates", total=len(grid), enabled=progress)]
+    if config.stride > 1:  # refine: the unscored layers next to the coarse grid's choice
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoRefusalWarning)
+            coarse = _choose(scores, config, max_layer, base_h, base_b, ids)
+        near = [(x, coarse.position) for x in (coarse.layer - 1, coarse.layer + 1) if x in layers]
+        scores += [score(*cell) for cell in near if cell not in grid]
+        scores.sort(key=lambda c: (positions.index(c.position), layers.index(c.layer)))
     return _choose(scores, config, max_layer, base_h, base_b, ids)
 
 
@@ -393,32 +417,3 @@ def _separation_key(score: CandidateScore) -> tuple[float, float, int]:
 def _only_layer_bound(score: CandidateScore) -> bool:
     """True when the layer bound is the only filter this candidate failed."""
     return bool(score.rejected) and all(reason.startswith("layer ") for reason in score.rejected)
-
-
-def filter_by_refusal(
-    model: Any,
-    harmful: PromptSet,
-    harmless: PromptSet,
-    *,
-    refusal_tokens: Sequence[str] | None = None,
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-) -> tuple[PromptSet, PromptSet]:
-    """Arditi's training filter: keep harmful prompts with metric > 0 and harmless with metric < 0."""
-    ids = refusal_token_ids(model.tokenizer, refusal_tokens)
-    kept = []
-    for prompts, keep_refused in ((harmful, True), (harmless, False)):
-        metric = torch.cat(
-            [refusal_metric(x, ids) for x in last_logits(model, prompts, batch_size, system_prompt)]
-        )
-        indices = [i for i, v in enumerate(metric.tolist()) if (v > 0) == keep_refused]
-        if len(indices) < 2:
-            which = (
-                "harmful prompts the model refuses" if keep_refused else "harmless prompts the model answers"
-            )
-            raise LensSafetyError(
-                f"only {len(indices)} {which} remain after the refusal filter",
-                "drop the filter (this model barely refuses) or add prompts",
-            )
-        kept.append(prompts.subset(indices, f"{prompts.name}:filtered"))
-    return kept[0], kept[1]

@@ -106,6 +106,7 @@ def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measure
         read_harmless=(),
     )
     assert settings.base_spec is None and settings.heldout == () and DemoSettings().base_spec == "smollm2"
+    assert settings.selection_stride == 2 and DemoSettings().selection_stride == 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = demonstrate(settings, out=tmp_path / "safer", work_dir=tmp_path)
@@ -124,8 +125,8 @@ def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measure
     calibration = json.loads((tmp_path / "safer" / "rosi" / "calibration.json").read_text())
     assert [p["alpha"] for p in calibration["points"]] == [1.0, 2.0]
     summary = result.summary()
-    assert "builtin:harmful:test (3) + builtin:harmless:test (3)" in summary
-    assert "3 new tokens" in summary and "substring refusal judge" in summary
+    assert "3 prompts of builtin:harmful:test + 3 prompts of builtin:harmless:test" in summary
+    assert "3 new tokens" in summary and "substring judge" in summary
     for stage in result.stages:
         h, b = stage.n
         assert (h, b) == (3, 3) and f"{round(stage.harmful_refusal * 3)}/3" in summary

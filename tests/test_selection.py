@@ -10,6 +10,7 @@ import torch
 
 from lens_safety import load_model
 from lens_safety.directions import extract_directions
+from lens_safety.errors import LensSafetyError
 from lens_safety.selection import (
     CandidateScore,
     NoRefusalWarning,
@@ -148,6 +149,25 @@ def test_select_on_tiny_model_scores_every_candidate_with_reasons(tiny):
     assert row.zero_at == pytest.approx(
         -row.harmless_projection / (row.harmful_projection - row.harmless_projection)
     )
+
+
+def test_a_strided_selection_scores_the_coarse_grid_then_the_choices_neighbours(tiny):
+    model, candidates = tiny
+    full_config = SelectionConfig(n_val=4, batch_size=4)
+    with pytest.warns(NoRefusalWarning):
+        full = select_direction(model, candidates, HARMFUL, HARMLESS, full_config)
+    with pytest.warns(NoRefusalWarning) as caught:  # one warning: the coarse pass stays quiet
+        strided = select_direction(
+            model, candidates, HARMFUL, HARMLESS, SelectionConfig(n_val=4, batch_size=4, stride=3)
+        )
+    assert len([w for w in caught if issubclass(w.category, NoRefusalWarning)]) == 1
+    # stride 3 of layers 0..2 scores layer 0, the only (so the chosen) one, then its neighbour 1
+    assert [row.layer for row in strided.scores] == [0, 1] and model.n_layers == 3
+    by_layer = {row.layer: row for row in full.scores}
+    for row in strided.scores:  # each candidate scores as in the full selection (NaN-safe: repr)
+        assert repr(row.to_dict()) == repr(by_layer[row.layer].to_dict())
+    with pytest.raises(LensSafetyError, match="stride"):
+        select_direction(model, candidates, HARMFUL, HARMLESS, SelectionConfig(n_val=4, stride=0))
 
 
 def test_affine_ablation_uses_harmless_mean_references(tiny):

@@ -6,13 +6,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import torch
+
 from lens_safety.activations import collect_activations
 from lens_safety.directions.direction import Direction
 from lens_safety.directions.extraction import Candidates, extract_directions
 from lens_safety.errors import LensSafetyError, warn
+from lens_safety.evaluation.divergence import last_logits
 from lens_safety.evaluation.separation import projection_accuracy, validate_classes
 from lens_safety.prompts import PromptSet
-from lens_safety.selection import Selection, SelectionConfig, filter_by_refusal, select_direction
+from lens_safety.selection import (
+    Selection,
+    SelectionConfig,
+    refusal_metric,
+    refusal_token_ids,
+    select_direction,
+)
 from lens_safety.splits import split_train_val_test
 
 
@@ -159,3 +168,32 @@ def find_direction(
         (val_h, val_b),
         chosen is not None and shared_val_test,
     )
+
+
+def filter_by_refusal(
+    model: Any,
+    harmful: PromptSet,
+    harmless: PromptSet,
+    *,
+    refusal_tokens: Sequence[str] | None = None,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+) -> tuple[PromptSet, PromptSet]:
+    """Arditi's training filter: keep harmful prompts with metric > 0 and harmless with metric < 0."""
+    ids = refusal_token_ids(model.tokenizer, refusal_tokens)
+    kept = []
+    for prompts, keep_refused in ((harmful, True), (harmless, False)):
+        metric = torch.cat(
+            [refusal_metric(x, ids) for x in last_logits(model, prompts, batch_size, system_prompt)]
+        )
+        indices = [i for i, v in enumerate(metric.tolist()) if (v > 0) == keep_refused]
+        if len(indices) < 2:
+            which = (
+                "harmful prompts the model refuses" if keep_refused else "harmless prompts the model answers"
+            )
+            raise LensSafetyError(
+                f"only {len(indices)} {which} remain after the refusal filter",
+                "drop the filter (this model barely refuses) or add prompts",
+            )
+        kept.append(prompts.subset(indices, f"{prompts.name}:filtered"))
+    return kept[0], kept[1]

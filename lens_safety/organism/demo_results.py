@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lens_safety.evaluation.metrics import RefusalEvaluation
+from lens_safety.pipelines.steps import TEST_JUDGE
 
 if TYPE_CHECKING:
     from lens_safety.calibration import ConditionalCalibration
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from lens_safety.directions.pipeline import DirectionReport
     from lens_safety.directions.read import ReadDirection
     from lens_safety.export import ExportResult
+    from lens_safety.organism.demonstration import DemoSettings
+    from lens_safety.pipelines.steps import Pair
 
 
 @dataclass
@@ -114,12 +117,13 @@ class Demonstration:
         """A few lines a newcomer reads: what was measured on which prompts with which judge, the
         before -> after table, the choices made and where the verified exports are."""
         test = self.settings["test"]
-        names = " + ".join(f"{m.get('source', m.get('name', '?'))} ({m['n']})" for m in test)
+        names = " + ".join(f"{m['n']} prompts of {m.get('source', m.get('name', '?'))}" for m in test)
         d = self.direction
         lines = [
             "ROSI puts refusal back into a model whose safety was removed (here: abliterated).",
-            f"Refusal on held-out test prompts {names}; greedy, {self.settings['max_new_tokens']} new "
-            f"tokens, judged by the {self.settings['judge']} refusal judge (refusal phrases):",
+            f"Before -> after on held-out test prompts ({names}; no step fitted or calibrated on them),",
+            f"greedy, {self.settings['max_new_tokens']} new tokens, a refusal as the {self.settings['judge']} "
+            'judge sees it (a refusal phrase such as "I can\'t" or "I\'m sorry"):',
             f"  {'model':<58} {'harmful refused':>17} {'harmless refused':>17}",
         ]
         for s in self.stages:
@@ -198,4 +202,23 @@ def direction_record(direction: Direction, report: DirectionReport | None) -> di
         "heldout_accuracy": None if report is None else report.heldout_accuracy,
         "selection_rule": selection.rule if selection else None,
         "selection_message": selection.message if selection else None,
+    }
+
+
+def settings_record(s: DemoSettings, test: Pair, val: Pair, extra: dict[str, Pair]) -> dict[str, Any]:
+    """What the demonstration measured on (prompt sets, judge, tokens) and with which settings."""
+    return {
+        "organism": s.organism_spec,
+        "base": s.base_spec,
+        "test": [p.metadata() for p in test],
+        "heldout": {label: [p.metadata() for p in pair] for label, pair in extra.items()},
+        "val": [p.metadata() for p in val],
+        "max_new_tokens": s.max_new_tokens,
+        "judge": TEST_JUDGE,
+        "blocks": None if s.blocks is None else list(s.blocks),
+        "targets": None if s.targets is None else list(s.targets),
+        "conditional": {"starts": s.starts, "shrinkage": s.shrinkage, "refine": s.refine}
+        if s.conditional
+        else None,
+        "demo": s.to_dict(),
     }

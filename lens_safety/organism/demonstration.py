@@ -44,7 +44,7 @@ from lens_safety.calibration.conditional import DEFAULT_INJECTIONS
 from lens_safety.directions.read import find_read_direction
 from lens_safety.edits import applied_edit, conditional_rosi, rosi
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation import evaluate_refusal
+from lens_safety.evaluation import RefusalEvaluation, evaluate_refusal
 from lens_safety.export import export_edit
 from lens_safety.models import load_model
 from lens_safety.organism.demo_results import (
@@ -52,6 +52,7 @@ from lens_safety.organism.demo_results import (
     StageRates,
     conditional_record,
     direction_record,
+    settings_record,
     verification_record,
 )
 from lens_safety.organism.sets import HELDOUT_PAIRS, READ_HARMLESS
@@ -66,7 +67,7 @@ from lens_safety.pipelines import (
     load_chat_model,
     obtain_direction,
 )
-from lens_safety.pipelines.steps import TEST_JUDGE, Pair, choose_point
+from lens_safety.pipelines.steps import Pair, choose_point
 from lens_safety.prompts import PromptSet
 
 if TYPE_CHECKING:
@@ -88,7 +89,9 @@ class DemoSettings:
     ``limit`` caps the test and val splits and the extra held-out pairs at their first N prompts
     per class, ``train_limit`` the train split (conditional ROSI's read directions) and
     ``direction_prompts`` the full sets the direction is fitted and selected on (``None``: no cap);
-    ``direction_layer`` fixes the direction's block instead of selecting it over every layer.
+    ``direction_layer`` fixes the direction's block instead of selecting it over every layer
+    (``selection_stride`` > 1: over every ``selection_stride``-th layer, then the chosen one's
+    neighbours).
     ``blocks`` / ``targets`` restrict the ROSI repair (and the base stage) to those blocks / writer
     kinds. ``conditional`` adds the conditional-ROSI stages: ``starts`` (first edited blocks;
     ``None``: about a third, a half and two thirds of the depth) x ``injections`` (projection units;
@@ -111,6 +114,7 @@ class DemoSettings:
     train_limit: int | None = None
     direction_prompts: int | None = None
     direction_layer: int | Literal["auto"] = "auto"
+    selection_stride: int = 1
     max_new_tokens: int = 48
     conditional: bool = True
     starts: tuple[int, ...] | None = (10, 15, 20)
@@ -125,13 +129,15 @@ class DemoSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoSettings:
         """The first run: the organism, its abliterated child and both repairs on 16 + 16 test
-        prompts, short completions, small sweeps, no base stages and no extra held-out pairs."""
+        prompts, short completions, small sweeps, layer selection over every other layer then the
+        chosen one's neighbours, no base stages and no extra held-out pairs."""
         settings = cls(
             base_spec=None,
             alphas=(30.0, 100.0),
             limit=16,
             train_limit=64,
             direction_prompts=128,
+            selection_stride=2,
             max_new_tokens=12,
             starts=None,
             relative_injections=(0.75, 1.0),
@@ -207,16 +213,18 @@ class _Stages:
         self._last = now
 
     def measure(self, name: str, model: ChatModel, on_heldout: bool = False) -> StageRates:
-        tokens = self.settings.max_new_tokens
-        evaluation = evaluate_refusal(
-            model, *self.prompts.test, max_new_tokens=tokens, progress=self.progress
-        )
-        stage = StageRates.from_evaluation(name, evaluation)
-        for label, (harmful, harmless) in self.prompts.extra.items() if on_heldout else []:
-            stage.add_heldout(
-                label,
-                evaluate_refusal(model, harmful, harmless, max_new_tokens=tokens, progress=self.progress),
+        """Refusal on the test split (and the extra held-out pairs), greedy, substring judge; each
+        batch's shared chat-template prefix computed once (no hooks are active here)."""
+
+        def rates(harmful: PromptSet, harmless: PromptSet) -> RefusalEvaluation:
+            tokens = self.settings.max_new_tokens
+            return evaluate_refusal(
+                model, harmful, harmless, max_new_tokens=tokens, share_prefix=True, progress=self.progress
             )
+
+        stage = StageRates.from_evaluation(name, rates(*self.prompts.test))
+        for label, pair in self.prompts.extra.items() if on_heldout else []:
+            stage.add_heldout(label, rates(*pair))
         self.done.append(stage)
         self.lap(f"measure {name}")
         return stage
@@ -311,24 +319,6 @@ def _base_stages(
     return base_read
 
 
-def _settings_record(s: DemoSettings, prompts: _Prompts) -> dict[str, Any]:
-    return {
-        "organism": s.organism_spec,
-        "base": s.base_spec,
-        "test": [p.metadata() for p in prompts.test],
-        "heldout": {label: [p.metadata() for p in pair] for label, pair in prompts.extra.items()},
-        "val": [p.metadata() for p in prompts.val],
-        "max_new_tokens": s.max_new_tokens,
-        "judge": TEST_JUDGE,
-        "blocks": None if s.blocks is None else list(s.blocks),
-        "targets": None if s.targets is None else list(s.targets),
-        "conditional": {"starts": s.starts, "shrinkage": s.shrinkage, "refine": s.refine}
-        if s.conditional
-        else None,
-        "demo": s.to_dict(),
-    }
-
-
 def demonstrate(
     settings: DemoSettings | None = None,
     *,
@@ -355,7 +345,9 @@ def demonstrate(
     stages = _Stages(s, prompts, progress)
     stages.lap("load the organism")
     stages.measure("organism", organism, on_heldout=True)
-    direction, report = obtain_direction(organism, None, s.direction_layer, prompts.full, progress=progress)
+    direction, report = obtain_direction(
+        organism, None, s.direction_layer, prompts.full, stride=s.selection_stride, progress=progress
+    )
     stages.lap("find the direction")
     exports: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=work_dir) as root:
@@ -393,7 +385,7 @@ def demonstrate(
         repair.calibration.to_dict(),
         repair.spec.alpha,
         f"{repair.choice.rule}: {repair.calibration.reason}",
-        _settings_record(s, prompts),
+        settings_record(s, prompts.test, prompts.val, prompts.extra),
         None if picked is None else conditional_record(sweep, picked, cond_choice, base_read),
         exports,
         time.perf_counter() - started,

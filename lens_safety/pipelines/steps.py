@@ -116,11 +116,13 @@ def obtain_direction(
     train: Pair | tuple[()],
     system_prompt: str | None = None,
     *,
+    stride: int = 1,
     progress: bool = False,
 ) -> tuple[Direction, DirectionReport | None]:
     """``(direction, report)``: the saved direction at ``direction_dir`` (its candidate at block
     ``layer`` when a number is given; no report), or the difference-in-means direction fitted on
-    ``train`` at the last prompt token (``layer="auto"``: selected on a held-out part of it)."""
+    ``train`` at the last prompt token (``layer="auto"``: selected on a held-out part of it, every
+    ``stride``-th layer then the chosen one's neighbours, :class:`~lens_safety.selection.SelectionConfig`)."""
 
     if direction_dir is not None:
         direction = Direction.load(direction_dir, model=model)
@@ -139,7 +141,7 @@ def obtain_direction(
         train[1],
         layer=layer,
         position=-1,
-        selection=SelectionConfig(system_prompt=system_prompt),
+        selection=SelectionConfig(system_prompt=system_prompt, stride=stride),
         system_prompt=system_prompt,
         progress=progress,
     )
