@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "core",
         (
             "lens_safety.errors",
+            "lens_safety.records",
             "lens_safety.lazy",
             "lens_safety.hashing",
             "lens_safety.fsutil",
