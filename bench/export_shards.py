@@ -7,7 +7,7 @@ time in a child process, then measures in a fresh child process that:
 
 1. loads it with every weight offloaded to disk (``load_model(dir, device_map={"": "disk"})``), so
    the process holds no weights, and records the **baseline** RSS;
-2. writes the ROSI export's shards (``lens_safety.export._write_shards``: copy each shard, rewrite
+2. writes the ROSI export's shards (``lens_safety.export_files.write_shards``: copy each shard, rewrite
    the edited tensors) and records the **peak** RSS of that phase (``VmHWM``, reset before it);
 3. runs the whole ``export_edit`` (shards + reload with vanilla transformers under the same
    placement + comparison with the in-memory edited model) and records its peak.
@@ -123,7 +123,8 @@ def measure(model_dir: Path, work: Path) -> dict[str, object]:
     import torch
 
     from lens_safety.edits import rosi
-    from lens_safety.export import _write_shards, export_edit
+    from lens_safety.export import export_edit
+    from lens_safety.export_files import write_shards
     from lens_safety.models import load_model
 
     model = load_model(model_dir, device_map={"": "disk"})
@@ -135,7 +136,7 @@ def measure(model_dir: Path, work: Path) -> dict[str, object]:
     started = time.perf_counter()
     staging = work / "shards-only"
     staging.mkdir()
-    edited, _ = _write_shards(model, spec, staging, untie=False, progress=False)
+    edited, _ = write_shards(model, spec, staging, untie=False, progress=False)
     write_peak, write_s = _kib("VmHWM"), time.perf_counter() - started
     shutil.rmtree(staging)
     baseline_export = _kib("VmRSS")

@@ -57,7 +57,8 @@ def _errors(ours: torch.Tensor, eager: torch.Tensor, sdpa, faulty: torch.Tensor,
 def measure(arch: str, dtype: str, root: Path, tokenizer_dir: Path) -> dict[str, dict]:
     from lens_safety.activations import forward
     from lens_safety.edits import applied_edit, rosi
-    from lens_safety.export import VERIFY_PROMPTS, _vanilla_logits, _write_shards
+    from lens_safety.export import VERIFY_PROMPTS, _vanilla_logits
+    from lens_safety.export_files import write_shards
     from lens_safety.models import load_model
     from lens_safety.testing import make_tiny_model
 
@@ -67,7 +68,7 @@ def measure(arch: str, dtype: str, root: Path, tokenizer_dir: Path) -> dict[str,
     spec = rosi(torch.randn(model.d_model, generator=generator, dtype=torch.float64), 5.0)
     out = root / f"{arch}-{dtype}-out"
     out.mkdir()
-    _write_shards(model, spec, out, untie=False, progress=False)
+    write_shards(model, spec, out, untie=False, progress=False)
     for item in src.iterdir():
         if item.suffix != ".safetensors":
             (out / item.name).write_bytes(item.read_bytes())

@@ -23,44 +23,56 @@ removes the temporary directory; the input is never written.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lens_safety import __version__
 from lens_safety.activations import forward
-from lens_safety.architecture import clean_hf_name
-from lens_safety.checkpoint_files import INDEX_FILE, SINGLE_FILE, read_header
-from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors, stream_edit_shard, weight_shards
+from lens_safety.chat import EncodedBatch
+from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors
 from lens_safety.edits.memory import applied_edit, write_stored
-from lens_safety.edits.spec import EditSpec, edit_writes_inplace
+from lens_safety.edits.spec import EditSpec
 from lens_safety.edits.stored import live_groups
 from lens_safety.edits.targets import compute_edit, target_parameters
 from lens_safety.errors import LensSafetyError
+from lens_safety.export_files import (
+    GENERATED_FILES,
+    UNTIED_HEAD_SHARD,
+    copy_side_files,
+    direction_hash,
+    read_tensors_from,
+    write_direction,
+    write_shards,
+)
 from lens_safety.fsutil import staged_directory
-from lens_safety.hashing import sha256_vector
 from lens_safety.model_card import render_model_card
+from lens_safety.models import ChatModel
 from lens_safety.placement import placement_kwargs
-from lens_safety.progress import track
+from lens_safety.records import Record
 
-GENERATED_FILES = {
-    "edit.json",
-    "README.md",
-    "direction.safetensors",
-    "direction.json",
-    "read_direction.safetensors",
-    INDEX_FILE,
-}
+if TYPE_CHECKING:
+    from lens_safety.directions import Direction
+
+__all__ = [
+    "GENERATED_FILES",
+    "UNTIED_HEAD_SHARD",
+    "VERIFY_PROMPTS",
+    "ExportResult",
+    "check_output_dir",
+    "comparison_dtype",
+    "export_edit",
+    "logit_bound",
+    "read_tensors_from",
+    "verify_export",
+]
+
 VERIFY_PROMPTS = (
     "How do I bake sourdough bread?",
     "Explain how to pick a lock.",
@@ -82,7 +94,7 @@ def logit_bound(dtype: torch.dtype) -> float:
 
 
 @dataclass
-class ExportResult:
+class ExportResult(Record):
     """What an export wrote and how well it verified."""
 
     out_dir: str
@@ -93,9 +105,6 @@ class ExportResult:
     untied: bool
     seconds: float
     verify_seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def check_output_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
@@ -121,127 +130,8 @@ def _ancestors(lineage: dict[str, Any]) -> list[str]:
     return parent + [str(h) for h in lineage.get("ancestors_weights_sha256", [])]
 
 
-def _direction_hash(spec: EditSpec) -> str:
-    return sha256_vector(spec.direction.tolist())
-
-
-def _output_embedding_name(model: Any) -> str | None:
-    out = model.hf_model.get_output_embeddings()
-    for name, module in model.hf_model.named_modules():
-        if module is out:
-            return clean_hf_name(name) + ".weight"
-    return None
-
-
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-UNTIED_HEAD_SHARD = "lm_head.safetensors"
-
-
-def _write_shards(
-    model: Any, spec: EditSpec, tmp: Path, untie: bool, progress: bool
-) -> tuple[list[str], str]:
-    """Copy every shard byte for byte, then overwrite only the edited tensors' bytes in the copy.
-
-    Untouched tensors are never decoded or re-encoded (the copy is the kernel's), so the cost is one
-    file copy plus the rank-one update of the edited tensors, computed in float64 from the ORIGINAL
-    tensors in reusable buffers (:func:`~lens_safety.edits.checkpoint.stream_edit_shard`) and cast
-    once to the stored dtype. An untied ``lm_head`` (the original embedding) goes
-    to its own extra shard listed in a (new or updated) ``model.safetensors.index.json``. Returns
-    the edited names and the stored dtype of the token embedding.
-    """
-    writers = checkpoint_writers(model)
-    targets = target_parameters(spec, writers, model.n_layers)
-    embed_key = next(w.tensors[0].key for w in writers if w.kind == "embed")
-    head_key = _output_embedding_name(model) if untie else None
-    edits = {
-        name: functools.partial(edit_writes_inplace, spec, layout=tensor.layout, is_bias=tensor.is_bias)
-        for name, (_, tensor) in targets.items()
-    }
-    edited: list[str] = []
-    weight_map: dict[str, str] = {}
-    dtype = "float32"
-    shards = weight_shards(model.hf_path)
-    for shard in track(shards, "writing shards", total=len(shards), enabled=progress):
-        _, header = read_header(shard)
-        keys = [key for key in header if key != "__metadata__"]
-        weight_map.update(dict.fromkeys(keys, shard.name))
-        if embed_key in header:
-            dtype = _DTYPE_NAMES.get(header[embed_key]["dtype"], header[embed_key]["dtype"])
-        edited += stream_edit_shard(shard, tmp / shard.name, edits)
-    missing = sorted(set(targets) - set(edited))
-    if missing:
-        raise LensSafetyError(
-            f"edited parameter {missing[0]} was not found in any shard", "the checkpoint is incomplete"
-        )
-    index = model.hf_path / INDEX_FILE
-    record = json.loads(index.read_text()) if index.is_file() else None
-    if head_key and head_key not in weight_map:
-        embedding = read_tensors_from(model.hf_path / weight_map[embed_key], [embed_key])[embed_key]
-        head_shard = UNTIED_HEAD_SHARD
-        if record is None:  # one file becomes two shards + index (transformers prefers model.safetensors)
-            first, head_shard = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
-            os.replace(tmp / SINGLE_FILE, tmp / first)
-            weight_map = dict.fromkeys(weight_map, first)
-        save_file({head_key: embedding.contiguous()}, str(tmp / head_shard), metadata={"format": "pt"})
-        weight_map[head_key] = head_shard
-        if record is None:
-            total = sum((tmp / name).stat().st_size for name in set(weight_map.values()))
-            record = {"metadata": {"total_size": total}}
-    if record is not None:
-        record["weight_map"] = dict(sorted(weight_map.items()))
-        (tmp / INDEX_FILE).write_text(json.dumps(record, indent=2))
-    return edited, dtype
-
-
-def read_tensors_from(shard: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The named tensors of one safetensors file (CPU, stored dtype)."""
-    with safe_open(str(shard), framework="pt") as handle:
-        return {name: handle.get_tensor(name) for name in names}
-
-
-def _copy_side_files(model: Any, tmp: Path, untie: bool) -> None:
-    for item in model.hf_path.iterdir():
-        if item.is_file() and item.suffix != ".safetensors" and item.name not in GENERATED_FILES:
-            shutil.copy2(item, tmp / item.name)
-    if untie:
-        config = json.loads((tmp / "config.json").read_text())
-        config["tie_word_embeddings"] = False
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"]["tie_word_embeddings"] = False
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def _write_direction(spec: EditSpec, direction: Any, tmp: Path) -> None:
-    """``direction.safetensors`` + ``direction.json``: the Direction's own format when it has ``save``.
-
-    A ``conditional_rosi`` edit also writes its read direction ``g`` to ``read_direction.safetensors``
-    (key ``read``, float64: the exact vector the edit used; ``edit.json`` holds its SHA-256).
-    """
-    if spec.read is not None:
-        save_file({"read": spec.read.to(torch.float64).contiguous()}, str(tmp / "read_direction.safetensors"))
-    if direction is not None and hasattr(direction, "save"):
-        staging = tmp / ".direction"
-        direction.save(staging)
-        for item in staging.iterdir():
-            os.replace(item, tmp / item.name)
-        staging.rmdir()
-        if (tmp / "direction.safetensors").is_file():
-            return
-    save_file(
-        {"direction": spec.direction.to(torch.float32).contiguous()}, str(tmp / "direction.safetensors")
-    )
-    info = {
-        "space": "raw_hf",
-        "unit": True,
-        "layer": spec.direction_layer,
-        "d_model": int(spec.direction.shape[0]),
-        "sha256": _direction_hash(spec),
-    }
-    (tmp / "direction.json").write_text(json.dumps(info, indent=2))
-
-
 def _vanilla_logits(
-    path: Path, model: Any, batch: Any, dtype: torch.dtype, edit: EditSpec | None = None
+    path: Path, model: ChatModel, batch: EncodedBatch, dtype: torch.dtype, edit: EditSpec | None = None
 ) -> torch.Tensor:
     """Logits (in ``dtype``) of a vanilla ``from_pretrained`` load of ``path``, optionally with ``edit``.
 
@@ -283,7 +173,7 @@ def _vanilla_logits(
 
 
 def verify_export(
-    model: Any, spec: EditSpec, out: Path, prompts: Sequence[str] = VERIFY_PROMPTS
+    model: ChatModel, spec: EditSpec, out: Path, prompts: Sequence[str] = VERIFY_PROMPTS
 ) -> dict[str, Any]:
     """Reload ``out`` with vanilla transformers and compare logits with a reference on chat prompts.
 
@@ -330,11 +220,11 @@ def verify_export(
 
 
 def export_edit(
-    model: Any,
+    model: ChatModel,
     spec: EditSpec,
     out_dir: str | os.PathLike[str],
     *,
-    direction: Any = None,
+    direction: Direction | None = None,
     overwrite: bool = False,
     measurements: Mapping[str, Any] | None = None,
     verify_prompts: Sequence[str] = VERIFY_PROMPTS,
@@ -375,9 +265,9 @@ def export_edit(
         if Path(name).name != name or taken:
             raise LensSafetyError(f"extra file name '{name}' is not allowed", "use a plain, unused file name")
     with staged_directory(out, overwrite=overwrite) as tmp:
-        edited, dtype = _write_shards(model, spec, tmp, untie, progress)
-        _copy_side_files(model, tmp, untie)
-        _write_direction(spec, direction, tmp)
+        edited, dtype = write_shards(model, spec, tmp, untie, progress)
+        copy_side_files(model, tmp, untie)
+        write_direction(spec, direction, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         verify_start = time.perf_counter()
@@ -390,7 +280,7 @@ def export_edit(
             "base_architecture": model.arch.architecture,
             "base_weights_sha256": model.weights_hash,
             "ancestors_weights_sha256": _ancestors(model.lineage),
-            "direction_sha256": _direction_hash(spec),
+            "direction_sha256": direction_hash(spec),
             "edited_parameters": sorted(edited),
             "untied": untie,
             "exact": exact,

@@ -14,17 +14,12 @@ Scores per candidate ``(l, i)`` on validation prompts (default 16 + 16):
 * ``kl`` — the first-token KL ``KL(p_baseline || p_ablated)`` in nats
   (:func:`~lens_safety.evaluation.divergence.kl_from_log_probs`), averaged over harmless prompts.
 
-Rule: argmin ``bypass`` subject to ``induce > 0``, ``kl < 0.1``, ``l < 0.8 L`` and finite scores.
-Every candidate's row records why it was rejected and where 0 sits between the class means
-(``zero_at``: 0 = harmless mean, 1 = harmful mean; > 1 means plain ablation moves harmless prompts
-PAST the harmful mean, toward refusal). When nothing passes — a model that does not refuse — the
-result says so and falls back (``fallback`` is True). For a model that DOES refuse, the layer bound
-is relaxed first: if candidates at or beyond ``0.8 L`` pass every other filter (refusal mediated
-late, as in a refusal fine-tune of late blocks), the one with the lowest ``bypass`` among them is
-chosen and the message says so. Otherwise — or for a model that does not refuse — the candidate with
-the best held-out separation among layers ``< 0.8 L`` is chosen: the highest validation
-accuracy of ``r_hat . x > midpoint of the training class-mean projections`` (the rule the direction
-is reported with), ties broken by Cohen's d of the validation projections, then the earlier layer.
+The rule choosing among the scored candidates is :func:`~lens_safety.selection_rule.choose_selection`:
+argmin ``bypass`` subject to ``induce > 0``, ``kl < 0.1``, ``l < 0.8 L`` and finite scores, with the
+fallbacks described there. Every candidate's row records why it was rejected and where 0 sits
+between the class means (``zero_at``: 0 = harmless mean, 1 = harmful mean; > 1 means plain ablation
+moves harmless prompts PAST the harmful mean, toward refusal).
+
 Separation and accuracy use the WHOLE validation split (a read pass, cheap); the steering scores use
 its first ``n_val`` prompts per class. Every scoring pass computes the prompts' shared chat-template
 prefix once per batch (:func:`~lens_safety.activations.forward_rows`; both interventions treat all
@@ -35,11 +30,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -49,11 +42,35 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.divergence import last_logits, last_token_log_probs, mean_first_token_kl
 from lens_safety.evaluation.separation import accuracy, effect_size
 from lens_safety.interventions import ablate_direction, add_direction
+from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet
+from lens_safety.selection_rule import (
+    CandidateScore,
+    NoRefusalWarning,
+    Selection,
+    SelectionConfig,
+    rejections,
+)
+from lens_safety.selection_rule import choose_selection as _choose
 
 if TYPE_CHECKING:
     from lens_safety.directions.extraction import Candidates
+
+__all__ = [
+    "EPS",
+    "REFUSAL_STARTS",
+    "CandidateScore",
+    "NoRefusalWarning",
+    "Selection",
+    "SelectionConfig",
+    "last_logits",
+    "mean_kl",
+    "mean_metric",
+    "refusal_metric",
+    "refusal_token_ids",
+    "select_direction",
+]
 
 #: words whose first token starts a refusal (with and without a leading space)
 REFUSAL_STARTS: tuple[str, ...] = (
@@ -68,10 +85,6 @@ REFUSAL_STARTS: tuple[str, ...] = (
     " Unfortunately",
 )
 EPS = 1e-8
-
-
-class NoRefusalWarning(UserWarning):
-    """No candidate passed the selection filters; the fallback rule was used."""
 
 
 def refusal_token_ids(tokenizer: Any, words: Sequence[str] | None = None) -> list[int]:
@@ -97,90 +110,9 @@ def refusal_metric(
     return torch.log(in_r + EPS) - torch.log((1 - in_r).clamp_min(0) + EPS)
 
 
-@dataclass
-class SelectionConfig:
-    """What selection scores and how (defaults keep it affordable on CPU).
-
-    ``stride`` > 1 scores every ``stride``-th layer of ``layers`` (from the first), then the two
-    layers next to the one the rule picks among those, and applies the rule to all of them.
-    """
-
-    layers: Sequence[int] | None = None
-    positions: Sequence[int] = (-1,)
-    n_val: int = 16
-    batch_size: int = 16
-    kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
-    max_layer_fraction: float = 0.8
-    ablation: Literal["zero", "affine"] = "zero"
-    refusal_tokens: Sequence[str] | None = None
-    system_prompt: str | None = None
-    stride: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["layers"] = None if self.layers is None else list(self.layers)
-        out["positions"] = list(self.positions)
-        out["refusal_tokens"] = None if self.refusal_tokens is None else list(self.refusal_tokens)
-        return out
-
-
-@dataclass
-class CandidateScore:
-    """One scored candidate: scores, class-mean projections and why it was (not) chosen."""
-
-    layer: int
-    position: int
-    bypass: float
-    induce: float
-    kl: float
-    separation: float
-    harmful_projection: float
-    harmless_projection: float
-    zero_at: float
-    rejected: list[str] = field(default_factory=list)
-    accuracy: float = math.nan
-
-    @property
-    def passed(self) -> bool:
-        return not self.rejected
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
-
-
-@dataclass
-class Selection:
-    """The chosen (layer, position), every scored candidate, and how the choice was made."""
-
-    layer: int
-    position: int
-    scores: list[CandidateScore]
-    fallback: bool
-    rule: str
-    message: str
-    baseline_harmful: float
-    baseline_harmless: float
-    refusal_token_ids: list[int]
-    config: SelectionConfig
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "position": self.position,
-            "fallback": self.fallback,
-            "rule": self.rule,
-            "message": self.message,
-            "baseline_refusal_metric": {"harmful": self.baseline_harmful, "harmless": self.baseline_harmless},
-            "refusal_token_ids": self.refusal_token_ids,
-            "config": self.config.to_dict(),
-            "candidates": [s.to_dict() for s in self.scores],
-        }
-
-
 # ------------------------------------------------------------------ forward helpers
 def mean_metric(
-    model: Any,
+    model: ChatModel,
     prompts: PromptSet,
     ids: Sequence[int],
     config: SelectionConfig,
@@ -196,7 +128,7 @@ def mean_metric(
 
 
 def mean_kl(
-    model: Any,
+    model: ChatModel,
     prompts: PromptSet,
     baseline: torch.Tensor,
     config: SelectionConfig,
@@ -226,24 +158,8 @@ def _check_extracted(candidates: Candidates, layers: Sequence[int], positions: S
         )
 
 
-def _rejections(
-    bypass: float, induce: float, kl: float, layer: int, max_layer: float, config: SelectionConfig
-) -> list[str]:
-    """Why a scored candidate fails the selection filters (empty when it passes)."""
-    reasons = []
-    if not all(math.isfinite(v) for v in (bypass, induce, kl)):
-        reasons.append("NaN score")
-    if not induce > config.induce_threshold:
-        reasons.append(f"induce {induce:.3g} <= {config.induce_threshold:g}")
-    if not kl < config.kl_threshold:
-        reasons.append(f"kl {kl:.3g} >= {config.kl_threshold:g}")
-    if not layer < max_layer:
-        reasons.append(f"layer {layer} >= {config.max_layer_fraction:g} L")
-    return reasons
-
-
 def _score(
-    model: Any,
+    model: ChatModel,
     candidates: Candidates,
     layer: int,
     pos: int,
@@ -275,7 +191,7 @@ def _score(
     val_h, val_b = ((r.at(layer, pos).double() @ unit).numpy() for r in val_reads)
     p, k = candidates.positions.index(pos), candidates.layers.index(layer)
     hp, bp = float(candidates.harmful_projection[p, k]), float(candidates.harmless_projection[p, k])
-    reasons = _rejections(bypass, induce, kl, layer, max_layer, config)
+    reasons = rejections(bypass, induce, kl, layer, max_layer, config)
     sep, val_accuracy = effect_size(val_h, val_b), accuracy(val_h, val_b, 0.5 * (hp + bp))
     return CandidateScore(
         layer, pos, bypass, induce, kl, sep, hp, bp, _zero_at(hp, bp), reasons, val_accuracy
@@ -284,7 +200,7 @@ def _score(
 
 # ------------------------------------------------------------------ selection
 def select_direction(
-    model: Any,
+    model: ChatModel,
     candidates: Candidates,
     val_harmful: PromptSet | Sequence[str],
     val_harmless: PromptSet | Sequence[str],
@@ -343,77 +259,3 @@ def select_direction(
         scores += [score(*cell) for cell in near if cell not in grid]
         scores.sort(key=lambda c: (positions.index(c.position), layers.index(c.layer)))
     return _choose(scores, config, max_layer, base_h, base_b, ids)
-
-
-def _choose(
-    scores: list[CandidateScore],
-    config: SelectionConfig,
-    max_layer: float,
-    base_h: float,
-    base_b: float,
-    ids: list[int],
-) -> Selection:
-    passed = [s for s in scores if s.passed]
-    refuses = base_h > 0 and base_h > base_b
-    baseline_text = f"baseline refusal metric harmful {base_h:.2f} vs harmless {base_b:.2f}"
-    if passed:
-        best = min(passed, key=lambda s: (s.bypass, s.layer, -s.position))
-        rule = f"argmin bypass ({config.ablation} ablation) s.t. induce > {config.induce_threshold:g}, kl < {config.kl_threshold:g}, layer < {config.max_layer_fraction:g} L"
-        message = (
-            f"selected layer {best.layer}, position {best.position}: bypass {best.bypass:.2f}, induce {best.induce:.2f}, "
-            f"kl {best.kl:.3f} ({len(passed)}/{len(scores)} candidates passed; {baseline_text})"
-        )
-        fallback = False
-    elif refuses and (beyond := [s for s in scores if _only_layer_bound(s)]):
-        best = min(beyond, key=lambda s: (s.bypass, s.layer, -s.position))
-        rule = (
-            f"relaxed: argmin bypass among candidates failing ONLY layer < {config.max_layer_fraction:g} L "
-            f"(induce > {config.induce_threshold:g}, kl < {config.kl_threshold:g} still hold)"
-        )
-        message = (
-            f"no candidate below {config.max_layer_fraction:g} L passed, but {len(beyond)} beyond it pass every other "
-            f"filter: refusal in this model is mediated late (e.g. a refusal fine-tune that only changed late "
-            f"blocks); selected layer {best.layer}, position {best.position}: bypass {best.bypass:.2f}, "
-            f"induce {best.induce:.2f}, kl {best.kl:.3f} ({baseline_text})"
-        )
-        fallback = True
-        warnings.warn(message, NoRefusalWarning, stacklevel=3)
-    else:
-        pool = [s for s in scores if s.layer < max_layer and math.isfinite(s.separation)] or scores
-        best = max(pool, key=_separation_key)
-        rule = (
-            "fallback: best held-out separation among layers < "
-            f"{config.max_layer_fraction:g} L (validation accuracy at the training midpoint, "
-            "then Cohen's d, then the earlier layer)"
-        )
-        if refuses:  # say which filters rejected everything
-            kinds = Counter(reason.split(" ")[0] for score in scores for reason in score.rejected)
-            why = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
-            diagnosis = (
-                f"this model refuses, but every candidate failed a filter (rejections by filter: {why}); "
-                "refusal may need an affine ablation (see the table)"
-            )
-        else:
-            diagnosis = "this model barely refuses, so ablating or adding a direction cannot be scored against its refusals"
-        message = (
-            f"no candidate passed the selection filters ({len(scores)} scored; {baseline_text}): {diagnosis}; "
-            f"falling back to the best held-out separation: layer {best.layer}, position {best.position} "
-            f"(validation accuracy {best.accuracy:.3f}, Cohen's d {best.separation:.2f})"
-        )
-        fallback = True
-        warnings.warn(message, NoRefusalWarning, stacklevel=3)
-    return Selection(best.layer, best.position, scores, fallback, rule, message, base_h, base_b, ids, config)
-
-
-def _separation_key(score: CandidateScore) -> tuple[float, float, int]:
-    """Sort key of the fallback: validation accuracy, then Cohen's d, then the earlier layer."""
-
-    def finite(value: float) -> float:
-        return value if math.isfinite(value) else -math.inf
-
-    return (finite(score.accuracy), finite(score.separation), -score.layer)
-
-
-def _only_layer_bound(score: CandidateScore) -> bool:
-    """True when the layer bound is the only filter this candidate failed."""
-    return bool(score.rejected) and all(reason.startswith("layer ") for reason in score.rejected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -175,7 +176,7 @@ def test_disk_error_mid_export_leaves_nothing(
 ) -> None:
     model = load_model(tiny_dirs["llama"], device="cpu")
     before = weights_fingerprint(tiny_dirs["llama"])
-    original_copy = export_module.shutil.copy2
+    original_copy = shutil.copy2
     calls = {"n": 0}
 
     def failing_copy(src, dst, *args, **kwargs):  # the weights are written; a side file then fails
@@ -184,7 +185,7 @@ def test_disk_error_mid_export_leaves_nothing(
             raise OSError(28, "No space left on device")
         return original_copy(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(export_module.shutil, "copy2", failing_copy)
+    monkeypatch.setattr(shutil, "copy2", failing_copy)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "keep.txt").write_text("mine")
     with pytest.raises(LensSafetyError, match="No space left"):

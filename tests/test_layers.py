@@ -56,9 +56,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "lens_safety.directions",
             "lens_safety.selection",
+            "lens_safety.selection_rule",
             "lens_safety.probing",
             "lens_safety.edits",
             "lens_safety.export",
+            "lens_safety.export_files",
             "lens_safety.model_card",
         ),
     ),
