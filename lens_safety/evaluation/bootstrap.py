@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from lens_safety.records import Record
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
@@ -31,7 +32,7 @@ Z_95 = 1.96
 
 
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(Record):
     """A point estimate with a confidence interval."""
 
     value: float
@@ -43,15 +44,6 @@ class Estimate:
     @property
     def width(self) -> float:
         return self.ci_high - self.ci_low
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "value": self.value,
-            "ci_low": self.ci_low,
-            "ci_high": self.ci_high,
-            "n": self.n,
-            "confidence": self.confidence,
-        }
 
 
 def _quantiles(stats: np.ndarray, confidence: float) -> tuple[float, float]:

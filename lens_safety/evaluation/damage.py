@@ -26,6 +26,7 @@ from typing import Any
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap
 from lens_safety.evaluation.generation import Generations
+from lens_safety.records import Record
 
 REPETITION_THRESHOLD = 0.5
 _NGRAM = 4
@@ -45,7 +46,7 @@ def repeated_ngram_fraction(text: str, n: int = _NGRAM) -> float:
 
 
 @dataclass
-class DamageResult:
+class DamageResult(Record):
     """Repetition, empty and truncated rates, mean length and (optionally) mean length change."""
 
     repetition_rate: Estimate
@@ -53,16 +54,6 @@ class DamageResult:
     truncated_rate: Estimate
     mean_length: Estimate
     length_change: Estimate | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "repetition_rate": self.repetition_rate.to_dict(),
-            "empty_rate": self.empty_rate.to_dict(),
-            "truncated_rate": self.truncated_rate.to_dict(),
-            "mean_length": self.mean_length.to_dict(),
-        }
-        out["length_change"] = self.length_change.to_dict() if self.length_change is not None else None
-        return out
 
 
 def generation_damage(generations: Generations, reference: Generations | None = None) -> DamageResult:

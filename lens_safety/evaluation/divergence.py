@@ -36,7 +36,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -49,10 +48,11 @@ from lens_safety.evaluation.generation import Intervention, generate
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet, builtin_path
+from lens_safety.records import Record
 
 
 @dataclass
-class KLResult:
+class KLResult(Record):
     """KL(reference || model) on harmless prompts (nats), first token and over the reference's continuation."""
 
     first_token: Estimate
@@ -62,27 +62,14 @@ class KLResult:
     reference: str = ""
     max_new_tokens: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "first_token": self.first_token.to_dict(),
-            "continuation": self.continuation.to_dict(),
-            "per_prompt_first": self.per_prompt_first,
-            "per_prompt_continuation": self.per_prompt_continuation,
-            "reference": self.reference,
-            "max_new_tokens": self.max_new_tokens,
-        }
-
 
 @dataclass
-class CEResult:
+class CEResult(Record):
     """Token-weighted cross-entropy (nats per predicted token) on held-out text."""
 
     ce: Estimate
     per_text: list[float]
     n_tokens: list[int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ce": self.ce.to_dict(), "per_text": self.per_text, "n_tokens": self.n_tokens}
 
 
 def check_same_tokenizer(model: ChatModel, reference: ChatModel) -> None:

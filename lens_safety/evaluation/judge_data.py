@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_texts
+from lens_safety.records import Record
 from lens_safety.splits import SPLITS, split_of
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "judge"
@@ -34,7 +35,7 @@ _FIELDS = ("id", "prompt", "response", "label", "kind", "source", "split")
 
 
 @dataclass(frozen=True)
-class LabelledPair:
+class LabelledPair(Record):
     """One hand-labelled example (module docstring)."""
 
     id: str
@@ -51,7 +52,7 @@ class LabelledPair:
         return len(self.response.split()) >= LONG_ANSWER_WORDS
 
     def to_dict(self) -> dict[str, Any]:
-        row = asdict(self)
+        row = super().to_dict()
         if self.group is None:
             del row["group"]
         return row

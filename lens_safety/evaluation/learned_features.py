@@ -27,10 +27,11 @@ from lens_safety.activations import forward, hook_point_name, hooks
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
+from lens_safety.records import Record
 
 
 @dataclass(frozen=True)
-class FeatureSpec:
+class FeatureSpec(Record):
     """How a pair is read: the reader, its layers and the token budgets (module docstring)."""
 
     reader: str = "smollm2"
@@ -51,12 +52,7 @@ class FeatureSpec:
         return len(self.layers) * d_model
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "reader": self.reader,
-            "layers": list(self.layers),
-            "max_prompt_tokens": self.max_prompt_tokens,
-            "max_response_tokens": self.max_response_tokens,
-        }
+        return {**super().to_dict(), "layers": list(self.layers)}
 
 
 def _cut(ids: list[int], budget: int, head_fraction: float) -> list[int]:

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from lens_safety.records import Record
+
 QUESTIONS: tuple[str, ...] = ("refusal", "harm")
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Verdict(Record):
     """One judge decision.
 
     Attributes:
@@ -37,17 +39,6 @@ class Verdict:
     harmful: bool | None = None
     harm_score: float | None = None
     category: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "refused": self.refused,
-            "score": self.score,
-            "reason": self.reason,
-            "question": self.question,
-            "harmful": self.harmful,
-            "harm_score": self.harm_score,
-            "category": self.category,
-        }
 
 
 def harm_verdict(

@@ -25,13 +25,14 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.progress import track
+from lens_safety.records import Record
 from lens_safety.splits import source_fold
 from lens_safety.srr.baselines import ranker_scores
 from lens_safety.srr.data import SRRDataset
@@ -44,7 +45,7 @@ DEFAULT_BARS = (0.90, 0.95, 0.90)
 
 
 @dataclass
-class CVCell:
+class CVCell(Record):
     """Pooled held-out-fold metrics of one setting."""
 
     layer: int
@@ -59,9 +60,6 @@ class CVCell:
     n_lists_harmless: int
     margin: float
     seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free, staged_directory
+from lens_safety.records import Record
 from lens_safety.srr.features import (
     check_context,
 )
@@ -34,7 +35,7 @@ META_FILE = "meta.json"
 
 
 @dataclass
-class CandidateList:
+class CandidateList(Record):
     """One instruction and its deduplicated candidate responses.
 
     Attributes:
@@ -65,7 +66,7 @@ class CandidateList:
         return any(self.positive) and not all(self.positive)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mixed": self.mixed}
+        return {**super().to_dict(), "mixed": self.mixed}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> CandidateList:

@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from lens_safety.progress import track
+from lens_safety.records import Record
 from lens_safety.splits import category_split
 from lens_safety.srr.data import SRRDataset
 from lens_safety.srr.evaluate import evaluate
@@ -25,7 +26,7 @@ from lens_safety.srr.train import TrainConfig, train_ranker
 
 
 @dataclass
-class SweepRow:
+class SweepRow(Record):
     """Test metrics of a ranker trained at one layer with one response context."""
 
     layer: int
@@ -35,9 +36,6 @@ class SweepRow:
     harmless_top1_helpful: float
     ndcg: float
     best_epoch: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def layer_sweep(

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
+
+from lens_safety.records import Record
 
 
 def ranking(scores: Float[torch.Tensor, " m"]) -> list[int]:
@@ -45,7 +46,7 @@ def ndcg(scores: Float[torch.Tensor, " m"], positive: Sequence[bool]) -> float:
 
 
 @dataclass
-class RankingMetrics:
+class RankingMetrics(Record):
     """Metrics of one scorer on the mixed lists of a dataset (see the module docstring)."""
 
     pairwise_accuracy: float
@@ -56,9 +57,6 @@ class RankingMetrics:
     ndcg: float
     n_lists_harmful: int
     n_lists_harmless: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _mean(values: Sequence[float]) -> float:

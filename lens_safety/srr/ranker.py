@@ -24,7 +24,7 @@ different model raises :class:`~lens_safety.errors.LensSafetyError`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.records import Record
 
 WEIGHTS_FILE = "ranker.safetensors"
 CONFIG_FILE = "ranker.json"
@@ -42,7 +43,7 @@ MAX_PARAMETERS = 5_000_000
 
 
 @dataclass
-class RankerConfig:
+class RankerConfig(Record):
     """Shape and hyper-parameters of a :class:`SafetyRanker`.
 
     Attributes:
@@ -74,9 +75,6 @@ class RankerConfig:
     context: str = "with_instruction"
     members: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class RankerMember(nn.Module):

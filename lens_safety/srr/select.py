@@ -11,7 +11,7 @@ whole ranking. The ranker's overhead is reported as
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import generate
 from lens_safety.models import ChatModel
+from lens_safety.records import Record
 from lens_safety.srr.capture import sample_with_states
 from lens_safety.srr.data import first_occurrences
 from lens_safety.srr.features import SAMPLED_CONTEXTS, list_features
@@ -29,7 +30,7 @@ from lens_safety.srr.ranker import SafetyRanker, check_base_model, load_ranker
 
 
 @dataclass
-class RankedCandidate:
+class RankedCandidate(Record):
     """One candidate: its sampling index (after deduplication), text and ranker score."""
 
     index: int
@@ -57,7 +58,7 @@ class Selection:
         return {
             "prompt": self.prompt,
             "chosen": self.chosen,
-            "ranking": [asdict(x) for x in self.ranking],
+            "ranking": [x.to_dict() for x in self.ranking],
             "n_sampled": self.n_sampled,
             "generation_seconds": self.generation_seconds,
             "ranking_seconds": self.ranking_seconds,

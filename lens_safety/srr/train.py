@@ -17,13 +17,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.progress import track
+from lens_safety.records import Record
 from lens_safety.splits import source_val_split
 from lens_safety.srr.data import SRRDataset
 from lens_safety.srr.inputs import ListInput, list_inputs, pad_lists
@@ -31,7 +32,7 @@ from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Record):
     """Optimisation settings (paper defaults for lr, weight decay)."""
 
     lr: float = 1e-3
@@ -42,12 +43,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
-class TrainingReport:
+class TrainingReport(Record):
     """What training did: sizes, epochs, losses, time."""
 
     n_train_lists: int
@@ -61,9 +59,6 @@ class TrainingReport:
     n_parameters: int = 0
     #: one report per member of an ensemble (seeds ``seed .. seed + K - 1``); empty for one member
     members: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def split_by_source(dataset: SRRDataset, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
