@@ -152,6 +152,25 @@ def rescored(
         return ranker(inst[None], torch.stack(rows)[None])[0]
 
 
+def rescored_mean(
+    model: ChatModel, hf: Any, ranker: SafetyRanker, prompt: str, gens: Any, sample_index: list[int]
+) -> torch.Tensor:
+    """``generated_mean`` scores from vanilla transformers: one teacher-forced pass per sampled
+    token sequence (``gens.token_ids``), the mean of the response tokens' states (a cut candidate's
+    last token is never read), the last prompt token for the instruction."""
+    layer = int(ranker.config.layer or 0)
+    prompt_ids = model.chat.token_ids(model.chat.format(prompt))
+    rows = []
+    for j in sample_index:
+        read = gens.n_tokens[j] - 1 if gens.truncated[j] else gens.n_tokens[j]
+        states = hf_states(hf, prompt_ids + gens.token_ids[j], layer)
+        span = states[len(prompt_ids) : len(prompt_ids) + read]
+        rows.append(span.double().mean(0).float() if read else states[len(prompt_ids) - 1])
+    inst = hf_states(hf, prompt_ids, layer)[-1]
+    with torch.no_grad():
+        return ranker(inst[None], torch.stack(rows)[None])[0]
+
+
 def check_choice(extension: dict[str, Any], content: str, expected: torch.Tensor) -> None:
     scores = torch.tensor(extension["scores"])
     assert torch.allclose(scores, expected, atol=1e-3), (scores, expected)
@@ -198,20 +217,11 @@ def test_generated_mean_ranker_scores_the_states_read_while_sampling(
     )
     app, _ = build_server(tiny, config, api_key=KEY)
     ranker = load_ranker(rankers["generated_mean"], tiny)
-    prompt_ids = tiny.chat.token_ids(tiny.chat.format(PROMPTS[0]))
     with BackgroundServer(app) as server:
         out = ask(server, PROMPTS[0], seed=11)
     ext = out.model_extra["safeguard"]
     again = sampled_again(tiny, PROMPTS[0], 5, 6, 11)
-    rows = []
-    for j in ext["sample_index"]:
-        read = again.n_tokens[j] - 1 if again.truncated[j] else again.n_tokens[j]
-        states = hf_states(hf_model, prompt_ids + again.token_ids[j], 1)
-        span = states[len(prompt_ids) : len(prompt_ids) + read]
-        rows.append(span.double().mean(0).float() if read else states[len(prompt_ids) - 1])
-    inst = hf_states(hf_model, prompt_ids, 1)[-1]
-    with torch.no_grad():
-        expected = ranker(inst[None], torch.stack(rows)[None])[0]
+    expected = rescored_mean(tiny, hf_model, ranker, PROMPTS[0], again, ext["sample_index"])
     check_choice(ext, out.choices[0].message.content, expected)
 
 

@@ -226,6 +226,7 @@ async def health(request: Request) -> Response:
         "status": "stopping" if state.stopping else "ok",
         "model": state.limits.served_name,
         "ranker_sha256": state.ranker.get("sha256"),
+        "engine": state.engine.name if state.engine is not None else None,
         **state.scheduler.stats(),
     }
     return JSONResponse(body, status_code=503 if state.stopping else 200)
