@@ -1,6 +1,9 @@
 """The ``lens-safety`` command line: thin typer commands over the library's functions.
 
-Each sub-module registers its commands on :data:`app`. Every user error is a
+Each command module registers its commands on :data:`app` or on one of its groups
+(:data:`judge_app`, :data:`organism_app`, :data:`srr_app`); a command module imports only this
+package, :mod:`~lens_safety.cli.options` (the shared typer options) and
+:mod:`~lens_safety.cli.common` (the shared helpers), never another command module. Every user error is a
 :class:`~lens_safety.errors.LensSafetyError`, printed as one ``error: …`` line with exit status 2.
 """
 
@@ -28,6 +31,21 @@ def _root() -> None:
     """Safety interpretability for chat LLMs: refusal directions, probes, ROSI edits, export, SRR."""
 
 
+judge_app = typer.Typer(
+    help="The learned refusal judge ('--judge learned'): train it, compare it with the keyword judges.",
+    no_args_is_help=True,
+)
+organism_app = typer.Typer(
+    help="The refusal model organism (smollm2-refusal): rebuild its adapter, measure it.",
+    no_args_is_help=True,
+)
+srr_app = typer.Typer(
+    help="Safety Representation Ranking: best-of-N with a hidden-state ranker.", no_args_is_help=True
+)
+app.add_typer(judge_app, name="judge")
+app.add_typer(organism_app, name="organism")
+app.add_typer(srr_app, name="srr")
+
 # Command modules, imported for their side effect of registering commands.
 COMMAND_MODULES = (
     "info",
@@ -36,8 +54,11 @@ COMMAND_MODULES = (
     "rosi",
     "conditional",
     "evaluate",
+    "report",
     "judge",
     "organism",
+    "organism_demo",
+    "srr_serve",
     "srr",
     "srr_experiments",
     "srr_data",

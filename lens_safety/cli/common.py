@@ -1,4 +1,9 @@
-"""Options and helpers shared by the CLI commands."""
+"""Helpers shared by the CLI commands: quiet libraries, load a model, parse option values, render.
+
+Only light imports at the top (``--help`` must not import torch); the model, prompt and table
+modules are imported inside the helpers that need them. The typer options live in
+:mod:`lens_safety.cli.options`.
+"""
 
 from __future__ import annotations
 
@@ -9,84 +14,20 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import typer
 
 from lens_safety.errors import LensSafetyError, LensSafetyWarning
+from lens_safety.fsutil import require_free, write_file_atomic
 
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        help="Model spec: 'smollm2' (embedded default), 'smollm2-refusal', a local HF dir, a .gguf file or a hub id."
-    ),
-]
-DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="cpu, cuda, … (default: cuda when available).")
-]
-DtypeOpt = Annotated[
-    str | None, typer.Option("--dtype", help="float32 (default), bfloat16, float16 or auto.")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
-EngineOpt = Annotated[
-    str,
-    typer.Option(
-        "--engine",
-        help="Generate with hf (the bridge's model, default) or vllm (needs vLLM: docs how-to/gpu-model.md; "
-        "no interventions, no in-memory edits).",
-    ),
-]
-TemplateBlindOpt = Annotated[
-    bool,
-    typer.Option(
-        "--template-blind/--last-token-only",
-        help="Fit conditional-ROSI read directions on the last prompt token only (default) or also "
-        "orthogonal to the chat template's shared positions.",
-    ),
-]
-NoTemplateOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-chat-template",
-        help="Format prompts as plain 'User: … Assistant:' (models without a chat template).",
-    ),
-]
-SystemPromptOpt = Annotated[
-    str | None, typer.Option("--system-prompt", help="System prompt used when formatting prompts.")
-]
-# options of the edit jobs (rosi, ablate, conditional-rosi)
-OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited Hugging Face model.")]
-DirectionOpt = Annotated[
-    Path | None,
-    typer.Option("--direction", help="Saved direction directory (default: fit one on the train split)."),
-]
-HarmfulOpt = Annotated[
-    str, typer.Option("--harmful", help="Harmful prompts: .txt/.jsonl/.csv file or builtin:harmful.")
-]
-HarmlessOpt = Annotated[
-    str, typer.Option("--harmless", help="Harmless prompts: .txt/.jsonl/.csv file or builtin:harmless.")
-]
-LayerOpt = Annotated[str, typer.Option("--layer", help="Direction layer: auto (selection) or a block index.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
-NTrainOpt = Annotated[
-    int, typer.Option("--n-train", help="Training prompts per class that fit the direction.")
-]
-NValOpt = Annotated[
-    int, typer.Option("--n-val", help="Validation prompts per class (selection, calibration).")
-]
-NTestOpt = Annotated[
-    int, typer.Option("--n-test", help="Test prompts per class for before/after refusal (0: skip).")
-]
-TokensOpt = Annotated[
-    int, typer.Option("--max-new-tokens", help="Greedy tokens per completion when judging refusal.")
-]
-MaxKlOpt = Annotated[float, typer.Option("--max-kl", help="Largest accepted harmless first-token KL.")]
-TargetRefusalOpt = Annotated[float, typer.Option("--target-refusal", help="Harmful refusal to reach.")]
-BlocksOpt = Annotated[
-    str | None,
-    typer.Option("--blocks", help="Blocks whose writers are edited: 'all' (default) or e.g. 15-29."),
-]
+if TYPE_CHECKING:
+    from rich.console import Console
 
+    from lens_safety.evaluation.table import RosiTable
+    from lens_safety.models import ChatModel
+
+Number = TypeVar("Number", int, float)
 
 _library_showwarning = warnings.showwarning
 
@@ -127,7 +68,7 @@ def load_cli_model(
     system_prompt: str | None = None,
     *,
     selfcheck: bool = False,
-) -> Any:
+) -> ChatModel:
     """Load a model for a CLI command with quiet libraries.
 
     ``selfcheck``: before a long job, check that greedy generation equals the reference
@@ -166,7 +107,7 @@ def print_json(data: Any) -> None:
 PIPED_WIDTH = 160
 
 
-def stdout_console() -> Any:
+def stdout_console() -> Console:
     """A rich console on stdout: the terminal's width, or ``PIPED_WIDTH`` columns when redirected
     (``COLUMNS`` in the environment still wins)."""
     from rich.console import Console
@@ -249,15 +190,30 @@ def parse_alphas(value: str | None) -> list[float] | None:
     return [float(v) for v in values]
 
 
-def parse_layer(value: str) -> int | Literal["auto"]:
-    """``auto`` or a block index."""
+def parse_auto_int(value: str, option: str) -> int | Literal["auto"]:
+    """``auto`` or an integer (a block index, a token position), else a one-line error naming ``option``."""
     if value == "auto":
         return "auto"
     try:
         return int(value)
     except ValueError:
         raise LensSafetyError(
-            f"--layer must be 'auto' or an integer, got '{value}'", "pass e.g. --layer auto"
+            f"{option} must be 'auto' or an integer, got '{value}'", f"pass e.g. {option} auto"
+        ) from None
+
+
+def parse_layer(value: str) -> int | Literal["auto"]:
+    """``--layer``: ``auto`` or a block index."""
+    return parse_auto_int(value, "--layer")
+
+
+def parse_list(value: str, option: str, kind: type[Number], example: str) -> list[Number]:
+    """Comma-separated numbers of one ``kind`` (any sign), else a one-line error naming ``option``."""
+    try:
+        return [kind(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise LensSafetyError(
+            f"cannot parse {option} '{value}'", f"pass comma-separated {kind.__name__}s, e.g. {example}"
         ) from None
 
 
@@ -303,3 +259,36 @@ def print_export_summary(summary: dict[str, Any], as_json: bool) -> None:
             )
     if summary.get("message"):
         console.print(summary["message"])
+
+
+def check_writable(path: Path, overwrite: bool, option: str) -> None:
+    """Fail before any work when the output file ``path`` exists (without ``--overwrite``) or its
+    folder is missing or read-only."""
+    require_free(path, overwrite, option=option)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise LensSafetyError(
+            f"cannot write '{path}' (missing or read-only folder)", "choose a writable path"
+        )
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write records as JSON lines, atomically (a partial file never remains)."""
+    write_file_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def print_rosi_table(table: RosiTable) -> None:
+    """ROSI's table (``eval --compare``, ``report --table``) as a rich table, then one note per
+    column naming its instrument."""
+    from rich.table import Table
+
+    out = Table(title="lens-safety: models side by side")
+    out.add_column("model")
+    for column in table.columns:
+        out.add_column(column.title)
+    for name, row in zip(table.labels, table.cells, strict=True):
+        out.add_row(name, *[cell.text() for cell in row])
+    console = stdout_console()
+    console.print(out)
+    for note in table.notes():
+        console.print(note, soft_wrap=True, highlight=False)

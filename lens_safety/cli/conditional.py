@@ -18,24 +18,8 @@ from typing import Annotated
 
 import typer
 
-from lens_safety.cli import app
+from lens_safety.cli import app, options
 from lens_safety.cli.common import (
-    DeviceOpt,
-    DirectionOpt,
-    DtypeOpt,
-    HarmfulOpt,
-    HarmlessOpt,
-    JsonOpt,
-    LayerOpt,
-    MaxKlOpt,
-    ModelArg,
-    NTestOpt,
-    NTrainOpt,
-    NValOpt,
-    OverwriteOpt,
-    TargetRefusalOpt,
-    TemplateBlindOpt,
-    TokensOpt,
     parse_layer,
     parse_numbers,
     parse_prompt_sets,
@@ -75,7 +59,7 @@ def parse_injections(injection: str, injections: str | None) -> list[float]:
     return parse_numbers(injections or DEFAULT_INJECTIONS_TEXT, "--injections", "0.75,1,1.5", integer=False)
 
 
-OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited model.")]
+ConditionalOutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited model.")]
 StartOpt = Annotated[
     str, typer.Option("--start", help="First edited block: auto (swept on val) or a block index.")
 ]
@@ -132,33 +116,33 @@ RelativeOverRefusalOpt = Annotated[
 
 @app.command("conditional-rosi")
 def conditional_rosi_cmd(
-    model: ModelArg = "smollm2",
-    out: OutOpt = Path("conditional-rosi-model"),
-    direction: DirectionOpt = None,
-    harmful: HarmfulOpt = "builtin:harmful",
-    harmless: HarmlessOpt = "builtin:harmless",
-    layer: LayerOpt = "auto",
+    model: options.ModelArg = "smollm2",
+    out: ConditionalOutOpt = Path("conditional-rosi-model"),
+    direction: options.DirectionOpt = None,
+    harmful: options.HarmfulOpt = "builtin:harmful",
+    harmless: options.HarmlessOpt = "builtin:harmless",
+    layer: options.LayerOpt = "auto",
     start: StartOpt = "auto",
     starts: StartsOpt = None,
     end: EndOpt = None,
     injection: InjectionOpt = "auto",
     injections: InjectionsOpt = None,
     shrinkage: ShrinkageOpt = 1.0,
-    template: TemplateBlindOpt = False,
+    template: options.TemplateBlindOpt = False,
     read_harmless: ReadHarmlessOpt = "none",
     refine: RefineOpt = 2,
-    target_refusal: TargetRefusalOpt = 0.85,
+    target_refusal: options.TargetRefusalOpt = 0.85,
     max_over_refusal: MaxOverRefusalOpt = 0.1,
     relative_over_refusal: RelativeOverRefusalOpt = False,
-    max_kl: MaxKlOpt = 0.5,
-    n_train: NTrainOpt = 128,
-    n_val: NValOpt = 32,
-    n_test: NTestOpt = 16,
-    max_new_tokens: TokensOpt = 24,
-    overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    json: JsonOpt = False,
+    max_kl: options.MaxKlOpt = 0.5,
+    n_train: options.NTrainOpt = 128,
+    n_val: options.NValOpt = 32,
+    n_test: options.NTestOpt = 16,
+    max_new_tokens: options.TokensOpt = 24,
+    overwrite: options.OverwriteOpt = False,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    json: options.JsonOpt = False,
 ) -> None:
     """Conditional ROSI: W <- (I + alpha s_hat g^T) W on blocks start..end-1; export a verified HF model.
 

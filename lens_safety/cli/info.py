@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lens_safety.cli import app
-from lens_safety.cli.common import (
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    ModelArg,
-    NoTemplateOpt,
-    load_cli_model,
-    print_json,
-    stdout_console,
-)
+from lens_safety.cli import app, options
+from lens_safety.cli.common import load_cli_model, print_json, stdout_console
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from lens_safety.architecture.types import ResidualWriter
 
 
 @app.command()
 def info(
-    model: ModelArg = "smollm2",
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    json: JsonOpt = False,
-    no_chat_template: NoTemplateOpt = False,
+    model: options.ModelArg = "smollm2",
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    json: options.JsonOpt = False,
+    no_chat_template: options.NoTemplateOpt = False,
 ) -> None:
     """Architecture, layers, width, dtype, chat-template tail, post-instruction tokens, residual writers."""
     loaded = load_cli_model(model, device, dtype, no_chat_template)
     writers = loaded.arch.writers
-    summary = {
+    summary: dict[str, Any] = {
         "spec": loaded.spec,
         "hf_path": str(loaded.hf_path),
         "architecture": loaded.arch.architecture,
@@ -68,7 +64,7 @@ def info(
     stdout_console().print(table)
 
 
-def _pattern(writers: Any, kind: str) -> str | None:
+def _pattern(writers: Sequence[ResidualWriter], kind: str) -> str | None:
     """The HF name of the first writer of ``kind`` with its block index as ``{l}`` (None if absent)."""
     first = next((w for w in writers if w.kind == kind), None)
     return None if first is None else first.hf_name.replace(f".{first.layer}.", ".{l}.", 1)

@@ -7,15 +7,10 @@ from typing import Annotated
 
 import typer
 
-from lens_safety.cli import app
-from lens_safety.cli.common import DeviceOpt, JsonOpt, OverwriteOpt, print_json, quiet_libraries
+from lens_safety.cli import judge_app, options
+from lens_safety.cli.common import print_json, quiet_libraries
 from lens_safety.errors import LensSafetyError
 
-judge_app = typer.Typer(
-    help="The learned refusal judge ('--judge learned'): train it, compare it with the keyword judges.",
-    no_args_is_help=True,
-)
-app.add_typer(judge_app, name="judge")
 #: the judges ``judge compare`` measures by default, the learned one first
 DEFAULT_COMPARED = ["learned", "substring", "substring-strict", "substring-broad"]
 
@@ -69,9 +64,9 @@ def train(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per reader forward pass.")] = 8,
-    device: DeviceOpt = None,
-    overwrite: OverwriteOpt = False,
-    json: JsonOpt = False,
+    device: options.DeviceOpt = None,
+    overwrite: options.OverwriteOpt = False,
+    json: options.JsonOpt = False,
 ) -> None:
     """Train the learned judge deterministically: with the defaults it reproduces the shipped weights."""
     quiet_libraries()
@@ -122,7 +117,7 @@ def compare(
     no_prompts: Annotated[
         bool, typer.Option("--no-prompts", help="Judge the responses without their prompts.")
     ] = False,
-    json: JsonOpt = False,
+    json: options.JsonOpt = False,
 ) -> None:
     """Accuracy, precision and recall (95% Wilson intervals) of several judges on hand-labelled pairs,
     on all of them and on long answers, with the first judge's paired accuracy differences."""

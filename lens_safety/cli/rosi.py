@@ -15,26 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from lens_safety.cli import app
+from lens_safety.cli import app, options
 from lens_safety.cli.common import (
-    BlocksOpt,
-    DeviceOpt,
-    DirectionOpt,
-    DtypeOpt,
-    HarmfulOpt,
-    HarmlessOpt,
-    JsonOpt,
-    LayerOpt,
-    MaxKlOpt,
-    ModelArg,
-    NTestOpt,
-    NTrainOpt,
-    NValOpt,
-    OutOpt,
-    OverwriteOpt,
-    SystemPromptOpt,
-    TargetRefusalOpt,
-    TokensOpt,
     parse_alpha,
     parse_alphas,
     parse_blocks,
@@ -43,45 +25,53 @@ from lens_safety.cli.common import (
     quiet_libraries,
 )
 
+AlphaOpt = Annotated[str, typer.Option("--alpha", help="auto (calibrate on val) or a number >= 0.")]
+AlphasOpt = Annotated[
+    str | None, typer.Option("--alphas", help="Alphas swept by --alpha auto (default 3,10,30,100).")
+]
+MaxOverRiseOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-over-refusal",
+        help="Largest accepted rise of harmless refusal over the unedited model "
+        "(an absolute ceiling with --absolute-over-refusal).",
+    ),
+]
+AbsoluteOverRefusalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--absolute-over-refusal", help="Read --max-over-refusal as an absolute harmless-refusal ceiling."
+    ),
+]
+ApproximateOpt = Annotated[
+    bool, typer.Option("--approximate", help="Allow post-norm writers (Gemma 2/3), where it is inexact.")
+]
+
 
 @app.command()
 def rosi(
-    model: ModelArg = "smollm2",
-    out: OutOpt = Path("rosi-model"),
-    direction: DirectionOpt = None,
-    harmful: HarmfulOpt = "builtin:harmful",
-    harmless: HarmlessOpt = "builtin:harmless",
-    layer: LayerOpt = "auto",
-    alpha: Annotated[str, typer.Option("--alpha", help="auto (calibrate on val) or a number >= 0.")] = "auto",
-    alphas: Annotated[
-        str | None, typer.Option("--alphas", help="Alphas swept by --alpha auto (default 3,10,30,100).")
-    ] = None,
-    target_refusal: TargetRefusalOpt = 0.9,
-    max_over_refusal: Annotated[
-        float,
-        typer.Option(
-            "--max-over-refusal",
-            help="Largest accepted rise of harmless refusal over the unedited model "
-            "(an absolute ceiling with --absolute-over-refusal).",
-        ),
-    ] = 0.1,
-    absolute_over_refusal: Annotated[
-        bool,
-        typer.Option(
-            "--absolute-over-refusal", help="Read --max-over-refusal as an absolute harmless-refusal ceiling."
-        ),
-    ] = False,
-    max_kl: MaxKlOpt = 0.1,
-    blocks: BlocksOpt = None,
-    system_prompt: SystemPromptOpt = None,
-    n_train: NTrainOpt = 64,
-    n_val: NValOpt = 16,
-    n_test: NTestOpt = 16,
-    max_new_tokens: TokensOpt = 24,
-    overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    json: JsonOpt = False,
+    model: options.ModelArg = "smollm2",
+    out: options.OutOpt = Path("rosi-model"),
+    direction: options.DirectionOpt = None,
+    harmful: options.HarmfulOpt = "builtin:harmful",
+    harmless: options.HarmlessOpt = "builtin:harmless",
+    layer: options.LayerOpt = "auto",
+    alpha: AlphaOpt = "auto",
+    alphas: AlphasOpt = None,
+    target_refusal: options.TargetRefusalOpt = 0.9,
+    max_over_refusal: MaxOverRiseOpt = 0.1,
+    absolute_over_refusal: AbsoluteOverRefusalOpt = False,
+    max_kl: options.MaxKlOpt = 0.1,
+    blocks: options.BlocksOpt = None,
+    system_prompt: options.SystemPromptOpt = None,
+    n_train: options.NTrainOpt = 64,
+    n_val: options.NValOpt = 16,
+    n_test: options.NTestOpt = 16,
+    max_new_tokens: options.TokensOpt = 24,
+    overwrite: options.OverwriteOpt = False,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    json: options.JsonOpt = False,
 ) -> None:
     """ROSI: add alpha * s_hat * w_bar^T to every attention/MLP output weight; export a verified HF model.
 
@@ -94,25 +84,23 @@ def rosi(
 
 @app.command()
 def ablate(
-    model: ModelArg = "smollm2",
-    out: OutOpt = Path("ablated-model"),
-    direction: DirectionOpt = None,
-    harmful: HarmfulOpt = "builtin:harmful",
-    harmless: HarmlessOpt = "builtin:harmless",
-    layer: LayerOpt = "auto",
-    blocks: BlocksOpt = None,
-    system_prompt: SystemPromptOpt = None,
-    n_train: NTrainOpt = 64,
-    n_val: NValOpt = 16,
-    n_test: NTestOpt = 16,
-    max_new_tokens: TokensOpt = 24,
-    approximate: Annotated[
-        bool, typer.Option("--approximate", help="Allow post-norm writers (Gemma 2/3), where it is inexact.")
-    ] = False,
-    overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    json: JsonOpt = False,
+    model: options.ModelArg = "smollm2",
+    out: options.OutOpt = Path("ablated-model"),
+    direction: options.DirectionOpt = None,
+    harmful: options.HarmfulOpt = "builtin:harmful",
+    harmless: options.HarmlessOpt = "builtin:harmless",
+    layer: options.LayerOpt = "auto",
+    blocks: options.BlocksOpt = None,
+    system_prompt: options.SystemPromptOpt = None,
+    n_train: options.NTrainOpt = 64,
+    n_val: options.NValOpt = 16,
+    n_test: options.NTestOpt = 16,
+    max_new_tokens: options.TokensOpt = 24,
+    approximate: ApproximateOpt = False,
+    overwrite: options.OverwriteOpt = False,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    json: options.JsonOpt = False,
 ) -> None:
     """Weight orthogonalisation (abliteration): W <- (I - s s^T) W on every writer, embeddings included.
 

@@ -1,81 +1,104 @@
-"""``lens-safety srr …``: build candidate lists, train a ranker, evaluate it with baselines, best-of-N."""
+"""``lens-safety srr build-data|train|eval|generate``: build candidate lists, train a ranker, evaluate
+it with baselines, best-of-N."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lens_safety.cli import app
-from lens_safety.cli.common import (
-    DeviceOpt,
-    DtypeOpt,
-    EngineOpt,
-    JsonOpt,
-    ModelArg,
-    load_cli_model,
-    print_json,
-    quiet_libraries,
-)
-from lens_safety.cli.srr_serve import serve_command
+from lens_safety.cli import options, srr_app
+from lens_safety.cli.common import load_cli_model, parse_list, print_json, quiet_libraries
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free, staged_directory
 
-srr_app = typer.Typer(
-    help="Safety Representation Ranking: best-of-N with a hidden-state ranker.", no_args_is_help=True
-)
-app.add_typer(srr_app, name="srr")
-srr_app.command("serve")(serve_command)
+if TYPE_CHECKING:
+    from lens_safety.models import ChatModel
+    from lens_safety.prompts import PromptSet
+    from lens_safety.srr.data import SRRDataset
+    from lens_safety.srr.ranker import RankerConfig
 
-HarmfulOpt = Annotated[
-    str, typer.Option("--harmful", help="Harmful instructions: file or builtin:harmful[:split].")
+HARMFUL_INSTRUCTIONS = "Harmful instructions: file or builtin:harmful[:split]"
+HARMLESS_INSTRUCTIONS = "Harmless instructions: file or builtin:harmless[:split]"
+InstructionsHarmfulOpt = Annotated[str, typer.Option("--harmful", help=f"{HARMFUL_INSTRUCTIONS}.")]
+InstructionsHarmlessOpt = Annotated[str, typer.Option("--harmless", help=f"{HARMLESS_INSTRUCTIONS}.")]
+OptionalHarmfulOpt = Annotated[
+    str | None, typer.Option("--harmful", help=f"{HARMFUL_INSTRUCTIONS} (optional).")
 ]
-HarmlessOpt = Annotated[
-    str, typer.Option("--harmless", help="Harmless instructions: file or builtin:harmless[:split].")
+OptionalHarmlessOpt = Annotated[
+    str | None, typer.Option("--harmless", help=f"{HARMLESS_INSTRUCTIONS} (optional).")
 ]
-NOpt = Annotated[int, typer.Option("--n", help="Candidates sampled per instruction.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature.")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Length cap of a candidate.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, splits and training.")]
-JailbreakOpt = Annotated[
-    float,
+BuildOutOpt = Annotated[
+    Path, typer.Option("--out", help="Output directory (lists.jsonl, features.safetensors, meta.json).")
+]
+FeatureLayersOpt = Annotated[
+    str | None,
+    typer.Option("--layers", help="Feature layers to store (default: every 3rd, final, ranker layer)."),
+]
+ContextsOpt = Annotated[
+    str | None,
     typer.Option(
-        "--jailbreak-fraction", help="Fraction of harmful instructions wrapped in a jailbreak template."
+        "--contexts",
+        help="Response encodings to store, comma-separated (default: all; generated,generated_mean "
+        "need no second pass and build about twice as fast).",
     ),
 ]
-JudgeOpt = Annotated[
+DataDirsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Directories written by `srr build-data` (several are combined: same model and layers)."
+    ),
+]
+RankerOutOpt = Annotated[Path, typer.Option("--out", help="Ranker directory to write.")]
+RankerLayerOpt = Annotated[
+    int | None, typer.Option("--layer", help="Feature layer (default: floor(0.2 * n_layers)).")
+]
+ContextOpt = Annotated[
     str,
     typer.Option(
-        "--judge",
-        help="Refusal judge that labels the candidates (refused = safe): substring, substring-strict, "
-        "substring-broad, learned (the shipped probe on SmolLM2's states) or hf:<id>.",
+        "--context",
+        help="Response encoding: with_instruction, response_only, generated or generated_mean (read while sampling: last token or mean over the response).",
     ),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
-LimitOpt = Annotated[
-    int | None,
-    typer.Option("--limit", help="Use N evenly spaced instructions of each set (keeps categories balanced)."),
+WidthOpt = Annotated[int, typer.Option("--width", help="Projection width.")]
+TauOpt = Annotated[float, typer.Option("--tau", help="Softmax temperature of cosine scores.")]
+DropoutOpt = Annotated[float, typer.Option("--dropout", help="Dropout in the encoder layer (paper: 0.1).")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (paper: 1e-4).")]
+MembersOpt = Annotated[
+    int,
+    typer.Option(
+        "--members",
+        help="Ensemble size: independently trained rankers (seeds seed..seed+K-1), scores averaged.",
+    ),
 ]
+MaxEpochsOpt = Annotated[int, typer.Option("--max-epochs")]
+PatienceOpt = Annotated[int, typer.Option("--patience")]
+BaselinesOpt = Annotated[
+    bool,
+    typer.Option("--baselines/--no-baselines", help="Also train the text-only and final-layer baselines."),
+]
+DataOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--data", help="Reuse lists built earlier (skips generation); repeat to pool directories."),
+]
+SaveDataOpt = Annotated[
+    Path | None, typer.Option("--save-data", help="Also keep the lists built for this evaluation.")
+]
+RelabelJudgeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--judge",
+        help="Judge of the labels (default: substring when building; with --data, the stored labels "
+        "unless a judge is named, which re-labels them).",
+    ),
+]
+PromptArg = Annotated[str, typer.Argument(help="The instruction to answer.")]
+OptionalSeedOpt = Annotated[int | None, typer.Option("--seed")]
 
 
-def _parse_numbers(text: str, name: str, kind: type[int] | type[float]) -> list[Any]:
-    """Comma-separated numbers of one kind, or a one-line error naming the option."""
-    try:
-        return [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        example = "0,6,12" if kind is int else "0.9,0.95,0.9"
-        raise LensSafetyError(
-            f"cannot parse {name} '{text}'", f"pass comma-separated {kind.__name__}s, e.g. {example}"
-        ) from None
-
-
-def _parse_ints(text: str | None, name: str = "--layers") -> list[int] | None:
-    return None if text is None else _parse_numbers(text, name, int)
-
-
-def _prompts(spec: str | None, limit: int | None) -> Any:
+def _prompts(spec: str | None, limit: int | None) -> PromptSet | None:
     from lens_safety.prompts import PromptSet
 
     if spec is None:
@@ -89,51 +112,40 @@ def _prompts(spec: str | None, limit: int | None) -> Any:
     return prompts.subset([i * len(prompts) // limit for i in range(limit)])
 
 
+def _build_lists(
+    model: ChatModel, harmful: str | None, harmless: str | None, limit: int | None, **build: Any
+) -> SRRDataset:
+    """:func:`~lens_safety.srr.build.build_dataset` on the instruction sets (``--limit``: evenly
+    spaced), with a progress bar; ``build``: its sampling, judge and feature options."""
+    from lens_safety.srr.build import build_dataset
+
+    return build_dataset(model, _prompts(harmful, limit), _prompts(harmless, limit), progress=True, **build)
+
+
 @srr_app.command("build-data")
 def build_data(
-    model: ModelArg,
-    harmful: Annotated[
-        str | None,
-        typer.Option("--harmful", help="Harmful instructions: file or builtin:harmful[:split] (optional)."),
-    ] = None,
-    harmless: Annotated[
-        str | None,
-        typer.Option(
-            "--harmless", help="Harmless instructions: file or builtin:harmless[:split] (optional)."
-        ),
-    ] = None,
+    model: options.ModelArg,
+    harmful: OptionalHarmfulOpt = None,
+    harmless: OptionalHarmlessOpt = None,
     *,
-    out: Annotated[
-        Path, typer.Option("--out", help="Output directory (lists.jsonl, features.safetensors, meta.json).")
-    ],
-    n: NOpt = 8,
-    temperature: TemperatureOpt = 1.0,
-    max_new_tokens: MaxTokensOpt = 48,
-    seed: SeedOpt = 0,
-    jailbreak_fraction: JailbreakOpt = 0.5,
-    judge: JudgeOpt = "substring",
-    layers: Annotated[
-        str | None,
-        typer.Option("--layers", help="Feature layers to store (default: every 3rd, final, ranker layer)."),
-    ] = None,
-    contexts: Annotated[
-        str | None,
-        typer.Option(
-            "--contexts",
-            help="Response encodings to store, comma-separated (default: all; generated,generated_mean "
-            "need no second pass and build about twice as fast).",
-        ),
-    ] = None,
-    limit: LimitOpt = None,
-    overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    engine: EngineOpt = "hf",
-    json_out: JsonOpt = False,
+    out: BuildOutOpt,
+    n: options.NOpt = 8,
+    temperature: options.TemperatureOpt = 1.0,
+    max_new_tokens: options.CandidateTokensOpt = 48,
+    seed: options.SeedOpt = 0,
+    jailbreak_fraction: options.JailbreakOpt = 0.5,
+    judge: options.LabelJudgeOpt = "substring",
+    layers: FeatureLayersOpt = None,
+    contexts: ContextsOpt = None,
+    limit: options.InstructionLimitOpt = None,
+    overwrite: options.OverwriteOpt = False,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    engine: options.EngineOpt = "hf",
+    json_out: options.JsonOpt = False,
 ) -> None:
     """Sample, label and featurise candidate lists for harmful and/or harmless instructions."""
     from lens_safety.evaluation.vllm_engine import engine_for, require_engine_name
-    from lens_safety.srr.build import build_dataset
     from lens_safety.srr.features import CONTEXTS
 
     require_engine_name(engine)
@@ -145,19 +157,19 @@ def build_data(
     chat_model = load_cli_model(model, device, dtype, selfcheck=True)
     generator = engine_for(engine, chat_model)
     try:
-        dataset = build_dataset(
+        dataset = _build_lists(
             chat_model,
-            _prompts(harmful, limit),
-            _prompts(harmless, limit),
+            harmful,
+            harmless,
+            limit,
             n=n,
             temperature=temperature,
             max_new_tokens=max_new_tokens,
             seed=seed,
             jailbreak_fraction=jailbreak_fraction,
             judge=judge,
-            layers=_parse_ints(layers),
+            layers=None if layers is None else parse_list(layers, "--layers", int, "0,6,12"),
             contexts=chosen_contexts,
-            progress=True,
             engine=generator,
         )
     finally:
@@ -175,75 +187,34 @@ def build_data(
 
 @srr_app.command("train")
 def train(
-    data_dirs: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Directories written by `srr build-data` (several are combined: same model and layers)."
-        ),
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Ranker directory to write.")],
-    layer: Annotated[
-        int | None, typer.Option("--layer", help="Feature layer (default: floor(0.2 * n_layers)).")
-    ] = None,
-    context: Annotated[
-        str,
-        typer.Option(
-            "--context",
-            help="Response encoding: with_instruction, response_only, generated or generated_mean (read while sampling: last token or mean over the response).",
-        ),
-    ] = "with_instruction",
-    width: Annotated[int, typer.Option("--width", help="Projection width.")] = 256,
-    tau: Annotated[float, typer.Option("--tau", help="Softmax temperature of cosine scores.")] = 0.1,
-    dropout: Annotated[
-        float, typer.Option("--dropout", help="Dropout in the encoder layer (paper: 0.1).")
-    ] = 0.1,
-    weight_decay: Annotated[
-        float, typer.Option("--weight-decay", help="AdamW weight decay (paper: 1e-4).")
-    ] = 1e-4,
-    members: Annotated[
-        int,
-        typer.Option(
-            "--members",
-            help="Ensemble size: independently trained rankers (seeds seed..seed+K-1), scores averaged.",
-        ),
-    ] = 1,
-    seed: SeedOpt = 0,
-    max_epochs: Annotated[int, typer.Option("--max-epochs")] = 200,
-    patience: Annotated[int, typer.Option("--patience")] = 15,
-    baselines: Annotated[
-        bool,
-        typer.Option(
-            "--baselines/--no-baselines", help="Also train the text-only and final-layer baselines."
-        ),
-    ] = True,
-    overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = False,
+    data_dirs: DataDirsArg,
+    out: RankerOutOpt,
+    layer: RankerLayerOpt = None,
+    context: ContextOpt = "with_instruction",
+    width: WidthOpt = 256,
+    tau: TauOpt = 0.1,
+    dropout: DropoutOpt = 0.1,
+    weight_decay: WeightDecayOpt = 1e-4,
+    members: MembersOpt = 1,
+    seed: options.SeedOpt = 0,
+    max_epochs: MaxEpochsOpt = 200,
+    patience: PatienceOpt = 15,
+    baselines: BaselinesOpt = True,
+    overwrite: options.OverwriteOpt = False,
+    json_out: options.JsonOpt = False,
 ) -> None:
     """Train a ranker (and its baselines) on built candidate lists."""
     from lens_safety.srr.baselines import train_baselines
     from lens_safety.srr.combine import load_datasets
     from lens_safety.srr.features import default_ranker_layer
-    from lens_safety.srr.ranker import RankerConfig, save_ranker
+    from lens_safety.srr.ranker import save_ranker
     from lens_safety.srr.train import TrainConfig, train_ranker
 
     require_free(out, overwrite)
     dataset = load_datasets(data_dirs)
     n_layers = int(dataset.meta["model"]["n_layers"])
     chosen = layer if layer is not None else default_ranker_layer(n_layers)
-    if not 0 <= dropout < 1 or weight_decay < 0 or width < 1 or members < 1:
-        raise LensSafetyError(
-            f"invalid ranker settings (width {width}, dropout {dropout}, weight decay {weight_decay}, "
-            f"members {members})",
-            "use width >= 1, 0 <= dropout < 1, weight decay >= 0 and members >= 1",
-        )
-    rconf = RankerConfig(
-        d_input=int(dataset.instruction.shape[-1]),
-        width=width,
-        ff_width=2 * width,
-        tau=tau,
-        dropout=dropout,
-        members=members,
-    )
+    rconf = _ranker_config(int(dataset.instruction.shape[-1]), width, tau, dropout, members, weight_decay)
     tconf = TrainConfig(seed=seed, max_epochs=max_epochs, patience=patience, weight_decay=weight_decay)
     ranker, report = train_ranker(
         dataset, layer=chosen, context=context, ranker_config=rconf, train_config=tconf, progress=True
@@ -286,40 +257,43 @@ def train(
         )
 
 
+def _ranker_config(
+    d_input: int, width: int, tau: float, dropout: float, members: int, weight_decay: float
+) -> RankerConfig:
+    """The ranker's shape from the options, checked before any training."""
+    from lens_safety.srr.ranker import RankerConfig
+
+    if not 0 <= dropout < 1 or weight_decay < 0 or width < 1 or members < 1:
+        raise LensSafetyError(
+            f"invalid ranker settings (width {width}, dropout {dropout}, weight decay {weight_decay}, "
+            f"members {members})",
+            "use width >= 1, 0 <= dropout < 1, weight decay >= 0 and members >= 1",
+        )
+    return RankerConfig(
+        d_input=d_input, width=width, ff_width=2 * width, tau=tau, dropout=dropout, members=members
+    )
+
+
 @srr_app.command("eval")
 def eval_command(
-    ranker_dir: Annotated[Path, typer.Argument(help="Directory written by `srr train`.")],
-    harmful: HarmfulOpt = "builtin:harmful:test",
-    harmless: HarmlessOpt = "builtin:harmless:test",
-    data: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--data", help="Reuse lists built earlier (skips generation); repeat to pool directories."
-        ),
-    ] = None,
-    save_data: Annotated[
-        Path | None, typer.Option("--save-data", help="Also keep the lists built for this evaluation.")
-    ] = None,
-    n: NOpt = 8,
-    temperature: TemperatureOpt = 1.0,
-    max_new_tokens: MaxTokensOpt = 48,
-    seed: SeedOpt = 1,
-    jailbreak_fraction: JailbreakOpt = 0.5,
-    judge: Annotated[
-        str | None,
-        typer.Option(
-            "--judge",
-            help="Judge of the labels (default: substring when building; with --data, the stored labels "
-            "unless a judge is named, which re-labels them).",
-        ),
-    ] = None,
-    limit: LimitOpt = None,
-    device: DeviceOpt = None,
-    json_out: JsonOpt = False,
+    ranker_dir: options.RankerDirArg,
+    harmful: InstructionsHarmfulOpt = "builtin:harmful:test",
+    harmless: InstructionsHarmlessOpt = "builtin:harmless:test",
+    data: DataOpt = None,
+    save_data: SaveDataOpt = None,
+    n: options.NOpt = 8,
+    temperature: options.TemperatureOpt = 1.0,
+    max_new_tokens: options.CandidateTokensOpt = 48,
+    seed: options.SeedOpt = 1,
+    jailbreak_fraction: options.JailbreakOpt = 0.5,
+    judge: RelabelJudgeOpt = None,
+    limit: options.InstructionLimitOpt = None,
+    device: options.DeviceOpt = None,
+    json_out: options.JsonOpt = False,
 ) -> None:
     """Build lists for held-out prompts with the ranker's base model and score ranker and baselines."""
     from lens_safety.srr.baselines import load_baselines
-    from lens_safety.srr.build import build_dataset, default_layers
+    from lens_safety.srr.build import default_layers
     from lens_safety.srr.combine import load_datasets
     from lens_safety.srr.evaluate import evaluate
     from lens_safety.srr.ranker import check_base_model, load_ranker, read_ranker_record
@@ -338,10 +312,11 @@ def eval_command(
     else:
         model = load_cli_model(str(base.get("spec", "")), device, None)
         load_ranker(ranker_dir, model)  # refuses a ranker trained on another model
-        dataset = build_dataset(
+        dataset = _build_lists(
             model,
-            _prompts(harmful, limit),
-            _prompts(harmless, limit),
+            harmful,
+            harmless,
+            limit,
             n=n,
             temperature=temperature,
             max_new_tokens=max_new_tokens,
@@ -349,7 +324,6 @@ def eval_command(
             jailbreak_fraction=jailbreak_fraction,
             judge=judge or "substring",
             layers=default_layers(model, record["config"].get("layer")),
-            progress=True,
         )
         if save_data is not None:
             dataset.save(save_data)
@@ -372,14 +346,14 @@ def eval_command(
 
 @srr_app.command("generate")
 def generate_command(
-    ranker_dir: Annotated[Path, typer.Argument(help="Directory written by `srr train`.")],
-    prompt: Annotated[str, typer.Argument(help="The instruction to answer.")],
-    n: NOpt = 8,
-    temperature: TemperatureOpt = 1.0,
-    max_new_tokens: MaxTokensOpt = 48,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    device: DeviceOpt = None,
-    json_out: JsonOpt = False,
+    ranker_dir: options.RankerDirArg,
+    prompt: PromptArg,
+    n: options.NOpt = 8,
+    temperature: options.TemperatureOpt = 1.0,
+    max_new_tokens: options.CandidateTokensOpt = 48,
+    seed: OptionalSeedOpt = None,
+    device: options.DeviceOpt = None,
+    json_out: options.JsonOpt = False,
 ) -> None:
     """Sample N answers, rank them with the ranker, print the best (or the full ranking with --json)."""
     from lens_safety.srr.ranker import load_ranker, read_ranker_record

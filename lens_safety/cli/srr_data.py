@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from lens_safety.cli.common import JsonOpt, print_json
-from lens_safety.cli.srr import JudgeOpt, OverwriteOpt, srr_app
+from lens_safety.cli import options, srr_app
+from lens_safety.cli.common import print_json
 from lens_safety.fsutil import require_free
 
 
@@ -20,9 +20,9 @@ from lens_safety.fsutil import require_free
 def relabel_command(
     data_dir: Annotated[Path, typer.Argument(help="Lists from `srr build-data`.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for the relabelled lists.")],
-    judge: JudgeOpt = "substring-broad",
-    overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = False,
+    judge: options.LabelJudgeOpt = "substring-broad",
+    overwrite: options.OverwriteOpt = False,
+    json_out: options.JsonOpt = False,
 ) -> None:
     """Re-label every candidate of DATA_DIR with JUDGE (features reused) and write them to OUT."""
     from lens_safety.srr.data import SRRDataset

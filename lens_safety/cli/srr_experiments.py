@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from lens_safety.cli.common import JsonOpt, print_json, stdout_console, strict_json
-from lens_safety.cli.srr import OverwriteOpt, SeedOpt, _parse_ints, _parse_numbers, srr_app
+from lens_safety.cli import options, srr_app
+from lens_safety.cli.common import parse_list, print_json, stdout_console, strict_json
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free
+
+if TYPE_CHECKING:
+    from lens_safety.srr.crossval import CVResult
 
 TrainDirsArg = Annotated[
     list[Path], typer.Argument(help="Training lists (from `srr build-data`; several are combined).")
@@ -25,6 +28,10 @@ TrainDirsArg = Annotated[
 
 def _parse_names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _parse_ints(text: str | None, option: str = "--layers") -> list[int] | None:
+    return None if text is None else parse_list(text, option, int, "0,6,12")
 
 
 @srr_app.command("sweep")
@@ -37,9 +44,9 @@ def sweep_command(
     layers: Annotated[
         str | None, typer.Option("--layers", help="Layers to sweep (default: every stored layer).")
     ] = None,
-    seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = False,
+    seed: options.SeedOpt = 0,
+    overwrite: options.OverwriteOpt = False,
+    json_out: options.JsonOpt = False,
 ) -> None:
     """Layer sweep x response encoding: train one ranker per cell, measure it on held-out lists."""
     from lens_safety.srr.combine import load_datasets
@@ -82,12 +89,12 @@ def cv_command(
         typer.Option("--bars", help="Bars for pairwise, harmful top-1, harmless top-1 (the rule's margins)."),
     ] = "0.9,0.95,0.9",
     dropout: Annotated[float, typer.Option("--dropout", help="Encoder dropout (paper: 0.1).")] = 0.1,
-    seed: SeedOpt = 0,
+    seed: options.SeedOpt = 0,
     out: Annotated[
         Path | None, typer.Option("--out", help="Also write the full result as JSON here.")
     ] = None,
-    overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = False,
+    overwrite: options.OverwriteOpt = False,
+    json_out: options.JsonOpt = False,
 ) -> None:
     """Choose layer, encoding, width and ensemble size by cross-validation on training lists only."""
     from lens_safety.srr.combine import load_datasets
@@ -111,7 +118,7 @@ def cv_command(
         widths=widths_list,
         members=members_list,
         folds=folds,
-        bars=_parse_numbers(bars, "--bars", float),
+        bars=parse_list(bars, "--bars", float, "0.9,0.95,0.9"),
         ranker_config=RankerConfig(d_input=int(dataset.instruction.shape[-1]), dropout=dropout),
         train_config=TrainConfig(seed=seed),
         progress=True,
@@ -128,6 +135,11 @@ def cv_command(
     if json_out:
         print_json({**record, "train_command": command})
         return
+    _print_cv(result, folds, bars, command)
+
+
+def _print_cv(result: CVResult, folds: int, bars: str, command: str) -> None:
+    """Every cell's cross-validated scores (the chosen one in bold) and the train command of the chosen."""
     from rich.table import Table
 
     n = result.n_lists

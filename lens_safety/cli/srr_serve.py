@@ -1,4 +1,4 @@
-"""``lens-safety srr serve``: the SRR safeguard as an OpenAI-compatible server (registered in ``cli/srr.py``)."""
+"""``lens-safety srr serve``: the SRR safeguard as an OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -8,8 +8,60 @@ from typing import Annotated
 
 import typer
 
-from lens_safety.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, print_json, quiet_libraries
+from lens_safety.cli import options, srr_app
+from lens_safety.cli.common import print_json, quiet_libraries
 from lens_safety.errors import LensSafetyError
+
+RankerOpt = Annotated[Path, typer.Option("--ranker", help="Ranker directory written by `srr train`.")]
+ServeNOpt = Annotated[
+    int, typer.Option("--n", help="Candidates sampled per request (a request's `n` overrides it).")
+]
+MaxNOpt = Annotated[int, typer.Option("--max-n", help="Largest `n` a request may ask for.")]
+ServeEngineOpt = Annotated[str, typer.Option("--engine", help="Generation engine: hf.")]
+HostOpt = Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")]
+PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
+ServedNameOpt = Annotated[
+    str | None, typer.Option("--served-name", help="Model id clients send (default: MODEL).")
+]
+MaxTokensOpt = Annotated[
+    int, typer.Option("--max-tokens", help="New tokens per candidate unless the request says.")
+]
+MaxTokensLimitOpt = Annotated[
+    int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask for.")
+]
+MaxBatchOpt = Annotated[
+    int, typer.Option("--max-batch", help="Requests sampled and scored together per step.")
+]
+MaxQueueOpt = Annotated[
+    int, typer.Option("--max-queue", help="Requests waiting before new ones get HTTP 429.")
+]
+RequestTimeoutOpt = Annotated[
+    float, typer.Option("--request-timeout", help="Seconds until an unanswered request gets HTTP 504.")
+]
+ShutdownTimeoutOpt = Annotated[
+    float, typer.Option("--shutdown-timeout", help="Seconds requests in progress get to finish at shutdown.")
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option("--api-key-env", help="Require 'Authorization: Bearer KEY', KEY read from this variable."),
+]
+AuditLogOpt = Annotated[
+    Path | None, typer.Option("--audit-log", help="Append one JSON line per request to this file.")
+]
+AuditJudgeOpt = Annotated[
+    str | None,
+    typer.Option("--audit-judge", help="Judge spec whose verdicts on every candidate go into the audit log."),
+]
+ExposeCandidatesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--expose-candidates",
+        help="Return every candidate in the response (evaluation only: clients see unchosen answers).",
+    ),
+]
+RankerSystemPromptOpt = Annotated[
+    str | None, typer.Option("--system-prompt", help="System prompt of every request (the ranker's).")
+]
 
 
 def _api_key(name: str | None) -> str | None:
@@ -24,66 +76,30 @@ def _api_key(name: str | None) -> str | None:
     return key
 
 
+@srr_app.command("serve")
 def serve_command(
-    model: ModelArg,
-    ranker: Annotated[Path, typer.Option("--ranker", help="Ranker directory written by `srr train`.")],
-    n: Annotated[
-        int, typer.Option("--n", help="Candidates sampled per request (a request's `n` overrides it).")
-    ] = 8,
-    max_n: Annotated[int, typer.Option("--max-n", help="Largest `n` a request may ask for.")] = 16,
-    engine: Annotated[str, typer.Option("--engine", help="Generation engine: hf.")] = "hf",
-    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
-    served_name: Annotated[
-        str | None, typer.Option("--served-name", help="Model id clients send (default: MODEL).")
-    ] = None,
-    max_tokens: Annotated[
-        int, typer.Option("--max-tokens", help="New tokens per candidate unless the request says.")
-    ] = 48,
-    max_tokens_limit: Annotated[
-        int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask for.")
-    ] = 512,
-    max_batch: Annotated[
-        int, typer.Option("--max-batch", help="Requests sampled and scored together per step.")
-    ] = 8,
-    max_queue: Annotated[
-        int, typer.Option("--max-queue", help="Requests waiting before new ones get HTTP 429.")
-    ] = 64,
-    request_timeout: Annotated[
-        float, typer.Option("--request-timeout", help="Seconds until an unanswered request gets HTTP 504.")
-    ] = 300.0,
-    shutdown_timeout: Annotated[
-        float,
-        typer.Option("--shutdown-timeout", help="Seconds requests in progress get to finish at shutdown."),
-    ] = 30.0,
-    api_key_env: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key-env", help="Require 'Authorization: Bearer KEY', KEY read from this variable."
-        ),
-    ] = None,
-    audit_log: Annotated[
-        Path | None, typer.Option("--audit-log", help="Append one JSON line per request to this file.")
-    ] = None,
-    audit_judge: Annotated[
-        str | None,
-        typer.Option(
-            "--audit-judge", help="Judge spec whose verdicts on every candidate go into the audit log."
-        ),
-    ] = None,
-    expose_candidates: Annotated[
-        bool,
-        typer.Option(
-            "--expose-candidates",
-            help="Return every candidate in the response (evaluation only: clients see unchosen answers).",
-        ),
-    ] = False,
-    system_prompt: Annotated[
-        str | None, typer.Option("--system-prompt", help="System prompt of every request (the ranker's).")
-    ] = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    json_out: JsonOpt = False,
+    model: options.ModelArg,
+    ranker: RankerOpt,
+    n: ServeNOpt = 8,
+    max_n: MaxNOpt = 16,
+    engine: ServeEngineOpt = "hf",
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    served_name: ServedNameOpt = None,
+    max_tokens: MaxTokensOpt = 48,
+    max_tokens_limit: MaxTokensLimitOpt = 512,
+    max_batch: MaxBatchOpt = 8,
+    max_queue: MaxQueueOpt = 64,
+    request_timeout: RequestTimeoutOpt = 300.0,
+    shutdown_timeout: ShutdownTimeoutOpt = 30.0,
+    api_key_env: ApiKeyEnvOpt = None,
+    audit_log: AuditLogOpt = None,
+    audit_judge: AuditJudgeOpt = None,
+    expose_candidates: ExposeCandidatesOpt = False,
+    system_prompt: RankerSystemPromptOpt = None,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    json_out: options.JsonOpt = False,
 ) -> None:
     """Serve MODEL behind its SRR ranker: each answer is the safest of N sampled candidates."""
     key = _api_key(api_key_env)

@@ -1,0 +1,138 @@
+"""The typer options that more than one command module declares, each written once.
+
+A command names an option by its alias (``device: options.DeviceOpt = None``); the alias carries
+the flag and the help text, the command keeps its own default. Options used by one module only
+are declared in that module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# the model and how it is loaded (every command that loads a model)
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Model spec: 'smollm2' (embedded default), 'smollm2-refusal', a local HF dir, a .gguf file or a hub id."
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda, … (default: cuda when available).")
+]
+DtypeOpt = Annotated[
+    str | None, typer.Option("--dtype", help="float32 (default), bfloat16, float16 or auto.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="Generate with hf (the bridge's model, default) or vllm (needs vLLM: docs how-to/gpu-model.md; "
+        "no interventions, no in-memory edits).",
+    ),
+]
+NoTemplateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-chat-template",
+        help="Format prompts as plain 'User: … Assistant:' (models without a chat template).",
+    ),
+]
+SystemPromptOpt = Annotated[
+    str | None, typer.Option("--system-prompt", help="System prompt used when formatting prompts.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+OverwriteFilesOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+
+# prompt sets and the edit jobs (directions, probe, rosi, ablate, conditional-rosi)
+HarmfulOpt = Annotated[
+    str, typer.Option("--harmful", help="Harmful prompts: .txt/.jsonl/.csv file or builtin:harmful.")
+]
+HarmlessOpt = Annotated[
+    str, typer.Option("--harmless", help="Harmless prompts: .txt/.jsonl/.csv file or builtin:harmless.")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited Hugging Face model.")]
+DirectionOpt = Annotated[
+    Path | None,
+    typer.Option("--direction", help="Saved direction directory (default: fit one on the train split)."),
+]
+LayerOpt = Annotated[str, typer.Option("--layer", help="Direction layer: auto (selection) or a block index.")]
+NTrainOpt = Annotated[
+    int, typer.Option("--n-train", help="Training prompts per class that fit the direction.")
+]
+NValOpt = Annotated[
+    int, typer.Option("--n-val", help="Validation prompts per class (selection, calibration).")
+]
+NTestOpt = Annotated[
+    int, typer.Option("--n-test", help="Test prompts per class for before/after refusal (0: skip).")
+]
+TokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", help="Greedy tokens per completion when judging refusal.")
+]
+MaxKlOpt = Annotated[float, typer.Option("--max-kl", help="Largest accepted harmless first-token KL.")]
+TargetRefusalOpt = Annotated[float, typer.Option("--target-refusal", help="Harmful refusal to reach.")]
+BlocksOpt = Annotated[
+    str | None,
+    typer.Option("--blocks", help="Blocks whose writers are edited: 'all' (default) or e.g. 15-29."),
+]
+TemplateBlindOpt = Annotated[
+    bool,
+    typer.Option(
+        "--template-blind/--last-token-only",
+        help="Fit conditional-ROSI read directions on the last prompt token only (default) or also "
+        "orthogonal to the chat template's shared positions.",
+    ),
+]
+
+# judges (eval, judge-agreement)
+JUDGE_SPECS = (
+    "substring (reference list, the default), substring-strict, substring-broad, learned (a calibrated "
+    "probe on SmolLM2's states, docs: judges), hf:<classifier>, "
+    "guard:<guard model dir or id> (format detected; or llama-guard:/shieldgemma:/wildguard:<model>: answers "
+    "'is the response harmful?', so the refusal rate is the fraction judged safe), "
+    "openai:<model>@<base_url> (refusal rubric) or openai-harm:<model>@<base_url> "
+    "(StrongREJECT-style harm rubric), key from $LENS_SAFETY_JUDGE_API_KEY."
+)
+JudgeOpt = Annotated[str, typer.Option("--judge", help=f"Judge: {JUDGE_SPECS}")]
+JudgesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--judge",
+        help=f"Judge(s); repeat or comma-separate to run several on the same completions and report "
+        f"their agreement (the first gives the headline rates). Default: substring. {JUDGE_SPECS}",
+    ),
+]
+
+# the organism (organism eval, organism demo)
+OrganismLimitOpt = Annotated[
+    int | None, typer.Option("--limit", help="Evaluate only the first N harmful and N harmless prompts.")
+]
+
+# SRR (srr build-data, train, eval, generate, sweep, cv, relabel)
+NOpt = Annotated[int, typer.Option("--n", help="Candidates sampled per instruction.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature.")]
+CandidateTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Length cap of a candidate.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling, splits and training.")]
+JailbreakOpt = Annotated[
+    float,
+    typer.Option(
+        "--jailbreak-fraction", help="Fraction of harmful instructions wrapped in a jailbreak template."
+    ),
+]
+LabelJudgeOpt = Annotated[
+    str,
+    typer.Option(
+        "--judge",
+        help="Refusal judge that labels the candidates (refused = safe): substring, substring-strict, "
+        "substring-broad, learned (the shipped probe on SmolLM2's states) or hf:<id>.",
+    ),
+]
+InstructionLimitOpt = Annotated[
+    int | None,
+    typer.Option("--limit", help="Use N evenly spaced instructions of each set (keeps categories balanced)."),
+]
+RankerDirArg = Annotated[Path, typer.Argument(help="Directory written by `srr train`.")]

@@ -1,0 +1,205 @@
+"""``lens-safety organism demo``: organism -> refusal direction -> abliteration -> ROSI and
+conditional-ROSI repair, measured on held-out prompts (:func:`lens_safety.organism.demonstration.demonstrate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lens_safety.cli import options, organism_app
+from lens_safety.cli.common import (
+    parse_alphas,
+    parse_blocks,
+    parse_heldout_pairs,
+    parse_numbers,
+    parse_prompt_sets,
+    print_json,
+    quiet_libraries,
+)
+from lens_safety.errors import LensSafetyError
+from lens_safety.organism.sets import HELDOUT_PAIRS, READ_HARMLESS
+
+DemoLayerOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--layer", help="Fix the refusal direction's block instead of selecting it over every layer."
+    ),
+]
+QuickOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quick",
+        help="The first run (minutes on a CPU): 16 + 16 test prompts, 12 tokens, small sweeps, "
+        "no base stages; the options below still override it.",
+    ),
+]
+OrganismOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--organism", help="The model to abliterate and repair (default: the shipped smollm2-refusal)."
+    ),
+]
+DemoOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="Keep the verified repaired models as OUT/rosi and OUT/conditional-rosi."),
+]
+OverwriteOutOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")]
+AlphasOpt = Annotated[
+    str | None,
+    typer.Option("--alphas", help="ROSI strengths swept on val for the repair (default 3,10,30,100)."),
+]
+MaxNewTokensOpt = Annotated[
+    int | None, typer.Option("--max-new-tokens", help="Greedy tokens generated per prompt (default 48).")
+]
+BlocksOpt = Annotated[
+    str | None,
+    typer.Option("--blocks", help="Blocks whose writers the repair edits: 'all' (default) or e.g. 5-14."),
+]
+TargetsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--targets",
+        help="Writer kinds the repair edits, comma-separated (attn_out, mlp_out; default: both).",
+    ),
+]
+ConditionalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--conditional/--no-conditional",
+        help="Also repair with conditional ROSI (refusal injected along a harmfulness read direction).",
+    ),
+]
+StartsOpt = Annotated[
+    str | None,
+    typer.Option("--starts", help="First edited blocks swept for conditional ROSI (default 10,15,20)."),
+]
+InjectionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--injections",
+        help="Injections swept for conditional ROSI (projection units, default 100,150,200,250).",
+    ),
+]
+ShrinkageOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--shrinkage",
+        min=0.0,
+        help="Shrinkage-LDA ridge of the read direction (default 1.0; 0: the plain mean difference).",
+    ),
+]
+ReadHarmlessOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--read-harmless",
+        help="Benign prompt sets added to the harmless train prompts of the read directions "
+        f"(comma-separated; none for none; default {','.join(READ_HARMLESS)}).",
+    ),
+]
+RefineOpt = Annotated[
+    int | None,
+    typer.Option("--refine", min=0, help="Bisection rounds on the injection after the conditional grid."),
+]
+HeldoutOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--heldout",
+        help="Extra held-out pairs 'HARMFUL,HARMLESS' (';'-separated; none for none) on which the "
+        "organism, abliterated and repaired stages are also scored "
+        f"(default {';'.join(','.join(pair) for pair in HELDOUT_PAIRS)}).",
+    ),
+]
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user passed (``None``: not given, the preset's value stands)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _demo_overrides(
+    alphas: str | None,
+    blocks: str | None,
+    targets: str | None,
+    starts: str | None,
+    injections: str | None,
+    read_harmless: str | None,
+    heldout: str | None,
+    limit: int | None,
+) -> dict[str, Any]:
+    """Parse the grid options of ``organism demo`` into :class:`DemoSettings` fields."""
+    if limit is not None and limit < 2:
+        raise LensSafetyError(f"--limit {limit} leaves too few prompts", "use --limit 2 or more")
+    kinds = None if targets is None else tuple(t.strip() for t in targets.split(",") if t.strip())
+    unknown = [k for k in kinds or () if k not in ("attn_out", "mlp_out")]
+    if unknown or kinds == ():
+        raise LensSafetyError(
+            f"--targets {targets} names no residual writer kind", "use attn_out, mlp_out or both"
+        )
+    chosen_blocks = parse_blocks(blocks, n_layers=None)  # demonstrate() checks the range
+    grid = parse_alphas(alphas)
+    return _given(
+        limit=limit,
+        alphas=None if grid is None else tuple(grid),
+        blocks=None if chosen_blocks is None else tuple(chosen_blocks),
+        targets=kinds,
+        starts=None
+        if starts is None
+        else tuple(int(x) for x in parse_numbers(starts, "--starts", "10,15,20", integer=True)),
+        injections=None
+        if injections is None
+        else tuple(parse_numbers(injections, "--injections", "100,150,200", integer=False)),
+        read_harmless=None if read_harmless is None else tuple(parse_prompt_sets(read_harmless)),
+        heldout=None if heldout is None else tuple(parse_heldout_pairs(heldout)),
+    )
+
+
+@organism_app.command("demo")
+def demo_cmd(
+    quick: QuickOpt = False,
+    organism: OrganismOpt = None,
+    out: DemoOutOpt = None,
+    overwrite: OverwriteOutOpt = False,
+    limit: options.OrganismLimitOpt = None,
+    layer: DemoLayerOpt = None,
+    alphas: AlphasOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    blocks: BlocksOpt = None,
+    targets: TargetsOpt = None,
+    conditional: ConditionalOpt = True,
+    starts: StartsOpt = None,
+    injections: InjectionsOpt = None,
+    shrinkage: ShrinkageOpt = None,
+    template: options.TemplateBlindOpt = False,
+    read_harmless: ReadHarmlessOpt = None,
+    refine: RefineOpt = None,
+    heldout: HeldoutOpt = None,
+    json: options.JsonOpt = False,
+) -> None:
+    """Organism -> refusal direction -> abliteration -> ROSI / conditional-ROSI repair -> the base, held out.
+
+    Every refusal rate is judged by the substring judge.
+    """
+    overrides = _demo_overrides(alphas, blocks, targets, starts, injections, read_harmless, heldout, limit)
+    if injections is not None:
+        overrides["relative_injections"] = None  # given in projection units
+    overrides.update(
+        _given(organism_spec=organism, max_new_tokens=max_new_tokens, refine=refine, direction_layer=layer),
+        conditional=conditional,
+        template=template,
+    )
+    if shrinkage is not None:
+        overrides["shrinkage"] = shrinkage or None
+    quiet_libraries()
+    from lens_safety.organism.demonstration import DemoSettings, demonstrate
+
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    result = demonstrate(settings, out=out, overwrite=overwrite, progress=not json, **overrides)
+    if json:
+        print_json(result.to_dict())
+        return
+    if not quick:
+        for stage in result.stages:
+            typer.echo(stage.line())
+    typer.echo(result.summary())
