@@ -12,11 +12,14 @@ import torch
 import lens_safety.calibration as calibration
 from lens_safety.calibration import (
     CalibrationBounds,
+    SweepOptions,
     block_ranges,
     calibrate_alpha,
     calibrate_block_range,
     calibrate_layer,
 )
+from lens_safety.calibration.conditional import CONDITIONAL_BOUNDS
+from lens_safety.calibration.results import sweep_setup
 from lens_safety.directions import Direction
 from lens_safety.edits import applied_edit, rosi
 from lens_safety.edits.memory import live_parameters
@@ -257,3 +260,30 @@ def test_conditional_read_harmless_joins_the_read_fit_only(tiny, monkeypatch) ->
     assert torch.allclose(read.vector, reference.vector, atol=1e-12)
     assert float(read.vector @ plain.vector) < 1 - 1e-6
     assert sweep.to_dict()["settings"]["read_harmless"] == ["list of 2 prompts"]
+
+
+def test_sweep_options_have_one_home_and_a_misspelt_one_is_refused(tiny, monkeypatch) -> None:
+    """Every calibrator takes its bounds and measurement as SweepOptions keywords: unset ones take
+    that calibrator's defaults, a misspelt one stops the sweep before anything is measured."""
+    seen = _script(monkeypatch, tiny, [(0.0, 0.0, 0.0)] * 3)
+    result = calibrate_alpha(tiny, torch.randn(64), HARMFUL, HARMLESS, alphas=[3.0, 10.0], max_kl=0.2)
+    assert result.bounds == CalibrationBounds(max_kl=0.2) and result.settings["max_new_tokens"] == 24
+    assert len(seen) == 3  # the unedited model, then two alphas
+    for calibrate, kwargs in (
+        (calibrate_alpha, {}),
+        (calibrate_layer, {"alpha": 1.0}),
+        (calibrate_block_range, {"alpha": 1.0}),
+    ):
+        with pytest.raises(TypeError, match="max_kll"):
+            calibrate(tiny, torch.randn(64), HARMFUL, HARMLESS, max_kll=0.2, **kwargs)
+    assert len(seen) == 3
+    options: SweepOptions = {"max_kl": 0.3, "batch_size": 4}
+    bounds, measure = sweep_setup(options, CONDITIONAL_BOUNDS, max_new_tokens=48)
+    assert bounds == CalibrationBounds(0.85, 0.1, 0.3, over_refusal_relative=False)
+    assert measure == {
+        "judge": None,
+        "max_new_tokens": 48,
+        "batch_size": 4,
+        "system_prompt": None,
+        "progress": False,
+    }

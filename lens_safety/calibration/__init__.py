@@ -44,6 +44,7 @@ from lens_safety.calibration.results import (
     CalibrationBounds,
     CalibrationPoint,
     CalibrationResult,
+    SweepOptions,
 )
 from lens_safety.calibration.structure import Calibrator, block_ranges, calibrate_block_range, calibrate_layer
 from lens_safety.calibration.sweep import Measurer
@@ -57,6 +58,7 @@ __all__ = [
     "Calibrator",
     "ConditionalCalibration",
     "Measurer",
+    "SweepOptions",
     "block_ranges",
     "calibrate_alpha",
     "calibrate_block_range",

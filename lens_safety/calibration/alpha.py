@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
-from lens_safety.calibration.results import DEFAULT_ALPHAS, CalibrationBounds, CalibrationResult
+from lens_safety.calibration.results import (
+    DEFAULT_ALPHAS,
+    CalibrationBounds,
+    CalibrationResult,
+    SweepOptions,
+    sweep_setup,
+)
 from lens_safety.calibration.sweep import failure_reason, fallback_point, measure_sweep
 from lens_safety.edits import make_spec
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.judges import Judge
+from lens_safety.models import ChatModel
+from lens_safety.vectors import DirectionLike
 
 
 def check_alphas(method: str, alphas: Sequence[float]) -> tuple[float, ...]:
@@ -29,24 +36,16 @@ def check_alphas(method: str, alphas: Sequence[float]) -> tuple[float, ...]:
 
 
 def calibrate_alpha(
-    model: Any,
-    direction: Any,
+    model: ChatModel,
+    direction: DirectionLike,
     harmful_val: Any,
     harmless_val: Any,
     *,
     method: str = "rosi",
     alphas: Sequence[float] | None = None,
-    target_refusal: float = 0.9,
-    max_over_refusal: float = 0.1,
-    max_kl: float = 0.1,
-    over_refusal_relative: bool = True,
     layers: Sequence[int] | None = None,
     targets: Sequence[str] | None = None,
-    max_new_tokens: int = 24,
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-    judge: Judge | str | None = None,
-    progress: bool = False,
+    **options: Unpack[SweepOptions],
 ) -> CalibrationResult:
     """Sweep the edit strength on validation prompts; choose the SMALLEST alpha meeting every bound.
 
@@ -57,18 +56,17 @@ def calibrate_alpha(
         harmful_val, harmless_val: validation prompts (any :meth:`PromptSet.load` source).
         method: ``rosi`` (``W + alpha s w_bar^T``) or ``amplify`` (``(I + alpha s s^T) W``).
         alphas: strengths to try (default :data:`DEFAULT_ALPHAS`; swept in increasing order).
-        target_refusal, max_over_refusal, max_kl, over_refusal_relative: the bounds
-            (:class:`CalibrationBounds`; by default ``max_over_refusal`` is the accepted RISE over
-            the unedited model).
         layers: blocks whose writers are edited (``None``: all); targets: writer kinds or names.
-        max_new_tokens, batch_size, system_prompt, judge: how refusal is measured.
-        progress: progress bar over the points.
+        options: the bounds and the measurement (:class:`SweepOptions`); defaults
+            ``target_refusal=0.9``, ``max_over_refusal=0.1`` (the accepted RISE over the unedited
+            model, ``over_refusal_relative=True``), ``max_kl=0.1``, ``max_new_tokens=24``,
+            ``batch_size=16``, the template's system prompt, the substring judge, no progress bar.
     """
     if method not in DEFAULT_ALPHAS:
         raise LensSafetyError(
             f"alpha calibration needs a strength-controlled method, got '{method}'", "use rosi or amplify"
         )
-    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl, over_refusal_relative)
+    bounds, measure = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     grid = check_alphas(method, DEFAULT_ALPHAS[method] if alphas is None else alphas)
     specs = [
         (
@@ -78,16 +76,7 @@ def calibrate_alpha(
         for a in grid
     ]
     baseline, points, settings = measure_sweep(
-        model,
-        specs,
-        harmful_val,
-        harmless_val,
-        bounds=bounds,
-        judge=judge,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        system_prompt=system_prompt,
-        progress=progress,
+        model, specs, harmful_val, harmless_val, bounds=bounds, **measure
     )
     chosen = next((p for p in points if p.passed), None)  # points are in increasing alpha
     if chosen is not None:

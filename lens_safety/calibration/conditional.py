@@ -21,24 +21,35 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from lens_safety.activations import sum_activations
-from lens_safety.calibration.results import CalibrationBounds, CalibrationPoint, CalibrationResult
+from lens_safety.calibration.results import (
+    CalibrationBounds,
+    CalibrationPoint,
+    CalibrationResult,
+    SweepOptions,
+    sweep_setup,
+)
 from lens_safety.calibration.structure import structural_calibration
-from lens_safety.calibration.sweep import measure_kwargs
+from lens_safety.directions import Direction
 from lens_safety.directions.read import ReadDirection, find_read_directions
 from lens_safety.edits import conditional_rosi
 from lens_safety.edits.spec import EditSpec
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.judges import Judge
+from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet
+from lens_safety.vectors import DirectionLike
 
 #: Injections tried by default, in units of the direction's projection (the refusal organism's
 #: harmful prompts sit about 140 above its harmless ones at the direction's layer).
 DEFAULT_INJECTIONS: tuple[float, ...] = (100.0, 150.0, 200.0, 250.0)
+#: Default bounds of :func:`calibrate_conditional`: over-refusal is an absolute ceiling.
+CONDITIONAL_BOUNDS = CalibrationBounds(
+    target_refusal=0.85, max_over_refusal=0.1, max_kl=0.5, over_refusal_relative=False
+)
 
 
 @dataclass
@@ -71,8 +82,8 @@ class ConditionalCalibration:
 
 
 def projection_gap(
-    model: Any,
-    direction: Any,
+    model: ChatModel,
+    direction: Direction,
     harmful: Any,
     harmless: Any,
     *,
@@ -105,7 +116,7 @@ def projection_gap(
     return gap
 
 
-def injection_unit(model: Any, direction: Any, harmful: Any, harmless: Any) -> tuple[float, str]:
+def injection_unit(model: ChatModel, direction: Direction, harmful: Any, harmless: Any) -> tuple[float, str]:
     """``(gap, source)``: the unit of relative injections.
 
     A fitted :class:`~lens_safety.directions.Direction` records the class mean projections of the
@@ -125,8 +136,8 @@ def injection_unit(model: Any, direction: Any, harmful: Any, harmless: Any) -> t
 
 
 def calibrate_conditional(
-    model: Any,
-    direction: Any,
+    model: ChatModel,
+    direction: DirectionLike,
     harmful_train: Any,
     harmless_train: Any,
     harmful_val: Any,
@@ -138,16 +149,8 @@ def calibrate_conditional(
     shrinkage: float | None = None,
     template: bool = False,
     read_harmless: Sequence[Any] = (),
-    target_refusal: float = 0.85,
-    max_over_refusal: float = 0.1,
-    max_kl: float = 0.5,
-    over_refusal_relative: bool = False,
-    max_new_tokens: int = 48,
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-    judge: Judge | str | None = None,
     refine: int = 0,
-    progress: bool = False,
+    **options: Unpack[SweepOptions],
 ) -> ConditionalCalibration:
     """Sweep first edited block x injection for :func:`~lens_safety.edits.conditional_rosi`.
 
@@ -156,14 +159,12 @@ def calibrate_conditional(
     :func:`~lens_safety.directions.read.find_read_direction`); ``read_harmless`` are further benign
     prompt sets added to ``harmless_train`` for the read directions only (benign look-alikes of
     harmful requests, so that ``g`` learns not to read them as harm);
-    ``refine`` is the number of bisection rounds (module docstring). Train and validation prompts
-    must differ.
+    ``refine`` is the number of bisection rounds (module docstring); ``options``: the bounds and
+    the measurement (:class:`~lens_safety.calibration.results.SweepOptions`), by default
+    :data:`CONDITIONAL_BOUNDS` (an ABSOLUTE over-refusal ceiling), 48 new tokens, batches of 16,
+    the template's system prompt and the substring judge. Train and validation prompts must differ.
     """
-    values = sorted({float(x) for x in injections})
-    if not values or values[0] <= 0:
-        raise LensSafetyError(f"injections must be > 0, got {list(injections)}", "pass positive injections")
-    if refine < 0:
-        raise LensSafetyError(f"refine must be >= 0 rounds, got {refine}", "pass e.g. refine=2")
+    values = _injection_grid(injections, refine)
     reads = find_read_directions(
         model,
         harmful_train,
@@ -173,7 +174,7 @@ def calibrate_conditional(
         end=end,
         shrinkage=shrinkage,
         template=template,
-        batch_size=batch_size,
+        batch_size=options.get("batch_size", 16),
     )
     edits: dict[str, ConditionalPoint] = {}
 
@@ -192,8 +193,7 @@ def calibrate_conditional(
             return []
         return [add(reads[start], injection) for start, injection in _midpoints(points, edits)]
 
-    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl, over_refusal_relative)
-    measure = measure_kwargs(judge, max_new_tokens, batch_size, system_prompt, progress)
+    setup = sweep_setup(options, CONDITIONAL_BOUNDS, max_new_tokens=48)
     extra = {
         "starts": sorted(reads),
         "end": next(iter(reads.values())).end,
@@ -204,17 +204,25 @@ def calibrate_conditional(
     }
     result = structural_calibration(
         "start block and injection",
+        "conditional_rosi",
         model,
         grid,
-        harmful_val,
-        harmless_val,
-        bounds,
-        "conditional_rosi",
-        measure,
+        (harmful_val, harmless_val),
+        setup,
         {**extra, "refine": refine},
         more=bisect,
     )
     return ConditionalCalibration(result, reads, edits)
+
+
+def _injection_grid(injections: Sequence[float], refine: int) -> list[float]:
+    """The sorted distinct injections (each > 0); ``refine`` must be a number of rounds >= 0."""
+    values = sorted({float(x) for x in injections})
+    if not values or values[0] <= 0:
+        raise LensSafetyError(f"injections must be > 0, got {list(injections)}", "pass positive injections")
+    if refine < 0:
+        raise LensSafetyError(f"refine must be >= 0 rounds, got {refine}", "pass e.g. refine=2")
+    return values
 
 
 def _midpoints(

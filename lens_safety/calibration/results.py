@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.judges import Judge
+from lens_safety.records import Record
 
 #: log-spaced ROSI strengths (|w_bar| is tiny, so useful alphas are large; see the module docstring)
 DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {
@@ -17,7 +19,7 @@ KL_KIND = "first-token KL(unedited || edited) at the last prompt position, nats,
 
 
 @dataclass(frozen=True)
-class CalibrationBounds:
+class CalibrationBounds(Record):
     """The acceptance rule: reach ``target_refusal`` on harmful prompts, stay under the other two.
 
     ``max_over_refusal`` is, by default (``over_refusal_relative``), the largest accepted RISE of
@@ -48,8 +50,55 @@ class CalibrationBounds:
                 )
 
 
+class SweepOptions(TypedDict, total=False):
+    """The acceptance bounds and the measurement of a calibration sweep, as keyword arguments.
+
+    Every key is optional; each calibrator states its defaults. ``target_refusal``,
+    ``max_over_refusal``, ``max_kl``, ``over_refusal_relative``: :class:`CalibrationBounds`;
+    ``max_new_tokens``: greedy tokens judged per prompt; ``batch_size``; ``system_prompt``: the chat
+    template's (``None``: its default); ``judge``: what counts as a refusal (default: substring);
+    ``progress``: a progress bar over the points.
+    """
+
+    target_refusal: float
+    max_over_refusal: float
+    max_kl: float
+    over_refusal_relative: bool
+    max_new_tokens: int
+    batch_size: int
+    system_prompt: str | None
+    judge: Judge | str | None
+    progress: bool
+
+
+def sweep_setup(
+    options: SweepOptions, defaults: CalibrationBounds, max_new_tokens: int
+) -> tuple[CalibrationBounds, dict[str, Any]]:
+    """``(bounds, measurement keywords of measure_sweep)`` from ``options``, missing bounds taken
+    from ``defaults``, missing ``max_new_tokens`` from ``max_new_tokens``; an unknown key raises."""
+    unknown = sorted(set(options) - SweepOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(
+            f"unexpected calibration option '{unknown[0]}' (known: {sorted(SweepOptions.__optional_keys__)})"
+        )
+    bounds = CalibrationBounds(
+        options.get("target_refusal", defaults.target_refusal),
+        options.get("max_over_refusal", defaults.max_over_refusal),
+        options.get("max_kl", defaults.max_kl),
+        options.get("over_refusal_relative", defaults.over_refusal_relative),
+    )
+    measure = {
+        "judge": options.get("judge"),
+        "max_new_tokens": options.get("max_new_tokens", max_new_tokens),
+        "batch_size": options.get("batch_size", 16),
+        "system_prompt": options.get("system_prompt"),
+        "progress": options.get("progress", False),
+    }
+    return bounds, measure
+
+
 @dataclass
-class CalibrationPoint:
+class CalibrationPoint(Record):
     """One measured setting (``alpha == 0`` and ``blocks == ()`` for the unedited baseline)."""
 
     label: str
@@ -73,7 +122,7 @@ class CalibrationPoint:
         return math.inf if self.blocks is None else float(len(self.blocks))
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = super().to_dict()
         out["blocks"] = None if self.blocks is None else list(self.blocks)
         out["passed"] = self.passed
         return out
@@ -137,7 +186,7 @@ class CalibrationResult:
         return {
             "parameter": self.parameter,
             "method": self.method,
-            "bounds": asdict(self.bounds),
+            "bounds": self.bounds.to_dict(),
             "over_refusal_limit": self.bounds.over_refusal_limit(self.baseline.harmless_refusal),
             "kl": KL_KIND,
             "baseline": self.baseline.to_dict(),

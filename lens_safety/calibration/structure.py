@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
-from lens_safety.calibration.results import CalibrationBounds, CalibrationPoint, CalibrationResult
-from lens_safety.calibration.sweep import (
-    failure_reason,
-    fallback_point,
-    least_collateral,
-    measure_kwargs,
-    measure_sweep,
+from lens_safety.calibration.results import (
+    CalibrationBounds,
+    CalibrationPoint,
+    CalibrationResult,
+    SweepOptions,
+    sweep_setup,
 )
+from lens_safety.calibration.sweep import failure_reason, fallback_point, least_collateral, measure_sweep
+from lens_safety.directions import Direction
 from lens_safety.edits import make_spec
 from lens_safety.edits.spec import EditSpec
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.judges import Judge
+from lens_safety.models import ChatModel
+from lens_safety.vectors import DirectionLike
+
+#: a labelled edit of a sweep
+LabelledSpec = tuple[str, EditSpec]
 
 
 def block_ranges(
@@ -38,63 +43,49 @@ def block_ranges(
 
 def structural_calibration(
     parameter: str,
-    model: Any,
-    specs: list[tuple[str, EditSpec]],
-    harmful_val: Any,
-    harmless_val: Any,
-    bounds: CalibrationBounds,
     method: str,
-    measure: dict[str, Any],
+    model: ChatModel,
+    specs: list[LabelledSpec],
+    val: tuple[Any, Any],
+    setup: tuple[CalibrationBounds, dict[str, Any]],
     extra: dict[str, Any],
-    more: Callable[[Sequence[CalibrationPoint]], Sequence[tuple[str, EditSpec]]] | None = None,
+    more: Callable[[Sequence[CalibrationPoint]], Sequence[LabelledSpec]] | None = None,
 ) -> CalibrationResult:
-    baseline, points, settings = measure_sweep(
-        model, specs, harmful_val, harmless_val, bounds=bounds, more=more, **measure
-    )
+    """Measure ``specs`` on the ``(harmful, harmless)`` validation prompts ``val`` with the
+    ``(bounds, measurement)`` of :func:`~lens_safety.calibration.results.sweep_setup`, and choose
+    among the points meeting every bound the least over-refusal, then KL, then fewest blocks."""
+    bounds, measure = setup
+    baseline, points, settings = measure_sweep(model, specs, *val, bounds=bounds, more=more, **measure)
     chosen = least_collateral(points)
     reason = (
         f"{chosen.label}: meets every bound with the least over-refusal, then KL, then fewest blocks"
         if chosen is not None
         else failure_reason(points, bounds, parameter, baseline)
     )
-    return CalibrationResult(
-        parameter,
-        method,
-        bounds,
-        baseline,
-        points,
-        chosen,
-        reason,
-        fallback_point(points),
-        {**settings, **extra},
-    )
+    fallback = fallback_point(points)
+    settings = {**settings, **extra}
+    return CalibrationResult(parameter, method, bounds, baseline, points, chosen, reason, fallback, settings)
 
 
 def calibrate_layer(
-    model: Any,
-    direction: Any,
+    model: ChatModel,
+    direction: Direction,
     harmful_val: Any,
     harmless_val: Any,
     *,
     alpha: float,
     method: str = "rosi",
     candidate_layers: Sequence[int] | None = None,
-    target_refusal: float = 0.9,
-    max_over_refusal: float = 0.1,
-    max_kl: float = 0.1,
-    over_refusal_relative: bool = True,
     layers: Sequence[int] | None = None,
     targets: Sequence[str] | None = None,
-    max_new_tokens: int = 24,
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-    judge: Judge | str | None = None,
-    progress: bool = False,
+    **options: Unpack[SweepOptions],
 ) -> CalibrationResult:
     """Try the direction read at each candidate layer (``direction.directions[l]``), same ``alpha``.
 
     ``direction`` must be a ``Direction`` (it carries one raw candidate per layer). Default
     candidates: every other layer below ``0.8 * n_layers`` plus the direction's own layer.
+    ``layers`` / ``targets``: the edited blocks and writers; ``options``: bounds and measurement
+    with the defaults of :func:`~lens_safety.calibration.calibrate_alpha`.
     """
     candidates = getattr(direction, "directions", None)
     if candidates is None or getattr(candidates, "ndim", 0) != 2:
@@ -107,7 +98,7 @@ def calibrate_layer(
     bad = [x for x in chosen_layers if not 0 <= x < n]
     if bad or not chosen_layers:
         raise LensSafetyError(f"candidate layers {bad or '[]'} out of range", f"use layers 0..{n - 1}")
-    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl, over_refusal_relative)
+    setup = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     specs = [
         (
             f"layer {l}",
@@ -123,39 +114,29 @@ def calibrate_layer(
         )
         for l in chosen_layers  # noqa: E741
     ]
-    measure = measure_kwargs(judge, max_new_tokens, batch_size, system_prompt, progress)
     extra = {"alpha": alpha, "candidate_layers": chosen_layers}
-    return structural_calibration(
-        "layer", model, specs, harmful_val, harmless_val, bounds, method, measure, extra
-    )
+    return structural_calibration("layer", method, model, specs, (harmful_val, harmless_val), setup, extra)
 
 
 def calibrate_block_range(
-    model: Any,
-    direction: Any,
+    model: ChatModel,
+    direction: DirectionLike,
     harmful_val: Any,
     harmless_val: Any,
     *,
     alpha: float,
     method: str = "rosi",
     ranges: Mapping[str, Sequence[int] | None] | None = None,
-    target_refusal: float = 0.9,
-    max_over_refusal: float = 0.1,
-    max_kl: float = 0.1,
-    over_refusal_relative: bool = True,
     targets: Sequence[str] | None = None,
-    max_new_tokens: int = 24,
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-    judge: Judge | str | None = None,
-    progress: bool = False,
+    **options: Unpack[SweepOptions],
 ) -> CalibrationResult:
-    """Try editing different sets of blocks (default :func:`block_ranges`), same direction and alpha."""
+    """Try editing different sets of blocks (default :func:`block_ranges`), same direction and
+    alpha; ``options`` as in :func:`calibrate_layer`."""
     layer = getattr(direction, "layer", None)
     candidates = block_ranges(model.n_layers, layer) if ranges is None else dict(ranges)
     if not candidates:
         raise LensSafetyError("no block ranges to try", "pass at least one range")
-    bounds = CalibrationBounds(target_refusal, max_over_refusal, max_kl, over_refusal_relative)
+    setup = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     specs = [
         (
             label,
@@ -163,11 +144,8 @@ def calibrate_block_range(
         )
         for label, blocks in candidates.items()
     ]
-    measure = measure_kwargs(judge, max_new_tokens, batch_size, system_prompt, progress)
     extra = {"alpha": alpha, "ranges": {k: None if v is None else list(v) for k, v in candidates.items()}}
-    return structural_calibration(
-        "blocks", model, specs, harmful_val, harmless_val, bounds, method, measure, extra
-    )
+    return structural_calibration("blocks", method, model, specs, (harmful_val, harmless_val), setup, extra)
 
 
 #: type of the three calibration functions, for callers that pick one
