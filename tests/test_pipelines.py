@@ -147,3 +147,20 @@ def test_run_conditional_as_a_library_function(tiny_dirs: dict[str, Path], tmp_p
     assert code == 0, err
     assert _sha(tmp_path / "cli") == _sha(tmp_path / "lib") and len(_sha(tmp_path / "lib")) == 3
     assert json.loads(stdout)["message"] == summary["message"]
+
+
+@pytest.mark.parametrize("job", ["edit", "conditional"])
+def test_a_misspelt_job_option_is_refused_before_any_work(job: str, tmp_path: Path) -> None:
+    """The jobs' keyword options (overwrite, device, dtype, progress) are checked by name: a
+    misspelt one stops the job before the model or the prompts are touched."""
+    from lens_safety import ConditionalSettings, EditSettings, run_conditional, run_edit
+
+    out = tmp_path / "out"
+    with pytest.raises(TypeError, match="overwite"):
+        if job == "edit":
+            run_edit("no-such-model", out, EditSettings(harmful="no-such-file.txt"), overwite=True)
+        else:
+            run_conditional(
+                "no-such-model", out, ConditionalSettings(harmful="no-such-file.txt"), overwite=True
+            )
+    assert list(tmp_path.iterdir()) == []

@@ -20,25 +20,14 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from lens_safety.calibration import calibrate_conditional, injection_unit
 from lens_safety.errors import LensSafetyError
-from lens_safety.export import check_output_dir, export_edit
-from lens_safety.pipelines.steps import (
-    before_after,
-    calibration_files,
-    check_out,
-    choose_point,
-    export_summary,
-    load_chat_model,
-    load_splits,
-    obtain_direction,
-)
+from lens_safety.pipelines import steps
 
 if TYPE_CHECKING:
     from lens_safety.calibration import ConditionalCalibration
@@ -52,9 +41,14 @@ if TYPE_CHECKING:
 DEFAULT_RELATIVE_INJECTIONS: tuple[float, ...] = (0.75, 1.0, 1.5, 2.0)
 
 
-def default_starts(n_layers: int) -> list[int]:
-    """First edited blocks swept by default: about a third, a half and two thirds of the depth."""
-    return sorted({min(max(1, round(n_layers * f)), n_layers - 2) for f in (1 / 3, 1 / 2, 2 / 3)})
+#: Fractions of the depth :func:`default_starts` starts the edited blocks at.
+START_FRACTIONS: tuple[float, ...] = (1 / 3, 1 / 2, 2 / 3)
+
+
+def default_starts(n_layers: int, fractions: tuple[float, ...] = START_FRACTIONS) -> list[int]:
+    """First edited blocks swept by default: about ``fractions`` of the depth (a third, a half
+    and two thirds), each kept within blocks ``1 .. n_layers - 2``."""
+    return sorted({min(max(1, round(n_layers * f)), n_layers - 2) for f in fractions})
 
 
 def resolve_blocks(starts: Sequence[int] | None, end: int | None, n_layers: int) -> tuple[list[int], int]:
@@ -149,32 +143,27 @@ class ConditionalRun:
     def to_dict(self) -> dict[str, Any]:
         """The flat summary ``lens-safety conditional-rosi --json`` prints."""
         extra = {**self.record(), "seconds": self.seconds}
-        return export_summary(self.export, self.direction, self.measurements, extra)
+        return steps.export_summary(self.export, self.direction, self.measurements, extra)
 
 
 def run_conditional(
     model: str | os.PathLike[str] | ChatModel,
     out: str | os.PathLike[str],
     settings: ConditionalSettings | None = None,
-    *,
-    overwrite: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: bool = False,
+    **options: Unpack[steps.JobOptions],
 ) -> ConditionalRun:
     """Calibrate conditional ROSI on ``model`` (a loaded model or a spec, then loaded and
-    self-checked) and export the chosen edit to ``out`` as a verified Hugging Face directory."""
+    self-checked) and export the chosen edit to ``out`` as a verified Hugging Face directory;
+    ``options``: :class:`~lens_safety.pipelines.steps.JobOptions`."""
 
-    started = time.perf_counter()
     s = settings or ConditionalSettings()
-    out = Path(out)
-    check_out(out, overwrite)
-    splits = load_splits(s.harmful, s.harmless, s.n_train, s.n_val, s.n_test)
-    loaded = load_chat_model(model, device, dtype)
-    check_output_dir(loaded.hf_path, out, overwrite)
+    job = steps.start_job(
+        model, out, lambda: steps.load_splits(s.harmful, s.harmless, s.n_train, s.n_val, s.n_test), options
+    )
+    loaded, splits, progress = job.model, job.splits, job.progress
     starts, end = resolve_blocks(s.starts, s.end, loaded.n_layers)
     train = splits.pair("train")
-    direction, _ = obtain_direction(loaded, s.direction, s.layer, train, None, progress=progress)
+    direction, _ = steps.obtain_direction(loaded, s.direction, s.layer, train, None, progress=progress)
     gap, gap_source = injection_unit(loaded, direction, *train)
     sweep = calibrate_conditional(
         loaded,
@@ -187,30 +176,23 @@ def run_conditional(
         shrinkage=s.shrinkage,
         template=s.template,
         read_harmless=s.read_harmless,
-        target_refusal=s.target_refusal,
-        max_over_refusal=s.max_over_refusal,
-        max_kl=s.max_kl,
-        over_refusal_relative=s.over_refusal_relative,
-        max_new_tokens=s.max_new_tokens,
         refine=s.refine,
-        progress=progress,
+        **steps.sweep_options(s, progress),
     )
-    choice = choose_point(sweep.result)
+    choice = steps.choose_point(sweep.result)
     picked = sweep.edits[choice.point.label]
-    measurements = (
-        before_after(loaded, picked.spec, splits.pair("test"), s.max_new_tokens, progress=progress)
-        if s.n_test > 0
-        else {}
-    )
-    exported = export_edit(
+    measurements, exported = steps.measure_and_export(
         loaded,
         picked.spec,
-        out,
-        direction=direction,
-        overwrite=overwrite,
-        measurements={**measurements, **point_record(picked, gap, gap_source, choice)},
-        extra_files=calibration_files(sweep.result),
+        direction,
+        job.out,
+        test=splits.pair("test") if s.n_test > 0 else None,
+        max_new_tokens=s.max_new_tokens,
+        record=point_record(picked, gap, gap_source, choice),
+        files=steps.calibration_files(sweep.result),
+        overwrite=job.overwrite,
         progress=progress,
     )
-    seconds = time.perf_counter() - started
-    return ConditionalRun(exported, direction, sweep, picked, choice, gap, gap_source, measurements, seconds)
+    return ConditionalRun(
+        exported, direction, sweep, picked, choice, gap, gap_source, measurements, job.seconds()
+    )

@@ -18,27 +18,26 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from lens_safety.calibration import calibrate_alpha
 from lens_safety.edits import make_spec
 from lens_safety.errors import LensSafetyError
-from lens_safety.export import check_output_dir, export_edit
 from lens_safety.pipelines.steps import (
+    JobOptions,
     Pair,
     Splits,
-    before_after,
     calibration_files,
     check_blocks,
-    check_out,
     choose_point,
     export_summary,
-    load_chat_model,
     load_splits,
+    measure_and_export,
     obtain_direction,
+    start_job,
+    sweep_options,
 )
 
 if TYPE_CHECKING:
@@ -169,14 +168,9 @@ def choose_alpha(
         *val,
         method=settings.method,
         alphas=settings.alphas,
-        target_refusal=settings.target_refusal,
-        max_over_refusal=settings.max_over_refusal,
-        over_refusal_relative=settings.over_refusal_relative,
-        max_kl=settings.max_kl,
         layers=settings.blocks,
         targets=settings.targets,
-        max_new_tokens=settings.max_new_tokens,
-        progress=progress,
+        **sweep_options(settings, progress),
     )
     return choose_point(result), result
 
@@ -206,19 +200,16 @@ def edit_and_export(
     else:
         kwargs["alpha"] = float(s.alpha)
     spec = make_spec(s.method, direction, **kwargs)
-    measurements = (
-        before_after(model, spec, splits.pair("test"), s.max_new_tokens, progress=progress)
-        if s.n_test > 0
-        else {}
-    )
-    exported = export_edit(
+    measurements, exported = measure_and_export(
         model,
         spec,
+        direction,
         out,
-        direction=direction,
+        test=splits.pair("test") if s.n_test > 0 else None,
+        max_new_tokens=s.max_new_tokens,
+        record=edit_card({}, choice, s.method, s.system_prompt),
+        files=calibration_files(calibration) if calibration is not None else {},
         overwrite=overwrite,
-        measurements=edit_card(measurements, choice, s.method, s.system_prompt),
-        extra_files=calibration_files(calibration) if calibration is not None else {},
         progress=progress,
     )
     return EditRun(exported, direction, spec, measurements, choice, calibration, s.system_prompt)
@@ -228,27 +219,29 @@ def run_edit(
     model: str | os.PathLike[str] | ChatModel,
     out: str | os.PathLike[str],
     settings: EditSettings | None = None,
-    *,
-    overwrite: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: bool = False,
+    **options: Unpack[JobOptions],
 ) -> EditRun:
     """Edit ``model`` (a loaded model or a spec, then loaded and self-checked) as ``settings`` say
-    and export it to ``out`` as a verified Hugging Face directory (module docstring)."""
+    and export it to ``out`` as a verified Hugging Face directory (module docstring); ``options``:
+    :class:`~lens_safety.pipelines.steps.JobOptions` (``overwrite``, ``device``, ``dtype``,
+    ``progress``)."""
 
-    started = time.perf_counter()
     s = settings or EditSettings()
-    out = Path(out)
-    check_out(out, overwrite)
     needs_prompts = s.direction is None or s.calibrates or s.n_test > 0
-    splits = load_splits(s.harmful, s.harmless, s.n_train, s.n_val, s.n_test) if needs_prompts else Splits()
-    loaded = load_chat_model(model, device, dtype)
-    check_output_dir(loaded.hf_path, out, overwrite)
-    check_blocks(s.blocks, loaded.n_layers)
-    direction, _ = obtain_direction(
-        loaded, s.direction, s.layer, splits.train, s.system_prompt, progress=progress
+    job = start_job(
+        model,
+        out,
+        lambda: (
+            load_splits(s.harmful, s.harmless, s.n_train, s.n_val, s.n_test) if needs_prompts else Splits()
+        ),
+        options,
     )
-    run = edit_and_export(loaded, direction, splits, s, out, overwrite=overwrite, progress=progress)
-    run.seconds = time.perf_counter() - started
+    check_blocks(s.blocks, job.model.n_layers)
+    direction, _ = obtain_direction(
+        job.model, s.direction, s.layer, job.splits.train, s.system_prompt, progress=job.progress
+    )
+    run = edit_and_export(
+        job.model, direction, job.splits, s, job.out, overwrite=job.overwrite, progress=job.progress
+    )
+    run.seconds = job.seconds()
     return run

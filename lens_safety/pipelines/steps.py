@@ -10,31 +10,36 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
+from lens_safety.calibration.results import SweepOptions
 from lens_safety.directions import Direction, find_direction
 from lens_safety.edits import applied_edit
 from lens_safety.errors import LensSafetyError, warn
 from lens_safety.evaluation import refusal_rate
+from lens_safety.export import check_output_dir, export_edit
+from lens_safety.fsutil import require_free
 from lens_safety.models import ChatModel, load_model
 from lens_safety.probing import validate_classes
 from lens_safety.prompts import PromptSet
 from lens_safety.selection import SelectionConfig
 from lens_safety.selfcheck import require_sound_generation
+from lens_safety.splits import capped_splits
 from lens_safety.viz.calibration import calibration_figure
 
 if TYPE_CHECKING:
     from lens_safety.calibration import CalibrationResult
     from lens_safety.calibration.results import Choice
-    from lens_safety.directions import Direction
     from lens_safety.directions.pipeline import DirectionReport
     from lens_safety.edits.spec import EditSpec
     from lens_safety.export import ExportResult
-    from lens_safety.models import ChatModel
-    from lens_safety.prompts import PromptSet
 
+#: refuse an existing output unless ``overwrite`` (:func:`~lens_safety.fsutil.require_free`)
+check_out = require_free
 #: a ``(harmful, harmless)`` pair of prompt sets
 Pair = tuple["PromptSet", "PromptSet"]
 #: what the before / after measurement calls a refusal
@@ -57,33 +62,91 @@ class Splits:
         return value  # type: ignore[no-any-return]
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output directory unless ``overwrite`` (checked before any model work)."""
-    if out.exists() and not overwrite:
-        raise LensSafetyError(
-            f"output directory {out} already exists", "pass --overwrite or choose another --out"
+class JobOptions(TypedDict, total=False):
+    """Keyword options of every edit job: ``overwrite`` an existing output (default ``False``),
+    ``device`` / ``dtype`` for loading a model spec (default: the loader's), ``progress`` bars
+    (default ``False``)."""
+
+    overwrite: bool
+    device: str | None
+    dtype: str | None
+    progress: bool
+
+
+@dataclass
+class JobStart:
+    """A started edit job: its loaded model, output path, prompt splits and options."""
+
+    model: ChatModel
+    out: Path
+    splits: Splits
+    overwrite: bool
+    progress: bool
+    started: float
+
+    def seconds(self) -> float:
+        """Wall seconds since the job started."""
+        return time.perf_counter() - self.started
+
+
+def start_job(
+    model: str | os.PathLike[str] | ChatModel,
+    out: str | os.PathLike[str],
+    splits: Callable[[], Splits],
+    options: JobOptions,
+) -> JobStart:
+    """The prologue of an edit job: refuse an existing ``out`` (unless ``overwrite``), load the
+    prompt splits, load and self-check the model (:func:`load_chat_model`), refuse an ``out``
+    overlapping the model's directory. Nothing is loaded before the cheap checks pass."""
+
+    started = time.perf_counter()
+    unknown = sorted(set(options) - JobOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(
+            f"unexpected job option '{unknown[0]}' (known: {sorted(JobOptions.__optional_keys__)})"
         )
+    path, overwrite = Path(out), options.get("overwrite", False)
+    require_free(path, overwrite)
+    loaded_splits = splits()
+    loaded = load_chat_model(model, options.get("device"), options.get("dtype"))
+    check_output_dir(loaded.hf_path, path, overwrite)
+    return JobStart(loaded, path, loaded_splits, overwrite, options.get("progress", False), started)
+
+
+class Bounded(Protocol):
+    """Job settings carrying the calibration bounds and the generation length."""
+
+    @property
+    def target_refusal(self) -> float: ...
+    @property
+    def max_over_refusal(self) -> float: ...
+    @property
+    def max_kl(self) -> float: ...
+    @property
+    def over_refusal_relative(self) -> bool: ...
+    @property
+    def max_new_tokens(self) -> int: ...
+
+
+def sweep_options(settings: Bounded, progress: bool) -> SweepOptions:
+    """The calibration options (:class:`~lens_safety.calibration.results.SweepOptions`) of a job's settings."""
+    return SweepOptions(
+        target_refusal=settings.target_refusal,
+        max_over_refusal=settings.max_over_refusal,
+        max_kl=settings.max_kl,
+        over_refusal_relative=settings.over_refusal_relative,
+        max_new_tokens=settings.max_new_tokens,
+        progress=progress,
+    )
 
 
 def load_splits(harmful: str, harmless: str, n_train: int, n_val: int, n_test: int) -> Splits:
-    """The first ``n_train`` / ``n_val`` / ``n_test`` prompts per class of each split (``n_test``
-    may be 0: no test split)."""
+    """The first ``n_train`` / ``n_val`` / ``n_test`` prompts per class of each split
+    (:func:`~lens_safety.splits.capped_splits`; ``n_test`` may be 0: no test split)."""
 
-    for value, name in ((n_train, "n-train"), (n_val, "n-val"), (n_test, "n-test")):
-        if value < 0 or (value == 0 and name != "n-test"):
-            raise LensSafetyError(f"--{name} must be positive, got {value}", f"pass e.g. --{name} 16")
     sets = PromptSet.load(harmful), PromptSet.load(harmless)
     validate_classes(*sets)
-    out: dict[str, Any] = {}
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        parts = (sets[0].split(split).head(n), sets[1].split(split).head(n))
-        if n and min(len(p) for p in parts) == 0:
-            raise LensSafetyError(
-                f"the {split} split of the prompts is empty (too few prompts)",
-                "give more prompts (a few dozen per class) or pass --direction and --alpha",
-            )
-        out[split] = parts
-    return Splits(**out)
+    return Splits(**capped_splits(*sets, n_train, n_val, n_test))
 
 
 def load_chat_model(
@@ -178,6 +241,39 @@ def before_after(
         "prompts": {"harmful": test[0].name, "harmless": test[1].name},
         "max_new_tokens": max_new_tokens,
     }
+
+
+def measure_and_export(
+    model: ChatModel,
+    spec: EditSpec,
+    direction: Direction,
+    out: Path,
+    *,
+    test: Pair | None,
+    max_new_tokens: int,
+    record: dict[str, Any],
+    files: dict[str, str],
+    overwrite: bool,
+    progress: bool,
+) -> tuple[dict[str, Any], ExportResult]:
+    """``(measurements, export)``: :func:`before_after` on ``test`` (``None``: not measured, ``{}``),
+    then the verified export of ``spec`` to ``out`` with ``{**measurements, **record}`` in its
+    ``edit.json`` and model card and ``files`` next to it."""
+
+    measurements = (
+        before_after(model, spec, test, max_new_tokens, progress=progress) if test is not None else {}
+    )
+    exported = export_edit(
+        model,
+        spec,
+        out,
+        direction=direction,
+        overwrite=overwrite,
+        measurements={**measurements, **record},
+        extra_files=files,
+        progress=progress,
+    )
+    return measurements, exported
 
 
 def choose_point(result: CalibrationResult) -> Choice:
