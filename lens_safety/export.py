@@ -219,6 +219,27 @@ def verify_export(
     }
 
 
+def _plan(model: ChatModel, spec: EditSpec, extra_files: Mapping[str, str]) -> tuple[bool, bool]:
+    """``(untie, exact)`` of exporting ``spec``, checked before anything is written: the direction's
+    width, the edited writers, and plain unused names for ``extra_files``. ``untie``: the edit
+    changes a tied token embedding; ``exact``: no post-norm or fixed-with writer is orthogonalised."""
+    if int(spec.direction.shape[0]) != model.d_model:
+        raise LensSafetyError(
+            f"direction has width {spec.direction.shape[0]} but the model's residual width is {model.d_model}",
+            "use a direction extracted from this architecture",
+        )
+    touched = target_parameters(spec, checkpoint_writers(model), model.n_layers)
+    untie = model.arch.tied_embeddings and any(w.kind == "embed" for w, _ in touched.values())
+    exact = (
+        not any(w.post_norm or w.fixed_with for w, _ in touched.values()) or spec.method != "orthogonalize"
+    )
+    for name in extra_files:
+        taken = name in GENERATED_FILES or (model.hf_path / name).exists() or name.endswith(".safetensors")
+        if Path(name).name != name or taken:
+            raise LensSafetyError(f"extra file name '{name}' is not allowed", "use a plain, unused file name")
+    return untie, exact
+
+
 def export_edit(
     model: ChatModel,
     spec: EditSpec,
@@ -249,21 +270,7 @@ def export_edit(
     start = time.perf_counter()
     out = Path(out_dir)
     check_output_dir(model.hf_path, out, overwrite)
-    if int(spec.direction.shape[0]) != model.d_model:
-        raise LensSafetyError(
-            f"direction has width {spec.direction.shape[0]} but the model's residual width is {model.d_model}",
-            "use a direction extracted from this architecture",
-        )
-    writers = checkpoint_writers(model)
-    touched = target_parameters(spec, writers, model.n_layers)
-    untie = model.arch.tied_embeddings and any(w.kind == "embed" for w, _ in touched.values())
-    exact = (
-        not any(w.post_norm or w.fixed_with for w, _ in touched.values()) or spec.method != "orthogonalize"
-    )
-    for name in extra_files or {}:
-        taken = name in GENERATED_FILES or (model.hf_path / name).exists() or name.endswith(".safetensors")
-        if Path(name).name != name or taken:
-            raise LensSafetyError(f"extra file name '{name}' is not allowed", "use a plain, unused file name")
+    untie, exact = _plan(model, spec, extra_files or {})
     with staged_directory(out, overwrite=overwrite) as tmp:
         edited, dtype = write_shards(model, spec, tmp, untie, progress)
         copy_side_files(model, tmp, untie)

@@ -18,7 +18,7 @@ land on the same side; other sets hold out a hashed fraction).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -34,8 +34,10 @@ from lens_safety.evaluation.separation import (
     effect_size,
     validate_classes,
 )
+from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet
+from lens_safety.records import Record
 from lens_safety.splits import split_heldout
 
 Interval = tuple[float, float]
@@ -43,7 +45,7 @@ Interval = tuple[float, float]
 
 # ------------------------------------------------------------------ per-layer probing
 @dataclass
-class LayerProbe:
+class LayerProbe(Record):
     """Held-out scores at one layer (intervals are 95% bootstrap percentiles)."""
 
     layer: int
@@ -60,7 +62,7 @@ class LayerProbe:
     probe_regularization: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in super().to_dict().items()}
 
 
 @dataclass
@@ -156,7 +158,7 @@ def probe_activations(
 
 
 def probe_layers(
-    model: Any,
+    model: ChatModel,
     harmful: PromptSet | Sequence[str] | str,
     harmless: PromptSet | Sequence[str] | str,
     *,

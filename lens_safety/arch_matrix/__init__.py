@@ -30,14 +30,14 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lens_safety.arch_matrix.checks import check_edits, check_residuals
 from lens_safety.arch_matrix.configs import build_tiny, registry_architectures
 from lens_safety.errors import LensSafetyError
-from lens_safety.models import load_model
+from lens_safety.models import ChatModel, load_model
+from lens_safety.records import Record
 from lens_safety.sources import resolve_spec
 
 __all__ = [
@@ -69,7 +69,7 @@ FAST_CASES: tuple[str, ...] = (
 
 
 @dataclass
-class CaseResult:
+class CaseResult(Record):
     """One architecture's outcome: ``supported``, ``refused`` (a LensSafetyError, by design),
     ``not buildable`` (no offline tiny model), ``bridge error`` (TransformerBridge fails, or its
     residuals differ from Hugging Face's) or
@@ -82,16 +82,13 @@ class CaseResult:
     writers: int = 0
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def _count(n: int, what: str) -> str:
     head, _, tail = what.partition(" of ")
     return f"{n} {head}{'s' if n != 1 else ''}" + (f" of {tail}" if tail else "")
 
 
-def writer_summary(model: Any) -> str:
+def writer_summary(model: ChatModel) -> str:
     """What beyond attention and MLP outputs the writers include (experts, mixers), for the table."""
     fused = [w for w in model.arch.writers if w.experts]
     mixers = [w for w in model.arch.writers if w.kind == "mixer_out"]

@@ -20,6 +20,7 @@ from lens_safety.edits.spec import DEFAULT_TARGETS
 from lens_safety.errors import LensSafetyError
 from lens_safety.export import export_edit
 from lens_safety.interventions import ablation_hook_points
+from lens_safety.models import ChatModel
 
 ALPHA = 5.0
 
@@ -42,7 +43,7 @@ def stored_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_residuals(model: Any, ids: torch.Tensor) -> float:
+def check_residuals(model: ChatModel, ids: torch.Tensor) -> float:
     """Largest relative error of the bridge's ``resid_pre`` against HF ``hidden_states``."""
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_pre"))
@@ -88,7 +89,7 @@ def expected_tensor(
 
 
 def check_formula(
-    model: Any,
+    model: ChatModel,
     out: Path,
     method: str,
     s: torch.Tensor,
@@ -142,7 +143,7 @@ def check_complete(out: Path, s: torch.Tensor, ids: torch.Tensor, n_layers: int)
     )
 
 
-def _fireable(model: Any, names: list[str], ids: torch.Tensor) -> list[str]:
+def _fireable(model: ChatModel, names: list[str], ids: torch.Tensor) -> list[str]:
     """The hook points among ``names`` the bridge has and accepts a hook on (parallel-attention
     blocks have no ``hook_resid_mid``)."""
     out = []
@@ -163,7 +164,7 @@ def _sublayer(hf_name: str, layer: int) -> str:
     return hf_name.split(f".{layer}.", 1)[-1].split(".", 1)[0]
 
 
-def check_ablation(model: Any, out: Path, s: torch.Tensor, batch: Any) -> float | None:
+def check_ablation(model: ChatModel, out: Path, s: torch.Tensor, batch: Any) -> float | None:
     """Largest ``|logit|`` difference between a vanilla reload of the abliterated export and
     inference-time directional ablation ``x - s (s^T x)`` of the base model at every block's
     ``resid_pre`` / ``resid_mid`` / ``resid_post`` (parallel attention + MLP blocks and
@@ -190,7 +191,7 @@ def check_ablation(model: Any, out: Path, s: torch.Tensor, batch: Any) -> float 
     return float((edited - ablated).abs().max())
 
 
-def check_edits(model: Any, root: Path, batch: Any) -> str:
+def check_edits(model: ChatModel, root: Path, batch: Any) -> str:
     """Export ROSI and abliteration and check both (formula, untouched tensors, completeness,
     equality with directional ablation); returns a note, raises AssertionError on a failure."""
     s = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -9,8 +9,10 @@ write vector ``(d_model,)``, ``(n_experts, d_model)`` for fused experts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from lens_safety.records import Record
 
 WriterKind = Literal["embed", "pos_embed", "attn_out", "mlp_out", "mixer_out"]
 Layout = Literal["linear", "conv1d", "embedding"]
@@ -25,7 +27,7 @@ def clean_hf_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class WriterTensor:
+class WriterTensor(Record):
     """One tensor of a residual writer as the checkpoint stores it, and where it lives in memory.
 
     Attributes:
@@ -45,12 +47,10 @@ class WriterTensor:
     index: int | None = None
     transposed: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
-class ResidualWriter:
+class ResidualWriter(Record):
     """One module (or fused expert tensor) that adds its output to the residual stream.
 
     Attributes:
@@ -105,12 +105,10 @@ class ResidualWriter:
         """The checkpoint tensors an edit of this writer rewrites."""
         return self.stored or self.live_tensors()
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
-class ArchitectureFacts:
+class ArchitectureFacts(Record):
     """What lens-safety needs to know about a model's shape."""
 
     architecture: str
@@ -126,6 +124,6 @@ class ArchitectureFacts:
         return [w for w in self.writers if w.kind in kinds]
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = super().to_dict()
         out["writers"] = [w.to_dict() for w in self.writers]
         return out

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError, LensSafetyWarning
+from lens_safety.models import ChatModel
 
 TENSORS_FILE = "direction.safetensors"
 METADATA_FILE = "direction.json"
@@ -141,7 +142,7 @@ class Direction:
         return out
 
     @classmethod
-    def load(cls, path: str | Path, model: Any = None) -> Direction:
+    def load(cls, path: str | Path, model: ChatModel | None = None) -> Direction:
         """Load a saved direction (a directory or its ``direction.safetensors``); check ``model``.
 
         A width, depth or architecture mismatch is an error. A direction from another checkpoint
@@ -190,7 +191,7 @@ class Direction:
             direction.check_model(model)
         return direction
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: ChatModel) -> None:
         """Raise on a width / depth / architecture mismatch; warn on another checkpoint."""
         source = self.metadata.get("model", {})
         if self.d_model != model.d_model:
@@ -221,6 +222,6 @@ def _ancestors(lineage: dict[str, Any]) -> set[str]:
     return found | {str(h) for h in lineage.get("ancestors_weights_sha256", [])}
 
 
-def load_direction(path: str | Path, model: Any = None) -> Direction:
+def load_direction(path: str | Path, model: ChatModel | None = None) -> Direction:
     """Same as :meth:`Direction.load`."""
     return Direction.load(path, model)

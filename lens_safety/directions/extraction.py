@@ -21,6 +21,7 @@ from jaxtyping import Float
 from lens_safety.activations import HookName, PositionSpec, ResidualReader, collect_activations
 from lens_safety.directions.methods import get_method
 from lens_safety.evaluation.separation import effect_size, paired_indices, validate_classes
+from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet
 
@@ -104,7 +105,7 @@ def _project(means: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 
 def extract_directions(
-    model: Any,
+    model: ChatModel,
     harmful: PromptSet | Sequence[str] | str,
     harmless: PromptSet | Sequence[str] | str,
     *,

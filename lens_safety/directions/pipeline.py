@@ -14,6 +14,7 @@ from lens_safety.directions.extraction import Candidates, extract_directions
 from lens_safety.errors import LensSafetyError, warn
 from lens_safety.evaluation.divergence import last_logits
 from lens_safety.evaluation.separation import projection_accuracy, validate_classes
+from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet
 from lens_safety.selection import (
     Selection,
@@ -55,7 +56,7 @@ class DirectionReport:
 
 
 def find_direction(
-    model: Any,
+    model: ChatModel,
     harmful: PromptSet | Sequence[str] | str,
     harmless: PromptSet | Sequence[str] | str,
     *,
@@ -95,68 +96,31 @@ def find_direction(
         batch_size=batch_size,
         progress=progress,
     )
-    for value, name, allowed in (
-        (layer, "layer", candidates.layers),
-        (position, "position", candidates.positions),
-    ):
-        if value != "auto" and value not in allowed:
-            raise LensSafetyError(
-                f"{name} {value} is not a candidate {name}", f"use one of {list(allowed)} or auto"
-            )
+    _check_fixed(candidates, layer, position)
     chosen: Selection | None = None
     if layer == "auto" or position == "auto":
-        config = selection or SelectionConfig(system_prompt=system_prompt)
-        config = replace(
-            config,
-            layers=[layer] if layer != "auto" else config.layers,
-            positions=[position] if position != "auto" else config.positions,
-            system_prompt=system_prompt,
-        )
         if shared_val_test:
             warn(
                 "too few prompts to keep validation and test apart: the reported held-out accuracy "
                 "was also used for selection; give at least 4 prompts per class"
             )
+        config = _selection_config(selection, layer, position, system_prompt)
         chosen = select_direction(model, candidates, val_h, val_b, config, progress=progress)
         layer, position = chosen.layer, chosen.position
     assert isinstance(layer, int) and isinstance(position, int)
-    held = [
-        collect_activations(
-            model,
-            p,
-            layers=[layer],
-            positions=(position,),
-            batch_size=batch_size,
-            system_prompt=system_prompt,
-        ).at(layer, position)
-        for p in (held_h, held_b)
-    ]
-    p, k = candidates.positions.index(position), candidates.layers.index(layer)
-    # the training class means are the candidates' own (one row each: its mean is itself)
-    train_means = candidates.harmful_mean[p, k, None], candidates.harmless_mean[p, k, None]
-    accuracy = projection_accuracy(candidates.vector(layer, position), *train_means, *held)
-    metadata = {
-        "model": model.identity(),
-        "hook": candidates.hook,
-        "space": candidates.space,
-        "candidate_positions": list(candidates.positions),
-        "system_prompt": system_prompt,
-        "prompts": {
-            "harmful": harmful_set.metadata(),
-            "harmless": harmless_set.metadata(),
-            "train": {"harmful": train_h.metadata(), "harmless": train_b.metadata()},
-            "validation": {"harmful": val_h.metadata(), "harmless": val_b.metadata()},
-            "heldout": {"harmful": held_h.metadata(), "harmless": held_b.metadata()},
-        },
-        "harmful_projection": candidates.harmful_projection[p].tolist(),
-        "harmless_projection": candidates.harmless_projection[p].tolist(),
-        "effect_size": candidates.effect_size[p].tolist(),
-        "heldout_accuracy": accuracy,
-        "selection_saw_test": chosen is not None and shared_val_test,
-        "selection": None
-        if chosen is None
-        else {k: v for k, v in chosen.to_dict().items() if k != "candidates"},
+    accuracy = _heldout_accuracy(
+        model, candidates, layer, position, (held_h, held_b), batch_size, system_prompt
+    )
+    p = candidates.positions.index(position)
+    splits = {
+        "harmful": harmful_set.metadata(),
+        "harmless": harmless_set.metadata(),
+        "train": {"harmful": train_h.metadata(), "harmless": train_b.metadata()},
+        "validation": {"harmful": val_h.metadata(), "harmless": val_b.metadata()},
+        "heldout": {"harmful": held_h.metadata(), "harmless": held_b.metadata()},
     }
+    saw_test = chosen is not None and shared_val_test
+    metadata = _metadata(model, candidates, p, system_prompt, splits, accuracy, saw_test, chosen)
     direction = Direction(candidates.vectors[p], layer, position, method, metadata)
     return DirectionReport(
         direction,
@@ -166,12 +130,99 @@ def find_direction(
         (train_h, train_b),
         (held_h, held_b),
         (val_h, val_b),
-        chosen is not None and shared_val_test,
+        saw_test,
     )
 
 
+def _heldout_accuracy(
+    model: ChatModel,
+    candidates: Candidates,
+    layer: int,
+    position: int,
+    held: tuple[PromptSet, PromptSet],
+    batch_size: int,
+    system_prompt: str | None,
+) -> float:
+    """Accuracy on the held-out ``(harmful, harmless)`` prompts of thresholding ``r_hat . x`` at the
+    midpoint of the training class-mean projections, at ``(layer, position)``."""
+    reads = [
+        collect_activations(
+            model,
+            p,
+            layers=[layer],
+            positions=(position,),
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+        ).at(layer, position)
+        for p in held
+    ]
+    p, k = candidates.positions.index(position), candidates.layers.index(layer)
+    # the training class means are the candidates' own (one row each: its mean is itself)
+    train_means = candidates.harmful_mean[p, k, None], candidates.harmless_mean[p, k, None]
+    return projection_accuracy(candidates.vector(layer, position), *train_means, *reads)
+
+
+def _selection_config(
+    selection: SelectionConfig | None,
+    layer: int | Literal["auto"],
+    position: int | Literal["auto"],
+    system_prompt: str | None,
+) -> SelectionConfig:
+    """``selection`` (default: every layer at position -1) narrowed to a fixed ``layer`` or
+    ``position``, scoring with the extraction's ``system_prompt``."""
+    config = selection or SelectionConfig(system_prompt=system_prompt)
+    return replace(
+        config,
+        layers=[layer] if layer != "auto" else config.layers,
+        positions=[position] if position != "auto" else config.positions,
+        system_prompt=system_prompt,
+    )
+
+
+def _check_fixed(candidates: Candidates, layer: int | str, position: int | str) -> None:
+    """A fixed ``layer`` / ``position`` must be one the candidates were extracted at."""
+    for value, name, allowed in (
+        (layer, "layer", candidates.layers),
+        (position, "position", candidates.positions),
+    ):
+        if value != "auto" and value not in allowed:
+            raise LensSafetyError(
+                f"{name} {value} is not a candidate {name}", f"use one of {list(allowed)} or auto"
+            )
+
+
+def _metadata(
+    model: ChatModel,
+    candidates: Candidates,
+    p: int,
+    system_prompt: str | None,
+    splits: dict[str, Any],
+    accuracy: float,
+    saw_test: bool,
+    chosen: Selection | None,
+) -> dict[str, Any]:
+    """What a found direction records: the model, the read, the prompt splits, the class-mean
+    projections and effect sizes per layer at its position ``p``, and the selection (no rows)."""
+    return {
+        "model": model.identity(),
+        "hook": candidates.hook,
+        "space": candidates.space,
+        "candidate_positions": list(candidates.positions),
+        "system_prompt": system_prompt,
+        "prompts": splits,
+        "harmful_projection": candidates.harmful_projection[p].tolist(),
+        "harmless_projection": candidates.harmless_projection[p].tolist(),
+        "effect_size": candidates.effect_size[p].tolist(),
+        "heldout_accuracy": accuracy,
+        "selection_saw_test": saw_test,
+        "selection": None
+        if chosen is None
+        else {k: v for k, v in chosen.to_dict().items() if k != "candidates"},
+    }
+
+
 def filter_by_refusal(
-    model: Any,
+    model: ChatModel,
     harmful: PromptSet,
     harmless: PromptSet,
     *,

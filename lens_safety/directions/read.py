@@ -54,7 +54,9 @@ from lens_safety.activations import HookName, collect_activations
 from lens_safety.chat import common_prefix_length
 from lens_safety.edits.spec import unit_direction
 from lens_safety.errors import LensSafetyError
+from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet
+from lens_safety.vectors import DirectionLike
 
 
 @dataclass
@@ -171,14 +173,14 @@ def _orthonormal_basis(columns: Sequence[torch.Tensor]) -> Float[torch.Tensor, "
     return u[:, sv > 1e-9 * float(sv.max())]
 
 
-def shared_prefix_length(model: Any, prompts: Sequence[str]) -> int:
+def shared_prefix_length(model: ChatModel, prompts: Sequence[str]) -> int:
     """Number of leading tokens every formatted prompt shares: the chat template before the
     instruction (first token, system prompt, user header)."""
     return common_prefix_length([model.chat.token_ids(model.chat.format(p)) for p in prompts])
 
 
 def _increments(
-    model: Any,
+    model: ChatModel,
     prompts: PromptSet | Sequence[str],
     starts: Sequence[int],
     end: int,
@@ -214,7 +216,7 @@ def _increments(
 
 
 def template_increments(
-    model: Any, prompts: Sequence[str], starts: Sequence[int], end: int
+    model: ChatModel, prompts: Sequence[str], starts: Sequence[int], end: int
 ) -> dict[int, Float[torch.Tensor, "n_template d_model"]]:
     """``x_end - x_start`` at every shared template position (:func:`shared_prefix_length`) of
     ``prompts``: identical for every prompt (causal attention), so read off the first one."""
@@ -227,10 +229,10 @@ def template_increments(
 
 
 def find_read_directions(
-    model: Any,
+    model: ChatModel,
     harmful: PromptSet | Sequence[str] | str,
     harmless: PromptSet | Sequence[str] | str,
-    refusal: Any,
+    refusal: DirectionLike,
     *,
     starts: Sequence[int],
     end: int | None = None,
@@ -279,10 +281,10 @@ def find_read_directions(
 
 
 def find_read_direction(
-    model: Any,
+    model: ChatModel,
     harmful: PromptSet | Sequence[str] | str,
     harmless: PromptSet | Sequence[str] | str,
-    refusal: Any,
+    refusal: DirectionLike,
     *,
     start: int,
     end: int | None = None,

@@ -18,6 +18,7 @@ from lens_safety.checkpoint_files import read_header, weight_files
 from lens_safety.edits.spec import require_finite
 from lens_safety.edits.stored import locate_writer_tensors
 from lens_safety.errors import LensSafetyError
+from lens_safety.models import ChatModel
 
 
 def weight_shards(hf_path: Path) -> list[Path]:
@@ -62,7 +63,7 @@ def checkpoint_shapes(hf_path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def checkpoint_writers(model: Any) -> tuple[ResidualWriter, ...]:
+def checkpoint_writers(model: ChatModel) -> tuple[ResidualWriter, ...]:
     """The model's residual writers with their tensors located in the checkpoint at ``model.hf_path``.
 
     ``ResidualWriter.hf_name`` is the state-dict module name on every dense architecture

@@ -43,10 +43,11 @@ from lens_safety.edits.spec import EditSpec, edit_writes, require_finite
 from lens_safety.edits.stored import assemble, live_parameters, stored_value
 from lens_safety.edits.targets import target_parameters
 from lens_safety.errors import LensSafetyError
+from lens_safety.models import ChatModel
 from lens_safety.placement import read_parameter, write_parameter
 
 
-def edit_deltas(model: Any, spec: EditSpec) -> dict[str, torch.Tensor]:
+def edit_deltas(model: ChatModel, spec: EditSpec) -> dict[str, torch.Tensor]:
     """``edit(W_orig) - W_orig`` (float64, CPU) for every touched tensor, by checkpoint name."""
     return {delta.tensor.key: delta.delta for delta in _originals_and_deltas(model, spec)}
 
@@ -65,7 +66,7 @@ class _Delta:
 Targets = dict[str, tuple[ResidualWriter, WriterTensor]]
 
 
-def _targets(model: Any, spec: EditSpec) -> Targets:
+def _targets(model: ChatModel, spec: EditSpec) -> Targets:
     """Every checkpoint tensor ``spec`` touches (the direction's width checked first)."""
     if int(spec.direction.shape[0]) != model.d_model:
         raise LensSafetyError(
@@ -75,7 +76,7 @@ def _targets(model: Any, spec: EditSpec) -> Targets:
     return target_parameters(spec, checkpoint_writers(model), model.n_layers)
 
 
-def _deltas_of(model: Any, spec: EditSpec, targets: Targets) -> list[_Delta]:
+def _deltas_of(model: ChatModel, spec: EditSpec, targets: Targets) -> list[_Delta]:
     """Original and ``edit(W_orig) - W_orig`` of the named checkpoint tensors."""
     originals = read_tensors(model.hf_path, targets)
     deltas = []
@@ -87,7 +88,7 @@ def _deltas_of(model: Any, spec: EditSpec, targets: Targets) -> list[_Delta]:
     return deltas
 
 
-def _originals_and_deltas(model: Any, spec: EditSpec) -> list[_Delta]:
+def _originals_and_deltas(model: ChatModel, spec: EditSpec) -> list[_Delta]:
     """Original and ``edit(W_orig) - W_orig`` of every touched checkpoint tensor."""
     return _deltas_of(model, spec, _targets(model, spec))
 
@@ -96,7 +97,7 @@ class _LazyDeltas(Mapping[str, torch.Tensor]):
     """The deltas of an applied edit by checkpoint name, each recomputed from the checkpoint when
     read (holding them all in float64 would cost 8 bytes per edited weight)."""
 
-    def __init__(self, model: Any, spec: EditSpec, targets: Targets) -> None:
+    def __init__(self, model: ChatModel, spec: EditSpec, targets: Targets) -> None:
         self.model, self.spec, self.targets = model, spec, targets
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -149,7 +150,7 @@ def _edited_value(
 
 
 @contextmanager
-def applied_edit(model: Any, spec: EditSpec) -> Iterator[Mapping[str, torch.Tensor]]:
+def applied_edit(model: ChatModel, spec: EditSpec) -> Iterator[Mapping[str, torch.Tensor]]:
     """Apply ``spec`` to ``model.hf_model`` for the duration of the block; yields the deltas (a
     mapping that recomputes each from the checkpoint when read).
 

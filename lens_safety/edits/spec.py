@@ -59,6 +59,7 @@ from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_vector
+from lens_safety.vectors import DirectionLike, direction_vector
 
 EditMethod = Literal["rosi", "conditional_rosi", "amplify", "orthogonalize", "add_bias"]
 METHODS: tuple[str, ...] = (
@@ -77,9 +78,9 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def unit_direction(direction: Any, d_model: int | None = None) -> Float[torch.Tensor, " d_model"]:
+def unit_direction(direction: DirectionLike, d_model: int | None = None) -> Float[torch.Tensor, " d_model"]:
     """A float64 unit vector from a ``Direction`` (its ``.direction``) or any 1-D tensor (raw HF basis)."""
-    tensor = torch.as_tensor(getattr(direction, "direction", direction)).detach().to("cpu", torch.float64)
+    tensor = direction_vector(direction).detach().to("cpu", torch.float64)
     if tensor.ndim != 1:
         raise LensSafetyError(f"direction has shape {tuple(tensor.shape)}", "pass a 1-D [d_model] vector")
     if d_model is not None and tensor.shape[0] != d_model:
@@ -139,7 +140,7 @@ class EditSpec:
 
 def make_spec(
     method: str,
-    direction: Any,
+    direction: DirectionLike,
     *,
     alpha: float | None = None,
     targets: Sequence[str] | None = None,
@@ -192,12 +193,12 @@ def make_spec(
     )
 
 
-def rosi(direction: Any, alpha: float, **kwargs: Any) -> EditSpec:
+def rosi(direction: DirectionLike, alpha: float, **kwargs: Any) -> EditSpec:
     """ROSI: ``W' = W + alpha * s_hat * w_bar^T`` on every attention/MLP output (embedding optional)."""
     return make_spec("rosi", direction, alpha=alpha, **kwargs)
 
 
-def conditional_rosi(direction: Any, read: Any, alpha: float, **kwargs: Any) -> EditSpec:
+def conditional_rosi(direction: DirectionLike, read: Any, alpha: float, **kwargs: Any) -> EditSpec:
     """Conditional ROSI ``W' = (I + alpha s_hat g^T) W`` on every attention/MLP output.
 
     ``read`` is the unit read direction ``g`` (a tensor, or a
@@ -208,12 +209,12 @@ def conditional_rosi(direction: Any, read: Any, alpha: float, **kwargs: Any) -> 
     return make_spec("conditional_rosi", direction, alpha=alpha, read=read, **kwargs)
 
 
-def amplify(direction: Any, alpha: float, **kwargs: Any) -> EditSpec:
+def amplify(direction: DirectionLike, alpha: float, **kwargs: Any) -> EditSpec:
     """Projection amplification ``W' = (I + alpha s s^T) W`` on every attention/MLP output."""
     return make_spec("amplify", direction, alpha=alpha, **kwargs)
 
 
-def orthogonalize(direction: Any, **kwargs: Any) -> EditSpec:
+def orthogonalize(direction: DirectionLike, **kwargs: Any) -> EditSpec:
     """Weight orthogonalisation (abliteration) ``W' = (I - s s^T) W``, embeddings and biases included."""
     return make_spec("orthogonalize", direction, **kwargs)
 
@@ -337,7 +338,9 @@ def _added_bias(spec: EditSpec, bias: torch.Tensor, is_bias: bool) -> torch.Tens
     return bias + spec.alpha * spec.direction.to(torch.float64)
 
 
-def add_bias(direction_or_vector: Any, coeff: float, layer: int, *, via: str = "mlp_out") -> EditSpec:
+def add_bias(
+    direction_or_vector: DirectionLike, coeff: float, layer: int, *, via: str = "mlp_out"
+) -> EditSpec:
     """Activation addition ``x^(layer) <- x^(layer) + coeff * r`` baked into a writer's output bias.
 
     ``r`` follows :func:`lens_safety.interventions.add_direction` exactly: a ``Direction``'s
@@ -350,8 +353,7 @@ def add_bias(direction_or_vector: Any, coeff: float, layer: int, *, via: str = "
     refused; post-norm writers (Gemma 2/3) make it inexact and are refused unless ``approximate``.
     Stored as ``direction = r / |r|``, ``alpha = coeff * |r|``.
     """
-    vector = torch.as_tensor(getattr(direction_or_vector, "direction", direction_or_vector))
-    vector = vector.detach().to("cpu", torch.float64)
+    vector = direction_vector(direction_or_vector).detach().to("cpu", torch.float64)
     if not math.isfinite(float(coeff)):
         raise LensSafetyError(f"coeff must be a finite number, got {coeff}", "pass a finite coeff")
     if via not in ("mlp_out", "attn_out"):
