@@ -32,35 +32,27 @@ def _figure(title: str, y_title: str) -> go.Figure:
     return fig
 
 
-def direction_norms_figure(candidates: Candidates) -> go.Figure:
-    """``|r_i^(l)|`` against layer, one line per candidate position."""
+def _line(x: Sequence[int], y: Sequence[float], name: str, **style: Any) -> go.Scatter:
+    """One ``lines+markers`` trace of a per-layer value (``style``: further Scatter properties)."""
     import plotly.graph_objects as go
 
+    return go.Scatter(x=list(x), y=list(y), mode="lines+markers", name=name, **style)
+
+
+def direction_norms_figure(candidates: Candidates) -> go.Figure:
+    """``|r_i^(l)|`` against layer, one line per candidate position."""
     fig = _figure(f"Direction norm per layer ({candidates.method})", "norm of raw direction")
     norms = candidates.vectors.norm(dim=-1)
     for p, pos in enumerate(candidates.positions):
-        fig.add_trace(
-            go.Scatter(
-                x=list(candidates.layers), y=norms[p].tolist(), mode="lines+markers", name=f"position {pos}"
-            )
-        )
+        fig.add_trace(_line(candidates.layers, norms[p].tolist(), f"position {pos}"))
     return fig
 
 
 def separation_figure(candidates: Candidates) -> go.Figure:
     """Cohen's d of the training projections onto ``r_hat`` against layer, one line per position."""
-    import plotly.graph_objects as go
-
     fig = _figure("Separation of harmful vs harmless along the direction", "effect size (Cohen's d)")
     for p, pos in enumerate(candidates.positions):
-        fig.add_trace(
-            go.Scatter(
-                x=list(candidates.layers),
-                y=candidates.effect_size[p].tolist(),
-                mode="lines+markers",
-                name=f"position {pos}",
-            )
-        )
+        fig.add_trace(_line(candidates.layers, candidates.effect_size[p].tolist(), f"position {pos}"))
     return fig
 
 
@@ -76,22 +68,11 @@ def mean_projections_figure(candidates: Candidates, position: int = -1) -> go.Fi
     p = candidates.positions.index(position)
     fig = _figure(f"Class-mean projections onto r_hat (position {position})", "projection")
     layers = list(candidates.layers)
-    fig.add_trace(
-        go.Scatter(
-            x=layers,
-            y=candidates.harmful_projection[p].tolist(),
-            name="harmful mean",
-            line={"color": _HARMFUL},
-        )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=layers,
-            y=candidates.harmless_projection[p].tolist(),
-            name="harmless mean",
-            line={"color": _HARMLESS},
-        )
-    )
+    for means, name, colour in (
+        (candidates.harmful_projection, "harmful mean", _HARMFUL),
+        (candidates.harmless_projection, "harmless mean", _HARMLESS),
+    ):
+        fig.add_trace(go.Scatter(x=layers, y=means[p].tolist(), name=name, line={"color": colour}))
     fig.add_hline(y=0.0, line_dash="dot", annotation_text="plain ablation sets projections here")
     return fig
 
@@ -116,7 +97,6 @@ def _band(fig: go.Figure, x: list[int], low: list[float], high: list[float], col
 
 def probe_accuracy_figure(report: ProbeReport, metric: str = "accuracy") -> go.Figure:
     """Held-out probe and mean-difference ``accuracy`` (or ``auroc``) per layer with bootstrap bands."""
-    import plotly.graph_objects as go
 
     fig = _figure(f"Held-out {metric} per layer (position {report.position})", metric)
     layers = [r.layer for r in report.layers]
@@ -127,16 +107,13 @@ def probe_accuracy_figure(report: ProbeReport, metric: str = "accuracy") -> go.F
         values = [getattr(r, f"{prefix}_{metric}") for r in report.layers]
         intervals = [getattr(r, f"{prefix}_{metric}_ci") for r in report.layers]
         _band(fig, layers, [c[0] for c in intervals], [c[1] for c in intervals], colour, label)
-        fig.add_trace(
-            go.Scatter(x=layers, y=values, mode="lines+markers", name=label, line={"color": colour})
-        )
+        fig.add_trace(_line(layers, values, label, line={"color": colour}))
     fig.update_yaxes(range=[0.0, 1.02])
     return fig
 
 
 def selection_scores_figure(selection: Selection) -> go.Figure:
     """Bypass, induce and KL per scored layer (one line per position); rejected points are hollow."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(
@@ -148,18 +125,15 @@ def selection_scores_figure(selection: Selection) -> go.Figure:
     for pos in sorted({s.position for s in selection.scores}):
         rows = [s for s in selection.scores if s.position == pos]
         for i, key in enumerate(("bypass", "induce", "kl"), start=1):
-            fig.add_trace(
-                go.Scatter(
-                    x=[s.layer for s in rows],
-                    y=[getattr(s, key) for s in rows],
-                    mode="lines+markers",
-                    name=f"{key} @ {pos}",
-                    marker={"symbol": ["circle" if s.passed else "circle-open" for s in rows], "size": 8},
-                    text=["passed" if s.passed else "; ".join(s.rejected) for s in rows],
-                ),
-                row=i,
-                col=1,
+            symbols = ["circle" if s.passed else "circle-open" for s in rows]
+            trace = _line(
+                [s.layer for s in rows],
+                [getattr(s, key) for s in rows],
+                f"{key} @ {pos}",
+                marker={"symbol": symbols, "size": 8},
+                text=["passed" if s.passed else "; ".join(s.rejected) for s in rows],
             )
+            fig.add_trace(trace, row=i, col=1)
     fig.add_hline(y=selection.config.kl_threshold, line_dash="dot", row=3, col=1)
     fig.add_hline(y=selection.config.induce_threshold, line_dash="dot", row=2, col=1)
     fig.add_vline(x=selection.layer, line_dash="dash", line_color="black")
