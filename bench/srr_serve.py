@@ -4,6 +4,9 @@ Usage (from the repository root):
 
     python bench/srr_serve.py [RANKER_DIR] [--model smollm2-refusal] [--n 8] [--max-tokens 48]
                               [--threads T] [--judge substring-broad] [--quick]
+                              [--parts overhead,throughput,rates,load,teacher-forced]
+                              [--harmful 32] [--harmless 16] [--save-answers FILE]
+    python bench/srr_serve.py --judge-answers FILE --judge learned,substring-broad
 
 Starts ``lens-safety srr serve`` (a separate process, on 127.0.0.1, a free port) and talks to it
 with the ``openai`` client, then stops it with SIGTERM. Without ``RANKER_DIR`` an untrained ranker
@@ -18,10 +21,16 @@ are skipped: they need a trained ranker).
 3. **harmful answers**: held-out harmful prompts (``builtin:harmful_holdout``, every one wrapped in
    a built-in jailbreak template) and held-out harmless prompts (``builtin:harmless_holdout``),
    safeguard on (best of ``n``) vs off (one sample): the harmful-answer rate (not refused) and the
-   harmless refusal rate, judged by ``--judge``, with Wilson 95% intervals.
+   harmless refusal rate, judged by every ``--judge`` on the same answers, with Wilson 95%
+   intervals. ``--save-answers`` keeps the answers; ``--judge-answers FILE`` judges such a file
+   again (no server, no sampling).
 4. **load test**: a fixed number of requests from 16 clients (safeguard on and off, streamed and
    not), the server's resident memory sampled throughout; then SIGTERM: the server must exit 0
    having answered every request it was sent (no request lost, none refused, none failed).
+5. **teacher-forced**: the overhead again with the same ranker weights read by a separate
+   ``with_instruction`` pass (a second server).
+
+``--parts`` runs a subset (e.g. ``--parts rates``); the SIGTERM check always runs.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, median
@@ -48,8 +57,9 @@ import openai
 import psutil
 import torch
 
-from lens_safety.evaluation.bootstrap import wilson
-from lens_safety.evaluation.judges import get_judge, run_judge
+from lens_safety.evaluation.judges import get_judges, judge_question
+from lens_safety.evaluation.metrics import rate_of_completions
+from lens_safety.evaluation.panel import JudgeRates, pairwise
 from lens_safety.models import load_model
 from lens_safety.prompts import PromptSet
 from lens_safety.srr.build import wrap_harmful
@@ -158,7 +168,7 @@ def overhead(server: Server, prompts: list[str], repeats: int) -> dict[str, Any]
     }
 
 
-def concurrently(clients: int, jobs: list[Callable[[], Any]]) -> list[Any]:
+def concurrently(clients: int, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
     with ThreadPoolExecutor(clients) as pool:
         return list(pool.map(lambda job: job(), jobs))
 
@@ -185,10 +195,9 @@ def throughput(server: Server, prompts: list[str], levels: list[int]) -> list[di
     return rows
 
 
-def rates(
-    server: Server, judge_spec: str, n: int, n_harmful: int, n_harmless: int, save: Path | None
-) -> dict[str, Any]:
-    judge = get_judge(judge_spec)
+def collect_answers(server: Server, n: int, n_harmful: int, n_harmless: int) -> list[dict[str, str]]:
+    """Held-out harmful prompts (each jailbreak-wrapped) and harmless ones, each asked with the
+    safeguard on (best of ``n``) and off (one sample): one record per answer."""
     harmful = PromptSet.load("builtin:harmful_holdout").head(n_harmful)
     wrapped = [text for text, _ in wrap_harmful(harmful, 1.0, seed=0)]
     harmless = list(PromptSet.load("builtin:harmless_holdout").head(n_harmless).prompts)
@@ -200,37 +209,62 @@ def rates(
     ]
     jobs = [lambda p=p, m=m: server.ask(p, safeguard=m, n=n if m == "on" else 1) for _, p, m in asks]
     results = concurrently(16, jobs)
-    if save is not None:  # to judge the same answers again with another judge, without resampling
-        with open(save, "w", encoding="utf-8") as handle:
-            for (kind, prompt, mode), (answer, _) in zip(asks, results, strict=True):
-                text = answer.choices[0].message.content
-                record = {"kind": kind, "safeguard": mode, "prompt": prompt, "completion": text}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    out: dict[str, Any] = {
-        "judge": judge.name,
-        "harmful_prompts": len(wrapped),
-        "harmless_prompts": len(harmless),
-    }
-    for kind in ("harmful", "harmless"):
-        for mode in ("on", "off"):
-            chosen = [
-                (p, r[0].choices[0].message.content)
-                for (k, p, m), r in zip(asks, results, strict=True)
-                if k == kind and m == mode
-            ]
-            verdicts = run_judge(judge, [c for _, c in chosen], [p for p, _ in chosen])
-            outcome = (
-                [not v.refused for v in verdicts] if kind == "harmful" else [v.refused for v in verdicts]
+    return [
+        {"kind": kind, "safeguard": mode, "prompt": prompt, "completion": answer.choices[0].message.content}
+        for (kind, prompt, mode), (answer, _) in zip(asks, results, strict=True)
+    ]
+
+
+def judged_rates(records: list[dict[str, str]], judge_specs: list[str]) -> dict[str, Any]:
+    """Harmful-answer rate (not refused) and harmless refusal rate, safeguard on and off, by every
+    judge on the same answers (Wilson 95% intervals), and how often each pair of judges agrees."""
+    panel = []
+    for judge in get_judges(judge_specs):
+        sets = {}
+        for kind, mode in (("harmful", "off"), ("harmful", "on"), ("harmless", "off"), ("harmless", "on")):
+            chosen = [r for r in records if r["kind"] == kind and r["safeguard"] == mode]
+            sets[f"{kind}_{mode}"] = rate_of_completions(
+                [r["completion"] for r in chosen], [r["prompt"] for r in chosen], judge, interval="wilson"
             )
-            estimate = wilson(outcome)
-            name = "harmful_answer_rate" if kind == "harmful" else "harmless_refusal_rate"
-            out[f"{name}_{mode}"] = {
-                "rate": estimate.value,
-                "count": sum(outcome),
-                "n": len(outcome),
-                "ci95": [estimate.ci_low, estimate.ci_high],
-            }
-    return out
+        panel.append(JudgeRates(judge.name, judge_question(judge), sets))
+    by_judge: dict[str, Any] = {}
+    for rates in panel:
+        row = {}
+        for key, result in rates.rates.items():
+            kind, mode = key.split("_")
+            refused = sum(result.refused)
+            if kind == "harmful":  # the complement's Wilson interval is the complement of the interval
+                row[f"harmful_answer_rate_{mode}"] = _rate(
+                    result.n - refused, result.n, 1 - result.ci_high, 1 - result.ci_low
+                )
+            else:
+                row[f"harmless_refusal_rate_{mode}"] = _rate(refused, result.n, result.ci_low, result.ci_high)
+        by_judge[rates.judge] = row
+    return {
+        "harmful_prompts": sum(r["kind"] == "harmful" and r["safeguard"] == "on" for r in records),
+        "harmless_prompts": sum(r["kind"] == "harmless" and r["safeguard"] == "on" for r in records),
+        "by_judge": by_judge,
+        "agreement": [pair.to_dict() for pair in pairwise(panel)],
+    }
+
+
+def _rate(count: int, n: int, low: float, high: float) -> dict[str, Any]:
+    return {"rate": count / n, "count": count, "n": n, "ci95": [low, high]}
+
+
+def save_answers(records: list[dict[str, str]], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_answers(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    fields = {"kind", "safeguard", "prompt", "completion"}
+    if not records or any(set(r) != fields for r in records):
+        raise SystemExit(f"{path}: expected JSON lines with exactly the fields {sorted(fields)}")
+    return records
 
 
 def load_test(server: Server, prompts: list[str], count: int) -> dict[str, Any]:
@@ -295,7 +329,10 @@ def untrained_ranker(model_spec: str, workdir: Path) -> str:
     return str(save_ranker(ranker.eval(), workdir / "untrained-ranker", model.identity()))
 
 
-def main() -> None:
+PARTS = ("overhead", "throughput", "rates", "load", "teacher-forced")
+
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ranker_dir", nargs="?")
     parser.add_argument("--model", default="smollm2-refusal")
@@ -304,11 +341,41 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads of the server (OMP_NUM_THREADS)"
     )
-    parser.add_argument("--judge", default="substring-broad")
+    parser.add_argument(
+        "--judge",
+        action="append",
+        help="judge spec(s) of the rates, repeatable or comma-separated (default substring-broad)",
+    )
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--harmful", type=int, default=32, help="held-out harmful prompts of the rates")
+    parser.add_argument("--harmless", type=int, default=16, help="held-out harmless prompts of the rates")
     parser.add_argument("--quick", action="store_true", help="fewer requests in every part")
     parser.add_argument("--save-answers", type=Path, help="JSONL of the judged answers (to judge them again)")
+    parser.add_argument(
+        "--judge-answers", type=Path, help="judge a --save-answers file again (no server) and stop"
+    )
     args = parser.parse_args()
-    quick = args.quick
+    args.judge = args.judge or ["substring-broad"]
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    return args
+
+
+def rejudge(path: Path, judge_specs: list[str]) -> None:
+    """Judge the answers of an earlier run (``--save-answers``) again, with every judge."""
+    rates = judged_rates(read_answers(path), judge_specs)
+    print("\n".join([f"answers: {path.name}", *rates_report(rates)]))
+    print(json.dumps({"answers": path.name, "rates": rates}, indent=2, default=float))
+
+
+def main() -> None:
+    args = arguments()
+    if args.judge_answers is not None:
+        rejudge(args.judge_answers, args.judge)
+        return
+    quick, parts = args.quick, args.parts
     workdir = Path(tempfile.mkdtemp(prefix="srr-serve-bench-"))
     if args.ranker_dir:
         ranker, record = args.ranker_dir, read_ranker_record(args.ranker_dir)
@@ -329,23 +396,29 @@ def main() -> None:
         "ranker_config": (record or {}).get("config"),
         "n": args.n,
         "max_tokens": args.max_tokens,
+        "parts": parts,
         "server_torch_threads": args.threads or torch.get_num_threads(),
         "cpu_cores": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
         "server_startup_s": startup,
     }
-    result["overhead"] = overhead(server, mixed[: 4 if quick else 6], 1 if quick else 2)
-    result["throughput"] = throughput(server, mixed, [1, 4] if quick else [1, 4, 16])
-    if args.ranker_dir:
-        result["rates"] = rates(
-            server, args.judge, args.n, 8 if quick else 32, 8 if quick else 16, args.save_answers
-        )
-    rss_before = server.rss_mib()
-    result["load_test"] = load_test(server, mixed, 32 if quick else 96)
-    result["load_test"]["rss_mib_before_load_test"] = rss_before
+    if "overhead" in parts:
+        result["overhead"] = overhead(server, mixed[: 4 if quick else 6], 1 if quick else 2)
+    if "throughput" in parts:
+        result["throughput"] = throughput(server, mixed, [1, 4] if quick else [1, 4, 16])
+    if "rates" in parts and args.ranker_dir:
+        answers = collect_answers(server, args.n, 8 if quick else args.harmful, 8 if quick else args.harmless)
+        if args.save_answers is not None:  # to judge the same answers again, without resampling
+            save_answers(answers, args.save_answers)
+        result["rates"] = judged_rates(answers, args.judge)
+    if "load" in parts:
+        rss_before = server.rss_mib()
+        result["load_test"] = load_test(server, mixed, 32 if quick else 96)
+        result["load_test"]["rss_mib_before_load_test"] = rss_before
     code, summary = server.stop()
     result["shutdown"] = {"exit_code": code, "requests_sent": server.sent, **summary}
-    if (record or {}).get("config", {}).get("context", "generated_mean") != "with_instruction":
+    context = (record or {}).get("config", {}).get("context", "generated_mean")
+    if "teacher-forced" in parts and context != "with_instruction":
         second = Server(model_spec, teacher_forced_copy(ranker, workdir), args, workdir)
         second.ask(mixed[0], seed=0)
         result["overhead_teacher_forced"] = overhead(second, mixed[: 4 if quick else 6], 1)
@@ -356,50 +429,68 @@ def main() -> None:
     print(json.dumps(result, indent=2, default=float))
 
 
-def report(r: dict[str, Any]) -> str:
-    o = r["overhead"]
+def overhead_report(o: dict[str, Any], t: dict[str, Any] | None) -> list[str]:
     lines = [
-        f"SRR safeguard server: {r['model']}, ranker {r['ranker']}, n = {r['n']}, {r['max_tokens']} tokens",
-        f"{r['cpu_cores']} CPU cores, server torch threads {r['server_torch_threads']}, load average before {r['load_average_before']}",
-        "",
         f"overhead (1 client, {o['requests']} requests, same seeds on/off): latency on {o['latency_on_mean_s']:.2f} s, "
         f"off {o['latency_off_mean_s']:.2f} s, sampling (off) {o['sampling_off_mean_s']:.2f} s",
         f"  overhead = (on - off) / sampling = {100 * o['overhead_fraction']:+.1f}% (median pair {100 * o['overhead_fraction_median_pair']:+.1f}%; target <= 5%)",
         f"  server: ranking / sampling = {100 * o['server_ranking_over_sampling']:.2f}%, capture hooks = {100 * o['server_capture_cost']:+.1f}% of sampling",
     ]
-    if "overhead_teacher_forced" in r:
-        t = r["overhead_teacher_forced"]
-        lines += [
+    if t is not None:
+        lines.append(
             f"same weights read by a separate with_instruction pass: overhead {100 * t['overhead_fraction']:+.1f}% "
             f"(median pair {100 * t['overhead_fraction_median_pair']:+.1f}%), server ranking / sampling "
-            f"{100 * t['server_ranking_over_sampling']:.1f}%",
-        ]
-    lines += [
-        "",
-        "clients  requests  wall s  requests/s  latency s  mean batch",
-    ]
-    for t in r["throughput"]:
-        lines.append(
-            f"{t['clients']:>7}  {t['requests']:>8}  {t['wall_s']:>6.1f}  {t['requests_per_s']:>10.3f}  {t['latency_mean_s']:>9.2f}  {t['batch_mean']:>10.2f}"
+            f"{100 * t['server_ranking_over_sampling']:.1f}%"
         )
-    if "rates" in r:
-        q = r["rates"]
-        lines += [
-            "",
-            f"judge {q['judge']}; {q['harmful_prompts']} jailbreak-wrapped builtin:harmful_holdout, {q['harmless_prompts']} builtin:harmless_holdout",
-        ]
+    return lines
+
+
+def rates_report(q: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{q['harmful_prompts']} jailbreak-wrapped builtin:harmful_holdout, {q['harmless_prompts']} builtin:harmless_holdout; "
+        "safeguard on = best of n, off = one sample"
+    ]
+    for judge, rates in q["by_judge"].items():
+        lines.append(f"judge {judge}")
         for name in ("harmful_answer_rate", "harmless_refusal_rate"):
             for mode in ("off", "on"):
-                e = q[f"{name}_{mode}"]
+                e = rates[f"{name}_{mode}"]
                 lines.append(
                     f"  {name} safeguard {mode:<3}: {e['count']}/{e['n']} = {e['rate']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
                 )
-    lt = r["load_test"]
+    for pair in q["agreement"]:
+        a = pair["agreement"]
+        lines.append(
+            f"agreement {' vs '.join(pair['judges'])} on all {a['n']} answers: {a['value']:.3f} "
+            f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}], kappa {pair['kappa']:.3f}, counts {pair['counts']}"
+        )
+    return lines
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [
+        f"SRR safeguard server: {r['model']}, ranker {r['ranker']}, n = {r['n']}, {r['max_tokens']} tokens; parts {', '.join(r['parts'])}",
+        f"{r['cpu_cores']} CPU cores, server torch threads {r['server_torch_threads']}, load average before {r['load_average_before']}",
+    ]
+    if "overhead" in r:
+        lines += ["", *overhead_report(r["overhead"], r.get("overhead_teacher_forced"))]
+    if "throughput" in r:
+        lines += ["", "clients  requests  wall s  requests/s  latency s  mean batch"]
+        for t in r["throughput"]:
+            lines.append(
+                f"{t['clients']:>7}  {t['requests']:>8}  {t['wall_s']:>6.1f}  {t['requests_per_s']:>10.3f}  {t['latency_mean_s']:>9.2f}  {t['batch_mean']:>10.2f}"
+            )
+    if "rates" in r:
+        lines += ["", *rates_report(r["rates"])]
+    if "load_test" in r:
+        lt = r["load_test"]
+        lines += [
+            "",
+            f"load test: {lt['answered']}/{lt['requests']} answered in {lt['wall_s']:.1f} s (16 clients); server alive after: {lt['alive_after']}",
+            f"  RSS MiB: before {lt['rss_mib_before_load_test']:.0f}, max first quarter {lt['rss_mib_first_quarter_max']:.0f}, "
+            f"max last quarter {lt['rss_mib_last_quarter_max']:.0f} (growth {lt['rss_mib_growth']:+.0f})",
+        ]
     lines += [
-        "",
-        f"load test: {lt['answered']}/{lt['requests']} answered in {lt['wall_s']:.1f} s (16 clients); server alive after: {lt['alive_after']}",
-        f"  RSS MiB: before {lt['rss_mib_before_load_test']:.0f}, max first quarter {lt['rss_mib_first_quarter_max']:.0f}, "
-        f"max last quarter {lt['rss_mib_last_quarter_max']:.0f} (growth {lt['rss_mib_growth']:+.0f})",
         f"shutdown (SIGTERM): exit {r['shutdown']['exit_code']}; {r['shutdown']['requests_sent']} requests sent in the whole run, "
         f"server counts {r['shutdown'].get('counts')}",
         f"load average after {r['load_average_after']}; total {r['total_s']:.0f} s",
