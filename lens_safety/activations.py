@@ -15,7 +15,7 @@ than a plain forward pass and never holds a full activation cache.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -249,6 +249,45 @@ def row_batches(
         yield [model.chat.token_ids(model.chat.format(x, system_prompt)) for x in chunk]
 
 
+def read_hook_points(
+    model: ChatModel,
+    batch: EncodedBatch,
+    points: Sequence[str],
+    take: Callable[[torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """``take(activation)`` at every hook point in ``points``, in order, from ONE forward pass of a
+    left-padded batch (:func:`forward`); the pass stops as soon as every point has been read.
+
+    This is the one loop behind every residual read here and in the feature readers: ``take``
+    picks what to keep of ``activation`` (``[batch, seq, d_model]``, in the basis of the bridge,
+    raw HF with compatibility mode off), e.g. chosen positions or a weighted mean over tokens, so
+    the full activation is never kept. A point that never fires is an error naming the points.
+    """
+    wanted = set(points)
+    captured: dict[str, torch.Tensor] = {}
+
+    def reader(name: str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+        def read(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            captured[name] = take(activation)
+            if wanted <= captured.keys():  # nothing deeper is needed: skip the rest of the model
+                raise _StopForward
+            return activation
+
+        return read
+
+    try:
+        with torch.inference_mode(), hooks(model, [(name, reader(name)) for name in dict.fromkeys(points)]):
+            forward(model, batch)
+    except _StopForward:
+        pass
+    missing = [name for name in points if name not in captured]
+    if missing:
+        raise LensSafetyError(
+            f"hook points {missing} did not fire", "this architecture's bridge lacks those hook points"
+        )
+    return [captured[name] for name in points]
+
+
 def _read_batch(
     model: ChatModel, batch: EncodedBatch, layers: tuple[int, ...], positions: tuple[int, ...], hook: str
 ) -> Float[torch.Tensor, "batch n_layers n_positions d_model"]:
@@ -259,32 +298,12 @@ def _read_batch(
             "use positions closer to the end",
         )
     index = torch.tensor(positions)  # moved to each hook's device (blocks may sit on several)
-    captured: dict[int, torch.Tensor] = {}
-    last = max(layers)
 
-    def make_hook(layer: int) -> Any:
-        def read(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-            where = index.to(activation.device) + activation.shape[1]
-            captured[layer] = activation.index_select(1, where).float().cpu()
-            if layer == last:  # nothing deeper is needed: skip the rest of the model
-                raise _StopForward
-            return activation
+    def take(activation: torch.Tensor) -> torch.Tensor:
+        return activation.index_select(1, index.to(activation.device) + activation.shape[1]).float().cpu()
 
-        return read
-
-    fwd_hooks = [(hook_point_name(hook, layer), make_hook(layer)) for layer in layers]
-    try:
-        with torch.inference_mode(), hooks(model, fwd_hooks):
-            forward(model, batch)
-    except _StopForward:
-        pass
-    missing = [x for x in layers if x not in captured]
-    if missing:
-        raise LensSafetyError(
-            f"hook {hook} did not fire for layers {missing}",
-            "this architecture's bridge lacks that hook point",
-        )
-    return torch.stack([captured[x] for x in layers], dim=1)
+    states = read_hook_points(model, batch, [hook_point_name(hook, layer) for layer in layers], take)
+    return torch.stack(states, dim=1)
 
 
 def collect_activations(

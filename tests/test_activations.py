@@ -72,3 +72,28 @@ def test_bad_layers_positions_and_empty_prompts(smollm2):
         collect_activations(smollm2, PROMPTS, positions=(0,))
     with pytest.raises(LensSafetyError, match="empty"):
         collect_activations(smollm2, [])
+
+
+def test_read_hook_points_reduces_each_point_in_order_and_stops_after_the_last(tiny_dirs):
+    from lens_safety.activations import hook_point_name, hooks, read_hook_points
+
+    model = load_model(tiny_dirs["llama"], device="cpu")
+    rows = [model.chat.token_ids(model.chat.format(p)) for p in PROMPTS]
+    batch = model.chat.pad(rows)
+    weights = batch.attention_mask.double() / batch.attention_mask.sum(1, keepdim=True)
+
+    def mean_over_tokens(activation: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bs,bsd->bd", weights, activation.double())
+
+    points = [hook_point_name("resid_pre", 2), hook_point_name("resid_pre", 0)]  # deepest first
+    deeper: list[int] = []
+    last = hook_point_name("resid_post", model.n_layers - 1)
+    with hooks(model, [(last, lambda activation, hook: deeper.append(1))]):
+        deep, shallow = read_hook_points(model, batch, points, mean_over_tokens)
+    assert not deeper  # the pass stopped at layer 2: the last block never ran
+    hf = AutoModelForCausalLM.from_pretrained(str(model.hf_path), dtype=torch.float64).eval()
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            hidden = hf(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states
+        assert relative_error(deep[i], hidden[2][0].mean(0)) < 1e-3
+        assert relative_error(shallow[i], hidden[0][0].mean(0)) < 1e-3

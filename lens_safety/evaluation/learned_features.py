@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import forward, hook_point_name, hooks
+from lens_safety.activations import hook_point_name, read_hook_points
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
@@ -83,10 +83,6 @@ def pair_row(model: ChatModel, prompt: str | None, response: str, spec: FeatureS
     return head + body + [int(eos)], len(head)
 
 
-class _Done(Exception):
-    """Raised inside a hook once the deepest requested layer has been read."""
-
-
 def pooled_states(
     model: ChatModel, rows: Sequence[Sequence[int]], starts: Sequence[int], layers: Sequence[int]
 ) -> Float[torch.Tensor, "n_rows n_layers d_model"]:
@@ -105,32 +101,12 @@ def pooled_states(
     weights = torch.zeros(len(rows), width, dtype=torch.float64)
     for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
         weights[i, width - len(row) + start :] = 1.0 / (len(row) - start)
-    captured: dict[int, torch.Tensor] = {}
-    deepest = max(layers)
 
-    def make_hook(layer: int) -> Any:
-        def read(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-            w = weights.to(activation.device)
-            captured[layer] = torch.einsum("bs,bsd->bd", w, activation.double()).cpu()
-            if layer == deepest:
-                raise _Done
-            return activation
+    def take(activation: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bs,bsd->bd", weights.to(activation.device), activation.double()).cpu()
 
-        return read
-
-    fwd_hooks = [(hook_point_name("resid_pre", layer), make_hook(layer)) for layer in layers]
-    try:
-        with torch.inference_mode(), hooks(model, fwd_hooks):
-            forward(model, batch)
-    except _Done:
-        pass
-    missing = [layer for layer in layers if layer not in captured]
-    if missing:
-        raise LensSafetyError(
-            f"residual hooks did not fire for layers {missing}",
-            "this reader's bridge lacks those hook points",
-        )
-    return torch.stack([captured[layer] for layer in layers], dim=1)
+    points = [hook_point_name("resid_pre", layer) for layer in layers]
+    return torch.stack(read_hook_points(model, batch, points, take), dim=1)
 
 
 def pair_features(

@@ -20,21 +20,21 @@ measured):
 * ``generated_mean``: the mean over the response tokens read while sampling (same calls as
   ``generated``; pooled instead of last-token).
 
-:func:`read_token_states` is a lower-level reader of pre-tokenised sequences at arbitrary token
-positions, built on :func:`lens_safety.activations.forward` and :func:`lens_safety.activations.hooks`
-(it belongs in ``activations.py`` eventually). Batches are left padded with the attention mask and
-mask-derived position ids, so a batched read equals a one-sequence read.
+:func:`read_token_states` reads pre-tokenised sequences at arbitrary token positions through
+:func:`lens_safety.activations.read_hook_points` (the one batched hook read). Batches are left
+padded with the attention mask and mask-derived position ids, so a batched read equals a
+one-sequence read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import forward, hook_point_name, hooks
+from lens_safety.activations import hook_point_name, read_hook_points
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 
@@ -44,10 +44,6 @@ CONTEXTS: tuple[str, ...] = ("with_instruction", "response_only", "generated", "
 POST_HOC_CONTEXTS: tuple[str, ...] = ("with_instruction", "response_only")
 #: contexts read while sampling (no extra pass)
 SAMPLED_CONTEXTS: tuple[str, ...] = ("generated", "generated_mean")
-
-
-class _Done(Exception):
-    """Raised inside a hook once the deepest requested layer has been read."""
 
 
 def check_context(context: str) -> None:
@@ -123,33 +119,14 @@ def read_token_states(
                 "use indices inside the sequence",
             )
         index_rows.append([pad + p for p in idx])
-    index = torch.tensor(index_rows, dtype=torch.long, device=model.device)  # [n_rows, n_pos]
-    captured: dict[int, torch.Tensor] = {}
-    deepest = max(layer_ids)
+    index = torch.tensor(index_rows, dtype=torch.long)  # [n_rows, n_pos], moved to each hook's device
 
-    def make_hook(layer: int) -> Any:
-        def read(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-            gather = index.to(activation.device).unsqueeze(-1).expand(-1, -1, activation.shape[-1])
-            captured[layer] = activation.gather(1, gather).float().cpu()
-            if layer == deepest:
-                raise _Done
-            return activation
+    def take(activation: torch.Tensor) -> torch.Tensor:
+        gather = index.to(activation.device).unsqueeze(-1).expand(-1, -1, activation.shape[-1])
+        return activation.gather(1, gather).float().cpu()
 
-        return read
-
-    fwd_hooks = [(hook_for_layer(model, layer), make_hook(layer)) for layer in layer_ids]
-    try:
-        with torch.inference_mode(), hooks(model, fwd_hooks):
-            forward(model, batch)
-    except _Done:
-        pass
-    missing = [x for x in layer_ids if x not in captured]
-    if missing:
-        raise LensSafetyError(
-            f"residual hooks did not fire for layers {missing}",
-            "this architecture's bridge lacks those hook points",
-        )
-    return torch.stack([captured[x] for x in layer_ids], dim=2)
+    points = [hook_for_layer(model, layer) for layer in layer_ids]
+    return torch.stack(read_hook_points(model, batch, points, take), dim=2)
 
 
 def prompt_token_ids(model: ChatModel, instruction: str, system_prompt: str | None = None) -> list[int]:
