@@ -14,6 +14,7 @@ from lens_safety.evaluation import (
     attack_success_rate,
     bootstrap,
     cross_entropy,
+    evaluate_refusal,
     generation_damage,
     judge_agreement,
     judge_from_callable,
@@ -78,6 +79,17 @@ def test_refusal_rate_is_deterministic_and_keeps_completions(tiny) -> None:  # t
     assert first.n == 4 and first.prompts == PROMPTS and first.judge == "even-length"
     assert first.records("harmful")[0]["kind"] == "harmful"
     assert first.ci_low <= first.rate <= first.ci_high
+
+
+def test_evaluate_refusal_passes_every_rate_setting_to_both_sides(tiny) -> None:  # type: ignore[no-untyped-def]
+    judge = judge_from_callable(lambda text: len(text) % 2 == 0, name="even-length")
+    both = evaluate_refusal(tiny, PROMPTS[:2], PROMPTS[2:], judge, max_new_tokens=3, interval="wilson")
+    for side, prompts in ((both.harmful, PROMPTS[:2]), (both.harmless, PROMPTS[2:])):
+        alone = refusal_rate(tiny, prompts, judge, max_new_tokens=3, interval="wilson")
+        assert side.to_dict() == alone.to_dict() and side.interval == "wilson"
+        assert side.generations is not None and side.generations.max_new_tokens == 3
+    with pytest.raises(TypeError, match="no_such_setting"):
+        evaluate_refusal(tiny, PROMPTS[:1], PROMPTS[1:2], no_such_setting=1)  # type: ignore[call-arg]
 
 
 def test_judge_error_names_prompt_and_zero_prompts(tiny) -> None:  # type: ignore[no-untyped-def]

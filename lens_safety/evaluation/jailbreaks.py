@@ -25,13 +25,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap
-from lens_safety.evaluation.generation import GenerationEngine, Intervention
 from lens_safety.evaluation.judges import Judge
-from lens_safety.evaluation.metrics import RateResult, refusal_rate
+from lens_safety.evaluation.metrics import RateResult, RateSettings, refusal_rate
 from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSet, builtin_path
 
@@ -189,33 +188,18 @@ def attack_success_rate(
     harmful: PromptSet | Sequence[str],
     templates: Sequence[JailbreakTemplate] | None = None,
     judge: Judge | str | None = None,
-    *,
-    max_new_tokens: int = 48,
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-    intervention: Intervention | None = None,
-    progress: bool = False,
-    engine: GenerationEngine | None = None,
+    **settings: Unpack[RateSettings],
 ) -> JailbreakResult:
-    """Wrap every harmful prompt in every template, generate (with ``engine`` when given), and
-    report the non-refusal fraction."""
+    """Wrap every harmful prompt in every template, generate and judge them with
+    :func:`~lens_safety.evaluation.refusal_rate` (``settings``: any of its keywords, e.g.
+    ``max_new_tokens=48``, ``engine``), and report the non-refusal fraction."""
     requests = PromptSet.load(harmful)
     chosen = list(templates) if templates is not None else load_jailbreak_templates()
     if not chosen:
         raise LensSafetyError("no jailbreak templates given", "pass at least one template")
     wrapped = [t.wrap(p) for t in chosen for p in requests]
     template_of = [t.id for t in chosen for _ in requests]
-    rates = refusal_rate(
-        model,
-        wrapped,
-        judge,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        system_prompt=system_prompt,
-        intervention=intervention,
-        progress=progress,
-        engine=engine,
-    )
+    rates = refusal_rate(model, wrapped, judge, **settings)
     success = [0.0 if r else 1.0 for r in rates.refused]
     per_template = {
         t.id: bootstrap([s for s, owner in zip(success, template_of, strict=True) if owner == t.id])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap, wilson
@@ -26,6 +26,27 @@ from lens_safety.prompts import PromptSet
 
 IntervalMethod = Literal["bootstrap", "wilson"]
 INTERVALS: tuple[str, ...] = ("bootstrap", "wilson")
+
+
+class RateSettings(TypedDict, total=False):
+    """The keyword settings of :func:`refusal_rate` (its defaults apply to any left out), which
+    :func:`evaluate_refusal` and :func:`~lens_safety.evaluation.attack_success_rate` pass on whole."""
+
+    max_new_tokens: int
+    batch_size: int
+    system_prompt: str | None
+    intervention: Intervention | None
+    do_sample: bool
+    temperature: float
+    seed: int | None
+    progress: bool
+    interval: IntervalMethod
+    engine: GenerationEngine | None
+    share_prefix: bool
+
+
+#: the :class:`RateResult` fields its dictionary keeps (the evidence goes in its records)
+_SUMMARY_FIELDS = ("rate", "ci_low", "ci_high", "n", "judge", "interval")
 
 
 @dataclass
@@ -87,14 +108,8 @@ class RateResult:
         return rows
 
     def to_dict(self, include_completions: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "rate": self.rate,
-            "ci_low": self.ci_low,
-            "ci_high": self.ci_high,
-            "n": self.n,
-            "judge": self.judge,
-            "interval": self.interval,
-        }
+        """The rate, its interval, the judge and (with ``include_completions``) one record per completion."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in _SUMMARY_FIELDS}
         if include_completions:
             out["records"] = self.records()
         return out
@@ -209,27 +224,12 @@ def evaluate_refusal(
     harmful: PromptSet | Sequence[str],
     harmless: PromptSet | Sequence[str],
     judge: Judge | str | None = None,
-    *,
-    max_new_tokens: int = 48,
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-    intervention: Intervention | None = None,
-    progress: bool = False,
-    engine: GenerationEngine | None = None,
-    share_prefix: bool = False,
+    **settings: Unpack[RateSettings],
 ) -> RefusalEvaluation:
-    """Refusal rate on ``harmful`` and over-refusal rate on ``harmless`` prompts, same settings
-    (:func:`refusal_rate`)."""
+    """Refusal rate on ``harmful`` and over-refusal rate on ``harmless`` prompts, same judge and
+    same ``settings`` (any keyword of :func:`refusal_rate`: ``max_new_tokens=48``,
+    ``batch_size=16``, ``share_prefix`` …)."""
     the_judge = get_judge(judge)
-    settings: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
-        "system_prompt": system_prompt,
-        "intervention": intervention,
-        "progress": progress,
-        "engine": engine,
-        "share_prefix": share_prefix,
-    }
     return RefusalEvaluation(
         harmful=refusal_rate(model, harmful, the_judge, **settings),
         harmless=refusal_rate(model, harmless, the_judge, **settings),
