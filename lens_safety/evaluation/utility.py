@@ -19,6 +19,7 @@ from typing import Any
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import Intervention
+from lens_safety.models import ChatModel
 from lens_safety.sources import resolve_spec
 
 #: The ROSI paper's utility tasks (lm-eval task names).
@@ -97,12 +98,12 @@ def _samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _lm(model: Any, batch_size: int, device: str | None) -> tuple[Any, dict[str, Any]]:
+def _lm(model: ChatModel | str | Path, batch_size: int, device: str | None) -> tuple[Any, dict[str, Any]]:
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise LensSafetyError("utility benchmarks need the optional package lm-eval", INSTALL) from None
-    if hasattr(model, "hf_model") and hasattr(model, "tokenizer"):
+    if isinstance(model, ChatModel):
         lm = HFLM(pretrained=model.hf_model, tokenizer=model.tokenizer, batch_size=batch_size)
         return lm, dict(model.identity())
     path = str(model)
@@ -116,7 +117,7 @@ def _lm(model: Any, batch_size: int, device: str | None) -> tuple[Any, dict[str,
 
 
 def evaluate_utility(
-    model: Any,
+    model: ChatModel | str | Path,
     tasks: str | Sequence[str] = PAPER_TASKS,
     *,
     limit: int | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from lens_safety.records import Record
 
@@ -49,13 +49,13 @@ def harm_verdict(
     return Verdict(not harmful, 1.0 - p_unsafe, reason, "harm", harmful, p_unsafe, category)
 
 
-def judge_question(judge: Any) -> str:
+def judge_question(judge: object) -> str:
     """The question a judge answers: its ``question`` attribute, ``"refusal"`` when it has none."""
     question = getattr(judge, "question", "refusal")
     return question if question in QUESTIONS else "refusal"
 
 
-def judge_needs_prompts(judge: Any) -> bool:
+def judge_needs_prompts(judge: object) -> bool:
     """Whether a judge reads each completion's prompt (its ``needs_prompts`` attribute; guard and
     LLM judges do, keyword judges do not)."""
     return bool(getattr(judge, "needs_prompts", False))

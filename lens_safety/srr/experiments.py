@@ -13,16 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lens_safety.progress import track
 from lens_safety.records import Record
 from lens_safety.splits import category_split
 from lens_safety.srr.data import SRRDataset
-from lens_safety.srr.evaluate import evaluate
+from lens_safety.srr.evaluate import SRREvaluation, evaluate
 from lens_safety.srr.features import CONTEXTS
 from lens_safety.srr.ranker import RankerConfig
 from lens_safety.srr.train import TrainConfig, train_ranker
+
+if TYPE_CHECKING:  # plotly is optional: imported by the figures that need it
+    import plotly.graph_objects as go
 
 
 @dataclass
@@ -104,7 +107,7 @@ def category_transfer(
     }
 
 
-def sweep_figure(rows: Sequence[SweepRow], title: str = "SRR layer sweep") -> Any:
+def sweep_figure(rows: Sequence[SweepRow], title: str = "SRR layer sweep") -> go.Figure:
     """Plotly figure: pairwise accuracy and top-1 rates per layer, one line per context."""
     import plotly.graph_objects as go
 
@@ -134,14 +137,16 @@ def sweep_figure(rows: Sequence[SweepRow], title: str = "SRR layer sweep") -> An
     return figure
 
 
-def comparison_figure(evaluation: Any, title: str = "SRR ranker vs baselines") -> Any:
+def comparison_figure(
+    evaluation: SRREvaluation | dict[str, Any], title: str = "SRR ranker vs baselines"
+) -> go.Figure:
     """Plotly grouped bars: the ranker and every baseline on pairwise accuracy and the two top-1 rates.
 
     ``evaluation`` is an :class:`~lens_safety.srr.evaluate.SRREvaluation` or its ``to_dict()``.
     """
     import plotly.graph_objects as go
 
-    summary = evaluation.to_dict() if hasattr(evaluation, "to_dict") else dict(evaluation)
+    summary = evaluation.to_dict() if isinstance(evaluation, SRREvaluation) else dict(evaluation)
     rows = {"SRR ranker": summary, **summary.get("baselines", {})}
     metrics = ("pairwise_accuracy", "harmful_top1_safe", "harmless_top1_helpful")
     figure = go.Figure()

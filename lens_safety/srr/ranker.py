@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.models import ChatModel
 from lens_safety.records import Record
 
 WEIGHTS_FILE = "ranker.safetensors"
@@ -232,7 +233,7 @@ def read_ranker_record(directory: str | Path) -> dict[str, Any]:
     return dict(json.loads((path / CONFIG_FILE).read_text()))
 
 
-def load_ranker(directory: str | Path, model: Any | None = None) -> SafetyRanker:
+def load_ranker(directory: str | Path, model: ChatModel | None = None) -> SafetyRanker:
     """Load a saved ranker; with ``model`` given, refuse one trained on another base model.
 
     The check compares the base model's weights SHA-256 and width recorded at training time with
