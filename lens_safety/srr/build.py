@@ -68,40 +68,6 @@ def default_layers(model: ChatModel, ranker_layer: int | None = None) -> tuple[i
     return tuple(sorted(layers))
 
 
-def _sample(
-    model: ChatModel,
-    prompts: list[str],
-    n: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    progress: bool,
-    capture_layers: Sequence[int] | None = None,
-    pooled: bool = False,
-    engine: GenerationEngine | None = None,
-) -> tuple[list[list[str]], SampledStates | None]:
-    """Completions grouped by prompt, and their ``generated`` (and with ``pooled``
-    ``generated_mean``) features when ``capture_layers``."""
-    if n < 2:
-        raise LensSafetyError(
-            f"n = {n} candidates cannot be ranked", "sample at least 2 candidates per instruction (--n)"
-        )
-    sampled = sample_with_states(
-        model,
-        prompts,
-        n=n,
-        layers=capture_layers or (),
-        max_new_tokens=max_new_tokens,
-        batch_size=max(1, 64 // n),
-        temperature=temperature,
-        seed=seed,
-        progress=progress,
-        pooled=pooled,
-        engine=engine,
-    )
-    return sampled.generations.grouped(), sampled if capture_layers else None
-
-
 def build_dataset(
     model: ChatModel,
     harmful: PromptSet | Sequence[str] | str | None,
@@ -147,60 +113,36 @@ def build_dataset(
         raise LensSafetyError("no response context to store", f"pass some of {', '.join(CONTEXTS)}")
     for context in contexts:
         check_context(context)
-    wrapped = wrap_harmful(harmful_set, jailbreak_fraction, seed)
-    specs: list[tuple[str, str, str, str | None, str | None]] = [
-        (p, src, "harmful", cat, jb)
-        for (p, jb), src, cat in zip(
-            wrapped, harmful_set.prompts, harmful_set.categories or [None] * len(harmful_set), strict=True
+    specs = _instruction_specs(harmful_set, harmless_set, jailbreak_fraction, seed)
+    if n < 2:
+        raise LensSafetyError(
+            f"n = {n} candidates cannot be ranked", "sample at least 2 candidates per instruction (--n)"
         )
-    ]
-    specs += [
-        (p, p, "harmless", cat, None)
-        for p, cat in zip(
-            harmless_set.prompts, harmless_set.categories or [None] * len(harmless_set), strict=True
-        )
-    ]
-    if not specs:
-        raise LensSafetyError("no instructions to build lists from", "pass harmful and/or harmless prompts")
-    capture = layer_ids if set(contexts) & set(SAMPLED_CONTEXTS) else None
-    post_hoc = [c for c in contexts if c in POST_HOC_CONTEXTS]
-    samples, sampled = _sample(
+    capture = layer_ids if set(contexts) & set(SAMPLED_CONTEXTS) else ()
+    sampled = sample_with_states(
         model,
-        [s[0] for s in specs],
-        n,
-        temperature,
-        max_new_tokens,
-        seed,
-        progress,
-        capture,
+        [spec[0] for spec in specs],
+        n=n,
+        layers=capture,
+        max_new_tokens=max_new_tokens,
+        batch_size=max(1, 64 // n),
+        temperature=temperature,
+        seed=seed,
+        progress=progress,
         pooled="generated_mean" in contexts,
         engine=engine,
     )
     generation_seconds = time.perf_counter() - started
-    lists: list[CandidateList] = []
-    inst_rows: list[torch.Tensor] = []
-    resp_rows: dict[str, list[torch.Tensor]] = {c: [] for c in contexts}
-    offsets = [0]
-    for i, ((prompt, source, kind, category, jb), drawn) in enumerate(
-        track(list(zip(specs, samples, strict=True)), "reading features", len(specs), progress)
-    ):
-        keep = first_occurrences(drawn)
-        candidates = [drawn[j] for j in keep]
-        positive, reasons = label_candidates(judge_obj, kind, prompt, candidates)
-        lists.append(
-            CandidateList(prompt, source, kind, category, jb, candidates, positive, reasons, len(drawn))
-        )
-        h_resp: dict[str, torch.Tensor] = {}
-        if post_hoc:
-            h_inst, h_resp = list_features(model, prompt, candidates, layer_ids, post_hoc)
-        if sampled is not None:
-            rows = [i * n + j for j in keep]
-            h_resp.update({c: sampled.response_states(c)[rows] for c in SAMPLED_CONTEXTS if c in contexts})
-            h_inst = h_inst if post_hoc else sampled.instruction[i]
-        inst_rows.append(h_inst)
-        for context in contexts:
-            resp_rows[context].append(h_resp[context])
-        offsets.append(offsets[-1] + len(candidates))
+    lists, inst_rows, resp_rows, offsets = _featurise(
+        model,
+        judge_obj,
+        specs,
+        sampled.generations.grouped(),
+        sampled if capture else None,
+        layer_ids,
+        contexts,
+        progress,
+    )
     meta = {
         "model": model.identity(),
         "settings": {
@@ -219,10 +161,72 @@ def build_dataset(
         "total_seconds": time.perf_counter() - started,
     }
     return SRRDataset(
-        lists,
-        layer_ids,
-        torch.stack(inst_rows),
-        {c: torch.cat(v) for c, v in resp_rows.items()},
-        offsets,
-        meta,
+        lists, layer_ids, inst_rows, {c: torch.cat(v) for c, v in resp_rows.items()}, offsets, meta
     )
+
+
+#: one instruction to sample for: (prompt given, source instruction, kind, category, jailbreak id)
+_Spec = tuple[str, str, str, str | None, str | None]
+
+
+def _instruction_specs(
+    harmful: PromptSet, harmless: PromptSet, jailbreak_fraction: float, seed: int
+) -> list[_Spec]:
+    """The harmful instructions (a deterministic fraction jailbreak-wrapped), then the harmless."""
+    wrapped = wrap_harmful(harmful, jailbreak_fraction, seed)
+    specs: list[_Spec] = [
+        (p, src, "harmful", cat, jb)
+        for (p, jb), src, cat in zip(
+            wrapped, harmful.prompts, harmful.categories or [None] * len(harmful), strict=True
+        )
+    ]
+    specs += [
+        (p, p, "harmless", cat, None)
+        for p, cat in zip(harmless.prompts, harmless.categories or [None] * len(harmless), strict=True)
+    ]
+    if not specs:
+        raise LensSafetyError("no instructions to build lists from", "pass harmful and/or harmless prompts")
+    return specs
+
+
+def _featurise(
+    model: ChatModel,
+    judge: Judge,
+    specs: list[_Spec],
+    samples: list[list[str]],
+    sampled: SampledStates | None,
+    layer_ids: tuple[int, ...],
+    contexts: Sequence[str],
+    progress: bool,
+) -> tuple[list[CandidateList], torch.Tensor, dict[str, list[torch.Tensor]], list[int]]:
+    """Deduplicate and label each instruction's candidates and gather their features: the lists,
+    the instruction features ``[n_lists, n_layers, d]``, per context the response features of
+    each list, and the lists' offsets into the response rows. ``samples`` holds each instruction's
+    ``n`` drawn completions, ``sampled`` the states read while sampling them (``None`` when no
+    sampled context is stored)."""
+    post_hoc = [c for c in contexts if c in POST_HOC_CONTEXTS]
+    lists: list[CandidateList] = []
+    inst_rows: list[torch.Tensor] = []
+    resp_rows: dict[str, list[torch.Tensor]] = {c: [] for c in contexts}
+    offsets = [0]
+    for i, ((prompt, source, kind, category, jb), drawn) in enumerate(
+        track(list(zip(specs, samples, strict=True)), "reading features", len(specs), progress)
+    ):
+        keep = first_occurrences(drawn)
+        candidates = [drawn[j] for j in keep]
+        positive, reasons = label_candidates(judge, kind, prompt, candidates)
+        lists.append(
+            CandidateList(prompt, source, kind, category, jb, candidates, positive, reasons, len(drawn))
+        )
+        h_resp: dict[str, torch.Tensor] = {}
+        if post_hoc:
+            h_inst, h_resp = list_features(model, prompt, candidates, layer_ids, post_hoc)
+        if sampled is not None:
+            rows = [i * len(drawn) + j for j in keep]
+            h_resp.update({c: sampled.response_states(c)[rows] for c in SAMPLED_CONTEXTS if c in contexts})
+            h_inst = h_inst if post_hoc else sampled.instruction[i]
+        inst_rows.append(h_inst)
+        for context in contexts:
+            resp_rows[context].append(h_resp[context])
+        offsets.append(offsets[-1] + len(candidates))
+    return lists, torch.stack(inst_rows), resp_rows, offsets

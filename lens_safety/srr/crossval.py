@@ -36,7 +36,7 @@ from lens_safety.records import Record
 from lens_safety.splits import source_fold
 from lens_safety.srr.baselines import ranker_scores
 from lens_safety.srr.data import SRRDataset
-from lens_safety.srr.metrics import ranking_metrics
+from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
 from lens_safety.srr.ranker import RankerConfig
 from lens_safety.srr.train import TrainConfig, train_ranker
 
@@ -60,6 +60,24 @@ class CVCell(Record):
     n_lists_harmless: int
     margin: float
     seconds: float
+
+    @classmethod
+    def of(
+        cls,
+        layer: int,
+        context: str,
+        width: int,
+        members: int,
+        metrics: RankingMetrics,
+        bars: Sequence[float],
+        seconds: float,
+    ) -> CVCell:
+        """The cell of one setting from its pooled metrics (the metrics' fields of the same names)."""
+        carried = {name: getattr(metrics, name) for name in _CARRIED}
+        best = margin(
+            metrics.pairwise_accuracy, metrics.harmful_top1_safe, metrics.harmless_top1_helpful, bars
+        )
+        return cls(layer, context, width, members, **carried, margin=best, seconds=seconds)
 
 
 @dataclass
@@ -87,6 +105,41 @@ class CVResult:
             "n_lists": self.n_lists,
             "rule": "max min(pairwise - bar, harmful top-1 - bar, harmless top-1 - bar); ties: pairwise",
         }
+
+
+#: the :class:`RankingMetrics` fields a :class:`CVCell` keeps, by name
+_CARRIED = (
+    "pairwise_accuracy",
+    "harmful_top1_safe",
+    "harmless_top1_helpful",
+    "ndcg",
+    "n_lists_harmful",
+    "n_lists_harmless",
+)
+
+
+def _pooled_held_out(
+    mixed: SRRDataset,
+    fold: Sequence[int],
+    layer: int,
+    context: str,
+    config: RankerConfig,
+    train_config: TrainConfig,
+) -> RankingMetrics:
+    """Metrics of every list scored by the ranker trained without its fold, pooled over folds."""
+    scores: list[torch.Tensor] = []
+    positives: list[list[bool]] = []
+    kinds: list[str] = []
+    for held_out in sorted(set(fold)):
+        train_part = mixed.subset([i for i, f in enumerate(fold) if f != held_out])
+        test_part = mixed.subset([i for i, f in enumerate(fold) if f == held_out])
+        ranker, _ = train_ranker(
+            train_part, layer=layer, context=context, ranker_config=config, train_config=train_config
+        )
+        scores += ranker_scores(ranker, test_part)
+        positives += [x.positive for x in test_part.lists]
+        kinds += [x.kind for x in test_part.lists]
+    return ranking_metrics(scores, positives, kinds)
 
 
 def margin(pairwise: float, harmful: float, harmless: float, bars: Sequence[float]) -> float:
@@ -158,35 +211,8 @@ def cross_validate(
     for layer, context, width, k in track(grid, "cross-validation", len(grid), progress):
         started = time.perf_counter()
         config = replace(base, width=width, ff_width=2 * width, members=k)
-        scores: list[torch.Tensor] = []
-        positives: list[list[bool]] = []
-        kinds: list[str] = []
-        for held_out in range(folds):
-            train_part = mixed.subset([i for i, f in enumerate(fold) if f != held_out])
-            test_part = mixed.subset([i for i, f in enumerate(fold) if f == held_out])
-            ranker, _ = train_ranker(
-                train_part, layer=layer, context=context, ranker_config=config, train_config=train_config
-            )
-            scores += ranker_scores(ranker, test_part)
-            positives += [x.positive for x in test_part.lists]
-            kinds += [x.kind for x in test_part.lists]
-        m = ranking_metrics(scores, positives, kinds)
-        cells.append(
-            CVCell(
-                layer=layer,
-                context=context,
-                width=width,
-                members=k,
-                pairwise_accuracy=m.pairwise_accuracy,
-                harmful_top1_safe=m.harmful_top1_safe,
-                harmless_top1_helpful=m.harmless_top1_helpful,
-                ndcg=m.ndcg,
-                n_lists_harmful=m.n_lists_harmful,
-                n_lists_harmless=m.n_lists_harmless,
-                margin=margin(m.pairwise_accuracy, m.harmful_top1_safe, m.harmless_top1_helpful, bars),
-                seconds=time.perf_counter() - started,
-            )
-        )
+        m = _pooled_held_out(mixed, fold, layer, context, config, train_config)
+        cells.append(CVCell.of(layer, context, width, k, m, bars, time.perf_counter() - started))
     counts = {"harmful": sum(x.kind == "harmful" for x in mixed.lists)}
     counts["harmless"] = len(mixed) - counts["harmful"]
     return CVResult(cells, choose(cells), folds, (bars[0], bars[1], bars[2]), train_config.seed, counts)

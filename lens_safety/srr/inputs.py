@@ -55,13 +55,11 @@ def hashed_text_features(texts: Sequence[str], width: int) -> Float[torch.Tensor
 
 
 def list_inputs(
-    dataset: SRRDataset,
-    features: str = "hidden",
-    layer: int | None = None,
-    context: str = "with_instruction",
-    text_width: int | None = None,
+    dataset: SRRDataset, features: str, layer: int | None, context: str, text_width: int | None = None
 ) -> list[ListInput]:
-    """One :class:`ListInput` per list of ``dataset`` (see the module docstring)."""
+    """One :class:`ListInput` per list of ``dataset`` (see the module docstring): ``features``
+    ``hidden`` reads ``layer`` in the response encoding ``context``, ``text`` hashes the texts
+    into ``text_width`` buckets (default: the stored width)."""
     items: list[ListInput] = []
     if features == "hidden":
         if layer is None:
