@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -133,36 +134,38 @@ def build_dataset(
         engine=engine,
     )
     generation_seconds = time.perf_counter() - started
+    samples, states = sampled.generations.grouped(), sampled if capture else None
     lists, inst_rows, resp_rows, offsets = _featurise(
-        model,
-        judge_obj,
-        specs,
-        sampled.generations.grouped(),
-        sampled if capture else None,
-        layer_ids,
-        contexts,
-        progress,
+        model, judge_obj, specs, samples, states, layer_ids, contexts, progress
     )
-    meta = {
-        "model": model.identity(),
-        "settings": {
-            "n": n,
-            "temperature": temperature,
-            "max_new_tokens": max_new_tokens,
-            "seed": seed,
-            "jailbreak_fraction": jailbreak_fraction,
-            "judge": judge_obj.name,
-            "engine": engine.name if engine is not None else "hf",
-        },
-        "prompts": {"harmful": harmful_set.metadata(), "harmless": harmless_set.metadata()},
-        "space": "raw_hf",
-        "feature_layers_note": f"0..{model.n_layers - 1} = hook_resid_pre; {model.n_layers} = final resid_post (pre-norm)",
-        "generation_seconds": generation_seconds,
-        "total_seconds": time.perf_counter() - started,
-    }
+    settings: dict[str, Any] = {"n": n, "temperature": temperature, "max_new_tokens": max_new_tokens}
+    settings.update(seed=seed, jailbreak_fraction=jailbreak_fraction, judge=judge_obj.name)
+    settings.update(engine=engine.name if engine is not None else "hf")
+    meta = _meta(model, settings, (harmful_set, harmless_set), generation_seconds, started)
     return SRRDataset(
         lists, layer_ids, inst_rows, {c: torch.cat(v) for c, v in resp_rows.items()}, offsets, meta
     )
+
+
+def _meta(
+    model: ChatModel,
+    settings: dict[str, Any],
+    prompts: tuple[PromptSet, PromptSet],
+    generation_seconds: float,
+    started: float,
+) -> dict[str, Any]:
+    """A dataset's ``meta.json``: the model's identity, the settings, the prompt sets, the feature
+    basis and the time taken (``started``: ``time.perf_counter()`` at the start of the build)."""
+    n_layers = model.n_layers
+    return {
+        "model": model.identity(),
+        "settings": settings,
+        "prompts": {"harmful": prompts[0].metadata(), "harmless": prompts[1].metadata()},
+        "space": "raw_hf",
+        "feature_layers_note": f"0..{n_layers - 1} = hook_resid_pre; {n_layers} = final resid_post (pre-norm)",
+        "generation_seconds": generation_seconds,
+        "total_seconds": time.perf_counter() - started,
+    }
 
 
 #: one instruction to sample for: (prompt given, source instruction, kind, category, jailbreak id)
