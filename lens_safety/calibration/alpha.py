@@ -62,11 +62,11 @@ def calibrate_alpha(
             model, ``over_refusal_relative=True``), ``max_kl=0.1``, ``max_new_tokens=24``,
             ``batch_size=16``, the template's system prompt, the substring judge, no progress bar.
     """
+    bounds, measure = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     if method not in DEFAULT_ALPHAS:
         raise LensSafetyError(
             f"alpha calibration needs a strength-controlled method, got '{method}'", "use rosi or amplify"
         )
-    bounds, measure = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     grid = check_alphas(method, DEFAULT_ALPHAS[method] if alphas is None else alphas)
     specs = [
         (

@@ -164,6 +164,7 @@ def calibrate_conditional(
     :data:`CONDITIONAL_BOUNDS` (an ABSOLUTE over-refusal ceiling), 48 new tokens, batches of 16,
     the template's system prompt and the substring judge. Train and validation prompts must differ.
     """
+    setup = sweep_setup(options, CONDITIONAL_BOUNDS, max_new_tokens=48)
     values = _injection_grid(injections, refine)
     reads = find_read_directions(
         model,
@@ -174,7 +175,7 @@ def calibrate_conditional(
         end=end,
         shrinkage=shrinkage,
         template=template,
-        batch_size=options.get("batch_size", 16),
+        batch_size=setup[1]["batch_size"],
     )
     edits: dict[str, ConditionalPoint] = {}
 
@@ -193,7 +194,6 @@ def calibrate_conditional(
             return []
         return [add(reads[start], injection) for start, injection in _midpoints(points, edits)]
 
-    setup = sweep_setup(options, CONDITIONAL_BOUNDS, max_new_tokens=48)
     extra = {
         "starts": sorted(reads),
         "end": next(iter(reads.values())).end,

@@ -87,6 +87,7 @@ def calibrate_layer(
     ``layers`` / ``targets``: the edited blocks and writers; ``options``: bounds and measurement
     with the defaults of :func:`~lens_safety.calibration.calibrate_alpha`.
     """
+    setup = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     candidates = getattr(direction, "directions", None)
     if candidates is None or getattr(candidates, "ndim", 0) != 2:
         raise LensSafetyError(
@@ -98,7 +99,6 @@ def calibrate_layer(
     bad = [x for x in chosen_layers if not 0 <= x < n]
     if bad or not chosen_layers:
         raise LensSafetyError(f"candidate layers {bad or '[]'} out of range", f"use layers 0..{n - 1}")
-    setup = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     specs = [
         (
             f"layer {l}",
@@ -132,11 +132,11 @@ def calibrate_block_range(
 ) -> CalibrationResult:
     """Try editing different sets of blocks (default :func:`block_ranges`), same direction and
     alpha; ``options`` as in :func:`calibrate_layer`."""
+    setup = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     layer = getattr(direction, "layer", None)
     candidates = block_ranges(model.n_layers, layer) if ranges is None else dict(ranges)
     if not candidates:
         raise LensSafetyError("no block ranges to try", "pass at least one range")
-    setup = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
     specs = [
         (
             label,

@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
 from jaxtyping import Float
@@ -60,6 +60,12 @@ from jaxtyping import Float
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_vector
 from lens_safety.vectors import DirectionLike, direction_vector
+
+if TYPE_CHECKING:
+    from lens_safety.directions.read import ReadDirection
+
+#: a conditional-ROSI read direction: a ReadDirection (its ``.vector``) or a ``[d_model]`` tensor
+ReadVector: TypeAlias = "ReadDirection | Float[torch.Tensor, ' d_model']"
 
 EditMethod = Literal["rosi", "conditional_rosi", "amplify", "orthogonalize", "add_bias"]
 METHODS: tuple[str, ...] = (
@@ -148,7 +154,7 @@ def make_spec(
     approximate: bool = False,
     d_model: int | None = None,
     direction_layer: int | None = None,
-    read: Any = None,
+    read: ReadVector | None = None,
 ) -> EditSpec:
     """Validate inputs and build an :class:`EditSpec` (see the module docstring for the maths)."""
     if method not in METHODS:
@@ -189,7 +195,9 @@ def make_spec(
         layers=None if layers is None else tuple(int(x) for x in layers),
         approximate=approximate,
         direction_layer=None if direction_layer is None else int(direction_layer),
-        read=None if read is None else unit_direction(getattr(read, "vector", read), int(unit.shape[0])),
+        read=None
+        if read is None
+        else unit_direction(torch.as_tensor(getattr(read, "vector", read)), int(unit.shape[0])),
     )
 
 
@@ -198,7 +206,7 @@ def rosi(direction: DirectionLike, alpha: float, **kwargs: Any) -> EditSpec:
     return make_spec("rosi", direction, alpha=alpha, **kwargs)
 
 
-def conditional_rosi(direction: DirectionLike, read: Any, alpha: float, **kwargs: Any) -> EditSpec:
+def conditional_rosi(direction: DirectionLike, read: ReadVector, alpha: float, **kwargs: Any) -> EditSpec:
     """Conditional ROSI ``W' = (I + alpha s_hat g^T) W`` on every attention/MLP output.
 
     ``read`` is the unit read direction ``g`` (a tensor, or a

@@ -6,6 +6,7 @@ written here). Inputs are lens-safety results; vectors are in the raw HF residua
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -240,6 +241,6 @@ def projection_scatter(
     return fig
 
 
-def figure_html(fig: Any, path: Any, *, embed_plotlyjs: bool = True) -> None:
+def figure_html(fig: go.Figure, path: str | os.PathLike[str], *, embed_plotlyjs: bool = True) -> None:
     """Write a figure as standalone HTML (plotly.js embedded, so it opens offline)."""
     fig.write_html(str(path), include_plotlyjs=True if embed_plotlyjs else "cdn", full_html=True)
