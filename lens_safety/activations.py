@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypedDict, Unpack
 
 import torch
 from jaxtyping import Float
@@ -306,76 +306,84 @@ def _read_batch(
     return torch.stack(states, dim=1)
 
 
-def collect_activations(
-    model: ChatModel,
-    prompts: PromptSet | Sequence[str],
-    *,
-    layers: Sequence[int] | None = None,
-    positions: PositionSpec = (-1,),
-    hook: HookName = "resid_pre",
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-    progress: bool = False,
-    reader: ResidualReader | None = None,
-) -> Activations:
-    """Read residual activations ``[n_prompts, n_layers, n_positions, d_model]`` (raw HF basis).
+class ReadOptions(TypedDict, total=False):
+    """What a residual read takes besides the model and the prompts (every key optional).
 
-    Args:
-        model: a loaded :class:`~lens_safety.models.ChatModel`.
-        prompts: instructions (formatted here with the chat template).
+    Keys:
         layers: block indices (default: all). ``resid_pre`` of layer ``l`` is HF ``hidden_states[l]``.
-        positions: negative offsets from the end of the prompt, or ``"post_instruction"``.
+        positions: negative offsets from the end of the prompt, or ``"post_instruction"``
+            (default ``(-1,)``, the last token).
         hook: ``resid_pre`` (default), ``resid_mid``, ``resid_post``, ``attn_out`` or ``mlp_out``.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (default 16).
         system_prompt: overrides the formatter's default system prompt.
-        progress: show a progress bar.
+        progress: show a progress bar (default off).
         reader: read through another engine (:class:`ResidualReader`, e.g. vLLM) instead of the
             bridge's hooks.
     """
-    prompt_set, layer_ids, pos, chunks = _read_all(
-        model, prompts, layers, positions, hook, batch_size, system_prompt, progress, reader
-    )
-    return Activations(
-        torch.cat(list(chunks)), layer_ids, pos, hook, _space(model), prompt_set, system_prompt
-    )
+
+    layers: Sequence[int] | None
+    positions: PositionSpec
+    hook: HookName
+    batch_size: int
+    system_prompt: str | None
+    progress: bool
+    reader: ResidualReader | None
+
+
+def collect_activations(
+    model: ChatModel, prompts: PromptSet | Sequence[str], **options: Unpack[ReadOptions]
+) -> Activations:
+    """Read residual activations ``[n_prompts, n_layers, n_positions, d_model]`` (raw HF basis) of
+    ``prompts`` (instructions, formatted here with the chat template); ``options``: :class:`ReadOptions`."""
+    read = _read_all(model, prompts, **options)
+    tensor = torch.cat(list(read.chunks))
+    return Activations(tensor, *read.layout(model), read.prompts, read.system_prompt)
 
 
 def sum_activations(
-    model: ChatModel,
-    prompts: PromptSet | Sequence[str],
-    *,
-    layers: Sequence[int] | None = None,
-    positions: PositionSpec = (-1,),
-    hook: HookName = "resid_pre",
-    batch_size: int = 16,
-    system_prompt: str | None = None,
-    progress: bool = False,
-    reader: ResidualReader | None = None,
+    model: ChatModel, prompts: PromptSet | Sequence[str], **options: Unpack[ReadOptions]
 ) -> ActivationSums:
-    """Streaming mode: float64 per-(layer, position) sums; memory flat in the number of prompts."""
-    _, layer_ids, pos, chunks = _read_all(
-        model, prompts, layers, positions, hook, batch_size, system_prompt, progress, reader
-    )
-    sums = torch.zeros(len(layer_ids), len(pos), model.d_model, dtype=torch.float64)
+    """Streaming mode of :func:`collect_activations` (same options): float64 per-(layer, position)
+    sums; memory flat in the number of prompts."""
+    read = _read_all(model, prompts, **options)
+    sums = torch.zeros(len(read.layers), len(read.positions), model.d_model, dtype=torch.float64)
     count = 0
-    for chunk in chunks:
+    for chunk in read.chunks:
         sums += chunk.double().sum(0)
         count += chunk.shape[0]
-    return ActivationSums(sums, count, layer_ids, pos, hook, _space(model))
+    return ActivationSums(sums, count, *read.layout(model))
+
+
+@dataclass
+class _Read:
+    """A validated read request and its lazy stream of per-batch reads."""
+
+    prompts: PromptSet
+    layers: tuple[int, ...]
+    positions: tuple[int, ...]
+    hook: str
+    system_prompt: str | None
+    chunks: Iterator[Float[torch.Tensor, "batch n_layers n_positions d_model"]]
+
+    def layout(self, model: ChatModel) -> tuple[tuple[int, ...], tuple[int, ...], str, str]:
+        """``(layers, positions, hook, space)``: the axes and basis of every result of the read."""
+        space = "processed" if model.compatibility_mode else "raw_hf"
+        return self.layers, self.positions, self.hook, space
 
 
 def _read_all(
     model: ChatModel,
     prompts: PromptSet | Sequence[str],
-    layers: Sequence[int] | None,
-    positions: PositionSpec,
-    hook: str,
-    batch_size: int,
-    system_prompt: str | None,
-    progress: bool,
+    *,
+    layers: Sequence[int] | None = None,
+    positions: PositionSpec = (-1,),
+    hook: HookName = "resid_pre",
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    progress: bool = False,
     reader: ResidualReader | None = None,
-) -> tuple[PromptSet, tuple[int, ...], tuple[int, ...], Iterator[torch.Tensor]]:
-    """Validate the request; return the prompts, layers, positions and a lazy stream of batch reads."""
+) -> _Read:
+    """Validate the request (the defaults of :class:`ReadOptions` are these); nothing is read yet."""
     prompt_set = PromptSet.load(prompts)
     layer_ids = resolve_layers(model, layers)
     pos = resolve_positions(model, positions, system_prompt)
@@ -386,8 +394,5 @@ def _read_all(
         enabled=progress,
     )
     read = reader.read if reader is not None else _read_batch
-    return prompt_set, layer_ids, pos, (read(model, batch, layer_ids, pos, hook) for batch in encoded)
-
-
-def _space(model: ChatModel) -> str:
-    return "processed" if model.compatibility_mode else "raw_hf"
+    chunks = (read(model, batch, layer_ids, pos, hook) for batch in encoded)
+    return _Read(prompt_set, layer_ids, pos, hook, system_prompt, chunks)
