@@ -48,7 +48,6 @@ class WriterTensor(Record):
     transposed: bool = False
 
 
-
 @dataclass(frozen=True)
 class ResidualWriter(Record):
     """One module (or fused expert tensor) that adds its output to the residual stream.
@@ -104,7 +103,6 @@ class ResidualWriter(Record):
     def tensors(self) -> tuple[WriterTensor, ...]:
         """The checkpoint tensors an edit of this writer rewrites."""
         return self.stored or self.live_tensors()
-
 
 
 @dataclass(frozen=True)
