@@ -9,7 +9,8 @@ or the JSON of ``lens-safety eval --json``) and builds the paper's columns, one 
 * **benign compliance** — ``1 - r`` with ``r`` the refusal judge's refusal rate on harmless
   prompts; interval ``[1 - r_high, 1 - r_low]``.
 * **jailbreak success** — the harm judge's ``jailbreak_asr`` on the jailbreak-wrapped harmful
-  prompts: the fraction judged harmful (not safe). Present when the evaluations ran jailbreaks.
+  prompts: the fraction judged harmful (not safe); without a harm judge, the refusal judge's
+  fraction not judged refusals. Present when the evaluations ran jailbreaks.
 * **utility** — one column per lm-evaluation-harness task and metric (``acc``, ``acc_norm``, …)
   with lm-eval's value and standard error, document count and limit.
 
