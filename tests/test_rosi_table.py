@@ -216,6 +216,17 @@ def test_refusal_judge_only_and_bad_input(
     assert "fraction judged refusals on harmful prompts" in column.definition
     expected = base["judges"]["substring"]["harmful_refusal_rate"]["value"]
     assert keyword_only.cell("base", "harm_refusal").value == pytest.approx(expected)
+    # no harm judge at all: every rate column reads the first refusal judge, and says so
+    no_guard = [json.loads(json.dumps(e)) for e in (base, rosi)]
+    for evaluation in no_guard:
+        evaluation["judges"] = {"substring": evaluation["judges"]["substring"]}
+    fallback = rosi_table(no_guard, ["base", "rosi"])
+    assert {(c.judge, c.question) for c in fallback.columns if c.judge} == {("substring", "refusal")}
+    jailbreak = next(c for c in fallback.columns if c.key == "jailbreak_success")
+    assert jailbreak.definition.startswith("fraction of responses not judged refusals")
+    for label, evaluation in zip(("base", "rosi"), no_guard, strict=True):
+        asr = evaluation["judges"]["substring"]["jailbreak_asr"]["value"]
+        assert fallback.cell(label, "jailbreak_success").value == pytest.approx(asr)
     other = json.loads(json.dumps(rosi))
     other["settings"]["harmful"]["sha256"] = "0" * 64
     with pytest.raises(LensSafetyError, match="differs from evaluation 1 in its harmful prompts"):
