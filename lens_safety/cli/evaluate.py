@@ -53,7 +53,7 @@ UtilityOpt = Annotated[
     typer.Option(
         "--utility",
         help="lm-evaluation-harness tasks, comma-separated (e.g. mmlu,hellaswag,arc_easy,arc_challenge,"
-        "boolq; 'paper' = those five). Needs pip install 'lens-safety[utility]'.",
+        "boolq; 'paper' = those five). Needs pip install 'lens-safety\\[utility]'.",
     ),
 ]
 UtilityLimitOpt = Annotated[
