@@ -15,9 +15,7 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free, staged_directory
 
 if TYPE_CHECKING:
-    from lens_safety.models import ChatModel
     from lens_safety.prompts import PromptSet
-    from lens_safety.srr.data import SRRDataset
     from lens_safety.srr.ranker import RankerConfig
 
 HARMFUL_INSTRUCTIONS = "Harmful instructions: file or builtin:harmful[:split]"
@@ -99,6 +97,7 @@ OptionalSeedOpt = Annotated[int | None, typer.Option("--seed")]
 
 
 def _prompts(spec: str | None, limit: int | None) -> PromptSet | None:
+    """An instruction set (``None`` when not given), whole or ``--limit`` instructions evenly spaced."""
     from lens_safety.prompts import PromptSet
 
     if spec is None:
@@ -112,14 +111,18 @@ def _prompts(spec: str | None, limit: int | None) -> PromptSet | None:
     return prompts.subset([i * len(prompts) // limit for i in range(limit)])
 
 
-def _build_lists(
-    model: ChatModel, harmful: str | None, harmless: str | None, limit: int | None, **build: Any
-) -> SRRDataset:
-    """:func:`~lens_safety.srr.build.build_dataset` on the instruction sets (``--limit``: evenly
-    spaced), with a progress bar; ``build``: its sampling, judge and feature options."""
-    from lens_safety.srr.build import build_dataset
-
-    return build_dataset(model, _prompts(harmful, limit), _prompts(harmless, limit), progress=True, **build)
+def _sampling(
+    n: int, temperature: float, max_new_tokens: int, seed: int, jailbreak_fraction: float
+) -> dict[str, Any]:
+    """The sampling keywords of :func:`~lens_safety.srr.build.build_dataset`, which ``srr build-data``
+    and ``srr eval`` take as the same options."""
+    return {
+        "n": n,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "jailbreak_fraction": jailbreak_fraction,
+    }
 
 
 @srr_app.command("build-data")
@@ -146,6 +149,7 @@ def build_data(
 ) -> None:
     """Sample, label and featurise candidate lists for harmful and/or harmless instructions."""
     from lens_safety.evaluation.vllm_engine import engine_for, require_engine_name
+    from lens_safety.srr.build import build_dataset
     from lens_safety.srr.features import CONTEXTS
 
     require_engine_name(engine)
@@ -157,20 +161,16 @@ def build_data(
     chat_model = load_cli_model(model, device, dtype, selfcheck=True)
     generator = engine_for(engine, chat_model)
     try:
-        dataset = _build_lists(
+        dataset = build_dataset(
             chat_model,
-            harmful,
-            harmless,
-            limit,
-            n=n,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            jailbreak_fraction=jailbreak_fraction,
+            _prompts(harmful, limit),
+            _prompts(harmless, limit),
+            **_sampling(n, temperature, max_new_tokens, seed, jailbreak_fraction),
             judge=judge,
             layers=None if layers is None else parse_list(layers, "--layers", int, "0,6,12"),
             contexts=chosen_contexts,
             engine=generator,
+            progress=True,
         )
     finally:
         if generator is not None:
@@ -293,7 +293,7 @@ def eval_command(
 ) -> None:
     """Build lists for held-out prompts with the ranker's base model and score ranker and baselines."""
     from lens_safety.srr.baselines import load_baselines
-    from lens_safety.srr.build import default_layers
+    from lens_safety.srr.build import build_dataset, default_layers
     from lens_safety.srr.combine import load_datasets
     from lens_safety.srr.evaluate import evaluate
     from lens_safety.srr.ranker import check_base_model, load_ranker, read_ranker_record
@@ -312,18 +312,14 @@ def eval_command(
     else:
         model = load_cli_model(str(base.get("spec", "")), device, None)
         load_ranker(ranker_dir, model)  # refuses a ranker trained on another model
-        dataset = _build_lists(
+        dataset = build_dataset(
             model,
-            harmful,
-            harmless,
-            limit,
-            n=n,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            jailbreak_fraction=jailbreak_fraction,
+            _prompts(harmful, limit),
+            _prompts(harmless, limit),
+            **_sampling(n, temperature, max_new_tokens, seed, jailbreak_fraction),
             judge=judge or "substring",
             layers=default_layers(model, record["config"].get("layer")),
+            progress=True,
         )
         if save_data is not None:
             dataset.save(save_data)
