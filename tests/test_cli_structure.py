@@ -70,3 +70,16 @@ def test_the_shared_parsers_accept_their_forms_and_name_the_option_when_they_ref
         parse_list("wide", "--widths", int, "64,256")
     with pytest.raises(LensSafetyError, match=r"cannot parse --bars '0.9,high'.*comma-separated floats"):
         parse_list("0.9,high", "--bars", float, "0.9,0.95,0.9")
+
+
+def test_every_typer_option_is_declared_once() -> None:
+    """An option with the same type, flag and help is one alias (shared ones in ``cli/options.py``),
+    not a copy per module or per command."""
+    places: dict[str, list[str]] = {}
+    for path in sorted(CLI.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "Annotated":
+                places.setdefault(ast.dump(node), []).append(f"{path.name}:{node.lineno}")
+    assert len(places) > 100  # the walk sees the declarations
+    copies = [", ".join(where) for where in places.values() if len(where) > 1]
+    assert copies == [], "\n".join(copies)

@@ -46,6 +46,7 @@ SystemPromptOpt = Annotated[
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 OverwriteFilesOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+OverwriteOutOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")]
 
 # prompt sets and the edit jobs (directions, probe, rosi, ablate, conditional-rosi)
 HarmfulOpt = Annotated[

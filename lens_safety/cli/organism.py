@@ -100,7 +100,6 @@ InstallOpt = Annotated[
 AdapterOpt = Annotated[
     Path | None, typer.Option("--adapter", help="Adapter directory (default: the shipped one).")
 ]
-OverwriteOutOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")]
 
 
 @organism_app.command("train")
@@ -117,7 +116,7 @@ def train(
     evaluate: EvaluateOpt = True,
     like: LikeOpt = "smollm2-refusal",
     install: InstallOpt = False,
-    overwrite: OverwriteOutOpt = False,
+    overwrite: options.OverwriteOutOpt = False,
     json: options.JsonOpt = False,
 ) -> None:
     """Retrain the organism's LoRA adapter (seeded, CPU) and report whether it matches the shipped one."""

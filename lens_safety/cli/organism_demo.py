@@ -45,7 +45,6 @@ DemoOutOpt = Annotated[
     Path | None,
     typer.Option("--out", help="Keep the verified repaired models as OUT/rosi and OUT/conditional-rosi."),
 ]
-OverwriteOutOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")]
 AlphasOpt = Annotated[
     str | None,
     typer.Option("--alphas", help="ROSI strengths swept on val for the repair (default 3,10,30,100)."),
@@ -160,7 +159,7 @@ def demo_cmd(
     quick: QuickOpt = False,
     organism: OrganismOpt = None,
     out: DemoOutOpt = None,
-    overwrite: OverwriteOutOpt = False,
+    overwrite: options.OverwriteOutOpt = False,
     limit: options.OrganismLimitOpt = None,
     layer: DemoLayerOpt = None,
     alphas: AlphasOpt = None,
