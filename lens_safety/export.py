@@ -40,7 +40,7 @@ from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors
 from lens_safety.edits.memory import applied_edit, write_stored
 from lens_safety.edits.spec import EditSpec
 from lens_safety.edits.stored import live_groups
-from lens_safety.edits.targets import compute_edit, target_parameters
+from lens_safety.edits.targets import compute_edit, inexact_writers, target_parameters
 from lens_safety.errors import LensSafetyError
 from lens_safety.export_files import (
     GENERATED_FILES,
@@ -222,7 +222,8 @@ def verify_export(
 def _plan(model: ChatModel, spec: EditSpec, extra_files: Mapping[str, str]) -> tuple[bool, bool]:
     """``(untie, exact)`` of exporting ``spec``, checked before anything is written: the direction's
     width, the edited writers, and plain unused names for ``extra_files``. ``untie``: the edit
-    changes a tied token embedding; ``exact``: no post-norm or fixed-with writer is orthogonalised."""
+    changes a tied token embedding; ``exact``: no edited writer is one where the method's weight edit
+    is inexact (:func:`~lens_safety.edits.targets.inexact_writers`)."""
     if int(spec.direction.shape[0]) != model.d_model:
         raise LensSafetyError(
             f"direction has width {spec.direction.shape[0]} but the model's residual width is {model.d_model}",
@@ -230,9 +231,7 @@ def _plan(model: ChatModel, spec: EditSpec, extra_files: Mapping[str, str]) -> t
         )
     touched = target_parameters(spec, checkpoint_writers(model), model.n_layers)
     untie = model.arch.tied_embeddings and any(w.kind == "embed" for w, _ in touched.values())
-    exact = (
-        not any(w.post_norm or w.fixed_with for w, _ in touched.values()) or spec.method != "orthogonalize"
-    )
+    exact = not inexact_writers(spec, [w for w, _ in touched.values()])
     for name in extra_files:
         taken = name in GENERATED_FILES or (model.hf_path / name).exists() or name.endswith(".safetensors")
         if Path(name).name != name or taken:

@@ -15,19 +15,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lens_safety.edits.methods import EDIT_METHODS
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.table import RosiTable
 from lens_safety.fsutil import write_file_atomic
 
 #: measurement keys that describe the rates rather than being measured values
 _RATE_CONTEXT = ("judge", "question", "prompts", "n_test")
-
-_FORMULAS = {
-    "rosi": "W' = W + alpha * s_hat * w_bar^T, w_bar = mean over the d_model rows of the original W (ROSI)",
-    "amplify": "W' = (I + alpha * s_hat s_hat^T) W (projection amplification)",
-    "orthogonalize": "W' = (I - s_hat s_hat^T) W (weight orthogonalisation, 'abliteration')",
-    "add_bias": "b' = b + coeff * r (activation addition baked into an output bias; alpha = coeff * |r|)",
-}
 
 
 def _value(value: Any) -> str:
@@ -178,6 +172,14 @@ def record_measurements(
 def render_model_card(edit: Mapping[str, Any]) -> str:
     """Markdown model card from an ``edit.json`` record (see :func:`lens_safety.export.export_edit`)."""
     method = str(edit["method"])
+    kind = EDIT_METHODS.get(method)
+    formula = method if kind is None else kind.formula
+    applied = (
+        "applied to the output bias of each edited module"
+        if kind is not None and not kind.rank_one
+        else "applied to every write vector of the edited modules "
+        "(weight columns / Conv1D rows / embedding rows, and biases as `b' = M b`)"
+    )
     base = edit.get("base_model", "?")
     verification = edit.get("verification", {})
     lines = [
@@ -192,8 +194,7 @@ def render_model_card(edit: Mapping[str, Any]) -> str:
         "",
         "## What was done",
         "",
-        f"- Formula: `{_FORMULAS.get(method, method)}`, applied to every write vector of the edited modules "
-        "(weight columns / Conv1D rows / embedding rows, and biases as `b' = M b`).",
+        f"- Formula: `{formula}`, {applied}.",
         f"- `s_hat`: unit direction in the raw Hugging Face residual basis (SHA-256 `{edit.get('direction_sha256', '?')}`), "
         f"read at layer {edit.get('layer')}; stored in `direction.safetensors` / `direction.json`.",
         f"- alpha: {_value(edit.get('alpha'))}; targets: {', '.join(edit.get('targets', []))}; "
@@ -208,8 +209,8 @@ def render_model_card(edit: Mapping[str, Any]) -> str:
         )
     if edit.get("exact") is False:
         lines.append(
-            "- APPROXIMATE: some edited writers pass through a post-norm (Gemma 2/3), so the weight edit is "
-            "not an exact residual-stream edit."
+            "- APPROXIMATE: some edited writers pass through a post-norm (Gemma 2/3) or are joined by a "
+            "weightless write, so the weight edit is not an exact residual-stream edit."
         )
     lines += [
         "",

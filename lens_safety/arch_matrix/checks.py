@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from lens_safety.activations import forward
 from lens_safety.edits import orthogonalize, rosi
 from lens_safety.edits.checkpoint import checkpoint_writers, weight_shards
-from lens_safety.edits.spec import DEFAULT_TARGETS
+from lens_safety.edits.methods import edit_method
 from lens_safety.errors import LensSafetyError
 from lens_safety.export import export_edit
 from lens_safety.interventions import ablation_hook_points
@@ -102,7 +102,7 @@ def check_formula(
     edited, or any other stored tensor changed at all (compared tensor by tensor, bitwise)."""
     record = json.loads((out / "edit.json").read_text())
     edited = set(record["edited_parameters"])
-    kinds = DEFAULT_TARGETS[method]
+    kinds = edit_method(method).default_targets
     tensors = {t.key: (w, t) for w in checkpoint_writers(model) for t in w.tensors}
     expected_keys = {k for k, (w, _) in tensors.items() if w.kind in kinds}
     if edited != expected_keys:

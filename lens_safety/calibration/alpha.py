@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Unpack
 
@@ -14,25 +13,10 @@ from lens_safety.calibration.results import (
     sweep_setup,
 )
 from lens_safety.calibration.sweep import failure_reason, fallback_point, measure_sweep
-from lens_safety.edits import make_spec
+from lens_safety.edits import edit_method, make_spec
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.vectors import DirectionLike
-
-
-def check_alphas(method: str, alphas: Sequence[float]) -> tuple[float, ...]:
-    values = sorted({float(a) for a in alphas})
-    if not values:
-        raise LensSafetyError("no alphas to sweep", "pass at least one alpha")
-    for a in values:
-        if not math.isfinite(a):
-            raise LensSafetyError(f"alpha must be a finite number, got {a}", "pass finite alphas")
-        if method == "rosi" and a <= 0:
-            raise LensSafetyError(
-                f"ROSI alphas must be > 0, got {a} (0 is the baseline, measured anyway; < 0 removes safety)",
-                "pass positive alphas",
-            )
-    return tuple(values)
 
 
 def calibrate_alpha(
@@ -54,8 +38,11 @@ def calibrate_alpha(
         direction: a ``Direction`` (its unit ``.direction`` and ``.layer``) or a ``[d_model]`` tensor,
             raw HF residual basis, sign toward refusal.
         harmful_val, harmless_val: validation prompts (any :meth:`PromptSet.load` source).
-        method: ``rosi`` (``W + alpha s w_bar^T``) or ``amplify`` (``(I + alpha s s^T) W``).
-        alphas: strengths to try (default :data:`DEFAULT_ALPHAS`; swept in increasing order).
+        method: an edit method with a calibration grid (``default_alphas`` in
+            :data:`~lens_safety.edits.methods.EDIT_METHODS`): ``rosi`` (``W + alpha s w_bar^T``) or
+            ``amplify`` (``(I + alpha s s^T) W``).
+        alphas: strengths to try (default: the method's ``default_alphas``, :data:`DEFAULT_ALPHAS`;
+            swept in increasing order).
         layers: blocks whose writers are edited (``None``: all); targets: writer kinds or names.
         options: the bounds and the measurement (:class:`SweepOptions`); defaults
             ``target_refusal=0.9``, ``max_over_refusal=0.1`` (the accepted RISE over the unedited
@@ -63,11 +50,13 @@ def calibrate_alpha(
             ``batch_size=16``, the template's system prompt, the substring judge, no progress bar.
     """
     bounds, measure = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
-    if method not in DEFAULT_ALPHAS:
+    kind = edit_method(method)
+    if kind.default_alphas is None:
         raise LensSafetyError(
-            f"alpha calibration needs a strength-controlled method, got '{method}'", "use rosi or amplify"
+            f"alpha calibration needs a strength-controlled method, got '{method}'",
+            f"use {' or '.join(DEFAULT_ALPHAS)}",
         )
-    grid = check_alphas(method, DEFAULT_ALPHAS[method] if alphas is None else alphas)
+    grid = kind.check_sweep(kind.default_alphas if alphas is None else alphas)
     specs = [
         (
             f"alpha={a:g}",

@@ -6,14 +6,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
+from lens_safety.edits.methods import EDIT_METHODS
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.judges import Judge
 from lens_safety.records import Record
 
-#: log-spaced ROSI strengths (|w_bar| is tiny, so useful alphas are large; see the module docstring)
+#: each calibrated method's log-spaced grid of strengths (ROSI's are large: |w_bar| is tiny); a view
+#: of ``default_alphas`` in :data:`lens_safety.edits.methods.EDIT_METHODS`
 DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {
-    "rosi": (3.0, 10.0, 30.0, 100.0),
-    "amplify": (0.03, 0.1, 0.3, 1.0),
+    m.name: m.default_alphas for m in EDIT_METHODS.values() if m.default_alphas is not None
 }
 KL_KIND = "first-token KL(unedited || edited) at the last prompt position, nats, mean over harmless prompts"
 

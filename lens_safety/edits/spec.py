@@ -43,8 +43,10 @@ TransformerLens-centred writer is exactly zero, so ROSI is always computed from 
 weights on disk (``model.hf_path``), never from compatibility-mode (processed) weights.
 
 Gemma 2/3 writers (and Bloom's embedding) pass through a norm (``ResidualWriter.post_norm``): there a weight edit is
-not a residual edit. ``orthogonalize`` refuses such writers unless ``approximate=True``, which the
-export records (``exact: false``); ROSI/amplify apply the formula to the weight as the paper does.
+not a residual edit. ``orthogonalize`` and ``add_bias`` refuse such writers unless ``approximate=True``,
+which the export records (``exact: false``); ROSI/amplify apply the formula to the weight as the paper
+does. Everything that differs between methods (alpha ranges, ``(a, u, g)``, default targets and
+alphas, exactness) is one object per method in :data:`lens_safety.edits.methods.EDIT_METHODS`.
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from jaxtyping import Float
 
+from lens_safety.edits.methods import EDIT_METHODS, MethodName, edit_method
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_vector
 from lens_safety.vectors import DirectionLike, direction_vector
@@ -67,21 +70,10 @@ if TYPE_CHECKING:
 #: a conditional-ROSI read direction: a ReadDirection (its ``.vector``) or a ``[d_model]`` tensor
 ReadVector: TypeAlias = "ReadDirection | Float[torch.Tensor, ' d_model']"
 
-EditMethod = Literal["rosi", "conditional_rosi", "amplify", "orthogonalize", "add_bias"]
-METHODS: tuple[str, ...] = (
-    "rosi",
-    "conditional_rosi",
-    "amplify",
-    "orthogonalize",
-)  # rank-one writer edits (make_spec)
-WRITER_KINDS: tuple[str, ...] = ("embed", "pos_embed", "attn_out", "mlp_out", "mixer_out")
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "rosi": ("attn_out", "mlp_out", "mixer_out"),
-    "conditional_rosi": ("attn_out", "mlp_out", "mixer_out"),
-    "amplify": ("attn_out", "mlp_out", "mixer_out"),
-    "orthogonalize": ("embed", "pos_embed", "attn_out", "mlp_out", "mixer_out"),
-    "add_bias": ("mlp_out",),
-}
+#: the names of :data:`~lens_safety.edits.methods.EDIT_METHODS` (every method :func:`make_spec` builds)
+METHODS: tuple[str, ...] = tuple(EDIT_METHODS)
+#: each method's default writer kinds (a view of the registry)
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {m.name: m.default_targets for m in EDIT_METHODS.values()}
 
 
 def unit_direction(direction: DirectionLike, d_model: int | None = None) -> Float[torch.Tensor, " d_model"]:
@@ -107,19 +99,21 @@ class EditSpec:
     """A serialisable weight edit.
 
     Attributes:
-        method: ``rosi``, ``amplify`` or ``orthogonalize``.
+        method: a name of :data:`~lens_safety.edits.methods.EDIT_METHODS`.
         direction: unit ``[d_model]`` float64 vector in the raw HF residual basis.
-        alpha: strength (``rosi``: >= 0; ``amplify``: >= -1; ``orthogonalize``: unused, 1.0).
+        alpha: strength (``rosi``: >= 0; ``amplify``: >= -1; ``orthogonalize``: unused, 1.0;
+            :meth:`EditMethod.check_alpha <lens_safety.edits.methods.EditMethod.check_alpha>`).
         targets: writer kinds (``embed``, ``pos_embed``, ``attn_out``, ``mlp_out``) or writer names
-            (``blocks.3.attn.o``); default depends on the method (see :data:`DEFAULT_TARGETS`).
+            (``blocks.3.attn.o``); default: the method's ``default_targets``.
         layers: blocks whose writers are edited (``None``: all); embeddings are not blocks and
             are edited whenever they are targeted.
-        approximate: allow orthogonalising post-norm writers (Gemma 2/3), where it is inexact.
+        approximate: allow a method that is inexact on post-norm / fixed-with writers
+            (``orthogonalize``, ``add_bias``: ``exact_on_post_norm`` false) to edit them anyway.
         direction_layer: the layer the direction was read at (recorded, not used by the maths).
         read: ``conditional_rosi`` only: the unit ``[d_model]`` float64 read direction ``g``.
     """
 
-    method: EditMethod
+    method: MethodName
     direction: Float[torch.Tensor, " d_model"]
     alpha: float = 1.0
     targets: tuple[str, ...] = ()
@@ -156,39 +150,25 @@ def make_spec(
     direction_layer: int | None = None,
     read: ReadVector | None = None,
 ) -> EditSpec:
-    """Validate inputs and build an :class:`EditSpec` (see the module docstring for the maths)."""
-    if method not in METHODS:
-        raise LensSafetyError(f"unknown edit method '{method}'", f"use one of {', '.join(METHODS)}")
-    if (read is None) == (method == "conditional_rosi"):
+    """Validate inputs and build an :class:`EditSpec` (see the module docstring for the maths).
+
+    ``method`` is looked up in :data:`~lens_safety.edits.methods.EDIT_METHODS`, which validates
+    ``alpha`` and supplies the default ``targets``; ``read`` is required by (and only accepted
+    for) a method that ``needs_read``.
+    """
+    kind = edit_method(method)
+    if (read is None) == kind.needs_read:
         raise LensSafetyError(
             f"a read direction is {'needed' if read is None else 'only used'} by conditional_rosi (method {method})",
             "pass read= with method conditional_rosi only (find_read_direction estimates one)",
         )
-    value = 1.0 if alpha is None else float(alpha)
-    if not math.isfinite(value):
-        raise LensSafetyError(f"alpha must be a finite number, got {alpha}", "pass a finite alpha")
-    if method in ("rosi", "conditional_rosi") and value < 0:
-        raise LensSafetyError(
-            f"ROSI alpha must be >= 0, got {value} (a negative alpha removes safety)",
-            "pass alpha >= 0; to push away from refusal use orthogonalize instead",
-        )
-    if method == "amplify" and value < -1:
-        raise LensSafetyError(
-            f"amplify alpha must be >= -1, got {value} (below -1 flips the direction)", "pass alpha >= -1"
-        )
-    if method == "orthogonalize" and alpha is not None and value != 1.0:
-        raise LensSafetyError(
-            f"orthogonalize takes no strength (got alpha={alpha})",
-            "drop alpha, or use amplify with alpha in [-1, 0)",
-        )
+    value = kind.check_alpha(alpha)
     if direction_layer is None:
         direction_layer = getattr(direction, "layer", None)
-    chosen = tuple(targets) if targets else DEFAULT_TARGETS[method]
-    if method == "orthogonalize":
-        value = 1.0
+    chosen = tuple(targets) if targets else kind.default_targets
     unit = unit_direction(direction, d_model)
     return EditSpec(
-        method=method,  # type: ignore[arg-type]
+        method=kind.name,
         direction=unit,
         alpha=value,
         targets=chosen,
@@ -228,20 +208,15 @@ def orthogonalize(direction: DirectionLike, **kwargs: Any) -> EditSpec:
 
 
 def _coefficients(
-    spec: EditSpec, d_model: int
-) -> tuple[float, Float[torch.Tensor, " d_model"], Float[torch.Tensor, " d_model"]]:
-    s = spec.direction.to(torch.float64)
-    if spec.method == "rosi":
-        return spec.alpha, s, torch.full((d_model,), 1.0 / d_model, dtype=torch.float64)
-    if spec.method == "conditional_rosi":
-        if spec.read is None:
-            raise LensSafetyError(
-                "conditional_rosi needs a read direction", "build it with conditional_rosi()"
-            )
-        return spec.alpha, s, spec.read.to(torch.float64)
-    if spec.method == "amplify":
-        return spec.alpha, s, s
-    return -1.0, s, s
+    spec: EditSpec,
+) -> tuple[float, Float[torch.Tensor, " d_model"], Float[torch.Tensor, " d_model"]] | None:
+    """``(a, u, g)`` of the spec's rank-one update (:meth:`EditMethod.coefficients
+    <lens_safety.edits.methods.EditMethod.coefficients>`), or ``None`` for an added bias."""
+    kind = edit_method(spec.method)
+    if not kind.rank_one:
+        return None
+    read = None if spec.read is None else spec.read.to(torch.float64)
+    return kind.coefficients(spec.alpha, spec.direction.to(torch.float64), read)
 
 
 def stacked(tensor: torch.Tensor, layout: str, is_bias: bool) -> bool:
@@ -258,10 +233,11 @@ def edit_writes(spec: EditSpec, tensor: torch.Tensor, layout: str, is_bias: bool
     one expert at a time, each slice as its own writer (ROSI: ``w_bar`` per expert).
     """
     d_model = int(spec.direction.shape[0])
-    a, u, g = _coefficients(spec, d_model)
+    update = _coefficients(spec)
     w = tensor.to(torch.float64)
-    if spec.method == "add_bias":
+    if update is None:
         return _added_bias(spec, w, is_bias)
+    a, u, g = update
     if stacked(w, layout, is_bias):
         return torch.stack([edit_writes(spec, part, layout, is_bias) for part in w.unbind(0)])
     if is_bias:
@@ -309,10 +285,11 @@ def edit_writes_inplace(
     if work.dtype != torch.float64:
         raise TypeError("work must be float64")
     d_model = int(spec.direction.shape[0])
-    a, u, g = _coefficients(spec, d_model)
-    if spec.method == "add_bias":
+    update = _coefficients(spec)
+    if update is None:
         work.copy_(_added_bias(spec, work, is_bias))
         return work
+    a, u, g = update
     if stacked(work, layout, is_bias):
         for part in work.unbind(0):
             edit_writes_inplace(spec, part, layout, is_bias)

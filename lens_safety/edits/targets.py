@@ -7,7 +7,8 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from lens_safety.architecture import ResidualWriter, WriterTensor
-from lens_safety.edits.spec import WRITER_KINDS, EditSpec, edit_writes, require_finite
+from lens_safety.edits.methods import WRITER_KINDS, edit_method
+from lens_safety.edits.spec import EditSpec, edit_writes, require_finite
 from lens_safety.errors import LensSafetyError
 
 
@@ -37,19 +38,30 @@ def select_writers(
         raise LensSafetyError(
             f"edit targets {list(spec.targets)} match no writer of this model", "check --targets and --layers"
         )
-    post = [w.name for w in chosen if w.post_norm]
-    fixed = [w for w in chosen if w.fixed_with]
-    if (post or fixed) and spec.method in ("orthogonalize", "add_bias") and not spec.approximate:
+    kind = edit_method(spec.method)
+    inexact = inexact_writers(spec, chosen)
+    if inexact and not spec.approximate:
+        post, first = [w for w in inexact if w.post_norm], inexact[0]
         why = (
-            f"{post[0]} (and {len(post) - 1} more) writes through a post-norm"
+            f"{first.name} (and {len(post) - 1} more) writes through a post-norm"
             if post
-            else f"{fixed[0].name} is joined by {fixed[0].fixed_with}"
+            else f"{first.name} is joined by {first.fixed_with}"
         )
         raise LensSafetyError(
-            f"{why}, so orthogonalising its weight does not remove the direction from the residual stream",
-            "use inference-time ablate_direction, or pass approximate=True to accept an inexact edit",
+            f"{why}, so {kind.inexact_effect}",
+            f"use inference-time {kind.exact_twin}, or pass approximate=True to accept an inexact edit",
         )
     return chosen
+
+
+def inexact_writers(spec: EditSpec, writers: Iterable[ResidualWriter]) -> list[ResidualWriter]:
+    """The writers among ``writers`` on which ``spec``'s weight edit is not the residual-stream edit
+    its method means: post-norm or fixed-with writers, for a method not
+    :attr:`~lens_safety.edits.methods.EditMethod.exact_on_post_norm` (post-norm ones first)."""
+    if edit_method(spec.method).exact_on_post_norm:
+        return []
+    writers = list(writers)
+    return [w for w in writers if w.post_norm] + [w for w in writers if w.fixed_with and not w.post_norm]
 
 
 def writer_parameters(writer: ResidualWriter) -> list[tuple[str, bool]]:
@@ -66,7 +78,8 @@ def target_parameters(
     one expert per tensor is touched as ``n_experts`` tensors.
     """
     chosen = select_writers(spec, writers, n_layers)
-    if spec.method == "add_bias":
+    biases_only = edit_method(spec.method).biases_only
+    if biases_only:
         missing = [w.name for w in chosen if not w.has_bias]
         if missing:
             raise LensSafetyError(
@@ -74,10 +87,7 @@ def target_parameters(
                 "use inference-time add_direction, or an architecture with output biases such as GPT-2",
             )
     return {
-        tensor.key: (w, tensor)
-        for w in chosen
-        for tensor in w.tensors
-        if tensor.is_bias or spec.method != "add_bias"
+        tensor.key: (w, tensor) for w in chosen for tensor in w.tensors if tensor.is_bias or not biases_only
     }
 
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from lens_safety.calibration import calibrate_alpha
 from lens_safety.edits import make_spec
+from lens_safety.edits.methods import EDIT_METHODS as REGISTRY
+from lens_safety.edits.methods import edit_method
 from lens_safety.errors import LensSafetyError
 from lens_safety.pipelines.steps import (
     JobOptions,
@@ -48,7 +50,9 @@ if TYPE_CHECKING:
     from lens_safety.export import ExportResult
     from lens_safety.models import ChatModel
 
-EDIT_METHODS = ("rosi", "amplify", "orthogonalize")
+#: the methods :func:`run_edit` runs (``in_edit_job`` in the registry,
+#: :data:`lens_safety.edits.methods.EDIT_METHODS`)
+EDIT_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY.values() if m.in_edit_job)
 
 
 @dataclass(frozen=True)
@@ -84,23 +88,21 @@ class EditSettings:
     approximate: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in EDIT_METHODS:
-            raise LensSafetyError(
-                f"unknown edit method '{self.method}'", f"use one of {', '.join(EDIT_METHODS)}"
-            )
+        edit_method(self.method, EDIT_METHODS)
         if self.alpha != "auto" and not math.isfinite(float(self.alpha)):
             raise LensSafetyError(f"alpha must be a finite number, got {self.alpha}", "pass e.g. alpha=30")
 
     @property
     def calibrates(self) -> bool:
-        return self.method != "orthogonalize" and self.alpha == "auto"
+        """Whether alpha is calibrated: ``alpha="auto"`` with a method that has a strength."""
+        return edit_method(self.method).has_strength and self.alpha == "auto"
 
 
 def alpha_choice(choice: Choice | None, method: str) -> str | None:
     """``calibrated`` / ``fallback`` (the calibration's rule), ``fixed``, or ``None`` (no strength)."""
     if choice is not None:
         return "fallback" if choice.fallback else "calibrated"
-    return None if method == "orthogonalize" else "fixed"
+    return "fixed" if edit_method(method).has_strength else None
 
 
 def edit_card(
@@ -192,12 +194,13 @@ def edit_and_export(
     check_blocks(s.blocks, model.n_layers)
     kwargs: dict[str, Any] = {"layers": s.blocks, "targets": s.targets, "d_model": model.d_model}
     choice, calibration = None, None
-    if s.method == "orthogonalize":
+    kind = edit_method(s.method)
+    if not kind.exact_on_post_norm:  # only there does approximate change anything
         kwargs["approximate"] = s.approximate
-    elif s.calibrates:
+    if s.calibrates:
         choice, calibration = choose_alpha(model, direction, splits.pair("val"), s, progress=progress)
         kwargs["alpha"] = choice.point.alpha
-    else:
+    elif kind.has_strength:
         kwargs["alpha"] = float(s.alpha)
     spec = make_spec(s.method, direction, **kwargs)
     measurements, exported = measure_and_export(
