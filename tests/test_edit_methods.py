@@ -57,6 +57,7 @@ def test_every_name_is_a_view_of_the_registry() -> None:
     assert {name: m.default_targets for name, m in EDIT_METHODS.items()} == DEFAULT_TARGETS
     assert DEFAULT_ALPHAS == {"rosi": (3.0, 10.0, 30.0, 100.0), "amplify": (0.03, 0.1, 0.3, 1.0)}
     assert JOB_METHODS == ("rosi", "amplify", "orthogonalize")
+    assert typing.get_args(typing.get_type_hints(EditSettings)["method"]) == JOB_METHODS
     with pytest.raises(TypeError):
         EDIT_METHODS["sharpen"] = EDIT_METHODS["rosi"]  # type: ignore[index]
 
