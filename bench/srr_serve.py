@@ -57,6 +57,7 @@ import openai
 import psutil
 import torch
 
+from lens_safety.evaluation.bootstrap import bootstrap
 from lens_safety.evaluation.judges import get_judges, judge_question
 from lens_safety.evaluation.metrics import rate_of_completions
 from lens_safety.evaluation.panel import JudgeRates, pairwise
@@ -217,7 +218,8 @@ def collect_answers(server: Server, n: int, n_harmful: int, n_harmless: int) -> 
 
 def judged_rates(records: list[dict[str, str]], judge_specs: list[str]) -> dict[str, Any]:
     """Harmful-answer rate (not refused) and harmless refusal rate, safeguard on and off, by every
-    judge on the same answers (Wilson 95% intervals), and how often each pair of judges agrees."""
+    judge on the same answers (Wilson 95% intervals), the difference on - off paired by prompt
+    (percentile bootstrap of the per-prompt differences), and how often each pair of judges agrees."""
     panel = []
     for judge in get_judges(judge_specs):
         sets = {}
@@ -239,6 +241,14 @@ def judged_rates(records: list[dict[str, str]], judge_specs: list[str]) -> dict[
                 )
             else:
                 row[f"harmless_refusal_rate_{mode}"] = _rate(refused, result.n, result.ci_low, result.ci_high)
+        for name, kind in (("harmful_answer_rate", "harmful"), ("harmless_refusal_rate", "harmless")):
+            on, off = rates.rates[f"{kind}_on"], rates.rates[f"{kind}_off"]
+            assert on.prompts == off.prompts, "on and off answers are paired by prompt"
+            sign = -1.0 if kind == "harmful" else 1.0  # harmful answers are the non-refusals
+            paired = bootstrap(
+                [sign * (float(a) - float(b)) for a, b in zip(on.refused, off.refused, strict=True)]
+            )
+            row[f"{name}_on_minus_off"] = paired.to_dict()
         by_judge[rates.judge] = row
     return {
         "harmful_prompts": sum(r["kind"] == "harmful" and r["safeguard"] == "on" for r in records),
@@ -458,6 +468,10 @@ def rates_report(q: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"  {name} safeguard {mode:<3}: {e['count']}/{e['n']} = {e['rate']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
                 )
+            d = rates[f"{name}_on_minus_off"]
+            lines.append(
+                f"  {name} on - off, paired by prompt: {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            )
     for pair in q["agreement"]:
         a = pair["agreement"]
         lines.append(
