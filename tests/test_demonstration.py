@@ -94,11 +94,11 @@ def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measure
     from transformers import AutoModelForCausalLM
 
     from lens_safety.organism.demonstration import DemoSettings
+    from lens_safety.pipelines import default_starts
 
     settings = DemoSettings.quick(
         organism_spec=str(tiny_dirs["llama"]),
         alphas=(1.0, 2.0),
-        starts=(0, 1),
         relative_injections=(0.5, 1.0),
         limit=3,
         train_limit=4,
@@ -106,11 +106,16 @@ def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measure
         read_harmless=(),
     )
     assert settings.base_spec is None and settings.heldout == () and DemoSettings().base_spec == "smollm2"
-    assert settings.selection_stride == 2 and DemoSettings().selection_stride == 1
+    # every layer scored: on the organism, every other layer misses the late block selection picks
+    assert settings.selection_stride == 1 and DemoSettings().selection_stride == 1
+    # conditional ROSI from the middle block only (the full study sweeps a third, a half, two thirds)
+    assert settings.starts is None and default_starts(30, settings.start_fractions) == [15]
+    assert DemoSettings().starts == (10, 15, 20) and default_starts(30) == [10, 15, 20]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = demonstrate(settings, out=tmp_path / "safer", work_dir=tmp_path)
     assert [s.name for s in result.stages] == ["organism", "abliterated", "repaired", "conditional"]
+    assert result.conditional is not None and result.conditional["blocks"] == [1]  # 3 blocks: starts at 1
     assert sorted(p.name for p in (tmp_path / "safer").iterdir()) == ["conditional-rosi", "rosi"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["safer"]  # the abliterated child is gone
     for export in result.exports:
@@ -130,6 +135,13 @@ def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measure
     for stage in result.stages:
         h, b = stage.n
         assert (h, b) == (3, 3) and f"{round(stage.harmful_refusal * 3)}/3" in summary
+    refused = {s.name: (round(s.harmful_refusal * 3), round(s.harmless_refusal * 3)) for s in result.stages}
+    assert (
+        f"In short: the organism refused {refused['organism'][0]}/3 harmful requests, its abliterated "
+        f"child {refused['abliterated'][0]}/3; ROSI's repair {refused['repaired'][0]}/3 (and "
+        f"{refused['repaired'][1]}/3 harmless); conditional ROSI's {refused['conditional'][0]}/3 (and "
+        f"{refused['conditional'][1]}/3 harmless)." in summary
+    )
     with pytest.raises(LensSafetyError, match="already exists"):
         demonstrate(settings, out=tmp_path / "safer")
 

@@ -113,6 +113,23 @@ class Demonstration:
             "base+cond": "base + the same conditional ROSI",
         }.get(name, name)
 
+    def _takeaway(self) -> list[str]:
+        """One line of what the table shows: the refusals abliteration removed and how many each
+        repair brought back, at what over-refusal (empty without those stages)."""
+        counts = {
+            s.name: (round(s.harmful_refusal * s.n[0]), s.n[0], round(s.harmless_refusal * s.n[1]), s.n[1])
+            for s in self.stages
+        }
+        if not {"organism", "abliterated"} <= set(counts):
+            return []
+        (o, n, _, _), (a, _, _, _) = counts["organism"], counts["abliterated"]
+        line = f"In short: the organism refused {o}/{n} harmful requests, its abliterated child {a}/{n}"
+        for name, what in (("repaired", "ROSI's repair"), ("conditional", "conditional ROSI's")):
+            if name in counts:
+                h, hn, b, bn = counts[name]
+                line += f"; {what} {h}/{hn} (and {b}/{bn} harmless)"
+        return [line + "."]
+
     def summary(self) -> str:
         """A few lines a newcomer reads: what was measured on which prompts with which judge, the
         before -> after table, the choices made and where the verified exports are."""
@@ -132,6 +149,7 @@ class Demonstration:
                 f"  {self._label(s.name):<58} {round(s.harmful_refusal * h):>5}/{h:<3} = {s.harmful_refusal:.2f}"
                 f" {round(s.harmless_refusal * b):>5}/{b:<3} = {s.harmless_refusal:.2f}"
             )
+        lines += self._takeaway()
         lines.append(
             f"direction: block {d['layer']}, position {d['position']} ({d['method']}); "
             f"ROSI alpha {self.alpha:g} chosen on val ({self.alpha_rule})"

@@ -67,6 +67,7 @@ from lens_safety.pipelines import (
     load_chat_model,
     obtain_direction,
 )
+from lens_safety.pipelines.conditional import START_FRACTIONS
 from lens_safety.pipelines.steps import Pair, choose_point
 from lens_safety.prompts import PromptSet
 
@@ -94,7 +95,8 @@ class DemoSettings:
     neighbours).
     ``blocks`` / ``targets`` restrict the ROSI repair (and the base stage) to those blocks / writer
     kinds. ``conditional`` adds the conditional-ROSI stages: ``starts`` (first edited blocks;
-    ``None``: about a third, a half and two thirds of the depth) x ``injections`` (projection units;
+    ``None``: ``start_fractions`` of the depth, by default about a third, a half and two thirds,
+    :func:`~lens_safety.pipelines.default_starts`) x ``injections`` (projection units;
     or ``relative_injections``, in units of the direction's gap) swept on ``val`` with ``refine``
     bisection rounds; read directions use ``shrinkage``, ``template`` and the benign sets
     ``read_harmless`` on top of the harmless train prompts. ``base_spec=None`` skips the stages on
@@ -118,6 +120,7 @@ class DemoSettings:
     max_new_tokens: int = 48
     conditional: bool = True
     starts: tuple[int, ...] | None = (10, 15, 20)
+    start_fractions: tuple[float, ...] = START_FRACTIONS
     injections: tuple[float, ...] | None = None
     relative_injections: tuple[float, ...] | None = None
     shrinkage: float | None = 1.0
@@ -129,17 +132,19 @@ class DemoSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoSettings:
         """The first run: the organism, its abliterated child and both repairs on 16 + 16 test
-        prompts, short completions, small sweeps, layer selection over every other layer then the
-        chosen one's neighbours, no base stages and no extra held-out pairs."""
+        prompts, short completions, small sweeps (two ROSI strengths; conditional ROSI from the
+        middle block only, two injections and one bisection round), the direction fitted on the
+        train part and its layer selected on the val part of the first 128 prompts per class
+        (every layer scored), no base stages and no extra held-out pairs."""
         settings = cls(
             base_spec=None,
             alphas=(30.0, 100.0),
             limit=16,
             train_limit=64,
             direction_prompts=128,
-            selection_stride=2,
             max_new_tokens=12,
             starts=None,
+            start_fractions=(0.5,),
             relative_injections=(0.75, 1.0),
             refine=1,
             heldout=(),
@@ -270,7 +275,7 @@ def _repair_conditional(
         direction,
         *prompts.train,
         *prompts.val,
-        starts=default_starts(abliterated.n_layers) if s.starts is None else s.starts,
+        starts=default_starts(abliterated.n_layers, s.start_fractions) if s.starts is None else s.starts,
         injections=injections,
         shrinkage=s.shrinkage,
         template=s.template,
@@ -340,9 +345,9 @@ def demonstrate(
     if out is not None:
         check_out(out, overwrite)
     prompts = _Prompts.load(s)
+    stages = _Stages(s, prompts, progress)
     organism = load_chat_model(s.organism_spec, device="cpu")
     _check_blocks(s, organism.n_layers)
-    stages = _Stages(s, prompts, progress)
     stages.lap("load the organism")
     stages.measure("organism", organism, on_heldout=True)
     direction, report = obtain_direction(
