@@ -15,7 +15,10 @@ before the timing (a first-ever run pays it once). The bench also counts how man
 completions equal the bare process's (decoded up to the first end-of-sequence token, stripped).
 Runs are interleaved (``--repeats``) and the best of each side is kept. Prints both wall times and
 both CPU times (user + system of the process), their ratios (target <= 1.3) and ``eval``'s own
-breakdown when it reports one. ``--threads N`` sets ``OMP_NUM_THREADS`` for both processes: on a
+breakdown: the CPU seconds of each side's parts (the bare process's imports and load, and its
+generation; ``eval``'s parts from its ``timings_cpu``, the rest being interpreter start, imports,
+model load and reading the self-check record), so the extra cost is attributed on a loaded machine
+too. ``--threads N`` sets ``OMP_NUM_THREADS`` for both processes: on a
 machine other jobs load, one thread per process keeps the CPU times free of the time idle threads
 spend spinning at synchronisation points, so the CPU ratio measures work, not contention.
 """
@@ -35,7 +38,7 @@ TARGET_RATIO = 1.3
 
 BARE = textwrap.dedent(
     """
-    import json, sys, torch
+    import json, sys, time, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from lens_safety.prompts import PromptSet
     from lens_safety.sources import resolve_spec
@@ -45,6 +48,7 @@ BARE = textwrap.dedent(
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    loaded = time.process_time()
     prompts = [p for s in (harmful, harmless) for p in PromptSet.load(s).head(int(limit))]
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -64,7 +68,8 @@ BARE = textwrap.dedent(
         for row in out[:, enc["input_ids"].shape[1] :].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
             completions.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    print(json.dumps(completions))
+    cpu = {"imports and load": loaded, "generate": time.process_time() - loaded}
+    print(json.dumps({"completions": completions, "cpu": cpu}))
     """
 )
 
@@ -118,9 +123,9 @@ def main() -> None:
             wall, cpu, outputs[side] = _timed(argv, env)
             walls[side].append(wall)
             cpus[side].append(cpu)
-    report = json.loads(outputs["eval"])
+    report, bare_out = json.loads(outputs["eval"]), json.loads(outputs["bare"])
     ours_completions = [r["completion"] for r in report.get("records", [])]
-    same = sum(a == b for a, b in zip(ours_completions, json.loads(outputs["bare"]), strict=True))
+    same = sum(a == b for a, b in zip(ours_completions, bare_out["completions"], strict=True))
     bare_s, eval_s = min(walls["bare"]), min(walls["eval"])
     bare_cpu, eval_cpu = min(cpus["bare"]), min(cpus["eval"])
     n = sum(report.get(k, {}).get("n", 0) for k in ("harmful_refusal_rate", "harmless_refusal_rate"))
@@ -136,10 +141,17 @@ def main() -> None:
     )
     print(f"completions equal to the bare process's: {same}/{len(ours_completions)}")
     print(f"bare HF generate process: wall {bare_s:7.1f} s, cpu {bare_cpu:7.1f} s")
+    for name, value in bare_out["cpu"].items():
+        print(f"  bare {name}: cpu {value:.1f} s (last run)")
     print(f"lens-safety eval process: wall {eval_s:7.1f} s, cpu {eval_cpu:7.1f} s")
-    timings = report.get("timings") or {}
-    for name, value in timings.items():
-        print(f"  eval {name}: {value:.1f} s")
+    walls_eval, cpu_eval = report.get("timings") or {}, report.get("timings_cpu") or {}
+    for name, value in cpu_eval.items():
+        print(f"  eval {name}: cpu {value:.1f} s, wall {walls_eval.get(name, float('nan')):.1f} s (last run)")
+    if cpu_eval:
+        rest = cpus["eval"][-1] - sum(cpu_eval.values())
+        print(
+            f"  eval outside evaluate_model (interpreter, imports, load, self-check record): cpu {rest:.1f} s"
+        )
     for what, ratio in (("wall", eval_s / bare_s), ("cpu", eval_cpu / bare_cpu)):
         verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
         print(f"{what} ratio {ratio:.2f} (target <= {TARGET_RATIO}): {verdict}")

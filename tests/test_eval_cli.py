@@ -50,6 +50,7 @@ def test_eval_json_and_completions(
         "jailbreaks",
     }
     assert set(data["timings"]) == parts and all(v > 0 for v in data["timings"].values())
+    assert set(data["timings_cpu"]) == parts and all(v > 0 for v in data["timings_cpu"].values())
     assert data["settings"]["share_prefix"] is True
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["kind"] for r in records[:4]] == ["harmful", "harmful", "harmless", "harmless"]

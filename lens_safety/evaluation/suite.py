@@ -15,8 +15,9 @@ pair's agreement. ``utility_tasks`` adds lm-evaluation-harness benchmarks (``uti
 :mod:`lens_safety.evaluation.utility`).
 
 ``timings`` holds the wall-clock seconds of each part of the run (generation and judging of the
-refusal prompts, KL, cross-entropy, jailbreaks, utility), so a slow evaluation says where its time
-went.
+refusal prompts, KL, cross-entropy, jailbreaks, utility), and ``timings_cpu`` the CPU seconds this
+process spent in each (user + system, every thread; on a machine other jobs load, the part's own
+work), so a slow evaluation says where its time went.
 
 ``degeneration`` counts completions that are empty or one repeated token
 (:func:`~lens_safety.evaluation.damage.degeneration_check`) over every generation of the run; when
@@ -72,6 +73,7 @@ class ModelEvaluation:
     agreements: list[PairAgreement] = field(default_factory=list)
     utility: Any = None
     timings: dict[str, float] = field(default_factory=dict)
+    timings_cpu: dict[str, float] = field(default_factory=dict)
 
     def prompt_sets(self) -> dict[str, str | None]:
         """The prompt set behind each judged rate (its name), for labelling."""
@@ -133,19 +135,28 @@ class ModelEvaluation:
             out["judge_agreement"] = [a.to_dict() for a in self.agreements]
         out["utility"] = self.utility.to_dict() if self.utility is not None else None
         out["timings"] = dict(self.timings)
+        out["timings_cpu"] = dict(self.timings_cpu)
         if include_completions:
             out["records"] = self.records()
         return out
 
 
-@contextmanager
-def _timed(timings: dict[str, float], part: str) -> Iterator[None]:
-    """Add the wall-clock seconds of the block to ``timings[part]``."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[part] = timings.get(part, 0.0) + time.perf_counter() - started
+@dataclass
+class _Clock:
+    """Wall-clock and process CPU seconds per part of the run."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Add the block's wall-clock and process CPU seconds to part ``name``."""
+        started, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - started
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
 
 
 def _judged(
@@ -169,14 +180,14 @@ def _kl_and_ce(
     benign_texts: Sequence[str] | None,
     max_new_tokens: int,
     common: dict[str, Any],
-    timings: dict[str, float],
+    clock: _Clock,
 ) -> tuple[KLResult | None, CEResult]:
     """KL to the reference on the harmless prompts (when one is given) and the benign cross-entropy."""
     kl = None
     if reference is not None:
-        with _timed(timings, "KL to the reference"):
+        with clock.part("KL to the reference"):
             kl = kl_divergence(model, reference, harmless, max_new_tokens=min(max_new_tokens, 16), **common)
-    with _timed(timings, "cross-entropy on benign text"):
+    with clock.part("cross-entropy on benign text"):
         ce = cross_entropy(
             model,
             benign_texts,
@@ -231,8 +242,8 @@ def evaluate_model(
         "intervention": intervention,
         "progress": progress,
     }
-    timings: dict[str, float] = {}
-    with _timed(timings, "refusal (generate and judge)"):
+    clock = _Clock()
+    with clock.part("refusal (generate and judge)"):
         refusal = evaluate_refusal(
             model,
             harmful_set,
@@ -245,10 +256,10 @@ def evaluate_model(
         )
     assert refusal.harmless.generations is not None
     damage = generation_damage(refusal.harmless.generations)
-    kl, ce = _kl_and_ce(model, reference, harmless_set, benign_texts, max_new_tokens, common, timings)
+    kl, ce = _kl_and_ce(model, reference, harmless_set, benign_texts, max_new_tokens, common, clock)
     jailbreaks = None
     if jailbreak_templates:
-        with _timed(timings, "jailbreaks"):
+        with clock.part("jailbreaks"):
             jailbreaks = attack_success_rate(
                 model,
                 harmful_set.head(jailbreak_prompts),
@@ -271,7 +282,7 @@ def evaluate_model(
     degeneration, panel = _judged(refusal, jailbreaks, judges)
     utility = None
     if utility_tasks:
-        with _timed(timings, "utility"):
+        with clock.part("utility"):
             utility = evaluate_utility(
                 model,
                 utility_tasks,
@@ -296,5 +307,5 @@ def evaluate_model(
     if len(judges) > 1:
         result.panel, result.agreements = panel, pairwise(panel)
     result.utility = utility
-    result.timings = timings
+    result.timings, result.timings_cpu = clock.wall, clock.cpu
     return result
