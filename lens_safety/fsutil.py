@@ -97,6 +97,15 @@ def _locked(target: Path, wait: bool) -> Iterator[None]:
             lock.unlink(missing_ok=True)
 
 
+def _share_files(root: Path) -> None:
+    """Give every file under ``root`` the mode a new file gets under the umask: writers such as
+    safetensors' ``save_file`` create ``0o600`` files, which would make a published output private."""
+    mode = _directory_mode() & 0o666
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def _publish(tmp: Path, target: Path, overwrite: bool, keep_existing: bool) -> None:
     if not target.exists():
         os.replace(tmp, target)
@@ -142,6 +151,7 @@ def staged_directory(
             tmp.chmod(_directory_mode())  # mkdtemp's 0o700 would make the published output private
             try:
                 yield tmp
+                _share_files(tmp)
                 _publish(tmp, target, overwrite, keep_existing)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -280,13 +280,19 @@ def test_organism_train_killed_leaves_nothing_and_the_next_run_removes_the_stagi
 def test_a_published_directory_has_the_mode_mkdir_would_give_it(tmp_path: Path) -> None:
     import os
 
+    from safetensors.torch import save_file
+
     from lens_safety.fsutil import staged_directory
 
     previous = os.umask(0o022)
     try:
         with staged_directory(tmp_path / "out") as tmp:
             (tmp / "x").write_text("1")
+            (tmp / "sub").mkdir()
+            save_file({"a": torch.zeros(2)}, str(tmp / "sub" / "w.safetensors"))  # created 0o600
         (tmp_path / "plain").mkdir()
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+    for name in ("x", "sub/w.safetensors"):  # files get the mode a new file gets under the umask
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
