@@ -462,6 +462,19 @@ def test_cli_refuses_bad_settings_before_loading_the_model(
     assert code == 2 and "cannot listen" in err
 
 
+def wait_until_healthy(process: subprocess.Popen[str], port: int, seconds: float) -> None:
+    """Wait until the server process answers ``/health`` on 127.0.0.1:``port`` (its stderr if it exits)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert time.monotonic() < deadline, f"the server did not start within {seconds} s"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 @pytest.mark.slow  # a fresh process imports torch and loads the model: ~1 min on a busy 2-core machine
 def test_cli_server_finishes_requests_in_flight_on_sigterm(
     rankers: dict[str, Path], tiny_dirs: dict[str, Path], tmp_path: Path
@@ -496,15 +509,7 @@ def test_cli_server_finishes_requests_in_flight_on_sigterm(
     env = {**os.environ, "SERVE_TEST_KEY": KEY}
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(process, port, 120)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         payload = {"model": "tiny", "messages": [{"role": "user", "content": "tell me"}]}
         with ThreadPoolExecutor(5) as pool:

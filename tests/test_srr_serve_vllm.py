@@ -38,7 +38,7 @@ import httpx
 import openai
 import pytest
 import torch
-from test_srr_serve import _free_port, _ranker, check_choice, rescored, rescored_mean
+from test_srr_serve import _free_port, _ranker, check_choice, rescored, rescored_mean, wait_until_healthy
 from test_vllm import needs_vllm
 from transformers import AutoModelForCausalLM
 
@@ -93,15 +93,7 @@ def server(ranker_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     )
     running = CliServer(process, f"http://127.0.0.1:{port}", audit)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "the vLLM server did not start within 600 s"
-            try:
-                if httpx.get(f"{running.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_until_healthy(process, port, 600)
         yield running
     finally:
         if process.poll() is None:
@@ -154,9 +146,13 @@ def test_vllm_server_answers_with_the_candidate_the_ranker_scores_highest(
 def test_vllm_server_stops_cleanly_on_sigterm(server: CliServer) -> None:
     answered = server.health()["answered"]
     with ThreadPoolExecutor(3) as pool:
-        pending = [pool.submit(server.ask, prompt, max_tokens=48) for prompt in PROMPTS[:3]]
-        while server.health()["in_flight"] == 0 and not all(f.done() for f in pending):
+        pending = [pool.submit(server.ask, prompt, max_tokens=32) for prompt in PROMPTS[:3]]
+        while not any(f.done() for f in pending):  # SIGTERM once the server holds all three
+            health = server.health()
+            if health["in_flight"] > 0 and health["in_flight"] + health["queued"] == 3:
+                break
             time.sleep(0.01)
+        assert not all(f.done() for f in pending)
         server.process.send_signal(signal.SIGTERM)
         finished = [f.result() for f in pending]  # requests in progress finish within the grace period
     assert all(out.choices[0].message.content is not None for out in finished)
