@@ -17,7 +17,13 @@ ServeNOpt = Annotated[
     int, typer.Option("--n", help="Candidates sampled per request (a request's `n` overrides it).")
 ]
 MaxNOpt = Annotated[int, typer.Option("--max-n", help="Largest `n` a request may ask for.")]
-ServeEngineOpt = Annotated[str, typer.Option("--engine", help="Generation engine: hf.")]
+ServeEngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="Generation engine: hf (features read while sampling) or vllm (the vllm extra; features from one teacher-forced pass).",
+    ),
+]
 HostOpt = Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")]
 PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
 ServedNameOpt = Annotated[
