@@ -5,7 +5,8 @@
 Prints the machine (CPU cores, load average before and after: other work on the machine slows
 the run), the wall-clock seconds and the CPU seconds (user + system) of the whole command, then
 its own output: the before -> after table of the organism, its abliterated child and the two
-repairs, and where the verified exports went (a temporary directory here, removed afterwards).
+repairs, and where the verified exports went (``DIR``: a temporary directory here, removed
+afterwards).
 The README's budget is 10 minutes of wall-clock time on a fresh 2-core machine.
 
 ``--threads N`` sets ``OMP_NUM_THREADS`` (torch's threads). On a machine other jobs load, one
@@ -56,7 +57,7 @@ def main() -> int:
     )
     print(f"wall {wall:.0f} s, cpu (user + system) {usage.ru_utime + usage.ru_stime:.0f} s")
     print()
-    print(done.stdout.rstrip())
+    print(done.stdout.rstrip().replace(str(out), "DIR"))  # the temporary directory, by its role
     return 0
 
 
