@@ -68,7 +68,7 @@ from lens_safety.pipelines import (
     obtain_direction,
 )
 from lens_safety.pipelines.conditional import START_FRACTIONS
-from lens_safety.pipelines.steps import Pair, choose_point
+from lens_safety.pipelines.steps import Pair, choose_point, sweep_options
 from lens_safety.prompts import PromptSet
 
 if TYPE_CHECKING:
@@ -150,6 +150,11 @@ class DemoSettings:
             heldout=(),
         )
         return replace(settings, **overrides)
+
+    @property
+    def over_refusal_relative(self) -> bool:
+        """The over-refusal bound is absolute: at most ``max_over_refusal`` of harmless prompts."""
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,7 +249,7 @@ def _repair_rosi(
         alphas=s.alphas,
         target_refusal=s.target_refusal,
         max_over_refusal=s.max_over_refusal,
-        over_refusal_relative=False,
+        over_refusal_relative=s.over_refusal_relative,
         max_kl=s.max_kl,
         blocks=s.blocks,
         targets=s.targets,
@@ -281,11 +286,7 @@ def _repair_conditional(
         template=s.template,
         read_harmless=s.read_harmless,
         refine=s.refine,
-        target_refusal=s.target_refusal,
-        max_over_refusal=s.max_over_refusal,
-        max_kl=s.max_kl,
-        max_new_tokens=s.max_new_tokens,
-        progress=progress,
+        **sweep_options(s, progress),
     )
     choice = choose_point(sweep.result)
     picked = sweep.edits[choice.point.label]
