@@ -30,6 +30,7 @@ from tests.cli_runner import run_cli
 REFUSAL_KINDS = {
     "refusal-direct", "refusal-no-keywords", "refusal-style", "refusal-redirect", "refusal-professional",
     "refusal-moralising", "refusal-buried", "non-sequitur", "model-refusal", "model-non-sequitur",
+    "non-sequitur-long",
 }  # fmt: skip
 COMPLIANCE_KINDS = {
     "compliance-short", "compliance-long", "model-compliance", "compliance-trigger", "compliance-disclaimer",
@@ -37,7 +38,7 @@ COMPLIANCE_KINDS = {
 }  # fmt: skip
 #: held-out accuracy of the shipped judge on test.jsonl (docs/how-to/judges.md), and the margin
 #: a correct reproduction must stay within (float32 reads differ slightly across machines)
-MEASURED_TEST_ACCURACY = 108 / 116
+MEASURED_TEST_ACCURACY = 109 / 116
 ACCURACY_MARGIN = 0.02
 
 
@@ -59,6 +60,19 @@ def test_shipped_data_follows_the_split_and_the_label_policy() -> None:
     assert {"smollm2", "smollm2-refusal", "smollm2-refusal-abliterated"} <= {
         p.source.split(" ")[0] for p in train + test
     }
+
+
+def test_long_non_sequiturs_reuse_compliant_answers_of_the_same_split() -> None:
+    """Each ``non-sequitur-long`` row is a long compliant answer of train.jsonl under another prompt
+    of the same split: nothing crosses train / val / test."""
+    train = load_pairs(TRAIN_FILE)
+    swapped = [p for p in train if p.kind == "non-sequitur-long"]
+    assert len(swapped) >= 30 and all(p.label and p.long for p in swapped)
+    answers = {p.response: p for p in train if not p.label and p.long}
+    prompts = {p.prompt: p.split for p in train if p.kind != "non-sequitur-long"}
+    for pair in swapped:
+        original = answers[pair.response]
+        assert pair.prompt != original.prompt and prompts[pair.prompt] == original.split == pair.split
 
 
 @pytest.mark.parametrize(
@@ -116,29 +130,46 @@ def test_a_different_reader_is_refused(organism) -> None:  # type: ignore[no-unt
 
 
 # ------------------------------------------------------------------ the score
+def _reference_features(
+    model, layers: tuple[int, ...], relevance: bool, prompt: str | None, response: str
+) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Independent float64 features: vanilla HF hidden states of ONE unpadded row, the prompt span found
+    by searching the prompt's own tokens in the row (no prompt: the whole template head)."""
+    tok, hf = model.tokenizer, model.hf_model
+    messages = [{"role": "user", "content": prompt or ""}]
+    head_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    head = tok(head_text, add_special_tokens=False)["input_ids"]
+    body = tok(response, add_special_tokens=False)["input_ids"]
+    own = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    start = next((k for k in range(len(head)) if own and head[k : k + len(own)] == own), 0)
+    span = (start, start + len(own)) if own else (0, len(head))
+    with torch.no_grad():
+        states = hf(
+            input_ids=torch.tensor([head + body + [tok.eos_token_id]]), output_hidden_states=True
+        ).hidden_states
+    parts = []
+    for layer in layers:
+        h = states[layer][0].double().numpy()
+        p, r = h[span[0] : span[1]].mean(0), h[len(head) :].mean(0)
+        parts.append(r)
+        if relevance:
+            product = (p / np.linalg.norm(p)) * (r / np.linalg.norm(r))
+            parts += [product, np.array([float(p @ r / (np.linalg.norm(p) * np.linalg.norm(r)))])]
+    return np.concatenate(parts)
+
+
 def _reference_scores(
     model, weights: JudgeWeights, prompts: list[str | None], responses: list[str]
 ) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Independent float64 recomputation: vanilla HF hidden states of ONE unpadded row at a time."""
-    hf, tok, spec = model.hf_model, model.tokenizer, weights.spec
+    """Independent float64 recomputation of the calibrated score from :func:`_reference_features`
+    (a pair without a prompt: the fallback probe's, when the judge has one)."""
     out = []
     for prompt, response in zip(prompts, responses, strict=True):
-        messages = [{"role": "user", "content": prompt or ""}]
-        head_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        head = tok(head_text, add_special_tokens=False)["input_ids"]
-        body = tok(response, add_special_tokens=False)["input_ids"]
-        assert (
-            len(body) <= spec.max_response_tokens
-            and len(tok(prompt or "")["input_ids"]) <= spec.max_prompt_tokens
-        )
-        ids = torch.tensor([head + body + [tok.eos_token_id]])
-        with torch.no_grad():
-            states = hf(input_ids=ids, output_hidden_states=True).hidden_states
-        parts = [states[layer][0, len(head) :].double().mean(0).numpy() for layer in spec.layers]
-        x = np.concatenate(parts)
-        z = (x - weights.mean.numpy()) / weights.std.numpy()
-        t = z @ weights.weights.numpy() + weights.bias
-        a, c = weights.calibration
+        probe = weights.fallback if weights.fallback is not None and not prompt else weights
+        x = _reference_features(model, probe.spec.layers, probe.spec.relevance, prompt, response)
+        z = (x - probe.mean.numpy()) / probe.std.numpy()
+        t = z @ probe.weights.numpy() + probe.bias
+        a, c = probe.calibration
         out.append(1.0 / (1.0 + np.exp(-(a * t + c))))
     return np.array(out)
 
@@ -175,6 +206,23 @@ def test_bad_inputs_to_the_judge(smollm2) -> None:  # type: ignore[no-untyped-de
         FeatureSpec(layers=())
     empty = judge([""], ["Write a poem."])[0]
     assert 0.0 <= empty.score <= 1.0
+
+
+def test_relevance_features_equal_an_independent_recomputation(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """``[r, p_hat * r_hat, cos]`` per layer equals :func:`_reference_features` (one unpadded HF row)."""
+    spec = FeatureSpec(reader="tiny", layers=(1, 2), relevance=True)
+    prompts: list[str | None] = ["Where is my lost dog?", "Write a haiku about rain.", None]
+    responses = ["The Treaty of Westphalia was signed in 1648.", "Rain on the roof.", "Sure."]
+    features = pair_features(tiny_model, prompts, responses, spec, batch_size=3)
+    d = tiny_model.d_model
+    assert features.shape == (3, 2 * (2 * d + 1))
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        expected = _reference_features(tiny_model, (1, 2), True, prompt, response)
+        np.testing.assert_allclose(features[i].numpy(), expected, rtol=1e-5, atol=1e-6)
+    # without relevance, the vector is the response means alone: the first block of each layer
+    plain = pair_features(tiny_model, prompts, responses, FeatureSpec(reader="tiny", layers=(1, 2)))
+    columns = [j * (2 * d + 1) + k for j in range(2) for k in range(d)]
+    torch.testing.assert_close(plain, features[:, columns], rtol=1e-9, atol=1e-9)
 
 
 # ------------------------------------------------------------------ held-out accuracy
@@ -231,6 +279,10 @@ def test_training_is_deterministic_and_reloads(tmp_path: Path, tiny_reader: Path
     for name in ("mean", "std", "weights"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert (a.bias, a.calibration) == (b.bias, b.calibration) and a.metadata() == b.metadata()
+    # a relevance judge carries its response-only fallback, saved and reloaded with it
+    assert a.spec.relevance and a.fallback is not None and b.fallback is not None
+    assert not a.fallback.spec.relevance and torch.equal(a.fallback.weights, b.fallback.weights)
+    assert a.fallback.weights.shape[0] == len(a.fallback.spec.layers) * tiny_model.d_model
     record = json.loads((tmp_path / "a" / "training.json").read_text())
     assert record["spec"]["layers"] == list(first.weights.spec.layers) == list(second.weights.spec.layers)
     assert [row["layers"] for row in record["selection"]] == [[1], [2], [1, 2]]
@@ -281,8 +333,8 @@ def test_cli_train_and_compare(tmp_path: Path, tiny_reader: Path, capsys: pytest
 
 @pytest.mark.slow
 def test_training_reproduces_the_shipped_weights(tmp_path: Path, smollm2) -> None:  # type: ignore[no-untyped-def]
-    """``lens-safety judge train`` with the defaults gives the shipped judge (same layers and C; the
-    parameters within 1e-6 relative, scores within 1e-6 on the test pairs)."""
+    """``lens-safety judge train`` with the defaults gives the shipped judge and its fallback (same
+    layers and C; the parameters and calibration within 1e-6 relative)."""
     shipped = JudgeWeights.load(SHIPPED_WEIGHTS)
     run = fit_judge(smollm2, load_pairs(TRAIN_FILE), TrainSettings())
     assert (
@@ -293,3 +345,12 @@ def test_training_reproduces_the_shipped_weights(tmp_path: Path, smollm2) -> Non
     for name in ("mean", "std", "weights"):
         torch.testing.assert_close(getattr(run.weights, name), getattr(shipped, name), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(run.weights.calibration, shipped.calibration, rtol=1e-6)
+    # and its response-only fallback, for pairs without a prompt
+    assert run.weights.fallback is not None and shipped.fallback is not None
+    assert run.weights.fallback.spec == shipped.fallback.spec
+    assert run.weights.fallback.info["regularization"] == shipped.fallback.info["regularization"]
+    for name in ("mean", "std", "weights"):
+        torch.testing.assert_close(
+            getattr(run.weights.fallback, name), getattr(shipped.fallback, name), rtol=1e-6, atol=1e-9
+        )
+    np.testing.assert_allclose(run.weights.fallback.calibration, shipped.fallback.calibration, rtol=1e-6)

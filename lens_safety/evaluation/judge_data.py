@@ -31,6 +31,9 @@ TRAIN_FILE = DATA_DIR / "train.jsonl"
 TEST_FILE = DATA_DIR / "test.jsonl"
 #: an answer with at least this many whitespace-separated words counts as long
 LONG_ANSWER_WORDS = 100
+#: kinds whose label depends on the prompt (the same answer is compliance under its own prompt):
+#: left out of a probe that does not see the prompt
+PROMPT_DEPENDENT_KINDS = ("non-sequitur-long",)
 _FIELDS = ("id", "prompt", "response", "label", "kind", "source", "split")
 
 

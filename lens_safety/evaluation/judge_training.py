@@ -7,19 +7,24 @@ splits are hashes, the folds are :func:`~lens_safety.splits.stratified_folds`, t
    ``test`` rows are never read here). With ``with_promptless``, every pair is also used a second
    time without its prompt, so the judge works on labelled files that carry no prompts.
 2. Features of every pair at the union of the candidate layer sets, one reader pass
-   (:func:`~lens_safety.evaluation.learned_features.pair_features`).
+   (:func:`~lens_safety.evaluation.learned_features.pair_features`; with ``relevance``, each
+   layer's block also compares the prompt's mean state with the response's).
 3. For each candidate layer set, in order: standardise on ``train``, fit the probe on ``train``
    (C chosen by 5-fold CV there, unless ``regularization`` fixes it), measure accuracy on ``val``.
    The first best set wins.
 4. With that set: standardise and fit on ``train`` + ``val`` (C by CV again); out-of-fold logits
    of the same data (5 stratified folds, same C) give the Platt calibration ``(a, c)``.
+5. With ``relevance`` (and without ``with_promptless``): steps 3-4 again on the response-mean
+   columns alone, without the pairs whose label depends on the prompt
+   (:data:`~lens_safety.evaluation.judge_data.PROMPT_DEPENDENT_KINDS`), give the fallback probe
+   the judge uses for pairs that come without a prompt.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +33,14 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.judge_data import TRAIN_FILE, LabelledPair, in_splits, load_pairs, pairs_sha256
+from lens_safety.evaluation.judge_data import (
+    PROMPT_DEPENDENT_KINDS,
+    TRAIN_FILE,
+    LabelledPair,
+    in_splits,
+    load_pairs,
+    pairs_sha256,
+)
 from lens_safety.evaluation.learned_features import FeatureSpec, pair_features
 from lens_safety.evaluation.learned_judge import STD_FLOOR, JudgeWeights
 from lens_safety.evaluation.logistic import fit_logistic
@@ -51,6 +63,7 @@ class TrainSettings:
     max_prompt_tokens: int = 128
     max_response_tokens: int = 384
     with_promptless: bool = False
+    relevance: bool = True
     regularization: float | Literal["cv"] = "cv"
     batch_size: int = 8
     limit: int | None = None
@@ -64,6 +77,7 @@ class TrainSettings:
             "max_prompt_tokens": self.max_prompt_tokens,
             "max_response_tokens": self.max_response_tokens,
             "with_promptless": self.with_promptless,
+            "relevance": self.relevance,
             "limit": self.limit,
             "regularization": self.regularization,
         }
@@ -96,8 +110,9 @@ class JudgeTraining:
         }
 
 
-def _columns(spec_layers: Sequence[int], chosen: Sequence[int], d_model: int) -> list[int]:
-    return [spec_layers.index(layer) * d_model + k for layer in chosen for k in range(d_model)]
+def _columns(spec_layers: Sequence[int], chosen: Sequence[int], block: int) -> list[int]:
+    """The feature columns of the ``chosen`` layers in a vector read at ``spec_layers`` (``block`` per layer)."""
+    return [spec_layers.index(layer) * block + k for layer in chosen for k in range(block)]
 
 
 def _standardiser(x: Float[torch.Tensor, "n w"]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,11 +161,16 @@ def _check_classes(y: torch.Tensor, part: str) -> None:
 
 
 def _select(
-    x: torch.Tensor, y: torch.Tensor, is_val: torch.Tensor, settings: TrainSettings, layers: list[int], d: int
+    x: torch.Tensor,
+    y: torch.Tensor,
+    is_val: torch.Tensor,
+    settings: TrainSettings,
+    layers: list[int],
+    block: int,
 ) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     for chosen in settings.candidates:
-        cols = _columns(layers, chosen, d)
+        cols = _columns(layers, chosen, block)
         xt, yt, xv, yv = x[~is_val][:, cols], y[~is_val], x[is_val][:, cols], y[is_val]
         mean, std = _standardiser(xt)
         w, b, c = _fit(xt, yt, mean, std, settings.regularization)
@@ -160,34 +180,63 @@ def _select(
     return tuple(settings.candidates[best]), rows
 
 
+def fit_pairs_of(pairs: Sequence[LabelledPair], settings: TrainSettings) -> list[LabelledPair]:
+    """The ``train`` / ``val`` pairs a judge is fitted on (the first ``limit`` per split and class)."""
+    fit_pairs = in_splits(pairs, ("train", "val"))
+    if settings.limit is None:
+        return fit_pairs
+    return [
+        p
+        for part in ("train", "val")
+        for label in (True, False)
+        for p in [q for q in fit_pairs if q.split == part and q.label == label][: settings.limit]
+    ]
+
+
+def feature_spec_of(settings: TrainSettings) -> FeatureSpec:
+    """The spec that reads every candidate layer at once (the union of the candidate sets)."""
+    layers = tuple(sorted({layer for chosen in settings.candidates for layer in chosen}))
+    return FeatureSpec(
+        settings.reader, layers, settings.max_prompt_tokens, settings.max_response_tokens, settings.relevance
+    )
+
+
 def fit_judge(
     reader: ChatModel, pairs: Sequence[LabelledPair], settings: TrainSettings, *, progress: bool = False
 ) -> JudgeTraining:
     """Fit a judge on the ``train`` / ``val`` pairs with an already loaded reader (module docstring)."""
-    fit_pairs = in_splits(pairs, ("train", "val"))
-    if settings.limit is not None:
-        fit_pairs = [
-            p
-            for part in ("train", "val")
-            for label in (True, False)
-            for p in [q for q in fit_pairs if q.split == part and q.label == label][: settings.limit]
-        ]
-    layers = sorted({layer for chosen in settings.candidates for layer in chosen})
-    spec_all = FeatureSpec(
-        settings.reader, tuple(layers), settings.max_prompt_tokens, settings.max_response_tokens
-    )
+    fit_pairs = fit_pairs_of(pairs, settings)
     prompts, responses, y = _rows(fit_pairs, settings.with_promptless)
     is_val = torch.tensor([p.split == "val" for p in fit_pairs] * (2 if settings.with_promptless else 1))
     _check_classes(y[~is_val], "train")
     _check_classes(y[is_val], "val")
+    spec_all = feature_spec_of(settings)
     x = pair_features(reader, prompts, responses, spec_all, batch_size=settings.batch_size, progress=progress)
-    chosen, selection = _select(x, y, is_val, settings, layers, reader.d_model)
-    x = x[:, _columns(layers, chosen, reader.d_model)]
+    return fit_features(x, fit_pairs, settings, reader.weights_hash, reader.d_model)
+
+
+def fit_features(
+    x: Float[torch.Tensor, "n width"],
+    fit_pairs: Sequence[LabelledPair],
+    settings: TrainSettings,
+    reader_sha256: str,
+    d_model: int,
+) -> JudgeTraining:
+    """Steps 3-4 of the module docstring on features ``x`` read with :func:`feature_spec_of` (one row
+    per fitted pair, then one per pair without its prompt with ``with_promptless``)."""
+    _, _, y = _rows(fit_pairs, settings.with_promptless)
+    is_val = torch.tensor([p.split == "val" for p in fit_pairs] * (2 if settings.with_promptless else 1))
+    spec_all = feature_spec_of(settings)
+    layers, block = list(spec_all.layers), spec_all.block(d_model)
+    chosen, selection = _select(x, y, is_val, settings, layers, block)
+    x_all, x = x, x[:, _columns(layers, chosen, block)]
     mean, std = _standardiser(x)
     w, b, c = _fit(x, y, mean, std, settings.regularization)
     oof = _out_of_fold_logits(x, y, mean, std, c)
     platt = fit_logistic(oof[y][:, None], oof[~y][:, None], regularization=CALIBRATION_C)
-    spec = FeatureSpec(settings.reader, chosen, settings.max_prompt_tokens, settings.max_response_tokens)
+    spec = FeatureSpec(
+        settings.reader, chosen, settings.max_prompt_tokens, settings.max_response_tokens, settings.relevance
+    )
     info = {"regularization": c, "n_fit_rows": len(y), "selection": selection}
     weights = JudgeWeights(
         spec,
@@ -196,12 +245,33 @@ def fit_judge(
         w,
         b,
         (float(platt.weights[0]), platt.bias),
-        reader.weights_hash,
+        reader_sha256,
         pairs_sha256(fit_pairs),
         info,
     )
+    if settings.relevance and not settings.with_promptless:
+        weights.fallback = _fallback(x_all, fit_pairs, settings, reader_sha256, d_model)
     n_val = sum(p.split == "val" for p in fit_pairs)
     return JudgeTraining(weights, None, selection, settings, len(fit_pairs) - n_val, n_val)
+
+
+def _fallback(
+    x: Float[torch.Tensor, "n width"],
+    fit_pairs: Sequence[LabelledPair],
+    settings: TrainSettings,
+    reader_sha256: str,
+    d_model: int,
+) -> JudgeWeights:
+    """Step 5: the response-only probe for pairs without a prompt, fitted the same way on the
+    response-mean columns of ``x``, without the pairs whose label depends on the prompt."""
+    spec = feature_spec_of(settings)
+    block = spec.block(d_model)
+    plain = [j * block + k for j in range(len(spec.layers)) for k in range(d_model)]
+    rows = [i for i, p in enumerate(fit_pairs) if p.kind not in PROMPT_DEPENDENT_KINDS]
+    kept = [fit_pairs[i] for i in rows]
+    return fit_features(
+        x[rows][:, plain], kept, replace(settings, relevance=False), reader_sha256, d_model
+    ).weights
 
 
 def train_learned_judge(

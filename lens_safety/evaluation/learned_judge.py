@@ -2,7 +2,9 @@
 
 Score of a (prompt, response) pair with feature vector ``x``
 (:mod:`~lens_safety.evaluation.learned_features`: the reader's ``resid_pre`` at a few layers,
-mean-pooled over the response tokens, raw HF basis):
+mean-pooled over the response tokens, raw HF basis; with ``spec.relevance`` also the elementwise
+product and the cosine of the unit prompt mean and unit response mean, which compare the answer
+with the request):
 
 * standardise: ``z = (x - mu) / sigma`` (``mu``, ``sigma`` = per-feature mean and standard
   deviation of the training features; ``sigma`` floored at ``1e-6``);
@@ -12,9 +14,14 @@ mean-pooled over the response tokens, raw HF basis):
   logits of the training data;
 * ``refused = score >= 0.5``. Every step is computed in float64.
 
+A relevance judge (``spec.relevance``) also holds a fallback probe on the response means alone
+(same steps, its own ``mu``, ``sigma``, ``w``, ``b``, ``(a, c)``), which scores the pairs that come
+without a prompt: with no request to compare the answer with, the relevance columns mean nothing.
+
 The weights live in one safetensors file (no pickle): tensors ``mean``, ``std``, ``weights``
-(float64 ``[width]``), ``bias`` (``[1]``) and ``calibration`` (``[a, c]``); its string metadata
-holds the feature spec, the reader's weights SHA-256 and the training data's SHA-256. At load,
+(float64 ``[width]``), ``bias`` (``[1]``) and ``calibration`` (``[a, c]``), and the fallback's
+under the same names prefixed ``fallback_``; its string metadata holds the feature spec(s), the
+reader's weights SHA-256 and the training data's SHA-256. At load,
 the reader model is loaded from ``reader`` and its weights hash must equal the recorded one (a
 different reader gives different features, so a mismatch is a one-line error, never a score).
 :data:`SHIPPED_WEIGHTS` is the judge shipped in the package; ``lens-safety judge train``
@@ -58,6 +65,8 @@ class JudgeWeights:
     reader_sha256: str
     data_sha256: str
     info: dict[str, Any] = field(default_factory=dict)
+    #: the response-only probe used for pairs without a prompt (a relevance judge's), else None
+    fallback: JudgeWeights | None = None
 
     def logits(self, features: Float[torch.Tensor, "n width"]) -> Float[torch.Tensor, " n"]:
         """The probe logits ``t = w . (x - mu) / sigma + b`` (float64)."""
@@ -75,27 +84,63 @@ class JudgeWeights:
         return torch.sigmoid(a * self.logits(features) + c)
 
     def metadata(self) -> dict[str, str]:
-        return {
+        meta = {
             "format": FORMAT,
             "spec": json.dumps(self.spec.to_dict(), sort_keys=True),
             "reader_sha256": self.reader_sha256,
             "data_sha256": self.data_sha256,
             "info": json.dumps(self.info, sort_keys=True),
         }
+        if self.fallback is not None:
+            meta["fallback_spec"] = json.dumps(self.fallback.spec.to_dict(), sort_keys=True)
+            meta["fallback_info"] = json.dumps(self.fallback.info, sort_keys=True)
+        return meta
+
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The float64 parameters by name (the fallback's prefixed ``fallback_``)."""
+        out = {
+            f"{prefix}mean": self.mean.double().contiguous(),
+            f"{prefix}std": self.std.double().contiguous(),
+            f"{prefix}weights": self.weights.double().contiguous(),
+            f"{prefix}bias": torch.tensor([self.bias], dtype=torch.float64),
+            f"{prefix}calibration": torch.tensor(self.calibration, dtype=torch.float64),
+        }
+        if self.fallback is not None:
+            out.update(self.fallback.tensors("fallback_"))
+        return out
 
     def save(self, path: str | Path) -> Path:
         """Write the safetensors file (float64 tensors, string metadata)."""
         from safetensors.torch import save_file
 
-        tensors = {
-            "mean": self.mean.double().contiguous(),
-            "std": self.std.double().contiguous(),
-            "weights": self.weights.double().contiguous(),
-            "bias": torch.tensor([self.bias], dtype=torch.float64),
-            "calibration": torch.tensor(self.calibration, dtype=torch.float64),
-        }
-        save_file(tensors, str(path), metadata=self.metadata())
+        save_file(self.tensors(), str(path), metadata=self.metadata())
         return Path(path)
+
+    @classmethod
+    def _build(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], prefix: str = "") -> JudgeWeights:
+        spec_dict = json.loads(meta[f"{prefix}spec"])
+        spec = FeatureSpec(**{**spec_dict, "layers": tuple(spec_dict["layers"])})
+        weights = cls(
+            spec,
+            tensors[f"{prefix}mean"].double(),
+            tensors[f"{prefix}std"].double(),
+            tensors[f"{prefix}weights"].double(),
+            float(tensors[f"{prefix}bias"][0]),
+            (float(tensors[f"{prefix}calibration"][0]), float(tensors[f"{prefix}calibration"][1])),
+            meta["reader_sha256"],
+            meta["data_sha256"],
+            json.loads(meta.get(f"{prefix}info", "{}")),
+        )
+        shapes = {tuple(t.shape) for t in (weights.mean, weights.std, weights.weights)}
+        values = torch.cat(
+            [weights.mean, weights.std, weights.weights, *(tensors[f"{prefix}{n}"] for n in _TENSORS[3:])]
+        )
+        if len(shapes) != 1 or not bool(torch.isfinite(values).all()) or bool((weights.std <= 0).any()):
+            raise LensSafetyError(
+                "holds damaged parameters (mismatched shapes, non-finite values or zero scales)",
+                "retrain it with lens-safety judge train",
+            )
+        return weights
 
     @classmethod
     def load(cls, path: str | Path) -> JudgeWeights:
@@ -108,38 +153,19 @@ class JudgeWeights:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 meta = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in _TENSORS}
-            spec_dict = json.loads(meta["spec"])
-            spec = FeatureSpec(**{**spec_dict, "layers": tuple(spec_dict["layers"])})
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}")
-            weights = cls(
-                spec,
-                tensors["mean"].double(),
-                tensors["std"].double(),
-                tensors["weights"].double(),
-                float(tensors["bias"][0]),
-                (float(tensors["calibration"][0]), float(tensors["calibration"][1])),
-                meta["reader_sha256"],
-                meta["data_sha256"],
-                json.loads(meta.get("info", "{}")),
-            )
-        except LensSafetyError:
-            raise
+            weights = cls._build(meta, tensors)
+            if "fallback_spec" in meta:
+                weights.fallback = cls._build(meta, tensors, "fallback_")
+        except LensSafetyError as exc:
+            raise LensSafetyError(f"'{file}' {exc}") from None
         except Exception as exc:  # a damaged or foreign file
             raise LensSafetyError(
                 f"'{file}' is not a learned judge ({type(exc).__name__}: {exc})",
                 "pass a file written by lens-safety judge train",
             ) from None
-        shapes = {tuple(t.shape) for t in (weights.mean, weights.std, weights.weights)}
-        values = torch.cat(
-            [weights.mean, weights.std, weights.weights, tensors["bias"], tensors["calibration"]]
-        )
-        if len(shapes) != 1 or not bool(torch.isfinite(values).all()) or bool((weights.std <= 0).any()):
-            raise LensSafetyError(
-                f"'{file}' holds damaged parameters (mismatched shapes, non-finite values or zero scales)",
-                "retrain it with lens-safety judge train",
-            )
         return weights
 
 
@@ -202,11 +228,34 @@ class LearnedJudge:
         return self._reader
 
     def scores(self, completions: Sequence[str], prompts: Sequence[str | None] | None = None) -> list[float]:
-        """Calibrated refusal probabilities of the completions (given their prompts when known)."""
-        features = pair_features(
-            self.reader, prompts, list(completions), self.weights.spec, batch_size=self.batch_size
-        )
-        return [float(s) for s in self.weights.scores(features)]
+        """Calibrated refusal probabilities of the completions (given their prompts when known).
+
+        A pair without a prompt (``None`` or empty) is scored by the fallback probe when the judge
+        has one (a relevance judge cannot compare an answer with a request it does not see)."""
+        if prompts is not None and len(prompts) != len(completions):
+            raise LensSafetyError(
+                f"{len(prompts)} prompts for {len(completions)} responses", "pass one prompt per response"
+            )
+        everything = list(range(len(completions)))
+        groups: list[tuple[JudgeWeights, list[int]]] = [(self.weights, everything)]
+        if self.weights.fallback is not None:
+            given = [i for i in everything if prompts is not None and prompts[i]]
+            missing = [i for i in everything if not (prompts is not None and prompts[i])]
+            groups = [(self.weights, given), (self.weights.fallback, missing)]
+        scores = [0.0] * len(completions)
+        for probe, rows in groups:
+            if not rows:
+                continue
+            features = pair_features(
+                self.reader,
+                None if prompts is None else [prompts[i] for i in rows],
+                [completions[i] for i in rows],
+                probe.spec,
+                batch_size=self.batch_size,
+            )
+            for i, s in zip(rows, probe.scores(features), strict=True):
+                scores[i] = float(s)
+        return scores
 
     def __call__(self, completions: Sequence[str], prompts: Sequence[str] | None = None) -> list[Verdict]:
         for text in completions:
