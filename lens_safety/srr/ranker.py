@@ -1,6 +1,6 @@
 """The SRR ranker: a small listwise Transformer over hidden-state features.
 
-Maths (SRR, arXiv 2505.15710, as in ``docs/methods.md`` §3):
+Maths (SRR, arXiv 2505.15710):
 
 * standardise every input feature with the training set's per-dimension mean and std (a choice
   the paper does not state; hidden states have a few huge dimensions, and this is recorded in the
