@@ -140,14 +140,17 @@ def completion_length(new_tokens: Sequence[int], eos_ids: set[int]) -> tuple[int
     return len(new_tokens), True
 
 
-def _validate(
+def _checked_settings(
     prompts: PromptSet,
     max_new_tokens: int,
     batch_size: int,
     do_sample: bool,
     temperature: float,
     num_return_sequences: int,
-) -> None:
+) -> dict[str, Any]:
+    """The decoding settings every engine takes, after refusing an empty prompt set or a bad value."""
+    if len(prompts) == 0:
+        raise LensSafetyError("no prompts to generate from", "pass at least one prompt")
     if max_new_tokens < 1:
         raise LensSafetyError(
             f"max_new_tokens must be >= 1, got {max_new_tokens}", "pass a positive --max-new-tokens"
@@ -166,6 +169,12 @@ def _validate(
         raise LensSafetyError(
             f"temperature must be > 0 when sampling, got {temperature}", "pass a positive temperature"
         )
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "num_return_sequences": num_return_sequences,
+    }
 
 
 def _generate_batch(
@@ -260,6 +269,53 @@ def _hf_rows(
     return out, firsts
 
 
+def _check_engine(
+    engine: GenerationEngine | None,
+    intervention: Intervention | None,
+    suppress_first_tokens: Sequence[int] | None,
+    first_log_probs: bool,
+) -> None:
+    """Refuse what an engine decoding from the checkpoint on disk cannot do."""
+    if engine is not None and (intervention is not None or suppress_first_tokens or first_log_probs):
+        raise LensSafetyError(
+            f"the {engine.name} engine generates from the checkpoint on disk and cannot apply "
+            "an intervention, suppress first tokens or return first-token log-probabilities",
+            "generate with the Hugging Face engine (engine=None, --engine hf) for this run",
+        )
+
+
+def _new_rows(
+    model: ChatModel,
+    rows: list[list[int]],
+    engine: GenerationEngine | None,
+    seed: int | None,
+    progress: bool,
+    hf_options: dict[str, Any],
+    settings: dict[str, Any],
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """New token ids of every completion from ``engine`` or, without one, from :func:`_hf_rows`
+    (with ``hf_options``) under inference mode, and the first step's log-probabilities of each HF
+    batch. With ``seed`` the HF run seeds the torch RNG (CPU and every CUDA device of the model)
+    and restores it afterwards."""
+    if engine is not None:
+        return engine.sample(model, rows, seed=seed, progress=progress, **settings), []
+    devices = [device for device in model.devices if device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _hf_rows(model, rows, progress=progress, **hf_options, **settings)
+
+
+def _decode(
+    model: ChatModel, new_rows: list[list[int]], eos_ids: set[int]
+) -> tuple[list[str], list[list[int]], list[tuple[int, bool]]]:
+    """Completions (text), their token ids up to the first EOS, and ``(n_tokens, truncated)`` per row."""
+    lengths = [completion_length(row, eos_ids) for row in new_rows]
+    token_ids = [row[:n] for row, (n, _) in zip(new_rows, lengths, strict=True)]
+    completions = [str(model.tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in token_ids]
+    return completions, token_ids, lengths
+
+
 def generate(
     model: ChatModel,
     prompts: PromptSet | Sequence[str],
@@ -305,60 +361,35 @@ def generate(
             (:attr:`Generations.first_log_probs`; not with an engine).
     """
     prompt_set = PromptSet.load(prompts) if not isinstance(prompts, PromptSet) else prompts
-    if len(prompt_set) == 0:
-        raise LensSafetyError("no prompts to generate from", "pass at least one prompt")
-    _validate(prompt_set, max_new_tokens, batch_size, do_sample, temperature, num_return_sequences)
-    if engine is not None and (intervention is not None or suppress_first_tokens or first_log_probs):
-        raise LensSafetyError(
-            f"the {engine.name} engine generates from the checkpoint on disk and cannot apply "
-            "an intervention, suppress first tokens or return first-token log-probabilities",
-            "generate with the Hugging Face engine (engine=None, --engine hf) for this run",
-        )
+    settings = _checked_settings(
+        prompt_set, max_new_tokens, batch_size, do_sample, temperature, num_return_sequences
+    )
+    _check_engine(engine, intervention, suppress_first_tokens, first_log_probs)
     rows = [model.chat.token_ids(model.chat.format(p, system_prompt)) for p in prompt_set.prompts]
     model.chat.check_fit(rows, extra_tokens=max_new_tokens, name=prompt_set.source)
     eos_ids = end_of_sequence_ids(model)
-    settings: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
-        "temperature": temperature,
-        "num_return_sequences": num_return_sequences,
+    hf_options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "intervention": intervention,
+        "share_prefix": share_prefix and num_return_sequences == 1,
+        "suppress_first_tokens": suppress_first_tokens,
+        "first_log_probs": first_log_probs,
     }
-    devices = [device for device in model.devices if device.type == "cuda"]
     started = time.perf_counter()
-    firsts: list[torch.Tensor] = []
-    if engine is not None:
-        new_rows = engine.sample(model, rows, seed=seed, progress=progress, **settings)
-    else:
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            new_rows, firsts = _hf_rows(
-                model,
-                rows,
-                batch_size,
-                intervention,
-                progress,
-                share_prefix=share_prefix and num_return_sequences == 1,
-                suppress_first_tokens=suppress_first_tokens,
-                first_log_probs=first_log_probs,
-                **settings,
-            )
-    lengths = [completion_length(row, eos_ids) for row in new_rows]
-    token_ids = [row[:n] for row, (n, _) in zip(new_rows, lengths, strict=True)]
-    completions = [str(model.tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in token_ids]
+    new_rows, firsts = _new_rows(model, rows, engine, seed, progress, hf_options, settings)
+    completions, token_ids, lengths = _decode(model, new_rows, eos_ids)
     seconds = time.perf_counter() - started
-    k = num_return_sequences
     return Generations(
         prompts=prompt_set.prompts,
         completions=completions,
         n_tokens=[n for n, _ in lengths],
         truncated=[cut for _, cut in lengths],
-        prompt_index=[i for i in range(len(prompt_set)) for _ in range(k)],
+        prompt_index=[i for i in range(len(prompt_set)) for _ in range(num_return_sequences)],
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature if do_sample else 1.0,
         seed=seed,
-        num_return_sequences=k,
+        num_return_sequences=num_return_sequences,
         system_prompt=system_prompt,
         seconds=seconds,
         token_ids=token_ids,

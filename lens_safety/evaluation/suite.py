@@ -198,6 +198,67 @@ def _kl_and_ce(
     return kl, ce
 
 
+def _jailbreaks(
+    model: ChatModel,
+    harmful: PromptSet,
+    n_prompts: int,
+    templates: Sequence[JailbreakTemplate] | None,
+    judge: Judge,
+    generation: dict[str, Any],
+    clock: _Clock,
+) -> JailbreakResult | None:
+    """The attack-success rate of ``templates`` wrapping the first ``n_prompts`` harmful prompts,
+    generated with ``generation`` (``None`` without templates)."""
+    if not templates:
+        return None
+    with clock.part("jailbreaks"):
+        return attack_success_rate(model, harmful.head(n_prompts), templates, judge, **generation)
+
+
+def _utility(
+    model: ChatModel,
+    tasks: str | Sequence[str] | None,
+    limit: int | None,
+    include: str | None,
+    common: dict[str, Any],
+    clock: _Clock,
+) -> Any:
+    """The lm-evaluation-harness results on ``tasks`` (``None`` without tasks)."""
+    if not tasks:
+        return None
+    with clock.part("utility"):
+        return evaluate_utility(
+            model,
+            tasks,
+            limit=limit,
+            batch_size=common["batch_size"],
+            include_path=include,
+            intervention=common["intervention"],
+        )
+
+
+def _settings(
+    harmful: PromptSet,
+    harmless: PromptSet,
+    max_new_tokens: int,
+    system_prompt: str | None,
+    engine: GenerationEngine | None,
+    share_prefix: bool,
+    reference: ChatModel | None,
+) -> dict[str, Any]:
+    """The run's settings as recorded in the JSON (prompt sets, decoding, engine, KL reference)."""
+    return {
+        "harmful": harmful.metadata(),
+        "harmless": harmless.metadata(),
+        "max_new_tokens": max_new_tokens,
+        "system_prompt": system_prompt,
+        "decoding": "greedy",
+        "engine": engine.name if engine is not None else "hf",
+        "share_prefix": share_prefix and engine is None,
+        "reference": reference.identity() if reference is not None else None,
+    }
+
+
 def evaluate_model(
     model: ChatModel,
     harmful: PromptSet | Sequence[str],
@@ -242,56 +303,25 @@ def evaluate_model(
         "intervention": intervention,
         "progress": progress,
     }
+    generation: dict[str, Any] = {**common, "max_new_tokens": max_new_tokens, "engine": engine}
     clock = _Clock()
     with clock.part("refusal (generate and judge)"):
         refusal = evaluate_refusal(
-            model,
-            harmful_set,
-            harmless_set,
-            the_judge,
-            max_new_tokens=max_new_tokens,
-            engine=engine,
-            share_prefix=share_prefix,
-            **common,
+            model, harmful_set, harmless_set, the_judge, share_prefix=share_prefix, **generation
         )
     assert refusal.harmless.generations is not None
     damage = generation_damage(refusal.harmless.generations)
     kl, ce = _kl_and_ce(model, reference, harmless_set, benign_texts, max_new_tokens, common, clock)
-    jailbreaks = None
-    if jailbreak_templates:
-        with clock.part("jailbreaks"):
-            jailbreaks = attack_success_rate(
-                model,
-                harmful_set.head(jailbreak_prompts),
-                jailbreak_templates,
-                the_judge,
-                max_new_tokens=max_new_tokens,
-                engine=engine,
-                **common,
-            )
-    settings = {
-        "harmful": harmful_set.metadata(),
-        "harmless": harmless_set.metadata(),
-        "max_new_tokens": max_new_tokens,
-        "system_prompt": system_prompt,
-        "decoding": "greedy",
-        "engine": engine.name if engine is not None else "hf",
-        "share_prefix": share_prefix and engine is None,
-        "reference": reference.identity() if reference is not None else None,
-    }
-    degeneration, panel = _judged(refusal, jailbreaks, judges)
-    utility = None
+    jailbreaks = _jailbreaks(
+        model, harmful_set, jailbreak_prompts, jailbreak_templates, the_judge, generation, clock
+    )
+    settings = _settings(
+        harmful_set, harmless_set, max_new_tokens, system_prompt, engine, share_prefix, reference
+    )
     if utility_tasks:
-        with clock.part("utility"):
-            utility = evaluate_utility(
-                model,
-                utility_tasks,
-                limit=utility_limit,
-                batch_size=batch_size,
-                include_path=utility_include,
-                intervention=intervention,
-            )
         settings["utility_limit"] = utility_limit
+    degeneration, panel = _judged(refusal, jailbreaks, judges)
+    utility = _utility(model, utility_tasks, utility_limit, utility_include, common, clock)
     result = ModelEvaluation(
         model.identity(),
         getattr(the_judge, "name", "judge"),
