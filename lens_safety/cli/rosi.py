@@ -110,13 +110,18 @@ def ablate(
 
 
 def _run(method: str, args: dict[str, Any]) -> None:
-    """Parse the shared options of ``rosi`` / ``ablate`` into settings, run the job, print it."""
-    alpha = parse_alpha(args["alpha"]) if method == "rosi" else "auto"
+    """Parse the shared options of ``rosi`` / ``ablate`` into settings, run the job, print it.
+
+    ``--alpha`` is read only for a method with a strength (the edit-method registry's
+    ``has_strength``); the registry imports torch, so it is imported here, not at ``--help``."""
+    quiet_libraries()
+    from lens_safety.edits.methods import edit_method
+    from lens_safety.pipelines import EditSettings, run_edit
+
+    alpha = parse_alpha(args["alpha"]) if edit_method(method).has_strength else "auto"
     alphas = parse_alphas(args.get("alphas"))
     layer = parse_layer(args["layer"])
     blocks = parse_blocks(args["blocks"], n_layers=None)  # run_edit checks the range
-    quiet_libraries()
-    from lens_safety.pipelines import EditSettings, run_edit
 
     settings = EditSettings(
         method=method,  # type: ignore[arg-type]
