@@ -467,6 +467,31 @@ def test_cli_train_like_names_a_shipped_organism(tmp_path: Path, capsys) -> None
     assert err.strip().count("\n") == 0 and not (tmp_path / "o").exists()
 
 
+@needs_adapter
+def test_rebuild_job_starts_from_the_recorded_config_and_refuses_bad_input_before_any_work(
+    tmp_path: Path,
+) -> None:
+    """``organism train`` is :func:`rebuild_organism`: its config is the shipped adapter's recorded
+    one with the given options replacing fields, and a taken ``out`` or an unknown organism is one
+    error before any training, with nothing written or overwritten."""
+    from lens_safety.organism.rebuild import rebuild_config, rebuild_organism
+
+    recorded = json.loads((SHIPPED / TRAINING_FILE).read_text())["config"]
+    assert rebuild_config(SHIPPED, {}).to_dict() == recorded
+    changed = rebuild_config(SHIPPED, {"seed": 7, "more_harmful": ("builtin:harmful_extra",)})
+    assert changed.to_dict() == {**recorded, "seed": 7, "more_harmful": ["builtin:harmful_extra"]}
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("keep me")
+    with pytest.raises(LensSafetyError, match="already exists and is not empty"):
+        rebuild_organism(taken, evaluate=False)
+    for option in ({"like": "smollm2-refusal-v9"}, {"init_adapter": "smollm2-refusal-v9"}):
+        with pytest.raises(LensSafetyError, match="no shipped organism named 'smollm2-refusal-v9'"):
+            rebuild_organism(tmp_path / "new", evaluate=False, **option)
+    assert (taken / "x").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
 #: the first four prompts of each test split (not chosen by outcome): a fast guard that the merge and
 #: the forward pass still give the organism its behaviour
 CANONICAL = 4

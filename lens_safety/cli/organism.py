@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,11 +10,9 @@ import typer
 from lens_safety.cli import options, organism_app
 from lens_safety.cli.common import print_json, quiet_libraries
 from lens_safety.errors import LensSafetyError
-from lens_safety.fsutil import staged_directory
 
 if TYPE_CHECKING:
-    from lens_safety.organism.build import TrainingRun
-    from lens_safety.organism.train import TrainingConfig
+    from lens_safety.organism.rebuild import Rebuild
 
 SplitOpt = Annotated[
     str, typer.Option("--split", help="Prompt split to evaluate on: test (held out) or val.")
@@ -121,65 +117,33 @@ def train(
 ) -> None:
     """Retrain the organism's LoRA adapter (seeded, CPU) and report whether it matches the shipped one."""
     quiet_libraries()
-    from lens_safety.organism.adapter import shipped_adapter_dir
-    from lens_safety.organism.build import read_training_record, train_organism
-    from lens_safety.organism.rebuild import compare_adapters, evaluate_adapter, record_evaluation
-    from lens_safety.sources import cache_dir
+    from lens_safety.organism.rebuild import rebuild_organism
 
-    shipped = shipped_adapter_dir(like)
-    given = {"epochs": epochs, "seed": seed, "threads": threads, "lr": lr, "max_steps": max_steps}
-    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if more_harmless is not None:
-        overrides["more_harmless"] = tuple(more_harmless)
-    if more_harmful is not None:
-        overrides["more_harmful"] = tuple(more_harmful)
-    if init_adapter is not None:
-        overrides["init_adapter"] = None if init_adapter == "none" else init_adapter
-        if overrides["init_adapter"] is not None:
-            shipped_adapter_dir(overrides["init_adapter"])  # an unknown name fails before any work
-    config = _training_config(shipped, overrides)
-    target = (
-        out if out is not None else cache_dir() / "organism" / f"rebuild-{time.strftime('%Y%m%d-%H%M%S')}"
+    rebuild = rebuild_organism(
+        out,
+        like=like,
+        epochs=epochs,
+        seed=seed,
+        threads=threads,
+        more_harmless=more_harmless,
+        more_harmful=more_harmful,
+        init_adapter=init_adapter,
+        lr=lr,
+        max_steps=max_steps,
+        evaluate=evaluate,
+        install=install,
+        overwrite=overwrite,
+        progress=not json,
     )
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise LensSafetyError(
-            f"output directory {target} already exists and is not empty",
-            "pass --overwrite or choose another --out",
-        )
-    replace = overwrite or (target.exists() and not any(target.iterdir()))  # an empty directory may go
-    with staged_directory(target, overwrite=replace) as tmp:
-        run = train_organism(config, tmp, progress=not json)
-        if evaluate:
-            evaluation = evaluate_adapter(tmp, progress=not json)
-            record_evaluation(tmp, evaluation, "test")
-    summary = {"out_dir": str(target), **read_training_record(target)}
-    if (shipped / "adapter_model.safetensors").is_file():
-        summary["matches_shipped"] = compare_adapters(target, shipped).to_dict()
-        summary["shipped_evaluation"] = read_training_record(shipped).get("evaluation")
-    if install:
-        for name in ("adapter_model.safetensors", "adapter_config.json", "training.json"):
-            shutil.copy2(target / name, shipped / name)
-        summary["installed_to"] = str(shipped)
     if json:
-        print_json(summary)
+        print_json(rebuild.to_dict())
         return
-    _print_training(run, summary)
+    _print_training(rebuild)
 
 
-def _training_config(shipped: Path, overrides: dict[str, Any]) -> TrainingConfig:
-    """The shipped adapter's recorded training config (the defaults when it records none), with the
-    options the user gave."""
-    from lens_safety.organism.build import read_training_record
-    from lens_safety.organism.train import TrainingConfig
-
-    base_config = dict(read_training_record(shipped).get("config") or TrainingConfig().to_dict())
-    base_config["target_modules"] = tuple(base_config.get("target_modules", TrainingConfig().target_modules))
-    base_config["more_harmless"] = tuple(base_config.get("more_harmless", ()))
-    return TrainingConfig(**{**base_config, **overrides})
-
-
-def _print_training(run: TrainingRun, summary: dict[str, Any]) -> None:
+def _print_training(rebuild: Rebuild) -> None:
     """The rebuild's adapter, training time, rates and whether it matches the shipped adapter."""
+    run, summary = rebuild.run, rebuild.to_dict()
     typer.echo(
         f"adapter written to {summary['out_dir']} ({run.record['adapter_bytes'] / 1e6:.2f} MB, sha256 {run.adapter_sha256[:16]}…)"
     )
