@@ -226,6 +226,39 @@ def test_cli_train_eval_generate_and_model_check(built: Path, tiny_dirs, tmp_pat
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "trained on" in lines[0]
 
 
+def test_train_job_writes_what_the_cli_writes_and_refuses_a_taken_out(
+    built: Path, tmp_path: Path, capsys
+) -> None:
+    """``srr train`` is :func:`train_ranker_directory`: with one seed both write bitwise identical
+    rankers and baselines and report the same numbers; a taken ``out`` fails before any training
+    and is left as it was."""
+    from lens_safety.srr.train_job import train_ranker_directory
+
+    settings = {"layer": 1, "width": 8, "max_epochs": 2, "seed": 3}
+    result = train_ranker_directory([built], tmp_path / "lib", **settings)
+    argv = ["srr", "train", str(built), "--out", str(tmp_path / "cli"), "--json"]
+    code, out, err = run_cli(
+        [*argv, *(x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v)))], capsys
+    )
+    assert code == 0, err
+    mine, theirs = result.to_dict(), json.loads(out)
+    assert mine["out"] == str(tmp_path / "lib") and theirs["out"] == str(tmp_path / "cli")
+    drop = {"out", "seconds"}
+    assert {k: v for k, v in mine.items() if k not in drop} == {
+        k: v for k, v in theirs.items() if k not in drop
+    }
+    assert result.baselines is not None and set(result.baselines) >= {"text_only"}
+    files = sorted(p.relative_to(tmp_path / "lib") for p in (tmp_path / "lib").rglob("*.safetensors"))
+    assert Path("ranker.safetensors") in files and Path("baselines/text_only/ranker.safetensors") in files
+    for name in files:
+        assert (tmp_path / "lib" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+    before = (tmp_path / "lib" / "ranker.safetensors").read_bytes()
+    with pytest.raises(LensSafetyError, match="already exists"):
+        train_ranker_directory([built], tmp_path / "lib", **settings)
+    assert (tmp_path / "lib" / "ranker.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli", "lib"]  # no staging left behind
+
+
 def test_cli_build_data_writes_a_dataset_and_refuses_overwrite(tiny_dirs, tmp_path: Path, capsys) -> None:
     harmful_file = tmp_path / "harmful.txt"
     harmful_file.write_text("\n".join(HARMFUL))

@@ -12,11 +12,10 @@ import typer
 from lens_safety.cli import options, srr_app
 from lens_safety.cli.common import load_cli_model, parse_list, print_json, quiet_libraries
 from lens_safety.errors import LensSafetyError
-from lens_safety.fsutil import require_free, staged_directory
+from lens_safety.fsutil import require_free
 
 if TYPE_CHECKING:
     from lens_safety.prompts import PromptSet
-    from lens_safety.srr.ranker import RankerConfig
 
 HARMFUL_INSTRUCTIONS = "Harmful instructions: file or builtin:harmful[:split]"
 HARMLESS_INSTRUCTIONS = "Harmless instructions: file or builtin:harmless[:split]"
@@ -204,74 +203,33 @@ def train(
     json_out: options.JsonOpt = False,
 ) -> None:
     """Train a ranker (and its baselines) on built candidate lists."""
-    from lens_safety.srr.baselines import train_baselines
-    from lens_safety.srr.combine import load_datasets
-    from lens_safety.srr.features import default_ranker_layer
-    from lens_safety.srr.ranker import save_ranker
-    from lens_safety.srr.train import TrainConfig, train_ranker
+    from lens_safety.srr.train_job import train_ranker_directory
 
-    require_free(out, overwrite)
-    dataset = load_datasets(data_dirs)
-    n_layers = int(dataset.meta["model"]["n_layers"])
-    chosen = layer if layer is not None else default_ranker_layer(n_layers)
-    rconf = _ranker_config(int(dataset.instruction.shape[-1]), width, tau, dropout, members, weight_decay)
-    tconf = TrainConfig(seed=seed, max_epochs=max_epochs, patience=patience, weight_decay=weight_decay)
-    ranker, report = train_ranker(
-        dataset, layer=chosen, context=context, ranker_config=rconf, train_config=tconf, progress=True
+    result = train_ranker_directory(
+        data_dirs,
+        out,
+        layer=layer,
+        context=context,
+        width=width,
+        tau=tau,
+        dropout=dropout,
+        weight_decay=weight_decay,
+        members=members,
+        seed=seed,
+        max_epochs=max_epochs,
+        patience=patience,
+        baselines=baselines,
+        overwrite=overwrite,
+        progress=True,
     )
-    with staged_directory(out, overwrite=overwrite) as tmp:
-        info = {
-            "training": report.to_dict(),
-            "train_config": tconf.to_dict(),
-            "data": {"dirs": [str(d) for d in data_dirs], "counts": dataset.counts()},
-        }
-        save_ranker(ranker, tmp, dataset.meta.get("model"), info)
-        if baselines:
-            train_baselines(
-                dataset,
-                tmp,
-                layer=chosen,
-                context=context,
-                ranker_config=rconf,
-                train_config=tconf,
-                base_model=dataset.meta.get("model"),
-            )
-    summary = {
-        "out": str(out),
-        "layer": chosen,
-        "context": context,
-        "members": members,
-        "n_parameters": ranker.n_parameters(),
-        "best_epoch": report.best_epoch,
-        "best_val_loss": report.best_val_loss,
-        "n_train_lists": report.n_train_lists,
-        "n_val_lists": report.n_val_lists,
-        "seconds": report.seconds,
-    }
     if json_out:
-        print_json(summary)
+        print_json(result.to_dict())
     else:
+        report = result.report
         typer.echo(
-            f"ranker: {ranker.n_parameters():,} parameters, layer {chosen}, {context}; "
+            f"ranker: {result.ranker.n_parameters():,} parameters, layer {result.layer}, {context}; "
             f"{report.n_train_lists} train / {report.n_val_lists} val lists, best epoch {report.best_epoch} -> {out}"
         )
-
-
-def _ranker_config(
-    d_input: int, width: int, tau: float, dropout: float, members: int, weight_decay: float
-) -> RankerConfig:
-    """The ranker's shape from the options, checked before any training."""
-    from lens_safety.srr.ranker import RankerConfig
-
-    if not 0 <= dropout < 1 or weight_decay < 0 or width < 1 or members < 1:
-        raise LensSafetyError(
-            f"invalid ranker settings (width {width}, dropout {dropout}, weight decay {weight_decay}, "
-            f"members {members})",
-            "use width >= 1, 0 <= dropout < 1, weight decay >= 0 and members >= 1",
-        )
-    return RankerConfig(
-        d_input=d_input, width=width, ff_width=2 * width, tau=tau, dropout=dropout, members=members
-    )
 
 
 @srr_app.command("eval")
