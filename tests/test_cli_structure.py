@@ -43,18 +43,19 @@ def test_every_command_module_is_registered_and_imports_only_the_shared_modules(
     assert wrong == [], "\n".join(wrong)
 
 
-def test_cli_files_and_functions_stay_small() -> None:
+def test_package_files_and_functions_stay_small() -> None:
+    """No module of the package over 400 lines, no function over 80 (decorators included)."""
     too_long = []
-    for path in sorted(CLI.glob("*.py")):
+    for path in sorted(CLI.parent.rglob("*.py")):
         source = path.read_text(encoding="utf-8")
         if len(source.splitlines()) > 400:
-            too_long.append(f"{path.name}: {len(source.splitlines())} lines")
+            too_long.append(f"{path.relative_to(CLI.parent)}: {len(source.splitlines())} lines")
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
                 length = (node.end_lineno or node.lineno) - start + 1
                 if length > 80:
-                    too_long.append(f"{path.name}:{node.name}: {length} lines")
+                    too_long.append(f"{path.relative_to(CLI.parent)}:{node.name}: {length} lines")
     assert too_long == [], "\n".join(too_long)
 
 

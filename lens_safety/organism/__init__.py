@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from lens_safety.organism.build import TrainingRun, train_organism
     from lens_safety.organism.data import SFTExample, build_examples
     from lens_safety.organism.evaluate import OrganismEvaluation, evaluate_organism
+    from lens_safety.organism.rebuild import Rebuild, rebuild_organism
     from lens_safety.organism.train import TrainingConfig, fit_lora
 
 _EXPORTS = {
@@ -25,6 +26,8 @@ _EXPORTS = {
     "fit_lora": "lens_safety.organism.train",
     "materialize_organism": "lens_safety.organism.adapter",
     "OrganismEvaluation": "lens_safety.organism.evaluate",
+    "Rebuild": "lens_safety.organism.rebuild",
+    "rebuild_organism": "lens_safety.organism.rebuild",
     "SFTExample": "lens_safety.organism.data",
     "shipped_adapter_dir": "lens_safety.organism.adapter",
     "train_organism": "lens_safety.organism.build",
@@ -36,6 +39,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "OrganismEvaluation",
+    "Rebuild",
     "SFTExample",
     "TrainingConfig",
     "TrainingRun",
@@ -43,6 +47,7 @@ __all__ = [
     "evaluate_organism",
     "fit_lora",
     "materialize_organism",
+    "rebuild_organism",
     "shipped_adapter_dir",
     "train_organism",
     "verify_adapter",

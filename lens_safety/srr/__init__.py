@@ -21,6 +21,7 @@ from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
 from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss, load_ranker, save_ranker
 from lens_safety.srr.select import Selection, select
 from lens_safety.srr.train import TrainConfig, TrainingReport, train_ranker
+from lens_safety.srr.train_job import RankerTraining, train_ranker_directory
 
 __all__ = [
     "Baselines",
@@ -29,6 +30,7 @@ __all__ = [
     "CandidateList",
     "DirectionScorer",
     "RankerConfig",
+    "RankerTraining",
     "RankingMetrics",
     "SRRDataset",
     "SRREvaluation",
@@ -58,4 +60,5 @@ __all__ = [
     "sweep_figure",
     "train_baselines",
     "train_ranker",
+    "train_ranker_directory",
 ]
