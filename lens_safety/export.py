@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,6 +145,7 @@ def _vanilla_logits(
     hf = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, trust_remote_code=False, attn_implementation=attention, **placement
     ).eval()
+    cleanups: list[Callable[[], None]] = []
     try:
         if edit is not None:
             writers = checkpoint_writers(model)
@@ -157,7 +158,7 @@ def _vanilla_logits(
                 # one live parameter at a time: memory holds one parameter's originals and edit
                 originals = read_tensors(model.hf_path, [t.key for t in tensors])
                 new = compute_edit(edit, originals, writers, strict=False)
-                write_stored(hf, live, [(t, new[t.key]) for t in tensors], reversible=False)
+                cleanups.append(write_stored(hf, live, [(t, new[t.key]) for t in tensors], reversible=False))
         if not placement:
             hf.to(model.device)
         inputs = batch.to(model.device)
@@ -169,6 +170,8 @@ def _vanilla_logits(
                 use_cache=False,
             ).logits.to(dtype)
     finally:
+        for cleanup in reversed(cleanups):  # temporary files of disk-offloaded edited weights
+            cleanup()
         del hf
 
 

@@ -23,10 +23,15 @@ This module answers the questions the rest of lens-safety asks about placement:
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lens_safety.architecture import clean_hf_name
@@ -99,20 +104,59 @@ def _owner(hf_model: nn.Module, name: str) -> tuple[nn.Module, str]:
     )
 
 
-class _Overlay(Mapping[str, Any]):
-    """A hook's ``weights_map`` with some entries replaced (the rest read through to the original)."""
+class _Spilled:
+    """A replacement value kept in a safetensors file of its own (a parameter offloaded to disk stays
+    on disk when it is edited); read back bitwise on each access, the file removed by :meth:`drop`."""
 
-    def __init__(self, base: Mapping[str, Any], replaced: dict[str, torch.Tensor]) -> None:
+    def __init__(self, value: torch.Tensor) -> None:
+        handle, name = tempfile.mkstemp(prefix="lens-safety-edit-", suffix=".safetensors")
+        os.close(handle)
+        self.path = Path(name)
+        try:
+            save_file({"value": value}, str(self.path))
+        except BaseException:
+            self.drop()
+            raise
+
+    def load(self) -> torch.Tensor:
+        with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor("value")
+
+    def drop(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _Overlay(Mapping[str, Any]):
+    """A hook's ``weights_map`` with some entries replaced (the rest read through to the original);
+    a replacement is a tensor in memory or a :class:`_Spilled` file."""
+
+    def __init__(self, base: Mapping[str, Any], replaced: dict[str, torch.Tensor | _Spilled]) -> None:
         self.base, self.replaced = base, replaced
 
     def __getitem__(self, key: str) -> Any:
-        return self.replaced[key] if key in self.replaced else self.base[key]
+        if key not in self.replaced:
+            return self.base[key]
+        value = self.replaced[key]
+        return value.load() if isinstance(value, _Spilled) else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base)
 
     def __len__(self) -> int:
         return len(self.base)
+
+
+def _offloaded_to_disk(weights_map: Mapping[str, Any], attr: str) -> bool:
+    """Whether ``weights_map[attr]`` is read from a file (accelerate's disk offload: the entry is in
+    its loader's ``index``) rather than held in CPU memory (its ``state_dict``)."""
+    while isinstance(weights_map, _Overlay):
+        if attr in weights_map.replaced:
+            return isinstance(weights_map.replaced[attr], _Spilled)
+        weights_map = weights_map.base
+    prefix = str(getattr(weights_map, "prefix", ""))
+    loader = getattr(weights_map, "dataset", weights_map)
+    in_memory = getattr(loader, "state_dict", None)
+    return not (isinstance(in_memory, Mapping) and prefix + attr in in_memory)
 
 
 def _offload_hook(module: nn.Module, attr: str) -> Any:
@@ -149,7 +193,11 @@ def write_parameter(
     An ordinary parameter is copied into in place (the undo copies the saved original back;
     ``reversible=False`` saves nothing and returns a no-op, for a model about to be discarded). An
     offloaded parameter gets an overlay on its hook's ``weights_map``: every later call of the module
-    materialises ``value`` instead of the checkpoint's tensor; the undo removes the overlay. Undo
+    materialises ``value`` instead of the checkpoint's tensor; the undo removes the overlay. The
+    replacement stays where the original was: in CPU memory for a CPU-offloaded parameter, in a
+    temporary safetensors file (under ``tempfile.gettempdir()``, i.e. ``$TMPDIR``) for a
+    disk-offloaded one, so an edit of a model offloaded to disk does not hold the edited weights in
+    host memory; the undo removes that file too, so call it even with ``reversible=False``. Undo
     replacements in the reverse order of making them.
     """
     module, attr = _owner(hf_model, name)
@@ -171,10 +219,14 @@ def write_parameter(
 
         return restore
     previous = hook.weights_map
-    hook.weights_map = _Overlay(previous, {attr: value.detach().to("cpu", param.dtype).contiguous()})
+    stored = value.detach().to("cpu", param.dtype).contiguous()
+    replacement: torch.Tensor | _Spilled = _Spilled(stored) if _offloaded_to_disk(previous, attr) else stored
+    hook.weights_map = _Overlay(previous, {attr: replacement})
 
     def remove() -> None:
         hook.weights_map = previous
+        if isinstance(replacement, _Spilled):
+            replacement.drop()
 
     return remove
 

@@ -10,6 +10,7 @@ test first asserts that the realised map really has blocks in both places.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,39 @@ def test_in_memory_edits_reach_offloaded_weights_and_are_undone(
     assert _digest(llama_dir) == before  # the offloaded weights' checkpoint is never written
 
 
+def test_edited_weights_offloaded_to_disk_stay_on_disk(
+    pair: tuple[ChatModel, ChatModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edit of a disk-offloaded block keeps its edited weights in temporary files (one per
+    parameter, removed on exit), not in host memory; blocks held in CPU memory are edited in place."""
+    one, split = pair
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spec = rosi(torch.randn(one.d_model, generator=torch.Generator().manual_seed(3)), 4.0)
+    batch = one.chat.encode(PROMPTS)
+    with torch.inference_mode(), applied_edit(one, spec):
+        want = forward(one, batch).logits
+    with torch.inference_mode(), applied_edit(split, spec) as deltas:
+        spilled = sorted(tmp_path.glob("lens-safety-edit-*.safetensors"))
+        on_disk = [n for n in deltas if n.startswith("model.layers.") and int(n.split(".")[2]) >= 2]
+        assert on_disk and len(spilled) == len(on_disk)  # one file per edited disk-offloaded weight
+        got = forward(split, batch).logits
+    assert torch.equal(got, want)
+    assert not list(tmp_path.glob("lens-safety-edit-*"))  # the files are removed on exit
+
+
+def test_cpu_offloaded_replacements_stay_in_memory() -> None:
+    """accelerate keeps a CPU-offloaded weight in its loader's state_dict and a disk-offloaded one in
+    its index: only the latter is spilled to a file."""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+    from lens_safety.placement import _offloaded_to_disk
+
+    in_memory = PrefixedDataset(OffloadedWeightsLoader(state_dict={"m.weight": torch.ones(2)}), "m.")
+    on_disk = PrefixedDataset(OffloadedWeightsLoader(index={"m.weight": {"dtype": "float32"}}), "m.")
+    assert not _offloaded_to_disk(in_memory, "weight")
+    assert _offloaded_to_disk(on_disk, "weight")
+
+
 def test_export_of_a_split_model_is_byte_identical_and_verified(
     pair: tuple[ChatModel, ChatModel], tmp_path: Path
 ) -> None:
@@ -140,10 +174,16 @@ def test_export_of_a_split_model_is_byte_identical_and_verified(
 
 
 def test_half_precision_split_with_tied_embedding_on_disk(
-    tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path, tmp_path: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    smollm2_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bfloat16 Gemma 2 (tied embedding, post-norms) entirely offloaded to disk: orthogonalising
-    edits the offloaded embedding and unties the head; export verifies against vanilla + edit."""
+    edits the offloaded embedding and unties the head; export verifies against vanilla + edit (whose
+    edited weights are spilled to temporary files, all removed afterwards)."""
+    spill = tmp_path_factory.mktemp("spill")
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
     path = make_tiny_model("gemma2", tmp_path_factory.mktemp("dm") / "gemma2", smollm2_dir, dtype="bfloat16")
     one = load_model(path, device="cpu", dtype="bfloat16")
     split = load_model(path, device_map={"": "disk"}, dtype="bfloat16")
@@ -162,6 +202,7 @@ def test_half_precision_split_with_tied_embedding_on_disk(
     assert a.untied and b.untied
     assert _digest(tmp_path / "one") == _digest(tmp_path / "split")
     assert b.edit["verification"]["reference"] == "vanilla base + edit"
+    assert not list(spill.glob("lens-safety-edit-*"))
 
 
 def test_placement_arguments_are_checked(llama_dir: Path) -> None:

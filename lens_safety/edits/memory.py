@@ -23,8 +23,9 @@ duration when the edit changes the token embedding (it keeps the ORIGINAL unembe
 
 On a model split across devices every parameter is edited where it lives: in place on its own
 device, or, when accelerate offloaded it (to disk or CPU: a ``meta`` placeholder), through an overlay
-on its offload hook's weights map, so each call of the module materialises the edited value
-(:func:`lens_safety.placement.write_parameter`; the checkpoint on disk is never written).
+on its offload hook's weights map, so each call of the module materialises the edited value (kept
+where the original was: CPU memory, or a temporary file for a weight offloaded to disk;
+:func:`lens_safety.placement.write_parameter`; the checkpoint on disk is never written).
 """
 
 from __future__ import annotations
