@@ -11,6 +11,7 @@ import torch
 from cli_runner import run_cli as run
 from transformers import AutoModelForCausalLM
 
+from lens_safety.cli.common import print_export_summary
 from lens_safety.directions import Direction, DirectionMismatchWarning
 
 FAST = ["--n-train", "16", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4"]
@@ -29,6 +30,12 @@ def test_rosi_end_to_end_on_a_tiny_model(
     assert summary["layer"] == 1 and summary["targets"] == ["attn_out", "mlp_out", "mixer_out"]
     assert summary["alpha"] in (10.0, 100.0) and summary["max_abs_logit_diff"] <= 1e-4
     assert set(summary["harmful_refusal"]) == {"before", "after"}
+    # every rate names its judge and prompt sets, in the JSON and in the text output
+    assert summary["judge"] == "substring" and summary["n_test"] == [4, 4]
+    assert summary["prompts"] == {"harmful": "harmful:test", "harmless": "harmless:test"}
+    print_export_summary(summary, as_json=False)
+    text = capsys.readouterr().out
+    assert "judged by substring on harmful:test (n=4) / harmless:test (n=4)" in text
     assert [p["alpha"] for p in summary["calibration"]] == [10.0, 100.0]
     # a random tiny model never refuses: the choice must say so, not pretend
     assert summary["alpha_choice"] == "fallback" and "no alpha met" in summary["message"]

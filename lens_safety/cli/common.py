@@ -257,6 +257,10 @@ def print_export_summary(summary: dict[str, Any], as_json: bool) -> None:
             console.print(
                 f"{key.replace('_', ' ')}: {summary[key]['before']:.2f} -> {summary[key]['after']:.2f}"
             )
+    if "judge" in summary:
+        counted = zip(summary["prompts"].values(), summary["n_test"], strict=True)
+        sets = " / ".join(f"{name} (n={n})" for name, n in counted)
+        console.print(f"judged by {summary['judge']} on {sets}", highlight=False)
     if summary.get("message"):
         console.print(summary["message"])
 

@@ -294,6 +294,11 @@ def calibration_files(result: CalibrationResult) -> dict[str, str]:
     }
 
 
+#: what an edit job's summary carries of its before / after measurement: the rates, and which
+#: judge, question and prompt sets (with their sizes) produced them
+MEASURED = ("harmful_refusal", "harmless_refusal", "judge", "question", "prompts", "n_test")
+
+
 def export_summary(
     exported: ExportResult, direction: Direction, measurements: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
@@ -310,6 +315,6 @@ def export_summary(
         "edited_parameters": len(exported.edit["edited_parameters"]),
         "max_abs_logit_diff": exported.max_abs_logit_diff,
         "export_seconds": exported.seconds,
-        **{k: v for k, v in measurements.items() if k in ("harmful_refusal", "harmless_refusal")},
+        **{k: v for k, v in measurements.items() if k in MEASURED},
         **extra,
     }
