@@ -587,3 +587,14 @@ def test_cli_train_options_of_the_v3_recipe_fail_fast_on_bad_input(tmp_path: Pat
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err and not out.exists()
     assert not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_organism_rates_name_their_judge_and_prompt_sets() -> None:
+    """The text line of ``organism eval`` / ``organism train`` says which judge and which sets."""
+    from lens_safety.cli.organism import _rates
+    from lens_safety.organism.rebuild import read_training_record, shipped_adapter_dir
+
+    test = read_training_record(shipped_adapter_dir())["evaluation"]["test"]
+    line = _rates(test)
+    assert f"judged by {test['judge']} on harmful:test / harmless:test" in line
+    assert f"({test['harmful_refusal']['refused']}/{test['harmful_refusal']['n']}," in line

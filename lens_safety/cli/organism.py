@@ -33,7 +33,16 @@ def _rates(evaluation: dict[str, Any]) -> str:
     return (
         f"harmful refusal {hf['rate']:.3f} ({hf['refused']}/{hf['n']}, 95% CI {hf['interval'][0]:.3f}-{hf['interval'][1]:.3f}), "
         f"harmless over-refusal {hl['rate']:.3f} ({hl['refused']}/{hl['n']}, 95% CI {hl['interval'][0]:.3f}-{hl['interval'][1]:.3f}){kl_text}"
+        + _provenance(evaluation)
     )
+
+
+def _provenance(evaluation: dict[str, Any]) -> str:
+    """``"; judged by J on HARMFUL / HARMLESS"`` where the record names them (older records may not)."""
+    sets = [evaluation.get(key, {}).get("name") for key in ("harmful_set", "harmless_set")]
+    if not evaluation.get("judge") or None in sets:
+        return ""
+    return f"; judged by {evaluation['judge']} on {sets[0]} / {sets[1]}"
 
 
 OutOpt = Annotated[
