@@ -37,12 +37,13 @@ from lens_safety.evaluation.generation import Intervention
 from lens_safety.evaluation.judges import get_judges
 from lens_safety.evaluation.suite import ModelEvaluation, evaluate_model
 from lens_safety.models import ChatModel
+from lens_safety.records import Record
 
 RATE_KEYS = ("harmful_refusal_rate", "harmless_refusal_rate", "jailbreak_asr")
 
 
 @dataclass(frozen=True)
-class Column:
+class Column(Record):
     """One column: its key, title, definition and the instrument behind every cell."""
 
     key: str
@@ -54,9 +55,6 @@ class Column:
     prompts: str | None = None
     harness: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
     def instrument(self) -> str:
         """``judge J (question Q) on prompts P`` or ``lm-evaluation-harness``."""
         if self.judge is not None:
@@ -65,7 +63,7 @@ class Column:
 
 
 @dataclass(frozen=True)
-class Cell:
+class Cell(Record):
     """A value with its 95% interval (rates) or standard error (utility) and its count."""
 
     value: float | None
@@ -74,9 +72,6 @@ class Cell:
     n: int | None = None
     stderr: float | None = None
     limit: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
     def text(self) -> str:
         if self.value is None or math.isnan(self.value):
