@@ -140,52 +140,51 @@ def completion_length(new_tokens: Sequence[int], eos_ids: set[int]) -> tuple[int
     return len(new_tokens), True
 
 
-def _checked_settings(
-    prompts: PromptSet,
-    max_new_tokens: int,
-    batch_size: int,
-    do_sample: bool,
-    temperature: float,
-    num_return_sequences: int,
-) -> dict[str, Any]:
-    """The decoding settings every engine takes, after refusing an empty prompt set or a bad value."""
+@dataclass(frozen=True)
+class Decoding:
+    """How every chat-formatted row is decoded: at most ``max_new_tokens`` new tokens, greedily or
+    (``do_sample``) drawn from ``softmax(logits / temperature)`` over the whole vocabulary,
+    ``num_return_sequences`` completions per row, reproducibly when ``seed`` is set (module
+    docstring). Every engine takes these settings (:class:`GenerationEngine`)."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    seed: int | None = None
+    num_return_sequences: int = 1
+
+
+def _check_request(prompts: PromptSet, batch_size: int, decoding: Decoding) -> None:
+    """Refuse an empty prompt set, a batch size below 1 or a bad decoding setting."""
+    d = decoding
     if len(prompts) == 0:
         raise LensSafetyError("no prompts to generate from", "pass at least one prompt")
-    if max_new_tokens < 1:
+    if d.max_new_tokens < 1:
         raise LensSafetyError(
-            f"max_new_tokens must be >= 1, got {max_new_tokens}", "pass a positive --max-new-tokens"
+            f"max_new_tokens must be >= 1, got {d.max_new_tokens}", "pass a positive --max-new-tokens"
         )
     if batch_size < 1:
         raise LensSafetyError(f"batch_size must be >= 1, got {batch_size}", "pass a positive batch size")
-    if num_return_sequences < 1:
+    if d.num_return_sequences < 1:
         raise LensSafetyError(
-            f"num_return_sequences must be >= 1, got {num_return_sequences}", "pass a positive number"
+            f"num_return_sequences must be >= 1, got {d.num_return_sequences}", "pass a positive number"
         )
-    if num_return_sequences > 1 and not do_sample:
+    if d.num_return_sequences > 1 and not d.do_sample:
         raise LensSafetyError(
             "greedy decoding returns one completion per prompt", "pass do_sample=True to draw several"
         )
-    if do_sample and not temperature > 0:
+    if d.do_sample and not d.temperature > 0:
         raise LensSafetyError(
-            f"temperature must be > 0 when sampling, got {temperature}", "pass a positive temperature"
+            f"temperature must be > 0 when sampling, got {d.temperature}", "pass a positive temperature"
         )
-    return {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
-        "temperature": temperature,
-        "num_return_sequences": num_return_sequences,
-    }
 
 
 def _generate_batch(
     model: ChatModel,
     input_ids: Int[torch.Tensor, "batch seq"],
     attention_mask: Int[torch.Tensor, "batch seq"],
+    decoding: Decoding,
     *,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    num_return_sequences: int,
     suppress_first_tokens: Sequence[int] | None = None,
     cache: Any = None,
     first_log_probs: bool = False,
@@ -193,16 +192,16 @@ def _generate_batch(
     """New token ids (and the first step's float64 log-probabilities with ``first_log_probs``);
     ``cache``: the KV cache of the batch's shared prefix (:class:`~lens_safety.activations.PrefixedBatch`)."""
     sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
-        if do_sample
+        {"do_sample": True, "temperature": decoding.temperature, "top_k": None, "top_p": None}
+        if decoding.do_sample
         else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     )
     output = model.hf_model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=decoding.max_new_tokens,
         min_new_tokens=0,
-        num_return_sequences=num_return_sequences,
+        num_return_sequences=decoding.num_return_sequences,
         pad_token_id=int(model.tokenizer.pad_token_id),
         use_cache=True,
         **({"begin_suppress_tokens": list(suppress_first_tokens)} if suppress_first_tokens else {}),
@@ -226,32 +225,24 @@ class GenerationEngine(Protocol):
     name: str
 
     def sample(
-        self,
-        model: ChatModel,
-        rows: list[list[int]],
-        *,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        seed: int | None,
-        num_return_sequences: int,
-        progress: bool,
+        self, model: ChatModel, rows: list[list[int]], decoding: Decoding, *, progress: bool
     ) -> list[list[int]]:
-        """New token ids of every completion, prompt-major (``num_return_sequences`` per row)."""
+        """New token ids of every completion, prompt-major (``decoding.num_return_sequences`` per row)."""
         ...
 
 
 def _hf_rows(
     model: ChatModel,
     rows: list[list[int]],
+    decoding: Decoding,
     batch_size: int,
     intervention: Intervention | None,
     progress: bool,
     share_prefix: bool = False,
-    **settings: Any,
+    **batch_options: Any,
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """New token ids of every completion from the bridge's wrapped model, batch by batch, and the
-    first step's log-probabilities of each batch (with ``first_log_probs`` in ``settings``)."""
+    first step's log-probabilities of each batch (with ``first_log_probs`` in ``batch_options``)."""
     out: list[list[int]] = []
     firsts: list[torch.Tensor] = []
     n_batches = -(-len(rows) // batch_size)
@@ -262,7 +253,7 @@ def _hf_rows(
             batch = model.chat.pad(chunk) if prefixed is None else prefixed.batch
             cache = None if prefixed is None else prefixed.cache
             new, first = _generate_batch(
-                model, batch.input_ids, batch.attention_mask, cache=cache, **settings
+                model, batch.input_ids, batch.attention_mask, decoding, cache=cache, **batch_options
             )
         out += new.tolist()
         firsts += [] if first is None else [first]
@@ -288,22 +279,22 @@ def _new_rows(
     model: ChatModel,
     rows: list[list[int]],
     engine: GenerationEngine | None,
-    seed: int | None,
+    decoding: Decoding,
     progress: bool,
     hf_options: dict[str, Any],
-    settings: dict[str, Any],
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """New token ids of every completion from ``engine`` or, without one, from :func:`_hf_rows`
     (with ``hf_options``) under inference mode, and the first step's log-probabilities of each HF
-    batch. With ``seed`` the HF run seeds the torch RNG (CPU and every CUDA device of the model)
-    and restores it afterwards."""
+    batch. With ``decoding.seed`` the HF run seeds the torch RNG (CPU and every CUDA device of the
+    model) and restores it afterwards."""
     if engine is not None:
-        return engine.sample(model, rows, seed=seed, progress=progress, **settings), []
+        return engine.sample(model, rows, decoding, progress=progress), []
+    seed = decoding.seed
     devices = [device for device in model.devices if device.type == "cuda"]
     with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
-        return _hf_rows(model, rows, progress=progress, **hf_options, **settings)
+        return _hf_rows(model, rows, decoding, progress=progress, **hf_options)
 
 
 def _decode(
@@ -361,9 +352,8 @@ def generate(
             (:attr:`Generations.first_log_probs`; not with an engine).
     """
     prompt_set = PromptSet.load(prompts) if not isinstance(prompts, PromptSet) else prompts
-    settings = _checked_settings(
-        prompt_set, max_new_tokens, batch_size, do_sample, temperature, num_return_sequences
-    )
+    decoding = Decoding(max_new_tokens, do_sample, temperature, seed, num_return_sequences)
+    _check_request(prompt_set, batch_size, decoding)
     _check_engine(engine, intervention, suppress_first_tokens, first_log_probs)
     rows = [model.chat.token_ids(model.chat.format(p, system_prompt)) for p in prompt_set.prompts]
     model.chat.check_fit(rows, extra_tokens=max_new_tokens, name=prompt_set.source)
@@ -376,7 +366,7 @@ def generate(
         "first_log_probs": first_log_probs,
     }
     started = time.perf_counter()
-    new_rows, firsts = _new_rows(model, rows, engine, seed, progress, hf_options, settings)
+    new_rows, firsts = _new_rows(model, rows, engine, decoding, progress, hf_options)
     completions, token_ids, lengths = _decode(model, new_rows, eos_ids)
     seconds = time.perf_counter() - started
     return Generations(

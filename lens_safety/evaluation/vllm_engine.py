@@ -44,7 +44,7 @@ from jaxtyping import Float
 from lens_safety.activations import hook_point_name
 from lens_safety.chat import EncodedBatch
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.generation import end_of_sequence_ids
+from lens_safety.evaluation.generation import Decoding, end_of_sequence_ids
 from lens_safety.models import ChatModel
 from lens_safety.selfcheck import loaded_weights_sample
 
@@ -164,16 +164,7 @@ class VLLMEngine:
             )
 
     def sample(
-        self,
-        model: ChatModel,
-        rows: list[list[int]],
-        *,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        seed: int | None,
-        num_return_sequences: int,
-        progress: bool,
+        self, model: ChatModel, rows: list[list[int]], decoding: Decoding, *, progress: bool
     ) -> list[list[int]]:
         """New token ids of every completion, prompt-major (the protocol's method)."""
         from vllm import SamplingParams
@@ -181,9 +172,9 @@ class VLLMEngine:
 
         self._check(model)
         common: dict[str, Any] = {
-            "n": num_return_sequences,
-            "max_tokens": max_new_tokens,
-            "temperature": temperature if do_sample else 0.0,
+            "n": decoding.num_return_sequences,
+            "max_tokens": decoding.max_new_tokens,
+            "temperature": decoding.temperature if decoding.do_sample else 0.0,
             "top_p": 1.0,
             "min_p": 0.0,
             "repetition_penalty": float(
@@ -192,10 +183,8 @@ class VLLMEngine:
             "stop_token_ids": sorted(end_of_sequence_ids(model)),
             "detokenize": False,
         }
-        params = [
-            SamplingParams(**common, seed=None if seed is None or not do_sample else seed + i)
-            for i in range(len(rows))
-        ]
+        seed = decoding.seed if decoding.do_sample else None
+        params = [SamplingParams(**common, seed=None if seed is None else seed + i) for i in range(len(rows))]
         prompts = [TokensPrompt(prompt_token_ids=list(row)) for row in rows]
         outputs = self.llm.generate(prompts, params, use_tqdm=progress)
         return [list(choice.token_ids) for output in outputs for choice in output.outputs]
