@@ -34,6 +34,15 @@ HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "m
 PositionSpec = Sequence[int] | Literal["post_instruction"]
 
 
+@dataclass(frozen=True)
+class ReadPoints:
+    """Where a read looks: hook ``hook`` of blocks ``layers`` at negative ``positions`` (a read's axes 1, 2)."""
+
+    layers: tuple[int, ...]
+    positions: tuple[int, ...]
+    hook: str
+
+
 class ResidualReader(Protocol):
     """Another engine that reads the residual stream of a LEFT-padded batch (e.g.
     :class:`lens_safety.evaluation.vllm_engine.VLLMReader`), in the raw HF basis."""
@@ -41,14 +50,9 @@ class ResidualReader(Protocol):
     name: str
 
     def read(
-        self,
-        model: ChatModel,
-        batch: EncodedBatch,
-        layers: Sequence[int],
-        positions: Sequence[int],
-        hook: str,
+        self, model: ChatModel, batch: EncodedBatch, points: ReadPoints
     ) -> Float[torch.Tensor, "batch n_layers n_positions d_model"]:
-        """States at negative ``positions`` of every row, float32 on CPU."""
+        """States of every row at ``points``, float32 on CPU."""
         ...
 
 
@@ -289,20 +293,20 @@ def read_hook_points(
 
 
 def _read_batch(
-    model: ChatModel, batch: EncodedBatch, layers: tuple[int, ...], positions: tuple[int, ...], hook: str
+    model: ChatModel, batch: EncodedBatch, points: ReadPoints
 ) -> Float[torch.Tensor, "batch n_layers n_positions d_model"]:
     width = batch.input_ids.shape[1]
-    if -min(positions) > width:
+    if -min(points.positions) > width:
         raise LensSafetyError(
-            f"position {min(positions)} is before the start of a {width}-token prompt",
+            f"position {min(points.positions)} is before the start of a {width}-token prompt",
             "use positions closer to the end",
         )
-    index = torch.tensor(positions)  # moved to each hook's device (blocks may sit on several)
+    index = torch.tensor(points.positions)  # moved to each hook's device (blocks may sit on several)
 
     def take(activation: torch.Tensor) -> torch.Tensor:
         return activation.index_select(1, index.to(activation.device) + activation.shape[1]).float().cpu()
 
-    states = read_hook_points(model, batch, [hook_point_name(hook, layer) for layer in layers], take)
+    states = read_hook_points(model, batch, [hook_point_name(points.hook, i) for i in points.layers], take)
     return torch.stack(states, dim=1)
 
 
@@ -346,7 +350,7 @@ def sum_activations(
     """Streaming mode of :func:`collect_activations` (same options): float64 per-(layer, position)
     sums; memory flat in the number of prompts."""
     read = _read_all(model, prompts, **options)
-    sums = torch.zeros(len(read.layers), len(read.positions), model.d_model, dtype=torch.float64)
+    sums = torch.zeros(len(read.points.layers), len(read.points.positions), model.d_model, dtype=torch.double)
     count = 0
     for chunk in read.chunks:
         sums += chunk.double().sum(0)
@@ -359,16 +363,14 @@ class _Read:
     """A validated read request and its lazy stream of per-batch reads."""
 
     prompts: PromptSet
-    layers: tuple[int, ...]
-    positions: tuple[int, ...]
-    hook: str
+    points: ReadPoints
     system_prompt: str | None
     chunks: Iterator[Float[torch.Tensor, "batch n_layers n_positions d_model"]]
 
     def layout(self, model: ChatModel) -> tuple[tuple[int, ...], tuple[int, ...], str, str]:
         """``(layers, positions, hook, space)``: the axes and basis of every result of the read."""
         space = "processed" if model.compatibility_mode else "raw_hf"
-        return self.layers, self.positions, self.hook, space
+        return self.points.layers, self.points.positions, self.points.hook, space
 
 
 def _read_all(
@@ -385,8 +387,8 @@ def _read_all(
 ) -> _Read:
     """Validate the request (the defaults of :class:`ReadOptions` are these); nothing is read yet."""
     prompt_set = PromptSet.load(prompts)
-    layer_ids = resolve_layers(model, layers)
-    pos = resolve_positions(model, positions, system_prompt)
+    layer_ids, pos = resolve_layers(model, layers), resolve_positions(model, positions, system_prompt)
+    points = ReadPoints(layer_ids, pos, hook)
     encoded = track(
         batches(model, prompt_set, batch_size, system_prompt),
         f"reading {hook}",
@@ -394,5 +396,5 @@ def _read_all(
         enabled=progress,
     )
     read = reader.read if reader is not None else _read_batch
-    chunks = (read(model, batch, layer_ids, pos, hook) for batch in encoded)
-    return _Read(prompt_set, layer_ids, pos, hook, system_prompt, chunks)
+    chunks = (read(model, batch, points) for batch in encoded)
+    return _Read(prompt_set, points, system_prompt, chunks)

@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import hook_point_name
+from lens_safety.activations import ReadPoints, hook_point_name
 from lens_safety.chat import EncodedBatch
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import Decoding, end_of_sequence_ids
@@ -273,24 +272,19 @@ class VLLMReader:
         )
 
     def read(
-        self,
-        model: ChatModel,
-        batch: EncodedBatch,
-        layers: Sequence[int],
-        positions: Sequence[int],
-        hook: str,
+        self, model: ChatModel, batch: EncodedBatch, points: ReadPoints
     ) -> Float[torch.Tensor, "batch n_layers n_positions d_model"]:
-        """States of a LEFT-padded batch at negative ``positions``, float32 on CPU (raw HF basis)."""
+        """States of a LEFT-padded batch at ``points``, float32 on CPU (raw HF basis)."""
         if model.hf_path != self.hf_path:
             raise LensSafetyError(
                 f"the vLLM reader runs {self.hf_path}, not {model.hf_path}",
                 "start a VLLMReader for this model",
             )
-        names = [self.capture_name(hook, layer) for layer in layers]
+        names = [self.capture_name(points.hook, layer) for layer in points.layers]
         _, cache = self.bridge.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda name: name in names
         )
-        index = torch.tensor(positions) + batch.input_ids.shape[1]
+        index = torch.tensor(points.positions) + batch.input_ids.shape[1]
         return torch.stack([cache[name].index_select(1, index).float().cpu() for name in names], dim=1)
 
     def close(self) -> None:
