@@ -95,6 +95,10 @@ SHIELDGEMMA_POLICIES: tuple[tuple[str, str], ...] = (
     ),
 )
 
+#: Token budget of Llama Guard's category line: room for all fourteen codes (``S1,...,S14``) even
+#: when the tokenizer splits every digit; generation stops at EOS, which a guard emits after the line.
+CATEGORY_TOKENS = 64
+
 FAMILIES: tuple[str, ...] = ("llama-guard", "shieldgemma", "wildguard")
 #: (unsafe, safe) answer words of each format.
 ANSWERS: dict[str, tuple[str, str]] = {
@@ -350,7 +354,9 @@ class GuardJudge:
     def categories(self, rows: Sequence[list[int]]) -> list[str | None]:
         """Llama Guard's category codes (``"S2"`` or ``"S1,S10"``), decoded greedily after ``unsafe\\n``."""
         suffix = self._ids("unsafe\n")
-        lines = [str(self.tokenizer.decode(self._greedy(list(row) + suffix, 8))) for row in rows]
+        lines = [
+            str(self.tokenizer.decode(self._greedy(list(row) + suffix, CATEGORY_TOKENS))) for row in rows
+        ]
         found = [",".join(re.findall(r"S\d+", line.split("\n")[0])) for line in lines]
         return [codes or None for codes in found]
 
