@@ -13,9 +13,10 @@ writer differently (transformers 5 fuses per-expert tensors on load),
 Layouts (:mod:`lens_safety.architecture.types`): ``linear`` weights are ``(d_model, d_in)``
 (``W x`` writes); GPT-2's ``conv1d`` weights (and gpt-oss's fused experts) are ``(d_in, d_model)``
 (``x W`` writes); ``embedding`` weights are ``(vocab, d_model)`` (rows are written). Gemma 2/3
-pass every sub-layer output through a post-norm before the residual add, and Bloom norms the
-embedding before block 0; such writers carry ``post_norm`` and a weight edit of them is not an
-exact residual edit.
+pass every sub-layer output through a post-norm before the residual add, and Bloom and NanoChat
+norm the embedding before block 0 (NanoChat inside its forward, found by running the model up to
+block 0: :mod:`lens_safety.architecture.embedding`); such writers carry ``post_norm`` and a weight
+edit of them is not an exact residual edit.
 """
 
 from __future__ import annotations

@@ -62,7 +62,9 @@ class ResidualWriter(Record):
         hf_name: dotted module name in the Hugging Face model (``model.layers.3.self_attn.o_proj``).
         layout: layout of one write matrix in memory (see the module docstring).
         has_bias: whether a bias (which also writes to the residual stream) comes with the weight.
-        post_norm: HF name of a norm applied to the output before the residual add (Gemma 2/3).
+        post_norm: HF name of a norm applied to the output before the residual add (Gemma 2/3);
+            for an embedding, what norms its write before block 0 reads it (Bloom's
+            ``word_embeddings_layernorm``, NanoChat's ``model.norm`` applied inside its forward).
         fixed_with: a weightless write joining this one before block 0 (XGLM's sinusoidal position
             embedding joins the token embedding): no weight edit can remove a direction from it.
         weight: the live weight parameter (default ``{hf_name}.weight``).

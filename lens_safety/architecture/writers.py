@@ -1,9 +1,12 @@
 """Find every residual-stream writer of a booted TransformerBridge.
 
-The token embedding (and a position embedding) write the residual stream first; then, in each
-block, every sub-layer whose output is added back: attention (``attn.o``), the MLP (``mlp.out``),
-and in mixture-of-experts and hybrid blocks the output projection of every expert, of shared
-experts, of a dense MLP and of every Mamba / linear-attention / convolution mixer.
+The token embedding (and a position embedding) write the residual stream first; they carry
+``post_norm`` where block 0 does not read their write as it is (a norm in between: Bloom's, which
+the adapter names, or NanoChat's, applied inside its forward; found by running the model up to
+block 0, :mod:`lens_safety.architecture.embedding`). Then, in each block, every sub-layer whose
+output is added back: attention (``attn.o``), the MLP (``mlp.out``), and in mixture-of-experts and
+hybrid blocks the output projection of every expert, of shared experts, of a dense MLP and of
+every Mamba / linear-attention / convolution mixer.
 
 Where the bridge's adapter names ``attn.o`` / ``mlp.out`` those modules are the writers. Every
 other child of the Hugging Face decoder layer that holds matrices must then contain writers found
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lens_safety.architecture.embedding import embedding_path
 from lens_safety.architecture.types import Layout, ResidualWriter, WriterKind, clean_hf_name
 from lens_safety.errors import LensSafetyError
 
@@ -314,16 +318,33 @@ def find_residual_writers(bridge: Any) -> tuple[ResidualWriter, ...]:
     if not isinstance(weight, torch.Tensor):
         raise LensSafetyError("the token embedding has no weight", "report this architecture to lens-safety")
     d_model = int(weight.shape[-1])
-    norm = original(getattr(bridge, "embed_ln", None))  # Bloom: the embedding is normed before block 0
-    writers = [_embedding("embed", "embed", embed, names, names.get(id(norm)) if norm is not None else None)]
+    writers = [_embedding("embed", "embed", embed, names)]
     if hasattr(bridge, "pos_embed") and (pos := original(bridge.pos_embed)) is not None:
         writers.append(_embedding("pos_embed", "pos_embed", pos, names))
     elif (fixed := _weightless_positions(hf_model)) is not None:
         writers[0] = replace(writers[0], fixed_with=f"a weightless position embedding ({fixed})")
-    for layer, block in enumerate(bridge.blocks):
-        writers += block_writers(block, layer, names, architecture, d_model)
+    blocks = [
+        writer
+        for layer, block in enumerate(bridge.blocks)
+        for writer in block_writers(block, layer, names, architecture, d_model)
+    ]
+    # a weightless position embedding already makes abliterating the embedding inexact (refused)
+    if not writers[0].fixed_with and (path := _embedding_norm(bridge, names)) is not None:
+        writers = [replace(writer, post_norm=path) for writer in writers]
+    writers += blocks
     _refuse_shared(hf_model, writers, architecture)
     return tuple(writers)
+
+
+def _embedding_norm(bridge: Any, names: dict[int, str]) -> str | None:
+    """What norms the embedding's write before block 0 reads it, if anything: the norm the adapter
+    names (Bloom's ``embed_ln``), else what the probe up to block 0 finds (NanoChat normalises the
+    embedding inside its forward; :mod:`lens_safety.architecture.embedding`)."""
+    if (norm := original(getattr(bridge, "embed_ln", None))) is not None:
+        return names.get(id(norm))
+    found = (original(getattr(bridge, name, None)) for name in ("embed", "pos_embed"))
+    modules = [module for module in found if module is not None]
+    return embedding_path(bridge.original_model, names, modules, list(bridge.blocks))
 
 
 def _weightless_positions(hf_model: nn.Module) -> str | None:
@@ -355,9 +376,7 @@ def _refuse_shared(hf_model: nn.Module, writers: list[ResidualWriter], architect
         seen[id(param)] = writer.name
 
 
-def _embedding(
-    name: str, kind: WriterKind, module: nn.Module, names: dict[int, str], post_norm: str | None = None
-) -> ResidualWriter:
+def _embedding(name: str, kind: WriterKind, module: nn.Module, names: dict[int, str]) -> ResidualWriter:
     if id(module) not in names:
         raise LensSafetyError(
             f"could not locate {name} in the Hugging Face model", "report this architecture to lens-safety"
@@ -369,5 +388,4 @@ def _embedding(
         hf_name=names[id(module)],
         layout=layout_of(module),
         has_bias=isinstance(getattr(module, "bias", None), torch.Tensor),
-        post_norm=post_norm,
     )
