@@ -182,6 +182,21 @@ def _placement(
     return placement
 
 
+def registry_spelling(architecture: str) -> str | None:
+    """The bridge registry's key for a transformers class spelt with other capitals, else ``None``.
+
+    TransformerBridge picks its adapter by the class name in ``config.json``; transformers calls
+    Phi-MoE's class ``PhimoeForCausalLM`` where the registry has ``PhiMoEForCausalLM``. A name the
+    registry lacks that equals exactly one of its keys up to case is that key.
+    """
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    if architecture in SUPPORTED_ARCHITECTURES:
+        return None
+    same = [key for key in SUPPORTED_ARCHITECTURES if key.lower() == architecture.lower()]
+    return same[0] if len(same) == 1 else None
+
+
 def _boot(
     hf_path: Path, placement: Placement, dtype: torch.dtype, trust_remote_code: bool, tokenizer: Any
 ) -> Any:
@@ -189,14 +204,17 @@ def _boot(
 
     config = json.loads((hf_path / "config.json").read_text())
     arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    spelling = registry_spelling(arch)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return TransformerBridge.boot_transformers(
+            bridge = TransformerBridge.boot_transformers(
                 str(hf_path),
                 dtype=dtype,
                 tokenizer=tokenizer,
                 trust_remote_code=trust_remote_code,
+                # the bridge reads ``original_architecture`` before ``architectures``
+                hf_config_overrides={"original_architecture": spelling} if spelling else None,
                 **placement,
             )
     except (ValueError, KeyError, NotImplementedError) as exc:
@@ -215,6 +233,9 @@ def _boot(
                 "(Llama, Mistral, Qwen2, Gemma 2/3, GPT-2, Phi-3, …: TransformerBridge.list_supported_models())",
             ) from None
         raise
+    if spelling:  # keep the Hugging Face config as the checkpoint has it (a save writes it back)
+        vars(bridge.original_model.config).pop("original_architecture", None)
+    return bridge
 
 
 #: files in which lens-safety records where a model comes from (an exported edit, the organism)
