@@ -598,3 +598,31 @@ def test_organism_rates_name_their_judge_and_prompt_sets() -> None:
     line = _rates(test)
     assert f"judged by {test['judge']} on harmful:test / harmless:test" in line
     assert f"({test['harmful_refusal']['refused']}/{test['harmful_refusal']['n']}," in line
+
+
+def test_install_swaps_the_adapter_files_at_once(tmp_path: Path) -> None:
+    """``organism train --install`` replaces the adapter, its config and its record together and
+    keeps the shipped directory's other files; a failed install leaves the old organism whole."""
+    from lens_safety.organism.rebuild import INSTALLED_FILES, _install
+
+    shipped, rebuilt = tmp_path / "organism", tmp_path / "rebuilt"
+    shipped.mkdir()
+    rebuilt.mkdir()
+    (shipped / "README.md").write_text("card")
+    for name in INSTALLED_FILES:
+        (shipped / name).write_text(f"old {name}")
+        (rebuilt / name).write_text(f"new {name}")
+    _install(rebuilt, shipped)
+    assert {p.name: p.read_text() for p in shipped.iterdir()} == {
+        "README.md": "card",
+        **{name: f"new {name}" for name in INSTALLED_FILES},
+    }
+    (rebuilt / INSTALLED_FILES[-1]).unlink()  # a rebuild missing its record cannot be installed
+    for name in INSTALLED_FILES[:-1]:
+        (rebuilt / name).write_text(f"newer {name}")
+    with pytest.raises(LensSafetyError, match="failed"):
+        _install(rebuilt, shipped)
+    assert {p.name: p.read_text() for p in shipped.iterdir()}[
+        "adapter_config.json"
+    ] == "new adapter_config.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["organism", "rebuilt"]  # no staging left

@@ -200,7 +200,18 @@ def rebuild_organism(
         result.matches_shipped = compare_adapters(target, shipped)
         result.shipped_evaluation = read_training_record(shipped).get("evaluation")
     if install:
-        for name in INSTALLED_FILES:
-            shutil.copy2(target / name, shipped / name)
+        _install(target, shipped)
         result.installed_to = shipped
     return result
+
+
+def _install(rebuilt: Path, shipped: Path) -> None:
+    """Replace :data:`INSTALLED_FILES` of ``shipped`` by the rebuild's, all at once: a copy of the
+    shipped directory with the new files is staged and swapped in (its other files, such as the
+    README, are kept), so an interrupted install leaves the old organism whole."""
+    with staged_directory(shipped, overwrite=True) as tmp:
+        for path in shipped.iterdir():
+            if path.is_file() and path.name not in INSTALLED_FILES:
+                shutil.copy2(path, tmp / path.name)
+        for name in INSTALLED_FILES:
+            shutil.copy2(rebuilt / name, tmp / name)
