@@ -174,6 +174,15 @@ def test_cli_train_eval_generate_and_model_check(built: Path, tiny_dirs, tmp_pat
             assert key in result["baselines"][name]
     stored = SRRDataset.load(built)
     assert result["n_lists_harmful"] == sum(x.mixed for x in stored.lists if x.kind == "harmful")
+    # the rates name the judge that labelled the candidates and the instruction sets
+    source = {
+        "judge": stored.meta["settings"]["judge"],
+        **{kind: stored.meta["prompts"][kind]["name"] for kind in ("harmful", "harmless")},
+    }
+    assert result["labels"] == [source] and source["judge"]
+    code, out, err = run_cli(["srr", "eval", str(ranker_dir), "--data", str(built)], capsys)
+    assert code == 0, err
+    assert f"labels: judge {source['judge']} on {source['harmful']} / {source['harmless']}" in out
     # --judge with --data re-labels the stored lists before scoring
     code, out, err = run_cli(
         ["srr", "eval", str(ranker_dir), "--data", str(built), "--judge", "substring", "--json"], capsys

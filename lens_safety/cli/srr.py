@@ -296,6 +296,8 @@ def eval_command(
         f"mixed lists: {result.ranker.n_lists_harmful} harmful, {result.ranker.n_lists_harmless} harmless; "
         f"ranker parameters: {result.n_parameters:,}"
     )
+    for source in result.labels:  # which judge decided "safe", on which instructions
+        typer.echo(f"labels: judge {source['judge']} on {source['harmful']} / {source['harmless']}")
 
 
 @srr_app.command("generate")

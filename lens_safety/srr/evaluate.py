@@ -28,6 +28,7 @@ class SRREvaluation:
     counts: dict[str, int]
     ranker_config: dict[str, Any] = field(default_factory=dict)
     n_parameters: int = 0
+    labels: list[dict[str, Any]] = field(default_factory=list)
 
     def beats(self, baseline: str, metric: str = "pairwise_accuracy") -> bool:
         """Whether the ranker is strictly better than ``baseline`` on ``metric``."""
@@ -40,6 +41,7 @@ class SRREvaluation:
             "counts": self.counts,
             "ranker_config": self.ranker_config,
             "n_parameters": self.n_parameters,
+            "labels": self.labels,
         }
 
 
@@ -54,4 +56,22 @@ def evaluate(
     if baselines is not None:
         for name, scores in baselines.scores(dataset, seed).items():
             others[name] = ranking_metrics(scores, positives, kinds)
-    return SRREvaluation(main, others, dataset.counts(), ranker.config.to_dict(), ranker.n_parameters())
+    return SRREvaluation(
+        main, others, dataset.counts(), ranker.config.to_dict(), ranker.n_parameters(), label_sources(dataset)
+    )
+
+
+def label_sources(dataset: SRRDataset) -> list[dict[str, Any]]:
+    """Which judge labelled the candidates of which instruction sets: one entry per pooled part
+    (``meta["parts"]``) or for the whole dataset, ``{"judge", "harmful", "harmless"}`` (set names)."""
+    parts = dataset.meta.get("parts") or [dataset.meta]
+    out = []
+    for part in parts:
+        prompts = part.get("prompts") or {}
+        out.append(
+            {
+                "judge": (part.get("settings") or {}).get("judge"),
+                **{kind: (prompts.get(kind) or {}).get("name") for kind in ("harmful", "harmless")},
+            }
+        )
+    return out
