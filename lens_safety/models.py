@@ -29,6 +29,7 @@ from lens_safety.chat import ChatFormatter
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import weights_fingerprint
 from lens_safety.placement import device_map_of, execution_devices, input_device
+from lens_safety.residual_check import check_residual_reads
 from lens_safety.sources import resolve_spec
 
 _DTYPES = {
@@ -159,13 +160,20 @@ def _default_device() -> str:
 Placement = dict[str, Any]
 
 
+#: ``device`` values that mean ``device_map=<value>`` (accelerate's strategies; the CLI's ``--device``)
+SPLIT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def _placement(
     device: str | None,
     device_map: str | dict[str, str | int] | None,
     max_memory: dict[str | int, str | int] | None,
     offload_folder: str | os.PathLike[str] | None,
 ) -> Placement:
-    """``boot_transformers`` placement arguments; one device unless ``device_map`` is given."""
+    """``boot_transformers`` placement arguments; one device unless ``device_map`` is given (or
+    ``device`` names an accelerate strategy, :data:`SPLIT_STRATEGIES`: shorthand for that map)."""
+    if device in SPLIT_STRATEGIES and device_map is None:
+        device, device_map = None, device
     if device_map is None:
         if max_memory is not None or offload_folder is not None:
             raise LensSafetyError(
@@ -235,6 +243,11 @@ def _boot(
         raise
     if spelling:  # keep the Hugging Face config as the checkpoint has it (a save writes it back)
         vars(bridge.original_model.config).pop("original_architecture", None)
+    if not hasattr(bridge, "blocks"):
+        raise LensSafetyError(
+            f"TransformerBridge booted {arch} without transformer blocks (no residual stream to read)",
+            "use an architecture TransformerBridge reads correctly (docs: how-to/architectures.md)",
+        )
     return bridge
 
 
@@ -268,7 +281,9 @@ def load_model(
     Args:
         spec: ``"smollm2"`` (embedded default), ``"smollm2-refusal"`` (the refusal organism), a local
             HF directory, a ``.gguf`` file or a hub id.
-        device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
+        device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available), or one of accelerate's
+            strategies ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` as
+            shorthand for ``device_map=<strategy>``.
         dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``"auto"`` (the checkpoint's dtype).
         device_map: split the model with accelerate instead of placing it on ``device``:
             ``"auto"``, ``"balanced"``, ``"sequential"`` or an explicit ``{module: device}`` map.
@@ -286,6 +301,11 @@ def load_model(
         trust_remote_code: allow model code from the checkpoint (off unless you ask).
         allow_pickle: let a checkpoint with only pickle weights (``pytorch_model.bin``) through to
             transformers (off: such a directory is refused with a one-line error).
+
+    The loaded bridge's ``resid_pre`` is checked against the model's own Hugging Face hidden states
+    on one short sequence (:func:`lens_safety.residual_check.check_residual_reads`): an
+    architecture whose hook points read something else, or that the bridge cannot run, is refused
+    with one error line.
     """
     hf_path, canonical = resolve_spec(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     config = json.loads((hf_path / "config.json").read_text())
@@ -307,6 +327,7 @@ def load_model(
     bridge.original_model.eval()
     install_cache_alias(bridge)
     facts = architecture_facts(bridge)
+    check_residual_reads(bridge, tokenizer, torch_dtype)  # before compatibility mode rewrites weights
     if compatibility_mode:
         bridge.enable_compatibility_mode()
     lineage = _read_lineage(hf_path)

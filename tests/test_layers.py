@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lens_safety.architecture",
             "lens_safety.placement",
             "lens_safety.bridge_cache",
+            "lens_safety.residual_check",
             "lens_safety.models",
             "lens_safety.chat",
             "lens_safety.prompts",
