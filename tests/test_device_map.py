@@ -212,3 +212,32 @@ def test_placement_arguments_are_checked(llama_dir: Path) -> None:
         load_model(llama_dir, max_memory={"cpu": "1GiB"})
     with pytest.raises(LensSafetyError, match="compatibility mode"):
         load_model(llama_dir, device_map="auto", compatibility_mode=True)
+
+
+def test_device_auto_is_the_auto_device_map(
+    llama_dir: Path, pair: tuple[ChatModel, ChatModel], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``device="auto"`` (the CLI's ``--device auto``) is ``device_map="auto"``: on a machine without
+    GPUs accelerate keeps the whole model in CPU memory (no map is realised), so it equals the
+    one-device model; ``info`` reports the map (``null`` here)."""
+    import json
+
+    from cli_runner import run_cli
+
+    from lens_safety.models import _placement
+
+    for strategy in ("auto", "balanced", "balanced_low_0", "sequential"):
+        assert _placement(strategy, None, None, None) == {"device_map": strategy}
+    assert _placement("cpu", None, None, None) == {"device": "cpu"}
+    auto = load_model(llama_dir, device="auto")
+    assert auto.device.type == "cpu" and (auto.device_map is None or set(auto.device_map.values()) == {"cpu"})
+    batch = auto.chat.encode(PROMPTS)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            forward(auto, batch).logits, forward(pair[0], batch).logits, rtol=0, atol=0
+        )
+    code, out, err = run_cli(["info", str(llama_dir), "--device", "auto", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["device_map"] == auto.device_map
+    code, out, err = run_cli(["info", str(llama_dir), "--device", "cpu", "--json"], capsys)
+    assert code == 0 and json.loads(out)["device_map"] is None

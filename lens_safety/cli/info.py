@@ -23,6 +23,8 @@ def info(
 ) -> None:
     """Architecture, layers, width, dtype, chat-template tail, post-instruction tokens, residual writers."""
     loaded = load_cli_model(model, device, dtype, no_chat_template)
+    from lens_safety.placement import device_map_of  # imports torch: not at --help
+
     writers = loaded.arch.writers
     summary: dict[str, Any] = {
         "spec": loaded.spec,
@@ -36,6 +38,7 @@ def info(
         "tied_embeddings": loaded.arch.tied_embeddings,
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "device": str(loaded.device),
+        "device_map": device_map_of(loaded.hf_model),
         "compatibility_mode": loaded.compatibility_mode,
         "chat_template_tail": loaded.chat.template_tail(),
         "post_instruction_tokens": loaded.chat.post_instruction_tokens(),

@@ -20,7 +20,12 @@ ModelArg = Annotated[
     ),
 ]
 DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="cpu, cuda, … (default: cuda when available).")
+    str | None,
+    typer.Option(
+        "--device",
+        help="cpu, cuda, … (default: cuda when available), or auto / balanced / sequential: split the "
+        "model across every GPU with accelerate (docs: how-to/gpu-model.md).",
+    ),
 ]
 DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="float32 (default), bfloat16, float16 or auto.")
