@@ -30,3 +30,9 @@ def require(condition: bool, problem: str, fix: str | None = None) -> None:
     """Raise :class:`LensSafetyError` unless ``condition`` holds."""
     if not condition:
         raise LensSafetyError(problem, fix)
+
+
+def first_of(names: list[str]) -> str:
+    """The first of ``names`` for an error line: ``"a"``, or ``"a (and 2 more)"``."""
+    rest = len(names) - 1
+    return names[0] if rest == 0 else f"{names[0]} (and {rest} more)"

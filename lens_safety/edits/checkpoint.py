@@ -17,7 +17,7 @@ from lens_safety.architecture import ResidualWriter
 from lens_safety.checkpoint_files import read_header, weight_files
 from lens_safety.edits.spec import require_finite
 from lens_safety.edits.stored import locate_writer_tensors
-from lens_safety.errors import LensSafetyError
+from lens_safety.errors import LensSafetyError, first_of
 from lens_safety.models import ChatModel
 
 
@@ -48,7 +48,7 @@ def read_tensors(hf_path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]
     missing = sorted(wanted - out.keys())
     if missing:
         raise LensSafetyError(
-            f"parameter {missing[0]} (and {len(missing) - 1} more) is not in the checkpoint at {hf_path}",
+            f"parameter {first_of(missing)} is not in the checkpoint at {hf_path}",
             "the checkpoint's names differ from the model's modules; re-save it with save_pretrained",
         )
     return out

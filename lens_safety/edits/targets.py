@@ -9,7 +9,7 @@ import torch
 from lens_safety.architecture import ResidualWriter, WriterTensor
 from lens_safety.edits.methods import WRITER_KINDS, edit_method
 from lens_safety.edits.spec import EditSpec, edit_writes, require_finite
-from lens_safety.errors import LensSafetyError
+from lens_safety.errors import LensSafetyError, first_of
 
 
 def select_writers(
@@ -43,7 +43,7 @@ def select_writers(
     if inexact and not spec.approximate:
         post, first = [w for w in inexact if w.post_norm], inexact[0]
         why = (
-            f"{first.name} (and {len(post) - 1} more) writes through a post-norm"
+            f"{first_of([w.name for w in post])} writes through a post-norm"
             if post
             else f"{first.name} is joined by {first.fixed_with}"
         )
