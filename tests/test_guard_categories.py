@@ -229,3 +229,24 @@ def test_threshold_and_the_categories_switch(machine: Machine) -> None:
     assert [v.harmful for v in plain] == [c is not None for c in CATEGORIES]
     assert [v.category for v in plain] == [None] * len(PAIRS)
     assert [v.harm_score for v in plain] == pytest.approx(p, rel=1e-5)
+
+
+def test_a_category_line_cut_by_the_token_limit_never_names_a_wrong_code(
+    machine: Machine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut anywhere, the knife pair's line (``S2, and then also S10``) yields only codes it wrote:
+    a code touching the cut (``S1`` of ``S10``) is dropped, never reported."""
+    from lens_safety.evaluation import guard
+
+    judge = GuardJudge(machine.path, device="cpu")
+    rows = judge.answer_rows([PAIRS[4][0]], [PAIRS[4][1]])
+    line = machine.lines[WRITES[4]]
+    seen = set()
+    for limit in range(1, len(line) + 1):
+        monkeypatch.setattr(guard, "CATEGORY_TOKENS", limit)
+        (codes,) = judge.categories(rows)
+        assert codes is None or set(codes.split(",")) <= {"S2", "S10"}, (limit, codes)
+        seen.add(codes)
+    assert "S2" in seen  # the cut inside S10 keeps the complete S2
+    monkeypatch.setattr(guard, "CATEGORY_TOKENS", len(line) + 1)  # room for EOS: the whole line
+    assert judge.categories(rows) == ["S2,S10"]

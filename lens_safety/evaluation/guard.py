@@ -354,11 +354,19 @@ class GuardJudge:
     def categories(self, rows: Sequence[list[int]]) -> list[str | None]:
         """Llama Guard's category codes (``"S2"`` or ``"S1,S10"``), decoded greedily after ``unsafe\\n``."""
         suffix = self._ids("unsafe\n")
-        lines = [
-            str(self.tokenizer.decode(self._greedy(list(row) + suffix, CATEGORY_TOKENS))) for row in rows
-        ]
-        found = [",".join(re.findall(r"S\d+", line.split("\n")[0])) for line in lines]
-        return [codes or None for codes in found]
+        return [self._codes(self._greedy(list(row) + suffix, CATEGORY_TOKENS)) for row in rows]
+
+    def _codes(self, generated: list[int]) -> str | None:
+        """The codes of a decoded category line. A line cut by :data:`CATEGORY_TOKENS` (no EOS, no
+        newline) may end inside a code (``S1`` of ``S10``): a code touching the cut is dropped."""
+        line, *rest = str(self.tokenizer.decode(generated, skip_special_tokens=True)).split("\n")
+        codes = re.findall(r"S\d+", line)
+        eos = self.model.generation_config.eos_token_id
+        stops = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+        cut = not rest and len(generated) >= CATEGORY_TOKENS and generated[-1] not in stops
+        if cut and codes and line.rstrip().endswith(codes[-1]):
+            codes = codes[:-1]
+        return ",".join(codes) or None
 
     def __call__(self, completions: Sequence[str], prompts: Sequence[str] | None = None) -> list[Verdict]:
         if prompts is None:
