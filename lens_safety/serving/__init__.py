@@ -9,7 +9,7 @@ scores, choices and judge verdicts (:mod:`.audit`); :func:`serve` runs it all wi
 """
 
 from lens_safety.serving.audit import AuditLog
-from lens_safety.serving.engine import ENGINES, Capture, Engine, GenerateEngine, SamplingSettings, load_engine
+from lens_safety.serving.engine import ENGINES, Capture, Engine, GenerateEngine, load_engine
 from lens_safety.serving.protocol import APIError, ChatRequest, Limits, parse_chat_request
 from lens_safety.serving.safeguard import Answer, Safeguard
 from lens_safety.serving.scheduler import QueueFull, RequestTimeout, Scheduler, ShuttingDown
@@ -29,7 +29,6 @@ __all__ = [
     "QueueFull",
     "RequestTimeout",
     "Safeguard",
-    "SamplingSettings",
     "Scheduler",
     "ServeConfig",
     "ServeResult",

@@ -1,7 +1,7 @@
 """Generation engines of the safeguard server: who samples the N candidates.
 
 An :class:`Engine` samples ``n`` completions for each of several instructions in one call, with
-the same settings (:class:`SamplingSettings`). It also returns the ranker's ``generated`` /
+the same settings (one :class:`~lens_safety.evaluation.generation.Decoding`, sampled). It also returns the ranker's ``generated`` /
 ``generated_mean`` features (:class:`Capture`, :mod:`lens_safety.srr.capture`) when asked; an
 engine that cannot (``exposes_states = False``) serves only rankers whose features come from a
 separate teacher-forced pass (``with_instruction``, ``response_only``) or from text.
@@ -32,20 +32,10 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation.generation import GenerationEngine
+from lens_safety.evaluation.generation import Decoding, GenerationEngine
 from lens_safety.evaluation.vllm_engine import VLLMEngine, require_vllm
 from lens_safety.models import ChatModel
 from lens_safety.srr.capture import sample_with_states
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Settings shared by every instruction of one engine call (requests are grouped by them)."""
-
-    n: int
-    temperature: float
-    max_new_tokens: int
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +71,7 @@ class Engine(Protocol):
     exposes_states: bool
 
     def sample(
-        self, instructions: Sequence[str], settings: SamplingSettings, capture: Capture | None
+        self, instructions: Sequence[str], decoding: Decoding, capture: Capture | None
     ) -> EngineOutput: ...
 
     def close(self) -> None: ...
@@ -99,17 +89,17 @@ class GenerateEngine:
         self.name = "hf" if decoder is None else decoder.name
 
     def sample(
-        self, instructions: Sequence[str], settings: SamplingSettings, capture: Capture | None
+        self, instructions: Sequence[str], decoding: Decoding, capture: Capture | None
     ) -> EngineOutput:
         started = time.perf_counter()
         sampled = sample_with_states(
             self.model,
             list(instructions),
-            n=settings.n,
+            n=decoding.num_return_sequences,
             layers=[capture.layer] if capture is not None else (),
-            temperature=settings.temperature,
-            max_new_tokens=settings.max_new_tokens,
-            seed=settings.seed,
+            temperature=decoding.temperature,
+            max_new_tokens=decoding.max_new_tokens,
+            seed=decoding.seed,
             batch_size=len(instructions)
             if self.decoder is None
             else 64,  # else: rows per teacher-forced pass

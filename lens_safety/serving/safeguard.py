@@ -37,8 +37,9 @@ import torch
 from jaxtyping import Float
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.generation import Decoding
 from lens_safety.models import ChatModel
-from lens_safety.serving.engine import Capture, Engine, EngineOutput, SamplingSettings
+from lens_safety.serving.engine import Capture, Engine, EngineOutput
 from lens_safety.serving.protocol import ChatRequest
 from lens_safety.srr.data import first_occurrences
 from lens_safety.srr.features import (
@@ -153,10 +154,16 @@ class Safeguard:
         sampled: dict[int, Sampled] = {}
         for members in groups.values():
             first = requests[members[0]]
-            settings = SamplingSettings(first.n, first.temperature, first.max_tokens, first.seed)
+            decoding = Decoding(
+                first.max_tokens,
+                do_sample=True,
+                temperature=first.temperature,
+                seed=first.seed,
+                num_return_sequences=first.n,
+            )
             capture = self.capture if first.safeguard else None
             try:
-                output = self.engine.sample([requests[i].instruction for i in members], settings, capture)
+                output = self.engine.sample([requests[i].instruction for i in members], decoding, capture)
             except Exception as exc:  # the group fails, the step goes on
                 for i in members:
                     results[i] = exc
