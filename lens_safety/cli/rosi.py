@@ -123,6 +123,12 @@ def _run(method: str, args: dict[str, Any]) -> None:
     layer = parse_layer(args["layer"])
     blocks = parse_blocks(args["blocks"], n_layers=None)  # run_edit checks the range
 
+    # options only rosi has (its bounds) fall back to EditSettings' own defaults for ablate
+    bounds: dict[str, Any] = {
+        k: args[k] for k in ("target_refusal", "max_over_refusal", "max_kl", "approximate") if k in args
+    }
+    if "absolute_over_refusal" in args:
+        bounds["over_refusal_relative"] = not args["absolute_over_refusal"]
     settings = EditSettings(
         method=method,  # type: ignore[arg-type]
         direction=args["direction"],
@@ -131,17 +137,13 @@ def _run(method: str, args: dict[str, Any]) -> None:
         layer=layer,
         alpha=alpha,
         alphas=None if alphas is None else tuple(alphas),
-        target_refusal=args.get("target_refusal", 0.9),
-        max_over_refusal=args.get("max_over_refusal", 0.1),
-        over_refusal_relative=not args.get("absolute_over_refusal", False),
-        max_kl=args.get("max_kl", 0.1),
         blocks=None if blocks is None else tuple(blocks),
         system_prompt=args["system_prompt"],
         n_train=args["n_train"],
         n_val=args["n_val"],
         n_test=args["n_test"],
         max_new_tokens=args["max_new_tokens"],
-        approximate=args.get("approximate", False),
+        **bounds,
     )
     result = run_edit(
         args["model"],
