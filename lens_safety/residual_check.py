@@ -6,7 +6,8 @@ architectures than it reads correctly (on some state-space models its ``hook_res
 input of block ``l``), and a wrong read gives plausible-looking directions, not an error. So
 :func:`check_residual_reads` compares, on one short token sequence, the bridge's ``resid_pre`` of
 every block with the Hugging Face model's own ``hidden_states[l]`` (the input of decoder layer
-``l``; same module, same weights, no second copy):
+``l``), both from ONE forward pass of the Hugging Face model with the bridge's hooks in place, the
+path every residual read of lens-safety takes (same module, same weights, no second copy):
 
     err = max_l  max |resid_pre_l - hidden_l| / max |hidden_l|        (in float64)
 
@@ -45,8 +46,19 @@ def residual_error(bridge: Any, ids: Int[torch.Tensor, "1 seq"]) -> tuple[float,
     """``(err, block)``: the largest relative difference between the bridge's ``resid_pre`` and
     HF ``hidden_states`` over every block (float64), and the block where it is largest."""
     n_layers = len(bridge.blocks)
-    with torch.inference_mode():
-        _, cache = bridge.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_resid_pre"))
+    cache: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str) -> Any:
+        def keep(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            cache[name] = activation.detach()
+            return activation
+
+        return keep
+
+    # one pass, the way lens-safety reads: the HF forward with the bridge's hooks in place
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    points = [(name, keeper(name)) for name in names]
+    with torch.inference_mode(), bridge.hooks(fwd_hooks=points):
         hidden = bridge.original_model(ids, output_hidden_states=True, use_cache=False).hidden_states
     if hidden is None or len(hidden) < n_layers:
         raise LensSafetyError(
@@ -56,7 +68,10 @@ def residual_error(bridge: Any, ids: Int[torch.Tensor, "1 seq"]) -> tuple[float,
         )
     worst, where = 0.0, 0
     for layer in range(n_layers):
-        ours = cache[f"blocks.{layer}.hook_resid_pre"].to("cpu", torch.float64)
+        name = f"blocks.{layer}.hook_resid_pre"
+        if name not in cache:
+            return float("inf"), layer
+        ours = cache[name].to("cpu", torch.float64)
         theirs = hidden[layer].to("cpu", torch.float64)
         if ours.shape != theirs.shape:
             return float("inf"), layer
