@@ -99,19 +99,6 @@ RefineOpt = Annotated[
         "--refine", min=0, help="Bisection rounds on the injection after the grid (--injection auto)."
     ),
 ]
-MaxOverRefusalOpt = Annotated[
-    float,
-    typer.Option(
-        "--max-over-refusal",
-        help="Largest accepted harmless refusal (a rise over the unedited model with --relative-over-refusal).",
-    ),
-]
-RelativeOverRefusalOpt = Annotated[
-    bool,
-    typer.Option(
-        "--relative-over-refusal", help="Read --max-over-refusal as a rise over the unedited model."
-    ),
-]
 
 
 @app.command("conditional-rosi")
@@ -132,8 +119,8 @@ def conditional_rosi_cmd(
     read_harmless: ReadHarmlessOpt = "none",
     refine: RefineOpt = 2,
     target_refusal: options.TargetRefusalOpt = 0.85,
-    max_over_refusal: MaxOverRefusalOpt = 0.1,
-    relative_over_refusal: RelativeOverRefusalOpt = False,
+    max_over_refusal: options.MaxOverRefusalOpt = 0.1,
+    over_refusal_relative: options.OverRefusalRelativeOpt = False,
     max_kl: options.MaxKlOpt = 0.5,
     n_train: options.NTrainOpt = 128,
     n_val: options.NValOpt = 32,
@@ -170,7 +157,7 @@ def conditional_rosi_cmd(
         read_harmless=tuple(extra_harmless),
         target_refusal=target_refusal,
         max_over_refusal=max_over_refusal,
-        over_refusal_relative=relative_over_refusal,
+        over_refusal_relative=over_refusal_relative,
         max_kl=max_kl,
         n_train=n_train,
         n_val=n_val,

@@ -43,9 +43,6 @@ JailbreakSourceOpt = Annotated[
 JailbreakPromptsOpt = Annotated[
     int, typer.Option("--jailbreak-prompts", help="Harmful prompts wrapped in each template.")
 ]
-LimitOpt = Annotated[
-    int | None, typer.Option("--limit", help="Use only the first N prompts of each set (default: all).")
-]
 NewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="New tokens per completion.")]
 GenerateBatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")]
 UtilityOpt = Annotated[
@@ -96,7 +93,7 @@ def evaluate(
     jailbreaks: JailbreaksOpt = False,
     jailbreak_source: JailbreakSourceOpt = "builtin",
     jailbreak_prompts: JailbreakPromptsOpt = 4,
-    limit: LimitOpt = None,
+    limit: options.LimitOpt = None,
     max_new_tokens: NewTokensOpt = 48,
     batch_size: GenerateBatchOpt = 16,
     judge: options.JudgesOpt = None,

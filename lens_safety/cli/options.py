@@ -79,6 +79,25 @@ NTestOpt = Annotated[
 TokensOpt = Annotated[
     int, typer.Option("--max-new-tokens", help="Greedy tokens per completion when judging refusal.")
 ]
+MaxOverRefusalOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-over-refusal",
+        help="Largest accepted harmless refusal: a rise over the unedited model (--relative-over-refusal) "
+        "or an absolute ceiling (--absolute-over-refusal).",
+    ),
+]
+OverRefusalRelativeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--relative-over-refusal/--absolute-over-refusal",
+        help="Read --max-over-refusal as a rise over the unedited model, or as an absolute ceiling.",
+    ),
+]
+AlphasOpt = Annotated[
+    str | None,
+    typer.Option("--alphas", help="ROSI strengths swept on val by calibration (default 3,10,30,100)."),
+]
 MaxKlOpt = Annotated[float, typer.Option("--max-kl", help="Largest accepted harmless first-token KL.")]
 TargetRefusalOpt = Annotated[float, typer.Option("--target-refusal", help="Harmful refusal to reach.")]
 BlocksOpt = Annotated[
@@ -113,9 +132,9 @@ JudgesOpt = Annotated[
     ),
 ]
 
-# the organism (organism eval, organism demo)
-OrganismLimitOpt = Annotated[
-    int | None, typer.Option("--limit", help="Evaluate only the first N harmful and N harmless prompts.")
+# evaluation (eval, organism eval)
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", help="Use only the first N prompts of each set (default: all).")
 ]
 
 # SRR (srr build-data, train, eval, generate, sweep, cv, relabel)

@@ -179,7 +179,7 @@ def _print_training(rebuild: Rebuild) -> None:
 def evaluate_cmd(
     adapter: AdapterOpt = None,
     split: SplitOpt = "test",
-    limit: options.OrganismLimitOpt = None,
+    limit: options.LimitOpt = None,
     max_new_tokens: TokensOpt = 48,
     json: options.JsonOpt = False,
 ) -> None:

@@ -45,16 +45,8 @@ DemoOutOpt = Annotated[
     Path | None,
     typer.Option("--out", help="Keep the verified repaired models as OUT/rosi and OUT/conditional-rosi."),
 ]
-AlphasOpt = Annotated[
-    str | None,
-    typer.Option("--alphas", help="ROSI strengths swept on val for the repair (default 3,10,30,100)."),
-]
 MaxNewTokensOpt = Annotated[
     int | None, typer.Option("--max-new-tokens", help="Greedy tokens generated per prompt (default 48).")
-]
-BlocksOpt = Annotated[
-    str | None,
-    typer.Option("--blocks", help="Blocks whose writers the repair edits: 'all' (default) or e.g. 5-14."),
 ]
 TargetsOpt = Annotated[
     str | None,
@@ -160,11 +152,11 @@ def demo_cmd(
     organism: OrganismOpt = None,
     out: DemoOutOpt = None,
     overwrite: options.OverwriteOutOpt = False,
-    limit: options.OrganismLimitOpt = None,
+    limit: options.LimitOpt = None,
     layer: DemoLayerOpt = None,
-    alphas: AlphasOpt = None,
+    alphas: options.AlphasOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
-    blocks: BlocksOpt = None,
+    blocks: options.BlocksOpt = None,
     targets: TargetsOpt = None,
     conditional: ConditionalOpt = True,
     starts: StartsOpt = None,

@@ -26,23 +26,6 @@ from lens_safety.cli.common import (
 )
 
 AlphaOpt = Annotated[str, typer.Option("--alpha", help="auto (calibrate on val) or a number >= 0.")]
-AlphasOpt = Annotated[
-    str | None, typer.Option("--alphas", help="Alphas swept by --alpha auto (default 3,10,30,100).")
-]
-MaxOverRiseOpt = Annotated[
-    float,
-    typer.Option(
-        "--max-over-refusal",
-        help="Largest accepted rise of harmless refusal over the unedited model "
-        "(an absolute ceiling with --absolute-over-refusal).",
-    ),
-]
-AbsoluteOverRefusalOpt = Annotated[
-    bool,
-    typer.Option(
-        "--absolute-over-refusal", help="Read --max-over-refusal as an absolute harmless-refusal ceiling."
-    ),
-]
 ApproximateOpt = Annotated[
     bool, typer.Option("--approximate", help="Allow post-norm writers (Gemma 2/3), where it is inexact.")
 ]
@@ -57,10 +40,10 @@ def rosi(
     harmless: options.HarmlessOpt = "builtin:harmless",
     layer: options.LayerOpt = "auto",
     alpha: AlphaOpt = "auto",
-    alphas: AlphasOpt = None,
+    alphas: options.AlphasOpt = None,
     target_refusal: options.TargetRefusalOpt = 0.9,
-    max_over_refusal: MaxOverRiseOpt = 0.1,
-    absolute_over_refusal: AbsoluteOverRefusalOpt = False,
+    max_over_refusal: options.MaxOverRefusalOpt = 0.1,
+    over_refusal_relative: options.OverRefusalRelativeOpt = True,
     max_kl: options.MaxKlOpt = 0.1,
     blocks: options.BlocksOpt = None,
     system_prompt: options.SystemPromptOpt = None,
@@ -125,10 +108,10 @@ def _run(method: str, args: dict[str, Any]) -> None:
 
     # options only rosi has (its bounds) fall back to EditSettings' own defaults for ablate
     bounds: dict[str, Any] = {
-        k: args[k] for k in ("target_refusal", "max_over_refusal", "max_kl", "approximate") if k in args
+        k: args[k]
+        for k in ("target_refusal", "max_over_refusal", "over_refusal_relative", "max_kl", "approximate")
+        if k in args
     }
-    if "absolute_over_refusal" in args:
-        bounds["over_refusal_relative"] = not args["absolute_over_refusal"]
     settings = EditSettings(
         method=method,  # type: ignore[arg-type]
         direction=args["direction"],
