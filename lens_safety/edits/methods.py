@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Literal, TypeAlias
 
@@ -169,16 +169,17 @@ ROSI = EditMethod(
     positive_sweep=True,
     in_edit_job=True,
 )
-CONDITIONAL_ROSI = EditMethod(
+#: ROSI with the read direction ``g`` given instead of the writer's own mean row: the same bounds
+#: and label; calibrated by its own job (injection grid), not by an alpha sweep
+CONDITIONAL_ROSI = replace(
+    ROSI,
     name="conditional_rosi",
-    label="ROSI",
     formula="W' = (I + alpha * s_hat g^T) W, g = the unit read direction (conditional ROSI)",
-    default_targets=BLOCK_OUTPUTS,
-    min_alpha=0.0,
-    alpha_why=_ROSI_WHY,
-    alpha_fix=_ROSI_FIX,
     read_rule=given_read,
     needs_read=True,
+    default_alphas=None,
+    positive_sweep=False,
+    in_edit_job=False,
 )
 AMPLIFY = EditMethod(
     name="amplify",
