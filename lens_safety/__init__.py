@@ -37,7 +37,7 @@ if TYPE_CHECKING:
         run_edit,
     )
     from lens_safety.probing import probe_layers
-    from lens_safety.prompts import PromptSet
+    from lens_safety.prompts import PromptSet, PromptSource
 
 #: public name -> module that defines it. Imported on first use (PEP 562), so ``import lens_safety``
 #: and ``lens-safety --help`` do not load torch and transformers.
@@ -74,6 +74,7 @@ _EXPORTS = {
     "orthogonalize": "lens_safety.edits",
     "probe_layers": "lens_safety.probing",
     "PromptSet": "lens_safety.prompts",
+    "PromptSource": "lens_safety.prompts",
     "ResidualWriter": "lens_safety.architecture",
     "rosi": "lens_safety.edits",
     "run_conditional": "lens_safety.pipelines",
@@ -102,6 +103,7 @@ __all__ = [
     "EditSettings",
     "LensSafetyError",
     "PromptSet",
+    "PromptSource",
     "ResidualWriter",
     "__version__",
     "ablate_direction",

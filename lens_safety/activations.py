@@ -27,7 +27,7 @@ from lens_safety.chat import EncodedBatch, common_prefix_length
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 
 HookName = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -335,7 +335,7 @@ class ReadOptions(TypedDict, total=False):
 
 
 def collect_activations(
-    model: ChatModel, prompts: PromptSet | Sequence[str], **options: Unpack[ReadOptions]
+    model: ChatModel, prompts: PromptSource, **options: Unpack[ReadOptions]
 ) -> Activations:
     """Read residual activations ``[n_prompts, n_layers, n_positions, d_model]`` (raw HF basis) of
     ``prompts`` (instructions, formatted here with the chat template); ``options``: :class:`ReadOptions`."""
@@ -345,7 +345,7 @@ def collect_activations(
 
 
 def sum_activations(
-    model: ChatModel, prompts: PromptSet | Sequence[str], **options: Unpack[ReadOptions]
+    model: ChatModel, prompts: PromptSource, **options: Unpack[ReadOptions]
 ) -> ActivationSums:
     """Streaming mode of :func:`collect_activations` (same options): float64 per-(layer, position)
     sums; memory flat in the number of prompts."""
@@ -375,7 +375,7 @@ class _Read:
 
 def _read_all(
     model: ChatModel,
-    prompts: PromptSet | Sequence[str],
+    prompts: PromptSource,
     *,
     layers: Sequence[int] | None = None,
     positions: PositionSpec = (-1,),

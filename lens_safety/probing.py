@@ -36,7 +36,7 @@ from lens_safety.evaluation.separation import (
 )
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 from lens_safety.records import Record
 from lens_safety.splits import split_heldout
 
@@ -159,8 +159,8 @@ def probe_activations(
 
 def probe_layers(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str] | str,
-    harmless: PromptSet | Sequence[str] | str,
+    harmful: PromptSource,
+    harmless: PromptSource,
     *,
     position: int = -1,
     layers: Sequence[int] | None = None,

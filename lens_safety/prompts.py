@@ -91,7 +91,7 @@ class PromptSet:
     @classmethod
     def load(
         cls,
-        source: str | Path | Sequence[str] | PromptSet,
+        source: PromptSource,
         *,
         column: str = "prompt",
         name: str | None = None,
@@ -173,6 +173,11 @@ class PromptSet:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.metadata(), "prompts": list(self.prompts)}
+
+
+#: what :meth:`PromptSet.load` accepts: a spec or path (``builtin:harmful:val``, a .txt / .jsonl /
+#: .csv file), the prompts themselves, or a loaded set
+PromptSource = str | Path | Sequence[str] | PromptSet
 
 
 def check_disjoint(a: PromptSet, b: PromptSet) -> None:

@@ -44,7 +44,7 @@ from lens_safety.evaluation.separation import accuracy, effect_size
 from lens_safety.interventions import ablate_direction, add_direction
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 from lens_safety.selection_rule import (
     CandidateScore,
     NoRefusalWarning,
@@ -202,8 +202,8 @@ def _score(
 def select_direction(
     model: ChatModel,
     candidates: Candidates,
-    val_harmful: PromptSet | Sequence[str],
-    val_harmless: PromptSet | Sequence[str],
+    val_harmful: PromptSource,
+    val_harmless: PromptSource,
     config: SelectionConfig | None = None,
     *,
     progress: bool = False,

@@ -40,7 +40,7 @@ from lens_safety.edits import conditional_rosi
 from lens_safety.edits.spec import EditSpec
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 from lens_safety.vectors import DirectionLike
 
 #: Injections tried by default, in units of the direction's projection (the refusal organism's
@@ -84,8 +84,8 @@ class ConditionalCalibration:
 def projection_gap(
     model: ChatModel,
     direction: Direction,
-    harmful: Any,
-    harmless: Any,
+    harmful: PromptSource,
+    harmless: PromptSource,
     *,
     batch_size: int = 16,
     system_prompt: str | None = None,
@@ -116,7 +116,9 @@ def projection_gap(
     return gap
 
 
-def injection_unit(model: ChatModel, direction: Direction, harmful: Any, harmless: Any) -> tuple[float, str]:
+def injection_unit(
+    model: ChatModel, direction: Direction, harmful: PromptSource, harmless: PromptSource
+) -> tuple[float, str]:
     """``(gap, source)``: the unit of relative injections.
 
     A fitted :class:`~lens_safety.directions.Direction` records the class mean projections of the
@@ -138,10 +140,10 @@ def injection_unit(model: ChatModel, direction: Direction, harmful: Any, harmles
 def calibrate_conditional(
     model: ChatModel,
     direction: DirectionLike,
-    harmful_train: Any,
-    harmless_train: Any,
-    harmful_val: Any,
-    harmless_val: Any,
+    harmful_train: PromptSource,
+    harmless_train: PromptSource,
+    harmful_val: PromptSource,
+    harmless_val: PromptSource,
     *,
     starts: Sequence[int],
     end: int | None = None,

@@ -23,15 +23,16 @@ from lens_safety.evaluation.divergence import mean_first_token_kl
 from lens_safety.evaluation.generation import Generations, generate
 from lens_safety.evaluation.judges import Judge, get_judge
 from lens_safety.evaluation.metrics import rate_of_completions
+from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 
 
 @dataclass
 class Measurer:
     """Measures refusal / over-refusal / first-token KL (to the first state measured) of the model now."""
 
-    model: Any
+    model: ChatModel
     harmful: PromptSet
     harmless: PromptSet
     judge: Judge
@@ -90,10 +91,10 @@ def make_point(
 
 
 def measure_sweep(
-    model: Any,
+    model: ChatModel,
     specs: Sequence[tuple[str, EditSpec]],
-    harmful: Any,
-    harmless: Any,
+    harmful: PromptSource,
+    harmless: PromptSource,
     *,
     bounds: CalibrationBounds,
     judge: Judge | str | None,

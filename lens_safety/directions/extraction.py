@@ -23,7 +23,7 @@ from lens_safety.directions.methods import get_method
 from lens_safety.evaluation.separation import effect_size, paired_indices, validate_classes
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 
 
 @dataclass
@@ -106,8 +106,8 @@ def _project(means: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 def extract_directions(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str] | str,
-    harmless: PromptSet | Sequence[str] | str,
+    harmful: PromptSource,
+    harmless: PromptSource,
     *,
     method: str = "mean-diff",
     layers: Sequence[int] | None = None,

@@ -15,7 +15,7 @@ from lens_safety.errors import LensSafetyError, warn
 from lens_safety.evaluation.divergence import last_logits
 from lens_safety.evaluation.separation import projection_accuracy, validate_classes
 from lens_safety.models import ChatModel
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 from lens_safety.selection import (
     Selection,
     SelectionConfig,
@@ -57,8 +57,8 @@ class DirectionReport:
 
 def find_direction(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str] | str,
-    harmless: PromptSet | Sequence[str] | str,
+    harmful: PromptSource,
+    harmless: PromptSource,
     *,
     method: str = "mean-diff",
     layer: int | Literal["auto"] = "auto",

@@ -55,7 +55,7 @@ from lens_safety.chat import common_prefix_length
 from lens_safety.edits.spec import unit_direction
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 from lens_safety.vectors import DirectionLike
 
 
@@ -181,7 +181,7 @@ def shared_prefix_length(model: ChatModel, prompts: Sequence[str]) -> int:
 
 def _increments(
     model: ChatModel,
-    prompts: PromptSet | Sequence[str],
+    prompts: PromptSource,
     starts: Sequence[int],
     end: int,
     batch_size: int,
@@ -230,8 +230,8 @@ def template_increments(
 
 def find_read_directions(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str] | str,
-    harmless: PromptSet | Sequence[str] | str,
+    harmful: PromptSource,
+    harmless: PromptSource,
     refusal: DirectionLike,
     *,
     starts: Sequence[int],
@@ -282,8 +282,8 @@ def find_read_directions(
 
 def find_read_direction(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str] | str,
-    harmless: PromptSet | Sequence[str] | str,
+    harmful: PromptSource,
+    harmless: PromptSource,
     refusal: DirectionLike,
     *,
     start: int,

@@ -47,7 +47,7 @@ from lens_safety.evaluation.bootstrap import Estimate, bootstrap
 from lens_safety.evaluation.generation import Intervention, generate
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet, builtin_path
+from lens_safety.prompts import PromptSet, PromptSource, builtin_path
 from lens_safety.records import Record
 
 
@@ -118,7 +118,7 @@ def last_logits(
 
 def last_token_log_probs(
     model: ChatModel,
-    prompts: PromptSet | Sequence[str],
+    prompts: PromptSource,
     batch_size: int = 16,
     system_prompt: str | None = None,
     *,
@@ -148,7 +148,7 @@ def _log_probs(
 def kl_divergence(
     model: ChatModel,
     reference: ChatModel,
-    prompts: PromptSet | Sequence[str],
+    prompts: PromptSource,
     *,
     max_new_tokens: int = 16,
     batch_size: int = 8,

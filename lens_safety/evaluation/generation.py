@@ -39,7 +39,7 @@ from lens_safety.activations import cache_argument, shared_prefix_batch
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 
 #: A zero-argument factory returning a context manager that is active while the model generates,
 #: e.g. ``lambda: add_direction(model, r, layer=12, coeff=4.0)``.
@@ -309,7 +309,7 @@ def _decode(
 
 def generate(
     model: ChatModel,
-    prompts: PromptSet | Sequence[str],
+    prompts: PromptSource,
     *,
     max_new_tokens: int = 48,
     batch_size: int = 16,

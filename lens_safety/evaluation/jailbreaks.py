@@ -32,7 +32,7 @@ from lens_safety.evaluation.bootstrap import Estimate, bootstrap
 from lens_safety.evaluation.judges import Judge
 from lens_safety.evaluation.metrics import RateResult, RateSettings, refusal_rate
 from lens_safety.models import ChatModel
-from lens_safety.prompts import PromptSet, builtin_path
+from lens_safety.prompts import PromptSet, PromptSource, builtin_path
 
 _PYRIT_SLOT = "{{ prompt }}"
 
@@ -185,7 +185,7 @@ class JailbreakResult:
 
 def attack_success_rate(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str],
+    harmful: PromptSource,
     templates: Sequence[JailbreakTemplate] | None = None,
     judge: Judge | str | None = None,
     **settings: Unpack[RateSettings],

@@ -22,7 +22,7 @@ from lens_safety.evaluation.bootstrap import Estimate, bootstrap, wilson
 from lens_safety.evaluation.generation import GenerationEngine, Generations, Intervention, generate
 from lens_safety.evaluation.judges import Judge, Verdict, get_judge, run_judge
 from lens_safety.models import ChatModel
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSource
 
 IntervalMethod = Literal["bootstrap", "wilson"]
 INTERVALS: tuple[str, ...] = ("bootstrap", "wilson")
@@ -157,7 +157,7 @@ def rate_of_completions(
 
 def refusal_rate(
     model: ChatModel,
-    prompts: PromptSet | Sequence[str],
+    prompts: PromptSource,
     judge: Judge | str | None = None,
     *,
     max_new_tokens: int = 48,
@@ -221,8 +221,8 @@ class RefusalEvaluation:
 
 def evaluate_refusal(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str],
-    harmless: PromptSet | Sequence[str],
+    harmful: PromptSource,
+    harmless: PromptSource,
     judge: Judge | str | None = None,
     **settings: Unpack[RateSettings],
 ) -> RefusalEvaluation:

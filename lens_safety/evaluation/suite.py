@@ -52,7 +52,7 @@ from lens_safety.evaluation.metrics import RateResult, RefusalEvaluation, evalua
 from lens_safety.evaluation.panel import JudgeRates, PairAgreement, judge_rates, label, pairwise
 from lens_safety.evaluation.utility import evaluate_utility
 from lens_safety.models import ChatModel
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 
 
 @dataclass
@@ -261,8 +261,8 @@ def _settings(
 
 def evaluate_model(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str],
-    harmless: PromptSet | Sequence[str],
+    harmful: PromptSource,
+    harmless: PromptSource,
     *,
     reference: ChatModel | None = None,
     judge: Judge | str | Sequence[Judge | str] | None = None,

@@ -24,7 +24,7 @@ from lens_safety.evaluation.jailbreaks import load_jailbreak_templates
 from lens_safety.evaluation.judges import Judge, get_judge
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
-from lens_safety.prompts import PromptSet
+from lens_safety.prompts import PromptSet, PromptSource
 from lens_safety.srr.capture import SampledStates, sample_with_states
 from lens_safety.srr.data import CandidateList, SRRDataset, first_occurrences
 from lens_safety.srr.features import (
@@ -71,8 +71,8 @@ def default_layers(model: ChatModel, ranker_layer: int | None = None) -> tuple[i
 
 def build_dataset(
     model: ChatModel,
-    harmful: PromptSet | Sequence[str] | str | None,
-    harmless: PromptSet | Sequence[str] | str | None,
+    harmful: PromptSource | None,
+    harmless: PromptSource | None,
     *,
     n: int = 8,
     temperature: float = 1.0,
