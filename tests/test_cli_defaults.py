@@ -1,11 +1,14 @@
-"""The edit commands' defaults are the library's: an option that names a field of the job's settings
-dataclass has that field's default, so ``lens-safety rosi`` and ``run_edit(model, out)`` do the
-same thing. Typer needs literal defaults at ``--help`` time (the settings modules import torch),
-so the two are written twice; this test is what keeps them equal."""
+"""The commands' defaults are the library's: an option that names a field of the job's settings
+dataclass (or a parameter of the library function the command calls) has the same default, so
+``lens-safety rosi`` and ``run_edit(model, out)`` do the same thing. Typer needs literal defaults at
+``--help`` time (the library modules import torch), so the two are written twice; this test keeps
+them equal."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 from typing import Any
 
 import pytest
@@ -16,10 +19,13 @@ from lens_safety.pipelines import EditSettings
 from lens_safety.pipelines.conditional import ConditionalSettings
 
 
-def _command(name: str) -> Any:
-    """The registered command ``name`` (typer's own click command object)."""
+def _subcommand(path: str) -> Any:
+    """The registered command at ``path`` (e.g. ``srr train``)."""
     _register()
-    return typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    command: Any = typer.main.get_command(app)
+    for part in path.split():
+        command = command.commands[part]
+    return command
 
 
 def _shared_defaults(command: Any, settings: Any) -> dict[str, tuple[Any, Any]]:
@@ -37,7 +43,7 @@ def _shared_defaults(command: Any, settings: Any) -> dict[str, tuple[Any, Any]]:
     [("rosi", EditSettings), ("ablate", EditSettings), ("conditional-rosi", ConditionalSettings)],
 )
 def test_edit_command_defaults_equal_the_settings_defaults(command: str, settings: Any) -> None:
-    shared = _shared_defaults(_command(command), settings)
+    shared = _shared_defaults(_subcommand(command), settings)
     assert {"harmful", "n_train", "n_test", "max_new_tokens"} <= set(shared)
     differing = {name: pair for name, pair in shared.items() if pair[0] != pair[1]}
     assert differing == {}
@@ -46,7 +52,37 @@ def test_edit_command_defaults_equal_the_settings_defaults(command: str, setting
 @pytest.mark.parametrize(("command", "relative"), [("rosi", True), ("conditional-rosi", False)])
 def test_over_refusal_bound_reads_the_same_flags_on_both_rosi_commands(command: str, relative: bool) -> None:
     """One flag pair on both commands; each keeps its own job's default basis."""
-    param = next(p for p in _command(command).params if p.name == "over_refusal_relative")
+    param = next(p for p in _subcommand(command).params if p.name == "over_refusal_relative")
     assert param.opts == ["--relative-over-refusal"]
     assert param.secondary_opts == ["--absolute-over-refusal"]
     assert param.default is relative
+
+
+#: options whose CLI value is the spelled-out form of the library's ``None`` default
+SPELLED_OUT = {
+    "judge": "substring (the library's default judge)",
+    "contexts": "None on the CLI: every context, the library's CONTEXTS",
+    "engine": "'hf' on the CLI: the bridge's own model, the library's None",
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "function"),
+    [
+        ("srr train", "lens_safety.srr.train_job:train_ranker_directory"),
+        ("srr build-data", "lens_safety.srr.build:build_dataset"),
+    ],
+)
+def test_srr_command_defaults_equal_the_library_defaults(command: str, function: str) -> None:
+    module, name = function.split(":")
+    signature = inspect.signature(getattr(importlib.import_module(module), name))
+    library = {
+        k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty
+    }
+    shared = {
+        p.name: (p.default, library[p.name])
+        for p in _subcommand(command).params
+        if p.name in library and p.name not in SPELLED_OUT
+    }
+    assert {"seed"} <= set(shared) and len(shared) >= 5
+    assert {name: pair for name, pair in shared.items() if pair[0] != pair[1]} == {}
