@@ -153,17 +153,14 @@ class EditMethod:
         return (alpha if self.gain is None else self.gain), s, self.read_rule(s, read)
 
 
-_ROSI_WHY = "a negative alpha removes safety"
-_ROSI_FIX = "pass alpha >= 0; to push away from refusal use orthogonalize instead"
-
 ROSI = EditMethod(
     name="rosi",
     label="ROSI",
     formula="W' = W + alpha * s_hat * w_bar^T, w_bar = mean over the d_model rows of the original W (ROSI)",
     default_targets=BLOCK_OUTPUTS,
     min_alpha=0.0,
-    alpha_why=_ROSI_WHY,
-    alpha_fix=_ROSI_FIX,
+    alpha_why="a negative alpha removes safety",
+    alpha_fix="pass alpha >= 0; to push away from refusal use orthogonalize instead",
     read_rule=mean_read,
     default_alphas=(3.0, 10.0, 30.0, 100.0),
     positive_sweep=True,
