@@ -77,7 +77,11 @@ InjectionOpt = Annotated[
 ]
 InjectionsOpt = Annotated[
     str | None,
-    typer.Option("--injections", help="Injections (gaps) swept by --injection auto (default 0.75,1,1.5,2)."),
+    typer.Option(
+        "--injections",
+        help="Injections swept by --injection auto, in gaps: the direction's harmful minus harmless mean "
+        "projection (default 0.75,1,1.5,2).",
+    ),
 ]
 ShrinkageOpt = Annotated[
     float,

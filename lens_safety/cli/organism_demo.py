@@ -70,7 +70,8 @@ InjectionsOpt = Annotated[
     str | None,
     typer.Option(
         "--injections",
-        help="Injections swept for conditional ROSI (projection units, default 100,150,200,250).",
+        help="Injections swept for conditional ROSI, in projection units along the refusal direction "
+        "(not the gaps of conditional-rosi --injections; default 100,150,200,250).",
     ),
 ]
 ShrinkageOpt = Annotated[
