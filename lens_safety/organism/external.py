@@ -183,20 +183,33 @@ def restrict_record(record: dict[str, Any], spec: str) -> dict[str, Any]:
 
 
 def _groups(
-    split: str, harmless: str | None, builtin: int
+    split: str, harmless: str | None, builtin: int, harmful: str | None = None
 ) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
-    """The (harmful, harmless) specs per group of the command: external sets, builtin sets."""
-    chosen = None if harmless is None else tuple(s for s in harmless.split(",") if s)
+    """The (harmful, harmless) specs per group of the command: external sets, builtin sets.
+    ``harmful`` / ``harmless``: comma-separated specs replacing the external defaults of ``split``
+    (``none``: no set of that class)."""
+    chosen_harmful, chosen_harmless = (_specs(x) for x in (harmful, harmless))
     if split == "val":
-        groups = {"external": (EXTERNAL_HARMFUL_VAL, chosen or EXTERNAL_HARMLESS_VAL)}
-        if builtin:
-            groups["builtin"] = (("builtin:harmful:val",), ("builtin:harmless:val",))
-        return groups
-    groups = {"external": (EXTERNAL_HARMFUL_TEST, chosen or EXTERNAL_HARMLESS_TEST)}
-    if builtin:
-        pairs = BUILTIN_HELDOUT[:builtin]
-        groups["builtin"] = (tuple(h for h, _ in pairs), tuple(b for _, b in pairs))
+        defaults = (EXTERNAL_HARMFUL_VAL, EXTERNAL_HARMLESS_VAL)
+        builtin_pairs = [("builtin:harmful:val", "builtin:harmless:val")] if builtin else []
+    else:
+        defaults = (EXTERNAL_HARMFUL_TEST, EXTERNAL_HARMLESS_TEST)
+        builtin_pairs = list(BUILTIN_HELDOUT[:builtin])
+    external = (
+        defaults[0] if chosen_harmful is None else chosen_harmful,
+        defaults[1] if chosen_harmless is None else chosen_harmless,
+    )
+    groups = {"external": external} if any(external) else {}
+    if builtin_pairs:
+        groups["builtin"] = (tuple(h for h, _ in builtin_pairs), tuple(b for _, b in builtin_pairs))
     return groups
+
+
+def _specs(value: str | None) -> tuple[str, ...] | None:
+    """``None`` for the default, ``()`` for ``none``, else the comma-separated specs."""
+    if value is None:
+        return None
+    return () if value.strip() == "none" else tuple(s for s in value.split(",") if s)
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
@@ -217,9 +230,16 @@ def _main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument(
+        "--harmful",
+        default=None,
+        help="external harmful sets, comma-separated, or none (default: the HarmBench, AdvBench and "
+        "Do-Not-Answer malicious-uses splits)",
+    )
+    parser.add_argument(
         "--harmless",
         default=None,
-        help="external benign sets, comma-separated (default: all of mtbench on test, mtbench:val on val)",
+        help="external benign sets, comma-separated, or none (default: all of mtbench on test, "
+        "mtbench:val on val)",
     )
     parser.add_argument("--judges", default=",".join(DEFAULT_JUDGES))
     parser.add_argument("--rejudge", action="store_true", help="MODEL is a record: judge its completions")
@@ -244,7 +264,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     model = load_model(materialize_organism(adapter, name="organism-candidate") if is_adapter else args.model)
     require_sound_generation(model)
     record: dict[str, Any] = {"model": args.model, "split": args.split}
-    for group, (harmful, harmless) in _groups(args.split, args.harmless, args.builtin).items():
+    for group, (harmful, harmless) in _groups(args.split, args.harmless, args.builtin, args.harmful).items():
         result = judge_sets(model, harmful, harmless, judges, args.max_new_tokens, True, args.model)
         record[group] = result.to_dict(with_completions=True)
         for one in result.sets:
