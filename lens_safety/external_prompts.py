@@ -16,7 +16,7 @@ name              package (file)               what it is
 ================  ===========================  ==========================================================
 
 Specs: ``NAME``, ``NAME:CATEGORY``, ``NAME:SPLIT`` or ``NAME:CATEGORY:SPLIT`` with ``SPLIT`` one of
-``train`` / ``va  l`` / ``test`` (:mod:`lens_safety.splits`).
+``train`` / ``val`` / ``test`` (:mod:`lens_safety.splits`).
 
 **Splits by near-duplicate group.** Benchmarks repeat themselves (AdvBench holds dozens of
 rewordings of one request), so a split by text would put rewordings of a test prompt into train.
