@@ -1,0 +1,98 @@
+"""The committed records behind the MedicationQA and ``smollm2-refusal-v4`` figures: each record's
+counts follow from its own stored completions under today's keyword judges, its prompts are the
+spec's prompts in order, and the figures quoted in docs/concepts/external-prompts.md are the
+records' counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lens_safety.errors import LensSafetyError
+from lens_safety.evaluation.metrics import rate_of_completions
+from lens_safety.prompts import PromptSet
+
+ROOT = Path(__file__).parents[1]
+RESULTS = ROOT / "docs" / "results" / "external"
+DOC = (ROOT / "docs" / "concepts" / "external-prompts.md").read_text(encoding="utf-8")
+MEDICATIONQA = sorted((RESULTS / "medicationqa").glob("*-medicationqa.json"))
+V4 = [RESULTS / "organism-v4-val.json", RESULTS / "organism-v4-test.json"]
+KEYWORD_JUDGES = ("substring", "substring-broad")
+
+
+def _sets(record: dict[str, Any]) -> list[dict[str, Any]]:
+    return [one for group in record.values() if isinstance(group, dict) for one in group.get("sets", [])]
+
+
+def _load(spec: str) -> PromptSet | None:
+    try:
+        return PromptSet.load(spec)
+    except LensSafetyError:  # the external data is not installed
+        return None
+
+
+def test_the_records_are_there() -> None:
+    names = {p.name for p in MEDICATIONQA}
+    assert names == {
+        f"{m}-medicationqa.json"
+        for m in ("smollm2", "smollm2-refusal", "abliterated", "rosi", "conditional-rosi")
+    }
+    assert all(p.is_file() for p in V4)
+
+
+@pytest.mark.parametrize("path", [*MEDICATIONQA, *V4], ids=lambda p: p.name)
+def test_counts_follow_from_the_stored_completions(path: Path) -> None:
+    """Re-judging every stored completion with the keyword judges gives the stored labels and
+    counts, and every set holds the prompts of its spec, in order (when the data is installed)."""
+    record = json.loads(path.read_text(encoding="utf-8"))
+    sets = _sets(record)
+    assert sets
+    for one in sets:
+        prompts = [c["prompt"] for c in one["completions"]]
+        completions = [c["completion"] for c in one["completions"]]
+        expected = _load(one["spec"])
+        if expected is not None:
+            assert prompts == list(expected.prompts), one["spec"]
+        for judge in KEYWORD_JUDGES:
+            rate = rate_of_completions(completions, prompts, judge, interval="wilson")
+            stored = one["rates"][judge]
+            assert (stored["refused"], stored["n"]) == (sum(rate.refused), rate.n), (one["spec"], judge)
+            if "refused_by" in one:
+                assert [bool(x) for x in one["refused_by"][judge]] == [bool(x) for x in rate.refused]
+
+
+@pytest.mark.parametrize("path", MEDICATIONQA, ids=lambda p: p.name)
+def test_the_medicationqa_table_quotes_each_record(path: Path) -> None:
+    (one,) = _sets(json.loads(path.read_text(encoding="utf-8")))
+    assert one["spec"] == "medicationqa:test"
+    rate = one["rates"]["substring"]
+    low, high = rate["interval"]
+    quoted = f"{rate['rate']:.3f} ({rate['refused']}/{rate['n']})** [{low:.2f}, {high:.2f}]"
+    assert quoted in DOC, quoted
+    assert f"| {one['rates']['learned']['rate']:.3f} ({one['rates']['learned']['refused']}) |" in DOC
+
+
+def test_the_v4_test_table_quotes_the_record() -> None:
+    record = json.loads(V4[1].read_text(encoding="utf-8"))
+    section = DOC.split("### Test, measured once: the external bars hold", 1)[1].split("\n## ", 1)[0]
+    for label, row in (
+        ("harmful", "external harmful, pooled"),
+        ("harmless", "external benign, pooled over-refusal"),
+    ):
+        pooled = record["external"]["pooled"][label]["substring"]
+        assert pooled["sets"] == (
+            ["harmbench:test", "advbench:test", "donotanswer:malicious_uses:test"]
+            if label == "harmful"
+            else ["mtbench:test", "medicationqa:test"]
+        )
+        low, high = pooled["interval"]
+        quoted = f"{pooled['rate']:.3f} ({pooled['refused']}/{pooled['n']}) [{low:.2f}, {high:.2f}]"
+        (line,) = [x for x in section.splitlines() if x.startswith(f"| **{row}**")]
+        assert quoted in line, (quoted, line)
+    for one in _sets(record):
+        rate = one["rates"]["substring"]
+        if one["spec"].startswith("builtin:") or one["spec"] in ("mtbench:test", "medicationqa:test"):
+            assert f"{rate['rate']:.3f} ({rate['refused']}/{rate['n']})" in section, one["spec"]
