@@ -96,3 +96,29 @@ def test_the_v4_test_table_quotes_the_record() -> None:
         rate = one["rates"]["substring"]
         if one["spec"].startswith("builtin:") or one["spec"] in ("mtbench:test", "medicationqa:test"):
             assert f"{rate['rate']:.3f} ({rate['refused']}/{rate['n']})" in section, one["spec"]
+
+
+TRAINING_RECORDS = sorted(RESULTS.glob("organism-*-training.json"))
+
+
+@pytest.mark.parametrize("path", TRAINING_RECORDS, ids=lambda p: p.name)
+def test_candidate_organisms_trained_on_no_prompt_they_were_tested_on(path: Path) -> None:
+    """The candidates that were measured but not shipped (v3's two fits, v4): their training sets,
+    rebuilt from the recorded config, hash to what the record says, and hold no prompt of any
+    external val / test split nor of the builtin held-out sets (normalised text)."""
+    from lens_safety.external_prompts import normalise
+    from lens_safety.organism.build import held_out_prompts, training_harmful_set, training_harmless_set
+    from lens_safety.organism.train import TrainingConfig
+
+    record = json.loads(path.read_text(encoding="utf-8"))
+    config = TrainingConfig(**record["config"])
+    if any(_load(spec) is None for spec in (*config.more_harmful, *config.more_harmless)):
+        pytest.skip("external prompt data not installed (see tests/test_external_prompts.py)")
+    harmful, _ = training_harmful_set(config)
+    harmless, _ = training_harmless_set(config)
+    assert harmful.sha256 == record["data"]["harmful"]["sha256"]
+    assert harmless.sha256 == record["data"]["harmless"]["sha256"]
+    held = held_out_prompts()
+    assert any(spec.startswith("medicationqa:") for spec in held.values())
+    trained = {normalise(t) for t in (*harmful, *harmless)}
+    assert not trained & set(held), sorted(trained & set(held))[:3]
