@@ -19,7 +19,11 @@ ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "docs" / "results" / "external"
 DOC = (ROOT / "docs" / "concepts" / "external-prompts.md").read_text(encoding="utf-8")
 MEDICATIONQA = sorted((RESULTS / "medicationqa").glob("*-medicationqa.json"))
-V4 = [RESULTS / "organism-v4-val.json", RESULTS / "organism-v4-test.json"]
+V4 = [
+    RESULTS / "organism-v4-val.json",
+    RESULTS / "organism-v4-test.json",
+    RESULTS / "organism-v4-builtin-holdouts.json",
+]
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
 
