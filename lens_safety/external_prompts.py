@@ -204,14 +204,18 @@ def _read_harmbench(path: Path) -> tuple[list[str], list[str | None]]:
     return prompts, [None] * len(prompts)
 
 
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON object on each non-blank line of ``path``."""
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
 def _read_donotanswer(path: Path) -> tuple[list[str], list[str | None]]:
     prompts: list[str] = []
     categories: list[str | None] = []
     for file in sorted(path.glob("*.jsonl")):
-        for line in file.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                prompts.append(str(json.loads(line)["prompt"]).strip())
-                categories.append(file.stem)
+        for record in _jsonl(file):
+            prompts.append(str(record["prompt"]).strip())
+            categories.append(file.stem)
     return prompts, categories
 
 
@@ -222,13 +226,12 @@ def _read_advbench(path: Path) -> tuple[list[str], list[str | None]]:
 
 
 def _read_mtbench(path: Path) -> tuple[list[str], list[str | None]]:
-    records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    records = _jsonl(path)
     return [str(r["turns"][0]).strip() for r in records], [str(r["category"]) for r in records]
 
 
 def _read_medicationqa(path: Path) -> tuple[list[str], list[str | None]]:
-    records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    prompts = [str(r["Question"]).strip() for r in records]
+    prompts = [str(r["Question"]).strip() for r in _jsonl(path)]
     return prompts, [None] * len(prompts)
 
 
