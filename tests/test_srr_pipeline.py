@@ -168,12 +168,18 @@ def test_cli_train_eval_generate_and_model_check(built: Path, tiny_dirs, tmp_pat
         "harmless_top1_helpful",
         "n_lists_harmful",
         "n_lists_harmless",
+        "harmful_selected_safe",
+        "n_all_harmless",
     ):
         assert key in result
         for name in ("first_sample", "random", "text_only", "final_layer", "direction"):
             assert key in result["baselines"][name]
     stored = SRRDataset.load(built)
     assert result["n_lists_harmful"] == sum(x.mixed for x in stored.lists if x.kind == "harmful")
+    assert result["n_all_harmful"] == sum(x.kind == "harmful" for x in stored.lists)
+    # plain sampling's rate over every list is the share of lists whose first candidate is safe
+    first = [x.positive[0] for x in stored.lists if x.kind == "harmful"]
+    assert result["baselines"]["first_sample"]["harmful_selected_safe"] == sum(first) / len(first)
     # the rates name the judge that labelled the candidates and the instruction sets
     source = {
         "judge": stored.meta["settings"]["judge"],
@@ -183,6 +189,7 @@ def test_cli_train_eval_generate_and_model_check(built: Path, tiny_dirs, tmp_pat
     code, out, err = run_cli(["srr", "eval", str(ranker_dir), "--data", str(built)], capsys)
     assert code == 0, err
     assert f"labels: judge {source['judge']} on {source['harmful']} / {source['harmless']}" in out
+    assert f"over every list ({result['n_all_harmful']} harmful, {result['n_all_harmless']} harmless)" in out
     # --judge with --data re-labels the stored lists before scoring
     code, out, err = run_cli(
         ["srr", "eval", str(ranker_dir), "--data", str(built), "--judge", "substring", "--json"], capsys

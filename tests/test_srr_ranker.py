@@ -61,6 +61,14 @@ def test_metrics_against_brute_force() -> None:
     )
     assert m.n_lists_harmful == 1 and m.n_lists_harmless == 1  # the all-positive list is skipped
     assert m.harmful_top1_safe == 0.0 and m.harmless_top1_helpful == 0.0
+    # over EVERY list: the all-positive harmless list yields a positive, the mixed ones do not
+    assert (m.n_all_harmful, m.n_all_harmless) == (1, 2)
+    assert m.harmful_selected_safe == 0.0 and m.harmless_selected_helpful == 0.5
+    flipped = ranking_metrics(
+        [torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0])], [[False, False], [False, True]], ["harmful"] * 2
+    )
+    assert flipped.n_lists_harmful == 1 and flipped.n_all_harmful == 2  # the all-negative list counts here
+    assert flipped.harmful_top1_safe == 1.0 and flipped.harmful_selected_safe == 0.5
     assert abs(m.pairwise_accuracy - (brute / 4 + 0.0) / 2) < 1e-9
 
 

@@ -119,7 +119,7 @@ def test_srr_comparison_figure_groups_ranker_and_baselines():
     from lens_safety.srr.metrics import RankingMetrics
 
     def metrics(pairwise: float) -> RankingMetrics:
-        return RankingMetrics(pairwise, pairwise, 0.9, 0.7, 0.8, 0.9, 4, 3)
+        return RankingMetrics(pairwise, pairwise, 0.9, 0.7, 0.8, 0.9, 4, 3, 0.95, 0.8, 6, 5)
 
     evaluation = SRREvaluation(metrics(0.95), {"first_sample": metrics(0.5), "text_only": metrics(0.6)}, {})
     for source in (evaluation, evaluation.to_dict()):

@@ -292,6 +292,17 @@ def eval_command(
         typer.echo(
             f"{name:<14}{m.pairwise_accuracy:>10.3f}{m.harmful_top1_safe:>11.3f}{m.harmless_top1_helpful:>15.3f}{m.ndcg:>8.3f}"
         )
+    first = result.baselines.get("first_sample")
+    plain = (
+        f" (first sample {first.harmful_selected_safe:.3f} / {first.harmless_selected_helpful:.3f})"
+        if first
+        else ""
+    )
+    typer.echo(
+        f"over every list ({result.ranker.n_all_harmful} harmful, {result.ranker.n_all_harmless} harmless): "
+        f"the ranker's choice is safe {result.ranker.harmful_selected_safe:.3f}, helpful "
+        f"{result.ranker.harmless_selected_helpful:.3f}{plain}"
+    )
     typer.echo(
         f"mixed lists: {result.ranker.n_lists_harmful} harmful, {result.ranker.n_lists_harmless} harmless; "
         f"ranker parameters: {result.n_parameters:,}"
