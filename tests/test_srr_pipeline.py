@@ -200,6 +200,27 @@ def test_cli_train_eval_generate_and_model_check(built: Path, tiny_dirs, tmp_pat
         expected = sum(x.mixed for x in relabelled.lists if x.kind == kind)
         assert json.loads(out)[f"n_lists_{kind}"] == expected
 
+    # --lists-out: every list with the ranker's scores and choice, the record behind the rates
+    lists_out = tmp_path / "ranked.jsonl"
+    code, out, err = run_cli(
+        ["srr", "eval", str(ranker_dir), "--data", str(built), "--lists-out", str(lists_out), "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    ranked = [json.loads(line) for line in lists_out.read_text().splitlines()]
+    assert [r["candidates"] for r in ranked] == [x.candidates for x in stored.lists]
+    for r in ranked:
+        best = max(r["scores"])
+        assert r["chosen"] == r["scores"].index(best)  # the first of the best-scored candidates
+    harmful_choices = [r["positive"][r["chosen"]] for r in ranked if r["kind"] == "harmful"]
+    assert json.loads(out)["harmful_selected_safe"] == sum(harmful_choices) / len(harmful_choices)
+    before = lists_out.read_bytes()
+    code, out, err = run_cli(
+        ["srr", "eval", str(ranker_dir), "--data", str(built), "--lists-out", str(lists_out)], capsys
+    )
+    assert code == 2 and "--lists-out" in err and "--overwrite" in err
+    assert lists_out.read_bytes() == before  # refused before any work, nothing overwritten
+
     # without --data: lists are built with the ranker's base model, then scored
     harmful_file, harmless_file = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
     harmful_file.write_text("\n".join(HARMFUL))

@@ -10,12 +10,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lens_safety.cli import options, srr_app
-from lens_safety.cli.common import load_cli_model, parse_list, print_json, quiet_libraries
+from lens_safety.cli.common import (
+    check_writable,
+    load_cli_model,
+    parse_list,
+    print_json,
+    quiet_libraries,
+    write_jsonl,
+)
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free
 
 if TYPE_CHECKING:
     from lens_safety.prompts import PromptSet
+    from lens_safety.srr.evaluate import SRREvaluation
 
 HARMFUL_INSTRUCTIONS = "Harmful instructions: file or builtin:harmful[:split]"
 HARMLESS_INSTRUCTIONS = "Harmless instructions: file or builtin:harmless[:split]"
@@ -82,6 +90,13 @@ DataOpt = Annotated[
 ]
 SaveDataOpt = Annotated[
     Path | None, typer.Option("--save-data", help="Also keep the lists built for this evaluation.")
+]
+ListsOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--lists-out",
+        help="Write every list (candidates, labels, the ranker's scores and its choice) to this .jsonl file.",
+    ),
 ]
 RelabelJudgeOpt = Annotated[
     str | None,
@@ -247,19 +262,23 @@ def eval_command(
     judge: RelabelJudgeOpt = None,
     limit: options.InstructionLimitOpt = None,
     device: options.DeviceOpt = None,
+    lists_out: ListsOutOpt = None,
+    overwrite: options.OverwriteFilesOpt = False,
     json_out: options.JsonOpt = False,
 ) -> None:
     """Build lists for held-out prompts with the ranker's base model and score ranker and baselines."""
     from lens_safety.srr.baselines import load_baselines
     from lens_safety.srr.build import build_dataset, default_layers
     from lens_safety.srr.combine import load_datasets
-    from lens_safety.srr.evaluate import evaluate
+    from lens_safety.srr.evaluate import evaluate, ranked_lists
     from lens_safety.srr.ranker import check_base_model, load_ranker, read_ranker_record
 
     record = read_ranker_record(ranker_dir)
     base = record.get("base_model") or {}
     if save_data is not None:
         require_free(save_data, False, option="--save-data")
+    if lists_out is not None:
+        check_writable(lists_out, overwrite, "--lists-out")
     if data:
         dataset = load_datasets(data)
         check_base_model(base, dataset.meta.get("model", {}), ranker_dir)
@@ -281,10 +300,19 @@ def eval_command(
         )
         if save_data is not None:
             dataset.save(save_data)
-    result = evaluate(load_ranker(ranker_dir), dataset, load_baselines(ranker_dir), seed=seed)
+    ranker = load_ranker(ranker_dir)
+    result = evaluate(ranker, dataset, load_baselines(ranker_dir), seed=seed)
+    if lists_out is not None:
+        write_jsonl(lists_out, ranked_lists(ranker, dataset))
     if json_out:
         print_json(result.to_dict())
-        return
+    else:
+        _print_evaluation(result)
+
+
+def _print_evaluation(result: SRREvaluation) -> None:
+    """The ranker's and each baseline's metrics on mixed lists, the rate over every list, and
+    which judge labelled which instructions."""
     quiet_libraries()
     rows = [("ranker", result.ranker), *result.baselines.items()]
     typer.echo(f"{'scorer':<14}{'pairwise':>10}{'harm top1':>11}{'harmless top1':>15}{'ndcg':>8}")

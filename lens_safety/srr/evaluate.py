@@ -15,7 +15,7 @@ from typing import Any
 
 from lens_safety.srr.baselines import Baselines, ranker_scores
 from lens_safety.srr.data import SRRDataset
-from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
+from lens_safety.srr.metrics import RankingMetrics, ranking, ranking_metrics
 from lens_safety.srr.ranker import SafetyRanker
 
 
@@ -59,6 +59,18 @@ def evaluate(
     return SRREvaluation(
         main, others, dataset.counts(), ranker.config.to_dict(), ranker.n_parameters(), label_sources(dataset)
     )
+
+
+def ranked_lists(ranker: SafetyRanker, dataset: SRRDataset) -> list[dict[str, Any]]:
+    """Every list of ``dataset`` (mixed or not) with the ranker's score of each candidate and its
+    choice, ``chosen`` (the index best-of-N returns; ties go to the earlier sample, as in
+    :func:`~lens_safety.srr.metrics.ranking`): the per-prompt record behind the rates of
+    :func:`evaluate`, for reading what the ranker picked."""
+    out = []
+    for item, scores in zip(dataset.lists, ranker_scores(ranker, dataset), strict=True):
+        values = [float(x) for x in scores]
+        out.append({**item.to_dict(), "scores": values, "chosen": ranking(scores)[0]})
+    return out
 
 
 def label_sources(dataset: SRRDataset) -> list[dict[str, Any]]:
