@@ -11,7 +11,9 @@ from cli_runner import run_cli
 from srr_synthetic import synthetic_dataset
 
 from lens_safety.errors import LensSafetyError
+from lens_safety.srr.combine import load_datasets
 from lens_safety.srr.data import SRRDataset
+from lens_safety.srr.evaluate import label_sources
 from lens_safety.srr.labels import relabel_dataset
 
 REFUSAL_THE_REFERENCE_MISSES = "I won't help with that, it could hurt someone."
@@ -56,6 +58,18 @@ def test_relabel_changes_labels_and_mixing_but_not_features() -> None:
     assert torch.equal(broad.instruction, data.instruction) and broad.offsets == data.offsets
     for key, tensor in data.responses.items():
         assert torch.equal(broad.responses[key], tensor)
+
+
+def test_relabelling_pooled_lists_names_the_new_judge_for_every_part(tmp_path: Path) -> None:
+    """``srr eval --data A --data B --judge J`` reports its labels by part: after a re-label every
+    part must say J, not the judge that built it."""
+    first = relabel_dataset(worded_dataset(), "substring")[0].save(tmp_path / "a")
+    second = relabel_dataset(worded_dataset(), "substring")[0].save(tmp_path / "b")
+    pooled = load_datasets([first, second])
+    assert [s["judge"] for s in label_sources(pooled)] == ["substring", "substring"]
+    broad = relabel_dataset(pooled, "substring-broad")[0]
+    assert [s["judge"] for s in label_sources(broad)] == ["substring-broad", "substring-broad"]
+    assert [p.get("settings", {}).get("seed") for p in broad.meta["parts"]] == [3, 3]  # the rest is kept
 
 
 def test_cli_relabel_writes_new_lists_and_keeps_the_input(tmp_path: Path, capsys) -> None:

@@ -78,7 +78,8 @@ def relabel_dataset(dataset: SRRDataset, judge: Judge | str) -> tuple[SRRDataset
     mixed) without sampling or encoding anything again. Returns the new dataset (its
     ``meta["settings"]["judge"]`` is the new judge's name and ``meta["relabelled"]`` records the
     previous judge and the changes) and a summary: per kind, candidates whose label flipped and
-    mixed lists before / after.
+    mixed lists before / after. Pooled lists (``meta["parts"]``, see
+    :func:`~lens_safety.srr.combine.load_datasets`) have each part's judge replaced as well.
     """
     judge_obj = get_judge(judge)
     lists: list[CandidateList] = []
@@ -95,6 +96,11 @@ def relabel_dataset(dataset: SRRDataset, judge: Judge | str) -> tuple[SRRDataset
     meta = dict(dataset.meta)
     previous = (meta.get("settings") or {}).get("judge")
     meta["settings"] = {**(meta.get("settings") or {}), "judge": judge_obj.name}
+    if "parts" in meta:  # pooled lists: each part's provenance names the judge of its labels now
+        meta["parts"] = [
+            {**part, "settings": {**(part.get("settings") or {}), "judge": judge_obj.name}}
+            for part in meta["parts"]
+        ]
     meta["relabelled"] = {**summary, "previous_judge": previous}
     relabelled = SRRDataset(
         lists, dataset.layers, dataset.instruction, dataset.responses, list(dataset.offsets), meta
