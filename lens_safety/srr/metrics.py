@@ -51,7 +51,8 @@ def ndcg(scores: Float[torch.Tensor, " m"], positive: Sequence[bool]) -> float:
 
 @dataclass
 class RankingMetrics(Record):
-    """Metrics of one scorer on the mixed lists of a dataset (see the module docstring)."""
+    """Metrics of one scorer on the mixed lists of a dataset, and its choice's rates over every list
+    (``*_selected_*``, ``n_all_*``; see the module docstring)."""
 
     pairwise_accuracy: float
     pairwise_accuracy_pairs: float
