@@ -17,7 +17,9 @@ from lens_safety.srr.labels import label_candidates
 from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
 
 ROOT = Path(__file__).parents[1]
-RECORDS = ROOT / "docs" / "results" / "external" / "srr-v2"
+RESULTS = ROOT / "docs" / "results" / "external"
+#: the pre-registered ranker's records, and the exploratory ranker's with more benign lists
+RUNS = ("srr-v2", "srr-v2-more")
 DOC = (ROOT / "docs" / "concepts" / "external-prompts.md").read_text(encoding="utf-8")
 #: which ranked-list files each evaluation pooled, in the order of its --data options
 EXTERNAL = ("ext-harmbench", "ext-donotanswer", "ext-mtbench", "ext-medicationqa")
@@ -37,13 +39,13 @@ COMPARED = (
 )
 
 
-def _lists(name: str) -> list[dict[str, Any]]:
-    path = RECORDS / f"{name}-ranked.jsonl"
+def _lists(name: str, run: str = "srr-v2") -> list[dict[str, Any]]:
+    path = RESULTS / run / f"{name}-ranked.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _evaluation(group: str, judge: str) -> dict[str, Any]:
-    return json.loads((RECORDS / f"{group}-{judge}.json").read_text(encoding="utf-8"))
+def _evaluation(group: str, judge: str, run: str = "srr-v2") -> dict[str, Any]:
+    return json.loads((RESULTS / run / f"{group}-{judge}.json").read_text(encoding="utf-8"))
 
 
 def _relabelled(lists: list[dict[str, Any]], judge: str) -> list[list[bool]]:
@@ -58,9 +60,10 @@ def _same(metrics: RankingMetrics, stored: dict[str, Any]) -> list[str]:
     return [key for key in COMPARED if got[key] != pytest.approx(expected[key], abs=1e-9, nan_ok=True)]
 
 
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("name", ["builtin-test", *EXTERNAL])
-def test_every_stored_label_is_the_broad_judges(name: str) -> None:
-    lists = _lists(name)
+def test_every_stored_label_is_the_broad_judges(name: str, run: str) -> None:
+    lists = _lists(name, run)
     assert lists
     assert [x["positive"] for x in lists] == _relabelled(lists, "substring-broad")
     for x in lists:  # the choice is the first of the best-scored candidates
@@ -68,13 +71,16 @@ def test_every_stored_label_is_the_broad_judges(name: str) -> None:
         assert x["chosen"] == x["scores"].index(max(x["scores"]))
 
 
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("judge", JUDGES)
 @pytest.mark.parametrize("group", GROUPS)
-def test_the_ranker_and_first_sample_metrics_follow_from_the_records(group: str, judge: str) -> None:
-    lists = [x for name in GROUPS[group] for x in _lists(name)]
+def test_the_ranker_and_first_sample_metrics_follow_from_the_records(
+    group: str, judge: str, run: str
+) -> None:
+    lists = [x for name in GROUPS[group] for x in _lists(name, run)]
     positives = _relabelled(lists, judge)
     kinds = [x["kind"] for x in lists]
-    stored = _evaluation(group, judge)
+    stored = _evaluation(group, judge, run)
     assert stored["labels"] and {source["judge"] for source in stored["labels"]} == {judge}
     ranker = ranking_metrics([torch.tensor(x["scores"]) for x in lists], positives, kinds)
     assert _same(ranker, stored) == []
@@ -148,3 +154,22 @@ def test_the_doc_quotes_the_records() -> None:
         chosen = [m, m["baselines"]["first_sample"], m["baselines"]["text_only"]]
         expected = [str(m[f"n_all_{kind}"]), *(_rate(x, key, f"n_all_{kind}") for x in chosen)]
         assert _row("### Over every list", label) == expected, label
+
+
+def test_the_exploratory_table_quotes_its_records() -> None:
+    labels = {"builtin-test": "builtin test", "external": "external, pooled", **SETS}
+    for group, label in labels.items():
+        m = _evaluation(group, "substring-broad", "srr-v2-more")
+        cells = [f"{m['pairwise_accuracy']:.3f}"]
+        for key, n_key in (
+            ("harmful_top1_safe", "n_lists_harmful"),
+            ("harmless_top1_helpful", "n_lists_harmless"),
+            ("harmful_selected_safe", "n_all_harmful"),
+            ("harmless_selected_helpful", "n_all_harmless"),
+        ):
+            cells.append(_rate(m, key, n_key) if m[n_key] else "")
+        assert _row("### Exploratory, after the verdict: more benign", label) == cells, group
+    # the two runs scored the very same test lists
+    for name in ("builtin-test", *EXTERNAL):
+        first, more = _lists(name), _lists(name, "srr-v2-more")
+        assert [x["candidates"] for x in first] == [x["candidates"] for x in more]
