@@ -1,11 +1,13 @@
 """The committed records behind the SRR figures of the shipped organism on builtin and external test
-lists (docs/concepts/external-prompts.md, sixth pre-registration): every stored candidate carries
-its judge's label, the ranker's and plain sampling's metrics follow from the stored scores and
-labels under either keyword judge, and the docs quote the records."""
+lists (docs/concepts/external-prompts.md, the sixth pre-registration and its exploratory
+follow-up): the lists are the test splits' prompts in order, every stored candidate carries its
+judge's label, the ranker's and plain sampling's metrics follow from the stored scores and labels
+under either keyword judge, and the docs quote the records."""
 
 from __future__ import annotations
 
 import json
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import pytest
 import torch
 
 from lens_safety.evaluation.judges import get_judge
+from lens_safety.external_prompts import EXTERNAL_SOURCES
+from lens_safety.prompts import PromptSet
 from lens_safety.srr.labels import label_candidates
 from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
 
@@ -48,6 +52,16 @@ def _evaluation(group: str, judge: str, run: str = "srr-v2") -> dict[str, Any]:
     return json.loads((RESULTS / run / f"{group}-{judge}.json").read_text(encoding="utf-8"))
 
 
+#: the prompt sets each ranked-list file was built from, harmful first
+SPECS = {
+    "builtin-test": ("builtin:harmful:test", "builtin:harmless:test"),
+    "ext-harmbench": ("harmbench:test",),
+    "ext-donotanswer": ("donotanswer:malicious_uses:test",),
+    "ext-mtbench": ("mtbench",),
+    "ext-medicationqa": ("medicationqa:test",),
+}
+
+
 def _relabelled(lists: list[dict[str, Any]], judge: str) -> list[list[bool]]:
     scorer = get_judge(judge)
     return [label_candidates(scorer, x["kind"], x["instruction"], x["candidates"])[0] for x in lists]
@@ -58,6 +72,21 @@ def _same(metrics: RankingMetrics, stored: dict[str, Any]) -> list[str]:
     got = metrics.to_dict()
     expected = {key: float("nan") if stored[key] is None else stored[key] for key in COMPARED}
     return [key for key in COMPARED if got[key] != pytest.approx(expected[key], abs=1e-9, nan_ok=True)]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_the_lists_are_the_test_splits_prompts_in_order(name: str) -> None:
+    """Skipped only when an external set's package is not installed (its data ships in it)."""
+    for spec in SPECS[name]:
+        source = EXTERNAL_SOURCES.get(spec.split(":", 1)[0])
+        if source is not None:
+            try:
+                metadata.distribution(source.distribution)
+            except metadata.PackageNotFoundError:
+                pytest.skip(f"{source.distribution} is not installed")
+    expected = [prompt for spec in SPECS[name] for prompt in PromptSet.load(spec).prompts]
+    for run in RUNS:
+        assert [x["source_instruction"] for x in _lists(name, run)] == expected, run
 
 
 @pytest.mark.parametrize("run", RUNS)
