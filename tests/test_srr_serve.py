@@ -364,11 +364,14 @@ def test_full_queue_answers_429_and_a_late_request_504(tiny: ChatModel, rankers:
 
 
 def _stop_while_busy(server: BackgroundServer, count: int) -> list[httpx.Response]:
-    """``count`` slow requests; the server is stopped once the first one runs."""
+    """``count`` slow requests; the server is stopped once all of them are inside it (one running,
+    the rest queued), so none can race the stop to a closed socket."""
     health = f"{server.base_url.removesuffix('/v1')}/health"
+    deadline = time.monotonic() + 60
     with ThreadPoolExecutor(count) as pool:
         pending = [pool.submit(_flood, server, 1, n=8, max_tokens=64) for _ in range(count)]
-        while httpx.get(health, timeout=30).json()["in_flight"] == 0:
+        while (now := httpx.get(health, timeout=30).json())["in_flight"] + now["queued"] < count:
+            assert time.monotonic() < deadline, f"the {count} requests were never all in the server: {now}"
             time.sleep(0.005)
         assert not all(f.done() for f in pending)
         server.stop()
