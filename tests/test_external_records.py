@@ -6,15 +6,13 @@ records' counts."""
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
+from external_data import load_if_installed
 
 from lens_safety.evaluation.metrics import rate_of_completions
-from lens_safety.external_prompts import EXTERNAL_SOURCES
-from lens_safety.prompts import PromptSet
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "docs" / "results" / "external"
@@ -30,18 +28,6 @@ KEYWORD_JUDGES = ("substring", "substring-broad")
 
 def _sets(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [one for group in record.values() if isinstance(group, dict) for one in group.get("sets", [])]
-
-
-def _load(spec: str) -> PromptSet | None:
-    """The prompts of ``spec``; ``None`` only when it is an external set whose package is not
-    installed (any other failure to load is an error, not a skipped check)."""
-    source = EXTERNAL_SOURCES.get(spec.split(":", 1)[0])
-    if source is not None:
-        try:
-            metadata.distribution(source.distribution)
-        except metadata.PackageNotFoundError:
-            return None
-    return PromptSet.load(spec)
 
 
 def test_the_records_are_there() -> None:
@@ -63,7 +49,7 @@ def test_counts_follow_from_the_stored_completions(path: Path) -> None:
     for one in sets:
         prompts = [c["prompt"] for c in one["completions"]]
         completions = [c["completion"] for c in one["completions"]]
-        expected = _load(one["spec"])
+        expected = load_if_installed(one["spec"])
         if expected is not None:
             assert prompts == list(expected.prompts), one["spec"]
         for judge in KEYWORD_JUDGES:
@@ -122,7 +108,7 @@ def test_candidate_organisms_trained_on_no_prompt_they_were_tested_on(path: Path
 
     record = json.loads(path.read_text(encoding="utf-8"))
     config = TrainingConfig(**record["config"])
-    if any(_load(spec) is None for spec in (*config.more_harmful, *config.more_harmless)):
+    if any(load_if_installed(spec) is None for spec in (*config.more_harmful, *config.more_harmless)):
         pytest.skip("external prompt data not installed (see tests/test_external_prompts.py)")
     harmful, _ = training_harmful_set(config)
     harmless, _ = training_harmless_set(config)

@@ -7,16 +7,15 @@ under either keyword judge, and the docs quote the records."""
 from __future__ import annotations
 
 import json
-from importlib import metadata
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from external_data import load_if_installed
 
 from lens_safety.evaluation.judges import get_judge
-from lens_safety.external_prompts import EXTERNAL_SOURCES
-from lens_safety.prompts import PromptSet
 from lens_safety.srr.labels import label_candidates
 from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
 
@@ -29,18 +28,8 @@ DOC = (ROOT / "docs" / "concepts" / "external-prompts.md").read_text(encoding="u
 EXTERNAL = ("ext-harmbench", "ext-donotanswer", "ext-mtbench", "ext-medicationqa")
 GROUPS = {"builtin-test": ("builtin-test",), "external": EXTERNAL, **{name: (name,) for name in EXTERNAL}}
 JUDGES = ("substring-broad", "substring")
-COMPARED = (
-    "pairwise_accuracy",
-    "harmful_top1_safe",
-    "harmless_top1_helpful",
-    "ndcg",
-    "n_lists_harmful",
-    "n_lists_harmless",
-    "harmful_selected_safe",
-    "harmless_selected_helpful",
-    "n_all_harmful",
-    "n_all_harmless",
-)
+#: every metric a scorer gets, compared between the recomputation and the stored output
+COMPARED = tuple(f.name for f in fields(RankingMetrics))
 
 
 def _lists(name: str, run: str = "srr-v2") -> list[dict[str, Any]]:
@@ -77,14 +66,10 @@ def _same(metrics: RankingMetrics, stored: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("name", list(SPECS))
 def test_the_lists_are_the_test_splits_prompts_in_order(name: str) -> None:
     """Skipped only when an external set's package is not installed (its data ships in it)."""
-    for spec in SPECS[name]:
-        source = EXTERNAL_SOURCES.get(spec.split(":", 1)[0])
-        if source is not None:
-            try:
-                metadata.distribution(source.distribution)
-            except metadata.PackageNotFoundError:
-                pytest.skip(f"{source.distribution} is not installed")
-    expected = [prompt for spec in SPECS[name] for prompt in PromptSet.load(spec).prompts]
+    sets = [load_if_installed(spec) for spec in SPECS[name]]
+    if any(one is None for one in sets):
+        pytest.skip(f"the data package of {SPECS[name]} is not installed")
+    expected = [prompt for one in sets if one is not None for prompt in one.prompts]
     for run in RUNS:
         assert [x["source_instruction"] for x in _lists(name, run)] == expected, run
 
