@@ -83,15 +83,17 @@ def ranking_metrics(
     gains: list[float] = []
     selected: dict[str, list[float]] = {"harmful": [], "harmless": []}
     for s, y, kind in zip(scores, positives, kinds, strict=True):
-        if y:
-            selected.setdefault(kind, []).append(float(y[ranking(s)[0]]))
+        if not y:
+            continue
+        chosen = float(y[ranking(s)[0]])
+        selected.setdefault(kind, []).append(chosen)
         if not any(y) or all(y):
             continue
         credit, pairs = pairwise(s, y)
         per_list.append(credit / pairs)
         credit_total += credit
         pair_total += pairs
-        top1.setdefault(kind, []).append(float(y[ranking(s)[0]]))
+        top1.setdefault(kind, []).append(chosen)
         gains.append(ndcg(s, y))
     return RankingMetrics(
         pairwise_accuracy=_mean(per_list),
