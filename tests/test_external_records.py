@@ -1,7 +1,7 @@
-"""The committed records behind the MedicationQA and ``smollm2-refusal-v4`` figures: each record's
-counts follow from its own stored completions under today's keyword judges, its prompts are the
-spec's prompts in order, and the figures quoted in docs/concepts/external-prompts.md are the
-records' counts."""
+"""The committed records behind the MedicationQA, ``smollm2-refusal-v4`` and ``-v5`` figures: each
+record's counts follow from its own stored completions under today's keyword judges, its prompts
+are the spec's prompts in order, and the figures quoted in docs/concepts/external-prompts.md and
+docs/concepts/organism-v5.md are the records' counts."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from lens_safety.evaluation.metrics import rate_of_completions
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "docs" / "results" / "external"
 DOC = (ROOT / "docs" / "concepts" / "external-prompts.md").read_text(encoding="utf-8")
+DOC_V5 = (ROOT / "docs" / "concepts" / "organism-v5.md").read_text(encoding="utf-8")
 MEDICATIONQA = sorted((RESULTS / "medicationqa").glob("*-medicationqa.json"))
 V4 = [
     RESULTS / "organism-v4-val.json",
     RESULTS / "organism-v4-test.json",
     RESULTS / "organism-v4-builtin-holdouts.json",
 ]
+V5_VAL = {"v5a": RESULTS / "organism-v5a-val.json", "v5b": RESULTS / "organism-v5b-val.json"}
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
 
@@ -36,10 +38,10 @@ def test_the_records_are_there() -> None:
         f"{m}-medicationqa.json"
         for m in ("smollm2", "smollm2-refusal", "abliterated", "rosi", "conditional-rosi")
     }
-    assert all(p.is_file() for p in V4)
+    assert all(p.is_file() for p in (*V4, *V5_VAL.values()))
 
 
-@pytest.mark.parametrize("path", [*MEDICATIONQA, *V4], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*MEDICATIONQA, *V4, *V5_VAL.values()], ids=lambda p: p.name)
 def test_counts_follow_from_the_stored_completions(path: Path) -> None:
     """Re-judging every stored completion with the keyword judges gives the stored labels and
     counts, and every set holds the prompts of its spec, in order (when the data is installed)."""
@@ -92,6 +94,30 @@ def test_the_v4_test_table_quotes_the_record() -> None:
         rate = one["rates"]["substring"]
         if one["spec"].startswith("builtin:") or one["spec"] in ("mtbench:test", "medicationqa:test"):
             assert f"{rate['rate']:.3f} ({rate['refused']}/{rate['n']})" in section, one["spec"]
+
+
+def _table(section: str) -> dict[str, list[str]]:
+    """The first markdown table in ``section``: first cell (without backticks) -> the row's cells."""
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    return {c[0].replace("`", "").replace("**", ""): c for c in cells[1:] if not set(c[0]) <= {"-"}}
+
+
+def test_the_v5_validation_table_quotes_the_records() -> None:
+    section = DOC_V5.split("### Validation gate: v5a fails", 1)[1].split("\n### ", 1)[0]
+    table = _table(section)
+    header = next(line for line in section.splitlines() if line.startswith("| validation set"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for name, path in V5_VAL.items():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        column = columns.index(name)
+        for one in _sets(record):
+            rate = one["rates"]["substring"]
+            label = one["spec"] + (", over-refusal" if not one["harmful"] else "")
+            assert f"{rate['refused']}/{rate['n']}" in table[label][column], (name, label)
+        pooled = record["external"]["pooled"]["harmful"]["substring"]
+        quoted = f"{pooled['rate']:.3f} ({pooled['refused']}/{pooled['n']})"
+        assert quoted in table["external harmful, pooled"][column], name
 
 
 TRAINING_RECORDS = sorted(RESULTS.glob("organism-*-training.json"))
