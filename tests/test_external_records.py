@@ -25,6 +25,7 @@ V4 = [
     RESULTS / "organism-v4-builtin-holdouts.json",
 ]
 V5_VAL = {"v5a": RESULTS / "organism-v5a-val.json", "v5b": RESULTS / "organism-v5b-val.json"}
+V5_TEST = RESULTS / "organism-v5-test.json"
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
 
@@ -38,10 +39,10 @@ def test_the_records_are_there() -> None:
         f"{m}-medicationqa.json"
         for m in ("smollm2", "smollm2-refusal", "abliterated", "rosi", "conditional-rosi")
     }
-    assert all(p.is_file() for p in (*V4, *V5_VAL.values()))
+    assert all(p.is_file() for p in (*V4, *V5_VAL.values(), V5_TEST))
 
 
-@pytest.mark.parametrize("path", [*MEDICATIONQA, *V4, *V5_VAL.values()], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*MEDICATIONQA, *V4, *V5_VAL.values(), V5_TEST], ids=lambda p: p.name)
 def test_counts_follow_from_the_stored_completions(path: Path) -> None:
     """Re-judging every stored completion with the keyword judges gives the stored labels and
     counts, and every set holds the prompts of its spec, in order (when the data is installed)."""
@@ -73,9 +74,17 @@ def test_the_medicationqa_table_quotes_each_record(path: Path) -> None:
     assert f"| {one['rates']['learned']['rate']:.3f} ({one['rates']['learned']['refused']}) |" in DOC
 
 
-def test_the_v4_test_table_quotes_the_record() -> None:
-    record = json.loads(V4[1].read_text(encoding="utf-8"))
-    section = DOC.split("### Test, measured once: the external bars hold", 1)[1].split("\n## ", 1)[0]
+@pytest.mark.parametrize(
+    ("path", "doc", "heading"),
+    [
+        (V4[1], DOC, "### Test, measured once: the external bars hold"),
+        (V5_TEST, DOC_V5, "### Test, measured once: two bars fail"),
+    ],
+    ids=["v4", "v5"],
+)
+def test_the_test_table_quotes_the_record(path: Path, doc: str, heading: str) -> None:
+    record = json.loads(path.read_text(encoding="utf-8"))
+    section = doc.split(heading, 1)[1].split("\n## ", 1)[0]
     for label, row in (
         ("harmful", "external harmful, pooled"),
         ("harmless", "external benign, pooled over-refusal"),
