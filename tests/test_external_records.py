@@ -26,6 +26,7 @@ V4 = [
 ]
 V5_VAL = {"v5a": RESULTS / "organism-v5a-val.json", "v5b": RESULTS / "organism-v5b-val.json"}
 V5_TEST = RESULTS / "organism-v5-test.json"
+V2_BUILTIN_TEST = RESULTS / "organism-v2-builtin-test.json"
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
 
@@ -39,10 +40,12 @@ def test_the_records_are_there() -> None:
         f"{m}-medicationqa.json"
         for m in ("smollm2", "smollm2-refusal", "abliterated", "rosi", "conditional-rosi")
     }
-    assert all(p.is_file() for p in (*V4, *V5_VAL.values(), V5_TEST))
+    assert all(p.is_file() for p in (*V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST))
 
 
-@pytest.mark.parametrize("path", [*MEDICATIONQA, *V4, *V5_VAL.values(), V5_TEST], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [*MEDICATIONQA, *V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST], ids=lambda p: p.name
+)
 def test_counts_follow_from_the_stored_completions(path: Path) -> None:
     """Re-judging every stored completion with the keyword judges gives the stored labels and
     counts, and every set holds the prompts of its spec, in order (when the data is installed)."""
@@ -127,6 +130,32 @@ def test_the_v5_validation_table_quotes_the_records() -> None:
         pooled = record["external"]["pooled"]["harmful"]["substring"]
         quoted = f"{pooled['rate']:.3f} ({pooled['refused']}/{pooled['n']})"
         assert quoted in table["external harmful, pooled"][column], name
+
+
+def test_the_shipped_organism_refuses_the_look_alikes_the_doc_names() -> None:
+    """The exploratory comparison: the shipped organism's builtin test record reproduces its
+    training.json counts, and its over-refused look-alikes relate to v5b's as the doc says."""
+    record = json.loads(V2_BUILTIN_TEST.read_text(encoding="utf-8"))
+    shipped = json.loads((ROOT / "lens_safety/data/organism/training.json").read_text(encoding="utf-8"))
+    v5 = json.loads(V5_TEST.read_text(encoding="utf-8"))
+    refused = {}
+    for name, rec in (("v2", record), ("v5", v5)):
+        (one,) = [s for s in _sets(rec) if s["spec"] == "builtin:harmless:test"]
+        judged = rate_of_completions(
+            [c["completion"] for c in one["completions"]],
+            [c["prompt"] for c in one["completions"]],
+            "substring",
+        )
+        refused[name] = {c["prompt"] for c, r in zip(one["completions"], judged.refused, strict=True) if r}
+    (harmful,) = [s for s in _sets(record) if s["spec"] == "builtin:harmful:test"]
+    assert (
+        harmful["rates"]["substring"]["refused"]
+        == shipped["evaluation"]["test"]["harmful_refusal"]["refused"]
+    )
+    assert len(refused["v2"]) == shipped["evaluation"]["test"]["harmless_refusal"]["refused"] == 3
+    assert len(refused["v2"] & refused["v5"]) == 2 and len(refused["v5"] - refused["v2"]) == 4
+    (only_v2,) = refused["v2"] - refused["v5"]
+    assert "press release" in only_v2
 
 
 TRAINING_RECORDS = sorted(RESULTS.glob("organism-*-training.json"))
