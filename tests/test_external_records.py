@@ -27,6 +27,7 @@ V4 = [
 V5_VAL = {"v5a": RESULTS / "organism-v5a-val.json", "v5b": RESULTS / "organism-v5b-val.json"}
 V5_TEST = RESULTS / "organism-v5-test.json"
 V2_BUILTIN_TEST = RESULTS / "organism-v2-builtin-test.json"
+STORY = sorted(RESULTS.glob("story-*/*-external.json"))
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
 
@@ -44,7 +45,9 @@ def test_the_records_are_there() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [*MEDICATIONQA, *V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST], ids=lambda p: p.name
+    "path",
+    [*MEDICATIONQA, *V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST, *STORY],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_counts_follow_from_the_stored_completions(path: Path) -> None:
     """Re-judging every stored completion with the keyword judges gives the stored labels and

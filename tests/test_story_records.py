@@ -1,0 +1,63 @@
+"""The committed records of the story (organism -> abliterated -> ROSI -> conditional ROSI) on
+external prompts: every stage's stored completions re-judge to their counts, and the story table
+of each page quotes the records (external columns) and the demonstration's record (builtin)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+RESULTS = ROOT / "docs" / "results" / "external"
+CONCEPTS = ROOT / "docs" / "concepts"
+
+#: story directory -> (page, heading of its table, stage record -> (table row, demo stage))
+STORIES: dict[str, tuple[str, str, dict[str, tuple[str, str]]]] = {
+    "story-v2": (
+        "external-prompts.md",
+        "### The story, external next to builtin",
+        {
+            "organism-external.json": ("organism `smollm2-refusal`", "organism"),
+            "abliterated-external.json": ("abliterated (block-25 direction)", "abliterated"),
+            "rosi-external.json": ("ROSI repair (alpha 30)", "repaired"),
+            "conditional-rosi-external.json": (
+                "conditional-ROSI repair (blocks 15..28, 112.5)",
+                "conditional",
+            ),
+        },
+    ),
+}
+
+
+def _row(section: str, label: str) -> list[str]:
+    (line,) = [x for x in section.splitlines() if x.startswith(f"| {label} |")]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _quoted(pooled: dict[str, Any], bold: bool) -> str:
+    low, high = pooled["interval"]
+    count = f"{pooled['rate']:.3f} ({pooled['refused']}/{pooled['n']})"
+    return f"**{count}** [{low:.2f}, {high:.2f}]" if bold else count
+
+
+@pytest.mark.parametrize("story", sorted(STORIES))
+def test_the_story_table_quotes_the_records(story: str) -> None:
+    page, heading, stages = STORIES[story]
+    section = (CONCEPTS / page).read_text(encoding="utf-8").split(heading, 1)[1].split("\n### ", 1)[0]
+    demo = json.loads((RESULTS / story / "demo.json").read_text(encoding="utf-8"))["stages"]
+    for name, (label, demo_stage) in stages.items():
+        pooled = json.loads((RESULTS / story / name).read_text(encoding="utf-8"))["external"]["pooled"]
+        row = _row(section, label)
+        for column, kind in ((1, "harmful"), (3, "harmless")):
+            assert row[column] == _quoted(pooled[kind]["substring"], bold=True), (name, kind)
+            learned = pooled[kind]["learned"]
+            assert row[column + 1] == f"{learned['rate']:.3f} ({learned['refused']})", (name, kind)
+        builtin = demo[demo_stage]
+        n_harmful, n_harmless = builtin["n"]
+        assert row[5] == (
+            f"{builtin['harmful_refusal']:.3f} ({round(builtin['harmful_refusal'] * n_harmful)}) / "
+            f"{builtin['harmless_refusal']:.3f} ({round(builtin['harmless_refusal'] * n_harmless)})"
+        ), name
