@@ -27,7 +27,7 @@ V4 = [
 V5_VAL = {"v5a": RESULTS / "organism-v5a-val.json", "v5b": RESULTS / "organism-v5b-val.json"}
 V5_TEST = RESULTS / "organism-v5-test.json"
 V2_BUILTIN_TEST = RESULTS / "organism-v2-builtin-test.json"
-STORY = sorted(RESULTS.glob("story-*/*-external.json"))
+STORY = sorted([*RESULTS.glob("story-*/*-external.json"), *RESULTS.glob("story-*/*-builtin.json")])
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
 

@@ -14,22 +14,35 @@ ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "docs" / "results" / "external"
 CONCEPTS = ROOT / "docs" / "concepts"
 
-#: story directory -> (page, heading of its table, stage record -> (table row, demo stage))
-STORIES: dict[str, tuple[str, str, dict[str, tuple[str, str]]]] = {
+#: story directory -> (page, heading of its table, [(record under RESULTS, table row, demo stage)])
+STORIES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
     "story-v2": (
         "external-prompts.md",
         "### The story, external next to builtin",
-        {
-            "organism-external.json": ("organism `smollm2-refusal`", "organism"),
-            "abliterated-external.json": ("abliterated (block-25 direction)", "abliterated"),
-            "rosi-external.json": ("ROSI repair (alpha 30)", "repaired"),
-            "conditional-rosi-external.json": (
+        [
+            ("story-v2/organism-external.json", "organism `smollm2-refusal`", "organism"),
+            ("story-v2/abliterated-external.json", "abliterated (block-25 direction)", "abliterated"),
+            ("story-v2/rosi-external.json", "ROSI repair (alpha 30)", "repaired"),
+            (
+                "story-v2/conditional-rosi-external.json",
                 "conditional-ROSI repair (blocks 15..28, 112.5)",
                 "conditional",
             ),
-        },
+        ],
     ),
 }
+
+
+#: the story on smollm2-refusal-v4: (record, row, builtin record or None); builtin test comes
+#: from each stage's own records, not from a demonstration record (its run raised; see the page)
+STORY_V4 = [
+    ("organism-v4-test.json", "organism `smollm2-refusal-v4`", "organism-v4-test.json"),
+    (
+        "story-v4/abliterated-external.json",
+        "abliterated (block-23 direction)",
+        "story-v4/abliterated-builtin.json",
+    ),
+]
 
 
 def _row(section: str, label: str) -> list[str]:
@@ -48,8 +61,8 @@ def test_the_story_table_quotes_the_records(story: str) -> None:
     page, heading, stages = STORIES[story]
     section = (CONCEPTS / page).read_text(encoding="utf-8").split(heading, 1)[1].split("\n### ", 1)[0]
     demo = json.loads((RESULTS / story / "demo.json").read_text(encoding="utf-8"))["stages"]
-    for name, (label, demo_stage) in stages.items():
-        pooled = json.loads((RESULTS / story / name).read_text(encoding="utf-8"))["external"]["pooled"]
+    for name, label, demo_stage in stages:
+        pooled = json.loads((RESULTS / name).read_text(encoding="utf-8"))["external"]["pooled"]
         row = _row(section, label)
         for column, kind in ((1, "harmful"), (3, "harmless")):
             assert row[column] == _quoted(pooled[kind]["substring"], bold=True), (name, kind)
@@ -60,4 +73,21 @@ def test_the_story_table_quotes_the_records(story: str) -> None:
         assert row[5] == (
             f"{builtin['harmful_refusal']:.3f} ({round(builtin['harmful_refusal'] * n_harmful)}) / "
             f"{builtin['harmless_refusal']:.3f} ({round(builtin['harmless_refusal'] * n_harmless)})"
+        ), name
+
+
+def test_the_v4_story_table_quotes_the_records() -> None:
+    page = (CONCEPTS / "organism-v5.md").read_text(encoding="utf-8")
+    section = page.split("### The story on v4, external next to builtin", 1)[1].split("\n### ", 1)[0]
+    for name, label, builtin_name in STORY_V4:
+        pooled = json.loads((RESULTS / name).read_text(encoding="utf-8"))["external"]["pooled"]
+        row = _row(section, label)
+        for column, kind in ((1, "harmful"), (3, "harmless")):
+            assert row[column] == _quoted(pooled[kind]["substring"], bold=True), (name, kind)
+            learned = pooled[kind]["learned"]
+            assert row[column + 1] == f"{learned['rate']:.3f} ({learned['refused']})", (name, kind)
+        builtin = json.loads((RESULTS / builtin_name).read_text(encoding="utf-8"))["builtin"]["pooled"]
+        harmful, harmless = builtin["harmful"]["substring"], builtin["harmless"]["substring"]
+        assert row[5] == (
+            f"{harmful['rate']:.3f} ({harmful['refused']}) / {harmless['rate']:.3f} ({harmless['refused']})"
         ), name
