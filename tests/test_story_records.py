@@ -50,44 +50,50 @@ def _row(section: str, label: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-def _quoted(pooled: dict[str, Any], bold: bool) -> str:
+def _quoted(pooled: dict[str, Any]) -> str:
     low, high = pooled["interval"]
-    count = f"{pooled['rate']:.3f} ({pooled['refused']}/{pooled['n']})"
-    return f"**{count}** [{low:.2f}, {high:.2f}]" if bold else count
+    return f"**{pooled['rate']:.3f} ({pooled['refused']}/{pooled['n']})** [{low:.2f}, {high:.2f}]"
+
+
+def _section(page: str, heading: str) -> str:
+    return (CONCEPTS / page).read_text(encoding="utf-8").split(heading, 1)[1].split("\n### ", 1)[0]
+
+
+def _check_row(section: str, name: str, label: str, builtin_cell: str) -> None:
+    """The row ``label`` quotes record ``name``'s pooled external rates (``substring`` with its
+    interval, ``learned`` as rate and count) and holds ``builtin_cell`` in its last column."""
+    pooled = json.loads((RESULTS / name).read_text(encoding="utf-8"))["external"]["pooled"]
+    row = _row(section, label)
+    for column, kind in ((1, "harmful"), (3, "harmless")):
+        assert row[column] == _quoted(pooled[kind]["substring"]), (name, kind)
+        learned = pooled[kind]["learned"]
+        assert row[column + 1] == f"{learned['rate']:.3f} ({learned['refused']})", (name, kind)
+    assert row[5] == builtin_cell, name
 
 
 @pytest.mark.parametrize("story", sorted(STORIES))
 def test_the_story_table_quotes_the_records(story: str) -> None:
     page, heading, stages = STORIES[story]
-    section = (CONCEPTS / page).read_text(encoding="utf-8").split(heading, 1)[1].split("\n### ", 1)[0]
     demo = json.loads((RESULTS / story / "demo.json").read_text(encoding="utf-8"))["stages"]
     for name, label, demo_stage in stages:
-        pooled = json.loads((RESULTS / name).read_text(encoding="utf-8"))["external"]["pooled"]
-        row = _row(section, label)
-        for column, kind in ((1, "harmful"), (3, "harmless")):
-            assert row[column] == _quoted(pooled[kind]["substring"], bold=True), (name, kind)
-            learned = pooled[kind]["learned"]
-            assert row[column + 1] == f"{learned['rate']:.3f} ({learned['refused']})", (name, kind)
         builtin = demo[demo_stage]
-        n_harmful, n_harmless = builtin["n"]
-        assert row[5] == (
-            f"{builtin['harmful_refusal']:.3f} ({round(builtin['harmful_refusal'] * n_harmful)}) / "
-            f"{builtin['harmless_refusal']:.3f} ({round(builtin['harmless_refusal'] * n_harmless)})"
-        ), name
+        (n_harmful, n_harmless), harmful, harmless = (
+            builtin["n"],
+            builtin["harmful_refusal"],
+            builtin["harmless_refusal"],
+        )
+        cell = (
+            f"{harmful:.3f} ({round(harmful * n_harmful)}) / {harmless:.3f} ({round(harmless * n_harmless)})"
+        )
+        _check_row(_section(page, heading), name, label, cell)
 
 
 def test_the_v4_story_table_quotes_the_records() -> None:
-    page = (CONCEPTS / "organism-v5.md").read_text(encoding="utf-8")
-    section = page.split("### The story on v4, external next to builtin", 1)[1].split("\n### ", 1)[0]
+    section = _section("organism-v5.md", "### The story on v4, external next to builtin")
     for name, label, builtin_name in STORY_V4:
-        pooled = json.loads((RESULTS / name).read_text(encoding="utf-8"))["external"]["pooled"]
-        row = _row(section, label)
-        for column, kind in ((1, "harmful"), (3, "harmless")):
-            assert row[column] == _quoted(pooled[kind]["substring"], bold=True), (name, kind)
-            learned = pooled[kind]["learned"]
-            assert row[column + 1] == f"{learned['rate']:.3f} ({learned['refused']})", (name, kind)
         builtin = json.loads((RESULTS / builtin_name).read_text(encoding="utf-8"))["builtin"]["pooled"]
         harmful, harmless = builtin["harmful"]["substring"], builtin["harmless"]["substring"]
-        assert row[5] == (
+        cell = (
             f"{harmful['rate']:.3f} ({harmful['refused']}) / {harmless['rate']:.3f} ({harmless['refused']})"
-        ), name
+        )
+        _check_row(section, name, label, cell)
