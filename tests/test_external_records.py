@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from doc_tables import section, table_rows
 from external_data import load_if_installed
 
 from lens_safety.evaluation.metrics import rate_of_completions
@@ -90,7 +91,7 @@ def test_the_medicationqa_table_quotes_each_record(path: Path) -> None:
 )
 def test_the_test_table_quotes_the_record(path: Path, doc: str, heading: str) -> None:
     record = json.loads(path.read_text(encoding="utf-8"))
-    section = doc.split(heading, 1)[1].split("\n## ", 1)[0]
+    part = doc.split(heading, 1)[1].split("\n## ", 1)[0]  # with its exploratory subsections
     for label, row in (
         ("harmful", "external harmful, pooled"),
         ("harmless", "external benign, pooled over-refusal"),
@@ -103,26 +104,17 @@ def test_the_test_table_quotes_the_record(path: Path, doc: str, heading: str) ->
         )
         low, high = pooled["interval"]
         quoted = f"{pooled['rate']:.3f} ({pooled['refused']}/{pooled['n']}) [{low:.2f}, {high:.2f}]"
-        (line,) = [x for x in section.splitlines() if x.startswith(f"| **{row}**")]
+        (line,) = [x for x in part.splitlines() if x.startswith(f"| **{row}**")]
         assert quoted in line, (quoted, line)
     for one in _sets(record):
         rate = one["rates"]["substring"]
         if one["spec"].startswith("builtin:") or one["spec"] in ("mtbench:test", "medicationqa:test"):
-            assert f"{rate['rate']:.3f} ({rate['refused']}/{rate['n']})" in section, one["spec"]
-
-
-def _table(section: str) -> dict[str, list[str]]:
-    """The first markdown table in ``section``: first cell (without backticks) -> the row's cells."""
-    rows = [line for line in section.splitlines() if line.startswith("| ")]
-    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    return {c[0].replace("`", "").replace("**", ""): c for c in cells[1:] if not set(c[0]) <= {"-"}}
+            assert f"{rate['rate']:.3f} ({rate['refused']}/{rate['n']})" in part, one["spec"]
 
 
 def test_the_v5_validation_table_quotes_the_records() -> None:
-    section = DOC_V5.split("### Validation gate: v5a fails", 1)[1].split("\n### ", 1)[0]
-    table = _table(section)
-    header = next(line for line in section.splitlines() if line.startswith("| validation set"))
-    columns = [c.strip() for c in header.strip("|").split("|")]
+    table = table_rows(section(DOC_V5, "### Validation gate: v5a fails"))
+    columns = table["validation set"]
     for name, path in V5_VAL.items():
         record = json.loads(path.read_text(encoding="utf-8"))
         column = columns.index(name)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from doc_tables import section, table_rows
 from external_data import load_if_installed
 
 from lens_safety.evaluation.judges import get_judge
@@ -109,11 +110,9 @@ def _rate(metrics: dict[str, Any], key: str, n_key: str) -> str:
 def _row(heading: str, first_cell: str) -> list[str]:
     """The cells after the first of the row that starts with ``first_cell`` in the table under
     ``heading`` (bold and code marks dropped)."""
-    section = DOC.split(heading, 1)[1].split("\n### ", 1)[0]
-    for line in section.splitlines():
-        cells = [c.strip().replace("**", "").replace("`", "") for c in line.strip("|").split("|")]
-        if line.startswith("|") and cells[0].startswith(first_cell):
-            return cells[1:]
+    for label, cells in table_rows(section(DOC, heading)).items():
+        if label.startswith(first_cell):
+            return [c.replace("**", "").replace("`", "") for c in cells[1:]]
     raise AssertionError(f"no row '{first_cell}' under '{heading}'")
 
 

@@ -1,6 +1,7 @@
-"""The committed records of the story (organism -> abliterated -> ROSI -> conditional ROSI) on
-external prompts: every stage's stored completions re-judge to their counts, and the story table
-of each page quotes the records (external columns) and the demonstration's record (builtin)."""
+"""The story tables on external prompts (organism -> abliterated -> ROSI -> conditional ROSI)
+quote the committed records: the external columns each stage's record, the builtin column the
+demonstration's record (story-v2) or each stage's builtin record (story-v4). That the records'
+counts follow from their stored completions is checked in test_external_records.py."""
 
 from __future__ import annotations
 
@@ -8,35 +9,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
+from doc_tables import CONCEPTS, section, table_rows
 
-ROOT = Path(__file__).parents[1]
-RESULTS = ROOT / "docs" / "results" / "external"
-CONCEPTS = ROOT / "docs" / "concepts"
+RESULTS = Path(__file__).parents[1] / "docs" / "results" / "external"
 
-#: story directory -> (page, heading of its table, [(record under RESULTS, table row, demo stage)])
-STORIES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
-    "story-v2": (
-        "external-prompts.md",
-        "### The story, external next to builtin",
-        [
-            ("story-v2/organism-external.json", "organism `smollm2-refusal`", "organism"),
-            ("story-v2/abliterated-external.json", "abliterated (block-25 direction)", "abliterated"),
-            ("story-v2/rosi-external.json", "ROSI repair (alpha 30)", "repaired"),
-            (
-                "story-v2/conditional-rosi-external.json",
-                "conditional-ROSI repair (blocks 15..28, 112.5)",
-                "conditional",
-            ),
-        ],
+#: the story on the shipped organism: (record under RESULTS, table row, stage of story-v2/demo.json)
+STORY_V2 = [
+    ("story-v2/organism-external.json", "organism smollm2-refusal", "organism"),
+    ("story-v2/abliterated-external.json", "abliterated (block-25 direction)", "abliterated"),
+    ("story-v2/rosi-external.json", "ROSI repair (alpha 30)", "repaired"),
+    (
+        "story-v2/conditional-rosi-external.json",
+        "conditional-ROSI repair (blocks 15..28, 112.5)",
+        "conditional",
     ),
-}
-
-
-#: the story on smollm2-refusal-v4: (record, row, builtin record or None); builtin test comes
-#: from each stage's own records, not from a demonstration record (its run raised; see the page)
+]
+#: the story on smollm2-refusal-v4: (record, table row, record of its builtin test figures); no
+#: demonstration record exists (its run raised; see the page)
 STORY_V4 = [
-    ("organism-v4-test.json", "organism `smollm2-refusal-v4`", "organism-v4-test.json"),
+    ("organism-v4-test.json", "organism smollm2-refusal-v4", "organism-v4-test.json"),
     (
         "story-v4/abliterated-external.json",
         "abliterated (block-23 direction)",
@@ -45,25 +36,16 @@ STORY_V4 = [
 ]
 
 
-def _row(section: str, label: str) -> list[str]:
-    (line,) = [x for x in section.splitlines() if x.startswith(f"| {label} |")]
-    return [c.strip() for c in line.strip("|").split("|")]
-
-
 def _quoted(pooled: dict[str, Any]) -> str:
     low, high = pooled["interval"]
     return f"**{pooled['rate']:.3f} ({pooled['refused']}/{pooled['n']})** [{low:.2f}, {high:.2f}]"
 
 
-def _section(page: str, heading: str) -> str:
-    return (CONCEPTS / page).read_text(encoding="utf-8").split(heading, 1)[1].split("\n### ", 1)[0]
-
-
-def _check_row(section: str, name: str, label: str, builtin_cell: str) -> None:
+def _check_row(rows: dict[str, list[str]], name: str, label: str, builtin_cell: str) -> None:
     """The row ``label`` quotes record ``name``'s pooled external rates (``substring`` with its
     interval, ``learned`` as rate and count) and holds ``builtin_cell`` in its last column."""
     pooled = json.loads((RESULTS / name).read_text(encoding="utf-8"))["external"]["pooled"]
-    row = _row(section, label)
+    row = rows[label]
     for column, kind in ((1, "harmful"), (3, "harmless")):
         assert row[column] == _quoted(pooled[kind]["substring"]), (name, kind)
         learned = pooled[kind]["learned"]
@@ -71,29 +53,26 @@ def _check_row(section: str, name: str, label: str, builtin_cell: str) -> None:
     assert row[5] == builtin_cell, name
 
 
-@pytest.mark.parametrize("story", sorted(STORIES))
-def test_the_story_table_quotes_the_records(story: str) -> None:
-    page, heading, stages = STORIES[story]
-    demo = json.loads((RESULTS / story / "demo.json").read_text(encoding="utf-8"))["stages"]
-    for name, label, demo_stage in stages:
-        builtin = demo[demo_stage]
-        (n_harmful, n_harmless), harmful, harmless = (
-            builtin["n"],
-            builtin["harmful_refusal"],
-            builtin["harmless_refusal"],
-        )
+def test_the_v2_story_table_quotes_the_records() -> None:
+    page = (CONCEPTS / "external-prompts.md").read_text(encoding="utf-8")
+    rows = table_rows(section(page, "### The story, external next to builtin"))
+    demo = json.loads((RESULTS / "story-v2" / "demo.json").read_text(encoding="utf-8"))["stages"]
+    for name, label, stage in STORY_V2:
+        harmful, harmless = demo[stage]["harmful_refusal"], demo[stage]["harmless_refusal"]
+        n_harmful, n_harmless = demo[stage]["n"]
         cell = (
             f"{harmful:.3f} ({round(harmful * n_harmful)}) / {harmless:.3f} ({round(harmless * n_harmless)})"
         )
-        _check_row(_section(page, heading), name, label, cell)
+        _check_row(rows, name, label, cell)
 
 
 def test_the_v4_story_table_quotes_the_records() -> None:
-    section = _section("organism-v5.md", "### The story on v4, external next to builtin")
+    page = (CONCEPTS / "organism-v5.md").read_text(encoding="utf-8")
+    rows = table_rows(section(page, "### The story on v4, external next to builtin"))
     for name, label, builtin_name in STORY_V4:
         builtin = json.loads((RESULTS / builtin_name).read_text(encoding="utf-8"))["builtin"]["pooled"]
         harmful, harmless = builtin["harmful"]["substring"], builtin["harmless"]["substring"]
         cell = (
             f"{harmful['rate']:.3f} ({harmful['refused']}) / {harmless['rate']:.3f} ({harmless['refused']})"
         )
-        _check_row(section, name, label, cell)
+        _check_row(rows, name, label, cell)
