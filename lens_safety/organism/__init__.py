@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from lens_safety.organism.build import TrainingRun, train_organism
     from lens_safety.organism.data import SFTExample, build_examples
     from lens_safety.organism.evaluate import OrganismEvaluation, evaluate_organism
+    from lens_safety.organism.interpolate import interpolate_adapters
     from lens_safety.organism.rebuild import Rebuild, rebuild_organism
     from lens_safety.organism.train import TrainingConfig, fit_lora
 
@@ -24,6 +25,7 @@ _EXPORTS = {
     "build_examples": "lens_safety.organism.data",
     "evaluate_organism": "lens_safety.organism.evaluate",
     "fit_lora": "lens_safety.organism.train",
+    "interpolate_adapters": "lens_safety.organism.interpolate",
     "materialize_organism": "lens_safety.organism.adapter",
     "OrganismEvaluation": "lens_safety.organism.evaluate",
     "Rebuild": "lens_safety.organism.rebuild",
@@ -46,6 +48,7 @@ __all__ = [
     "build_examples",
     "evaluate_organism",
     "fit_lora",
+    "interpolate_adapters",
     "materialize_organism",
     "rebuild_organism",
     "shipped_adapter_dir",

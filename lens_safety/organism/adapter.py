@@ -35,7 +35,8 @@ from lens_safety.sources import atomic_directory, cache_dir, resolve_spec
 
 LINEAGE_FILE = "organism.json"
 _REBUILD = "reinstall lens-safety, or rebuild the adapter with: lens-safety organism train --install"
-_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
+#: peft state-dict suffixes of the two LoRA factors
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 #: Shipped organisms: model name -> adapter directory under ``lens_safety/data``. The first
@@ -100,10 +101,10 @@ def lora_deltas(
     """``{HF weight name: s * B @ A}`` in float32, e.g. ``model.layers.3.self_attn.o_proj.weight``."""
     deltas = {}
     for key, a in tensors.items():
-        if not key.endswith(_LORA_A):
+        if not key.endswith(LORA_A):
             continue
-        module = key[: -len(_LORA_A)]
-        b_key = module + _LORA_B
+        module = key[: -len(LORA_A)]
+        b_key = module + LORA_B
         if b_key not in tensors:
             raise LensSafetyError(f"adapter tensor {b_key} is missing", _REBUILD)
         name = module.removeprefix("base_model.model.") + ".weight"
