@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, Self
 
 import torch
 from jaxtyping import Float
@@ -109,7 +110,24 @@ def _context(model: ChatModel, max_model_len: int | None) -> int | None:
     return max_model_len if max_model_len is not None else model.chat.max_length
 
 
-class VLLMEngine:
+class _VLLMRunner(ABC):
+    """What :class:`VLLMEngine` and :class:`VLLMReader` share: the engine's name, and ``with``
+    closing them."""
+
+    name = "vllm"
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the vLLM engine and its memory (idempotent)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VLLMEngine(_VLLMRunner):
     """Generation through vLLM (see the module docstring); ``close()`` frees the engine.
 
     Args:
@@ -120,8 +138,6 @@ class VLLMEngine:
         kv_cache_gib: CPU KV cache when ``VLLM_CPU_KVCACHE_SPACE`` is unset.
         **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size=2``, ``enforce_eager=True``).
     """
-
-    name = "vllm"
 
     def __init__(
         self,
@@ -195,12 +211,6 @@ class VLLMEngine:
         self.llm = None
         _free()
 
-    def __enter__(self) -> VLLMEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 #: generation engines by CLI name (``--engine``)
 ENGINES = ("hf", "vllm")
@@ -221,7 +231,7 @@ def engine_for(name: str, model: ChatModel, **options: Any) -> VLLMEngine | None
     return VLLMEngine(model, **options) if name == "vllm" else None
 
 
-class VLLMReader:
+class VLLMReader(_VLLMRunner):
     """Residual reads through ``RemoteBridge.boot_vllm`` (see the module docstring).
 
     Args:
@@ -231,8 +241,6 @@ class VLLMReader:
         gpu_memory_utilization: fraction of GPU memory vLLM may take (CUDA only).
         kv_cache_gib: CPU KV cache when ``VLLM_CPU_KVCACHE_SPACE`` is unset.
     """
-
-    name = "vllm"
 
     def __init__(
         self,
@@ -296,9 +304,3 @@ class VLLMReader:
                 _shutdown(llm)
         self.bridge = None
         _free()
-
-    def __enter__(self) -> VLLMReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
