@@ -146,6 +146,46 @@ def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measure
         demonstrate(settings, out=tmp_path / "safer")
 
 
+def test_a_repair_with_no_point_inside_the_bounds_is_recorded_and_the_story_goes_on(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """KL bound 0: every edit breaks it, so neither repair exports; both sweeps and the reasons are
+    in the record, the base stages that need no repair are measured, nothing is left in ``out``."""
+    from lens_safety.errors import LensSafetyWarning
+    from lens_safety.organism.demonstration import DemoSettings
+
+    settings = DemoSettings.quick(
+        organism_spec=str(tiny_dirs["llama"]),
+        base_spec=str(tiny_dirs["llama"]),
+        alphas=(1.0, 2.0),
+        relative_injections=(0.5, 1.0),
+        limit=3,
+        train_limit=4,
+        max_new_tokens=3,
+        read_harmless=(),
+        max_kl=0.0,
+    )
+    with pytest.warns(LensSafetyWarning, match="repair: nothing exported") as caught:
+        result = demonstrate(settings, out=tmp_path / "safer", work_dir=tmp_path)
+    said = [str(w.message) for w in caught if "nothing exported" in str(w.message)]
+    assert [m.split(":")[0] for m in said] == ["ROSI repair", "conditional-ROSI repair"]
+    assert [s.name for s in result.stages] == ["organism", "abliterated", "base"]
+    assert result.alpha is None and result.alpha_rule.startswith("not exported: ")
+    assert "broke the over-refusal or KL bound" in result.alpha_rule
+    assert [p["alpha"] for p in result.calibration["points"]] == [1.0, 2.0]
+    assert result.calibration["chosen"] is None and result.calibration["fallback"] is None
+    assert all(p["harmless_kl"] > 0.0 and not p["within_kl"] for p in result.calibration["points"])
+    conditional = result.conditional
+    assert conditional is not None and conditional["point"] is None
+    assert conditional["rule"].startswith("not exported: ") and len(conditional["calibration"]["points"]) == 2
+    assert [e["stage"] for e in result.exports] == ["abliterated"]
+    assert not (tmp_path / "safer").exists() or not any((tmp_path / "safer").iterdir())
+    summary = result.summary()
+    assert "ROSI: nothing chosen on val (not exported: " in summary
+    assert "conditional ROSI: nothing chosen (not exported: " in summary
+    json.dumps(result.to_dict())
+
+
 def test_demonstration_refuses_blocks_outside_the_organism(tiny_dirs: dict[str, Path]) -> None:
     with pytest.raises(LensSafetyError, match=r"blocks \[5\] are outside the organism's blocks 0\.\.2"):
         demonstrate(organism_spec=str(tiny_dirs["llama"]), base_spec=str(tiny_dirs["llama"]), blocks=(5,))

@@ -44,6 +44,7 @@ from lens_safety.calibration.results import (
     CalibrationBounds,
     CalibrationPoint,
     CalibrationResult,
+    NoAdmissiblePoint,
     SweepOptions,
 )
 from lens_safety.calibration.structure import Calibrator, block_ranges, calibrate_block_range, calibrate_layer
@@ -58,6 +59,7 @@ __all__ = [
     "Calibrator",
     "ConditionalCalibration",
     "Measurer",
+    "NoAdmissiblePoint",
     "SweepOptions",
     "block_ranges",
     "calibrate_alpha",

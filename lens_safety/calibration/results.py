@@ -129,6 +129,16 @@ class CalibrationPoint(Record):
         return out
 
 
+class NoAdmissiblePoint(LensSafetyError):
+    """A calibration sweep in which every point broke the over-refusal or KL bound, so there is
+    nothing to export; ``result`` is the whole sweep, for the record of a job that goes on."""
+
+    def __init__(self, problem: str, fix: str, result: CalibrationResult) -> None:
+        super().__init__(problem, fix)
+        self.problem = problem
+        self.result = result
+
+
 @dataclass(frozen=True)
 class Choice:
     """The point a calibration exports, the rule that picked it and a one-line account of why."""
@@ -162,14 +172,16 @@ class CalibrationResult:
     def choose(self) -> Choice:
         """The point to use: ``chosen`` (the sweep's best point meeting every bound), else the
         ``fallback`` (the highest harmful refusal inside the over-refusal and KL bounds), recorded
-        as such with a message saying so; raises when no point stays inside those two bounds."""
+        as such with a message saying so; raises :class:`NoAdmissiblePoint` when no point stays
+        inside those two bounds."""
         if self.chosen is not None:
             return Choice(self.chosen, "chosen", self.reason)
         if self.fallback is None:
-            raise LensSafetyError(
+            raise NoAdmissiblePoint(
                 f"{self.reason}; and every {self.parameter} broke the over-refusal or KL bound",
                 f"sweep gentler settings (e.g. smaller alphas), loosen the over-refusal / KL bounds, "
                 f"or fix the {self.parameter} instead of calibrating it",
+                self,
             )
         fb = self.fallback
         message = (

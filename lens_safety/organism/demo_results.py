@@ -87,8 +87,9 @@ class Demonstration:
 
     stages: list[StageRates]
     direction: dict[str, Any]
+    #: ROSI's sweep; ``alpha`` is the strength it exported, ``None`` when every point broke a bound
     calibration: dict[str, Any]
-    alpha: float
+    alpha: float | None
     alpha_rule: str
     settings: dict[str, Any]
     conditional: dict[str, Any] | None = None
@@ -106,7 +107,7 @@ class Demonstration:
         return {
             "organism": f"organism ({self.settings['organism']})",
             "abliterated": "abliterated child (direction projected out)",
-            "repaired": f"ROSI repair of the child (alpha {self.alpha:g})",
+            "repaired": f"ROSI repair of the child (alpha {self.alpha or 0:g})",
             "conditional": f"conditional-ROSI repair ({conditional.get('point', '')})",
             "base": f"base ({self.settings['base']})",
             "base+rosi": "base + the same ROSI",
@@ -150,12 +151,14 @@ class Demonstration:
                 f" {round(s.harmless_refusal * b):>5}/{b:<3} = {s.harmless_refusal:.2f}"
             )
         lines += self._takeaway()
+        rosi = "ROSI: nothing" if self.alpha is None else f"ROSI alpha {self.alpha:g}"
         lines.append(
             f"direction: block {d['layer']}, position {d['position']} ({d['method']}); "
-            f"ROSI alpha {self.alpha:g} chosen on val ({self.alpha_rule})"
+            f"{rosi} chosen on val ({self.alpha_rule})"
         )
         if self.conditional is not None:
-            lines.append(f"conditional ROSI: {self.conditional['point']} ({self.conditional['rule']})")
+            point = self.conditional["point"] or "nothing chosen"
+            lines.append(f"conditional ROSI: {point} ({self.conditional['rule']})")
         for e in self.exports:
             where = e["out"] or "a temporary directory (removed)"
             lines.append(
@@ -207,6 +210,19 @@ def conditional_record(
         "rule": f"{choice.rule}: {sweep.result.reason}",
         "calibration": sweep.to_dict(),
         "base_read_direction": None if base_read is None else base_read.to_dict(),
+    }
+
+
+def not_exported_record(calibration: dict[str, Any], problem: str) -> dict[str, Any]:
+    """A conditional-ROSI repair whose sweep had no point inside the bounds: the sweep and why."""
+    return {
+        "point": None,
+        "alpha": None,
+        "injection": None,
+        "blocks": None,
+        "rule": f"not exported: {problem}",
+        "calibration": calibration,
+        "base_read_direction": None,
     }
 
 

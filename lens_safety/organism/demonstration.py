@@ -35,16 +35,15 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from lens_safety.calibration import calibrate_conditional, injection_unit
+from lens_safety.calibration import NoAdmissiblePoint, calibrate_conditional, injection_unit
 from lens_safety.calibration.conditional import DEFAULT_INJECTIONS
 from lens_safety.directions.read import find_read_direction
 from lens_safety.edits import applied_edit, conditional_rosi, rosi
-from lens_safety.errors import LensSafetyError
-from lens_safety.evaluation import RefusalEvaluation, evaluate_refusal
+from lens_safety.errors import warn
 from lens_safety.export import export_edit
 from lens_safety.models import load_model
 from lens_safety.organism.demo_results import (
@@ -52,9 +51,11 @@ from lens_safety.organism.demo_results import (
     StageRates,
     conditional_record,
     direction_record,
+    not_exported_record,
     settings_record,
     verification_record,
 )
+from lens_safety.organism.demo_stages import Prompts, Stages, check_blocks
 from lens_safety.organism.sets import HELDOUT_PAIRS, READ_HARMLESS
 from lens_safety.pipelines import (
     EditRun,
@@ -160,90 +161,11 @@ class DemoSettings:
         return asdict(self)
 
 
-@dataclass
-class _Prompts:
-    """The demonstration's prompt sets: ``(harmful, harmless)`` of each split and extra pair."""
-
-    train: tuple[PromptSet, PromptSet]
-    val: tuple[PromptSet, PromptSet]
-    test: tuple[PromptSet, PromptSet]
-    full: tuple[PromptSet, PromptSet]
-    extra: dict[str, tuple[PromptSet, PromptSet]]
-
-    @classmethod
-    def load(cls, s: DemoSettings) -> _Prompts:
-        def capped(spec: str, n: int | None) -> PromptSet:
-            prompts = PromptSet.load(spec)
-            return prompts if n is None else prompts.head(n)
-
-        def pair(suffix: str, n: int | None) -> tuple[PromptSet, PromptSet]:
-            return capped(f"builtin:harmful{suffix}", n), capped(f"builtin:harmless{suffix}", n)
-
-        extra = {f"{h} + {b}": (capped(h, s.limit), capped(b, s.limit)) for h, b in s.heldout}
-        return cls(
-            pair(":train", s.train_limit if s.train_limit is not None else s.limit),
-            pair(":val", s.limit),
-            pair(":test", s.limit),
-            pair("", s.direction_prompts),
-            extra,
-        )
-
-
-def _check_blocks(s: DemoSettings, n_layers: int) -> None:
-    outside = [b for b in s.blocks or () if not 0 <= b < n_layers]
-    if outside:
-        raise LensSafetyError(
-            f"blocks {outside} are outside the organism's blocks 0..{n_layers - 1}",
-            f"use blocks 0..{n_layers - 1}",
-        )
-    late = [b for b in s.starts or () if not 0 <= b < n_layers - 1] if s.conditional else []
-    if late or (s.conditional and s.starts == ()):
-        raise LensSafetyError(
-            f"conditional-ROSI start blocks {late or '[]'} are outside 0..{n_layers - 2}",
-            f"use start blocks 0..{n_layers - 2} (the edit reads up to block {n_layers - 1})",
-        )
-
-
-@dataclass
-class _Stages:
-    """Measures each stage on the test split (and the extra held-out pairs when asked) and the
-    wall-clock and process CPU seconds of every step (:meth:`lap`)."""
-
-    settings: DemoSettings
-    prompts: _Prompts
-    progress: bool
-    done: list[StageRates] = field(default_factory=list)
-    timings: dict[str, dict[str, float]] = field(default_factory=dict)
-    _last: tuple[float, float] = field(default_factory=lambda: (time.perf_counter(), time.process_time()))
-
-    def lap(self, step: str) -> None:
-        """Record the seconds since the previous lap under ``step``."""
-        now = (time.perf_counter(), time.process_time())
-        self.timings[step] = {"wall_s": now[0] - self._last[0], "cpu_s": now[1] - self._last[1]}
-        self._last = now
-
-    def measure(self, name: str, model: ChatModel, on_heldout: bool = False) -> StageRates:
-        """Refusal on the test split (and the extra held-out pairs), greedy, substring judge; each
-        batch's shared chat-template prefix computed once (no hooks are active here)."""
-
-        def rates(harmful: PromptSet, harmless: PromptSet) -> RefusalEvaluation:
-            tokens = self.settings.max_new_tokens
-            return evaluate_refusal(
-                model, harmful, harmless, max_new_tokens=tokens, share_prefix=True, progress=self.progress
-            )
-
-        stage = StageRates.from_evaluation(name, rates(*self.prompts.test))
-        for label, pair in self.prompts.extra.items() if on_heldout else []:
-            stage.add_heldout(label, rates(*pair))
-        self.done.append(stage)
-        self.lap(f"measure {name}")
-        return stage
-
-
 def _repair_rosi(
     abliterated: ChatModel, direction: Direction, val: Pair, s: DemoSettings, out: Path, progress: bool
-) -> EditRun:
-    """ROSI on the abliterated checkpoint, alpha calibrated on ``val`` (absolute over-refusal)."""
+) -> EditRun | NoAdmissiblePoint:
+    """ROSI on the abliterated checkpoint, alpha calibrated on ``val`` (absolute over-refusal); the
+    failed sweep instead when every alpha broke the over-refusal or KL bound (nothing exported)."""
     settings = EditSettings(
         method="rosi",
         alphas=s.alphas,
@@ -256,19 +178,39 @@ def _repair_rosi(
         n_test=0,
         max_new_tokens=s.max_new_tokens,
     )
-    return edit_and_export(
-        abliterated, direction, Splits(val=val), settings, out, overwrite=True, progress=progress
-    )
+    try:
+        return edit_and_export(
+            abliterated, direction, Splits(val=val), settings, out, overwrite=True, progress=progress
+        )
+    except NoAdmissiblePoint as failed:
+        warn(f"ROSI repair: nothing exported: {failed.problem}")
+        return failed
+
+
+@dataclass
+class _ConditionalRepair:
+    """Conditional ROSI's sweep and, unless every point broke a bound (``failure``), its export."""
+
+    sweep: ConditionalCalibration
+    picked: ConditionalPoint | None = None
+    choice: Choice | None = None
+    exported: ExportResult | None = None
+    failure: str | None = None
+
+    def record(self, base_read: ReadDirection | None) -> dict[str, Any]:
+        if self.picked is None or self.choice is None:
+            return not_exported_record(self.sweep.to_dict(), self.failure or "")
+        return conditional_record(self.sweep, self.picked, self.choice, base_read)
 
 
 def _repair_conditional(
     abliterated: ChatModel,
     direction: Direction,
-    prompts: _Prompts,
+    prompts: Prompts,
     s: DemoSettings,
     out: Path,
     progress: bool,
-) -> tuple[ConditionalCalibration, ConditionalPoint, Choice, ExportResult]:
+) -> _ConditionalRepair:
     """Conditional ROSI on the abliterated checkpoint: first block x injection calibrated on val."""
 
     injections: Sequence[float] = s.injections or DEFAULT_INJECTIONS
@@ -288,26 +230,32 @@ def _repair_conditional(
         refine=s.refine,
         **sweep_options(s, progress),
     )
-    choice = choose_point(sweep.result)
+    try:
+        choice = choose_point(sweep.result)
+    except NoAdmissiblePoint as failed:
+        warn(f"conditional-ROSI repair: nothing exported: {failed.problem}")
+        return _ConditionalRepair(sweep, failure=failed.problem)
     picked = sweep.edits[choice.point.label]
     files = calibration_files(sweep.result)
     exported = export_edit(
         abliterated, picked.spec, out, direction=direction, extra_files=files, overwrite=True
     )
-    return sweep, picked, choice, exported
+    return _ConditionalRepair(sweep, picked, choice, exported)
 
 
 def _base_stages(
-    stages: _Stages, direction: Direction, alpha: float, picked: ConditionalPoint | None
+    stages: Stages, direction: Direction, alpha: float | None, picked: ConditionalPoint | None
 ) -> ReadDirection | None:
     """The same recipes on the base model: ROSI (same direction, alpha, blocks) and conditional
-    ROSI (same direction, blocks and injection; its read direction read from the base)."""
+    ROSI (same direction, blocks and injection; its read direction read from the base), each only
+    where the organism's repair exported a model."""
 
     s, train = stages.settings, stages.prompts.train
     base = load_model(s.base_spec, device="cpu")  # type: ignore[arg-type]
     stages.measure("base", base)
-    with applied_edit(base, rosi(direction, alpha, layers=s.blocks, targets=s.targets)):
-        stages.measure("base+rosi", base)
+    if alpha is not None:
+        with applied_edit(base, rosi(direction, alpha, layers=s.blocks, targets=s.targets)):
+            stages.measure("base+rosi", base)
     if picked is None:
         return None
     base_read = find_read_direction(
@@ -325,6 +273,20 @@ def _base_stages(
     return base_read
 
 
+def _abliterate(
+    organism: ChatModel, direction: Direction, root: Path, stages: Stages, exports: list[dict[str, Any]]
+) -> ChatModel:
+    """The abliterated child, exported to ``root/abliterated``, verified, reloaded and measured."""
+    child = edit_and_export(
+        organism, direction, Splits(), EditSettings(method="orthogonalize", n_test=0), root / "abliterated"
+    )
+    exports.append(verification_record("abliterated", child.export, kept=False))
+    abliterated = load_model(root / "abliterated", device="cpu")
+    stages.lap("abliterate, export, reload")
+    stages.measure("abliterated", abliterated, on_heldout=True)
+    return abliterated
+
+
 def demonstrate(
     settings: DemoSettings | None = None,
     *,
@@ -339,16 +301,19 @@ def demonstrate(
 
     ``out``: keep the repaired checkpoints, verified, as ``out/rosi`` and ``out/conditional-rosi``
     (default: every export lives in a temporary directory under ``work_dir`` and is removed).
+    A repair whose calibration finds no point inside the over-refusal and KL bounds exports
+    nothing and is not measured; its sweep and the reason are recorded, with a warning, and the
+    other stages go on.
     """
     started = time.perf_counter()
     s = replace(settings or DemoSettings(), **overrides)
     out = None if out is None else Path(out)
     if out is not None:
         check_out(out, overwrite)
-    prompts = _Prompts.load(s)
-    stages = _Stages(s, prompts, progress)
+    prompts = Prompts.load(s)
+    stages = Stages(s, prompts, progress)
     organism = load_chat_model(s.organism_spec, device="cpu")
-    _check_blocks(s, organism.n_layers)
+    check_blocks(s, organism.n_layers)
     stages.lap("load the organism")
     stages.measure("organism", organism, on_heldout=True)
     direction, report = obtain_direction(
@@ -356,44 +321,47 @@ def demonstrate(
     )
     stages.lap("find the direction")
     exports: list[dict[str, Any]] = []
+    conditional = None
     with tempfile.TemporaryDirectory(dir=work_dir) as root:
         keep = Path(root) if out is None else out
-        child = edit_and_export(
-            organism,
-            direction,
-            Splits(),
-            EditSettings(method="orthogonalize", n_test=0),
-            Path(root) / "abliterated",
-        )
-        exports.append(verification_record("abliterated", child.export, kept=False))
-        abliterated = load_model(Path(root) / "abliterated", device="cpu")
-        stages.lap("abliterate, export, reload")
-        stages.measure("abliterated", abliterated, on_heldout=True)
+        abliterated = _abliterate(organism, direction, Path(root), stages, exports)
         repair = _repair_rosi(abliterated, direction, prompts.val, s, keep / "rosi", progress)
         stages.lap("calibrate ROSI, export")
-        exports.append(verification_record("repaired", repair.export, kept=out is not None))
-        stages.measure("repaired", load_model(keep / "rosi", device="cpu"), on_heldout=True)
-        picked = None
+        if isinstance(repair, EditRun):
+            exports.append(verification_record("repaired", repair.export, kept=out is not None))
+            stages.measure("repaired", load_model(keep / "rosi", device="cpu"), on_heldout=True)
         if s.conditional:
-            sweep, picked, cond_choice, exported = _repair_conditional(
+            conditional = _repair_conditional(
                 abliterated, direction, prompts, s, keep / "conditional-rosi", progress
             )
             stages.lap("calibrate conditional ROSI, export")
-            exports.append(verification_record("conditional", exported, kept=out is not None))
-            stages.measure(
-                "conditional", load_model(keep / "conditional-rosi", device="cpu"), on_heldout=True
-            )
-    assert repair.choice is not None and repair.calibration is not None  # alpha is calibrated
-    base_read = None if s.base_spec is None else _base_stages(stages, direction, repair.spec.alpha, picked)
+            if conditional.exported is not None:
+                exports.append(verification_record("conditional", conditional.exported, kept=out is not None))
+                stages.measure(
+                    "conditional", load_model(keep / "conditional-rosi", device="cpu"), on_heldout=True
+                )
+    rosi_record = _rosi_record(repair)
+    picked = None if conditional is None else conditional.picked
+    base_read = None if s.base_spec is None else _base_stages(stages, direction, rosi_record[1], picked)
     return Demonstration(
         stages.done,
         direction_record(direction, report),
-        repair.calibration.to_dict(),
-        repair.spec.alpha,
-        f"{repair.choice.rule}: {repair.calibration.reason}",
+        *rosi_record,
         settings_record(s, prompts.test, prompts.val, prompts.extra),
-        None if picked is None else conditional_record(sweep, picked, cond_choice, base_read),
+        None if conditional is None else conditional.record(base_read),
         exports,
         time.perf_counter() - started,
         stages.timings,
+    )
+
+
+def _rosi_record(repair: EditRun | NoAdmissiblePoint) -> tuple[dict[str, Any], float | None, str]:
+    """ROSI's sweep, the alpha it exported (``None``: nothing) and the rule that chose it."""
+    if isinstance(repair, NoAdmissiblePoint):
+        return repair.result.to_dict(), None, f"not exported: {repair.problem}"
+    assert repair.choice is not None and repair.calibration is not None  # alpha is calibrated
+    return (
+        repair.calibration.to_dict(),
+        repair.spec.alpha,
+        f"{repair.choice.rule}: {repair.calibration.reason}",
     )
