@@ -170,11 +170,12 @@ def test_every_licence_is_in_the_docs() -> None:
 
 @needs_data
 def test_external_test_prompts_were_seen_by_no_training_set_of_any_shipped_organism() -> None:
-    """Rebuild each shipped organism's training prompts from its recorded config, check they hash
-    to what training.json recorded (so they are what was trained on), and check that no prompt of
-    the external test sets, normalised, is among them."""
+    """Rebuild each shipped organism's training prompts from its recorded config (both parents'
+    of an interpolated one), check they hash to what training.json recorded (so they are what was
+    trained on), and check that no prompt of the external test sets, normalised, is among them."""
     from lens_safety.organism.adapter import SHIPPED_ORGANISMS, shipped_adapter_dir
     from lens_safety.organism.build import training_harmful_set, training_harmless_set
+    from lens_safety.organism.interpolate import training_records
     from lens_safety.organism.sets import EXTERNAL_HARMFUL_TEST, EXTERNAL_HARMLESS_TEST
     from lens_safety.organism.train import TrainingConfig
     from lens_safety.splits import HELD_OUT_SPLITS
@@ -191,8 +192,14 @@ def test_external_test_prompts_were_seen_by_no_training_set_of_any_shipped_organ
     }
     assert len(held_splits) > 500
     mtbench_train = {normalise(t) for t in PromptSet.load("mtbench:train")}
-    for organism in SHIPPED_ORGANISMS:
-        record = json.loads((shipped_adapter_dir(organism) / "training.json").read_text())
+    fits = [
+        (organism, record)
+        for organism in SHIPPED_ORGANISMS
+        for record in training_records(
+            json.loads((shipped_adapter_dir(organism) / "training.json").read_text())
+        )
+    ]
+    for organism, record in fits:
         config = TrainingConfig(**record["config"])
         harmful, _ = training_harmful_set(config)
         harmless, _ = training_harmless_set(config)

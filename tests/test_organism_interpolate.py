@@ -15,7 +15,7 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_file, weights_fingerprint
 from lens_safety.organism.adapter import materialize_organism
 from lens_safety.organism.files import ADAPTER_FILE, CONFIG_FILE, TRAINING_FILE
-from lens_safety.organism.interpolate import interpolate_adapters
+from lens_safety.organism.interpolate import interpolate_adapters, training_records
 from lens_safety.organism.train import TrainingConfig, save_adapter
 from lens_safety.testing import make_tiny_model
 
@@ -127,3 +127,13 @@ def test_mismatched_or_bad_inputs_are_refused_and_nothing_is_overwritten(
     with pytest.raises(LensSafetyError):
         interpolate_adapters(start, start, 0.5, tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_training_records_are_the_fits_behind_an_adapter(tiny_llama: Path, tmp_path: Path) -> None:
+    start = _random_adapter(tiny_llama, tmp_path / "start", seed=9)
+    end = _random_adapter(tiny_llama, tmp_path / "end", seed=10)
+    interpolate_adapters(start, end, 0.5, tmp_path / "mix")
+    interpolate_adapters(tmp_path / "mix", tmp_path / "mix", 0.5, tmp_path / "mix2")
+    read = [json.loads((d / TRAINING_FILE).read_text()) for d in (start, end, tmp_path / "mix2")]
+    assert training_records(read[0]) == [read[0]]
+    assert training_records(read[2]) == [read[0], read[1], read[0], read[1]]
