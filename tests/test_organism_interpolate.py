@@ -137,3 +137,41 @@ def test_training_records_are_the_fits_behind_an_adapter(tiny_llama: Path, tmp_p
     read = [json.loads((d / TRAINING_FILE).read_text()) for d in (start, end, tmp_path / "mix2")]
     assert training_records(read[0]) == [read[0]]
     assert training_records(read[2]) == [read[0], read[1], read[0], read[1]]
+
+
+def test_cli_writes_and_merges_the_interpolation_and_keeps_an_existing_out(
+    tiny_llama: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from lens_safety.cli import main
+
+    monkeypatch.setenv("LENS_SAFETY_CACHE", str(tmp_path / "cache"))
+    start = _random_adapter(tiny_llama, tmp_path / "start", seed=11)
+    end = _random_adapter(tiny_llama, tmp_path / "end", seed=12)
+    args = ["organism", "interpolate", str(start), str(end), "--t", "0.25", "--base", str(tiny_llama)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(tmp_path / "mix"), "--json"])
+    assert exit_info.value.code == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["interpolation"]["t"] == 0.25 and said["config"] == {"rank": 8, "alpha": 16.0}
+    merged = _weights(Path(said["merged"]))
+    w0, w1 = (_weights(materialize_organism(d, base_dir=tiny_llama, name=d.name)) for d in (start, end))
+    name = "model.layers.2.mlp.up_proj.weight"
+    assert (merged[name] - (0.75 * w0[name] + 0.25 * w1[name])).abs().max() < 1e-3
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(tmp_path / "mix")])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "organism",
+                "interpolate",
+                str(start),
+                "smollm2-refusal-v9",
+                "--t",
+                "0.5",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    assert exit_info.value.code == 2 and "neither an adapter directory" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-"""``lens-safety organism train|eval``: rebuild and measure the refusal model organism."""
+"""``lens-safety organism train|eval|interpolate``: rebuild, measure and interpolate the refusal model organism."""
 
 from __future__ import annotations
 
@@ -201,3 +201,35 @@ def evaluate_cmd(
         print_json(evaluation.to_dict())
         return
     typer.echo(f"smollm2-refusal, {split} split: " + _rates(evaluation.to_dict()))
+
+
+@organism_app.command("interpolate")
+def interpolate(
+    start: Annotated[str, typer.Argument(help="Adapter directory or shipped organism at t = 0.")],
+    end: Annotated[str, typer.Argument(help="Adapter directory or shipped organism at t = 1.")],
+    t: Annotated[float, typer.Option("--t", min=0.0, max=1.0, help="Weight of END, in [0, 1].")],
+    out: Annotated[Path, typer.Option("--out", help="The new adapter directory.")],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="Base model directory to merge into (default: the embedded smollm2)."),
+    ] = None,
+    overwrite: options.OverwriteOutOpt = False,
+    json: options.JsonOpt = False,
+) -> None:
+    """Write the adapter whose merged weights are (1 - t) START + t END (WiSE-FT), and merge it."""
+    quiet_libraries()
+    from lens_safety.organism.adapter import adapter_dir_of, materialize_organism
+    from lens_safety.organism.interpolate import interpolate_adapters
+
+    record = interpolate_adapters(
+        adapter_dir_of(start), adapter_dir_of(end), t, out, names=(start, end), overwrite=overwrite
+    )
+    merged = materialize_organism(out, base_dir=base, name=out.name)
+    if json:
+        print_json({"out": str(out), "merged": str(merged), **record})
+        return
+    typer.echo(
+        f"wrote {out}: (1 - {t:g}) {start} + {t:g} {end}, a rank-{record['config']['rank']} LoRA of "
+        f"{record['adapter_bytes'] / 1e6:.1f} MB (SHA-256 {record['adapter_sha256'][:16]}…)"
+    )
+    typer.echo(f"merged model: {merged} (a Hugging Face directory; pass it as the model spec)")

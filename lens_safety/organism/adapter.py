@@ -56,6 +56,19 @@ def shipped_adapter_dir(name: str = "smollm2-refusal") -> Path:
     return Path(str(resources.files("lens_safety") / "data" / SHIPPED_ORGANISMS[name]))
 
 
+def adapter_dir_of(spec: str | Path) -> Path:
+    """An adapter directory given as a path (with its ``training.json``) or a shipped organism's name."""
+    path = Path(spec)
+    if (path / TRAINING_FILE).is_file():
+        return path
+    if str(spec) in SHIPPED_ORGANISMS:
+        return shipped_adapter_dir(str(spec))
+    raise LensSafetyError(
+        f"'{spec}' is neither an adapter directory (with {TRAINING_FILE}) nor a shipped organism",
+        f"pass an adapter directory or one of {', '.join(sorted(SHIPPED_ORGANISMS))}",
+    )
+
+
 def verify_adapter(adapter_dir: Path) -> dict[str, Any]:
     """Check the adapter files exist and the weights' SHA-256 matches ``training.json``; return the record."""
     for name in (ADAPTER_FILE, CONFIG_FILE, TRAINING_FILE):
