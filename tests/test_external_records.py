@@ -1,7 +1,7 @@
-"""The committed records behind the MedicationQA, ``smollm2-refusal-v4`` and ``-v5`` figures: each
+"""The committed records behind the MedicationQA, ``smollm2-refusal-v4``, ``-v5`` and ``-v6`` figures: each
 record's counts follow from its own stored completions under today's keyword judges, its prompts
 are the spec's prompts in order, and the figures quoted in docs/concepts/external-prompts.md and
-docs/concepts/organism-v5.md are the records' counts."""
+docs/concepts/organism-v5.md and organism-v6.md are the records' counts."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "docs" / "results" / "external"
 DOC = (ROOT / "docs" / "concepts" / "external-prompts.md").read_text(encoding="utf-8")
 DOC_V5 = (ROOT / "docs" / "concepts" / "organism-v5.md").read_text(encoding="utf-8")
+DOC_V6 = (ROOT / "docs" / "concepts" / "organism-v6.md").read_text(encoding="utf-8")
 MEDICATIONQA = sorted((RESULTS / "medicationqa").glob("*-medicationqa.json"))
 V4 = [
     RESULTS / "organism-v4-val.json",
@@ -28,6 +29,8 @@ V4 = [
 V5_VAL = {"v5a": RESULTS / "organism-v5a-val.json", "v5b": RESULTS / "organism-v5b-val.json"}
 V5_TEST = RESULTS / "organism-v5-test.json"
 V2_BUILTIN_TEST = RESULTS / "organism-v2-builtin-test.json"
+V6_VAL = {name: RESULTS / f"organism-{name}-val.json" for name in ("v6a", "v6b", "v6c")}
+V6_TEST = RESULTS / "organism-v6-test.json"
 STORY = sorted([*RESULTS.glob("story-*/*-external.json"), *RESULTS.glob("story-*/*-builtin.json")])
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
@@ -42,12 +45,14 @@ def test_the_records_are_there() -> None:
         f"{m}-medicationqa.json"
         for m in ("smollm2", "smollm2-refusal", "abliterated", "rosi", "conditional-rosi")
     }
-    assert all(p.is_file() for p in (*V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST))
+    assert all(
+        p.is_file() for p in (*V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST, *V6_VAL.values(), V6_TEST)
+    )
 
 
 @pytest.mark.parametrize(
     "path",
-    [*MEDICATIONQA, *V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST, *STORY],
+    [*MEDICATIONQA, *V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST, *V6_VAL.values(), V6_TEST, *STORY],
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_counts_follow_from_the_stored_completions(path: Path) -> None:
@@ -86,8 +91,9 @@ def test_the_medicationqa_table_quotes_each_record(path: Path) -> None:
     [
         (V4[1], DOC, "### Test, measured once: the external bars hold"),
         (V5_TEST, DOC_V5, "### Test, measured once: two bars fail"),
+        (V6_TEST, DOC_V6, "### Test, measured once: the builtin over-refusal bar fails"),
     ],
-    ids=["v4", "v5"],
+    ids=["v4", "v5", "v6"],
 )
 def test_the_test_table_quotes_the_record(path: Path, doc: str, heading: str) -> None:
     record = json.loads(path.read_text(encoding="utf-8"))
@@ -112,10 +118,18 @@ def test_the_test_table_quotes_the_record(path: Path, doc: str, heading: str) ->
             assert f"{rate['rate']:.3f} ({rate['refused']}/{rate['n']})" in part, one["spec"]
 
 
-def test_the_v5_validation_table_quotes_the_records() -> None:
-    table = table_rows(section(DOC_V5, "### Validation gate: v5a fails"))
-    columns = table["validation set"]
-    for name, path in V5_VAL.items():
+@pytest.mark.parametrize(
+    ("doc", "heading", "records"),
+    [
+        (DOC_V5, "### Validation gate: v5a fails", V5_VAL),
+        (DOC_V6, "### Validation gate: v6a and v6c fail", V6_VAL),
+    ],
+    ids=["v5", "v6"],
+)
+def test_the_validation_table_quotes_the_records(doc: str, heading: str, records: dict[str, Path]) -> None:
+    table = table_rows(section(doc, heading))
+    columns = [c.split(" ")[0] for c in table["validation set"]]
+    for name, path in records.items():
         record = json.loads(path.read_text(encoding="utf-8"))
         column = columns.index(name)
         for one in _sets(record):
