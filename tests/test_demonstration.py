@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lens_safety.errors import LensSafetyError
-from lens_safety.organism.demonstration import Demonstration, demonstrate
+from lens_safety.organism.demonstration import Demonstration, DemoSettings, demonstrate
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +89,9 @@ def test_demonstration_leaves_no_exported_checkpoint_behind(
     assert [p["blocks"] for p in result.calibration["points"]] == [[0]]
 
 
-def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measured(
-    tiny_dirs: dict[str, Path], tmp_path: Path
-) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from lens_safety.organism.demonstration import DemoSettings
-    from lens_safety.pipelines import default_starts
-
-    settings = DemoSettings.quick(
+def _quick_on_tiny(tiny_dirs: dict[str, Path], **overrides: Any) -> DemoSettings:
+    """The quick demonstration on the tiny llama: two ROSI strengths, two injections, 3 prompts."""
+    return DemoSettings.quick(
         organism_spec=str(tiny_dirs["llama"]),
         alphas=(1.0, 2.0),
         relative_injections=(0.5, 1.0),
@@ -104,7 +99,18 @@ def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measure
         train_limit=4,
         max_new_tokens=3,
         read_harmless=(),
+        **overrides,
     )
+
+
+def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measured(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lens_safety.pipelines import default_starts
+
+    settings = _quick_on_tiny(tiny_dirs)
     assert settings.base_spec is None and settings.heldout == () and DemoSettings().base_spec == "smollm2"
     # every layer scored: on the organism, every other layer misses the late block selection picks
     assert settings.selection_stride == 1 and DemoSettings().selection_stride == 1
@@ -152,19 +158,8 @@ def test_a_repair_with_no_point_inside_the_bounds_is_recorded_and_the_story_goes
     """KL bound 0: every edit breaks it, so neither repair exports; both sweeps and the reasons are
     in the record, the base stages that need no repair are measured, nothing is left in ``out``."""
     from lens_safety.errors import LensSafetyWarning
-    from lens_safety.organism.demonstration import DemoSettings
 
-    settings = DemoSettings.quick(
-        organism_spec=str(tiny_dirs["llama"]),
-        base_spec=str(tiny_dirs["llama"]),
-        alphas=(1.0, 2.0),
-        relative_injections=(0.5, 1.0),
-        limit=3,
-        train_limit=4,
-        max_new_tokens=3,
-        read_harmless=(),
-        max_kl=0.0,
-    )
+    settings = _quick_on_tiny(tiny_dirs, base_spec=str(tiny_dirs["llama"]), max_kl=0.0)
     with pytest.warns(LensSafetyWarning, match="repair: nothing exported") as caught:
         result = demonstrate(settings, out=tmp_path / "safer", work_dir=tmp_path)
     said = [str(w.message) for w in caught if "nothing exported" in str(w.message)]

@@ -59,6 +59,13 @@ def _random_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 4) -> 
     return out_dir
 
 
+def _parents(base_dir: Path, tmp_path: Path, seed: int) -> tuple[Path, Path]:
+    """Two random adapters on ``base_dir`` (seeds ``seed`` and ``seed + 1``)."""
+    return _random_adapter(base_dir, tmp_path / "start", seed), _random_adapter(
+        base_dir, tmp_path / "end", seed + 1
+    )
+
+
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float64) for k, v in load_file(str(model_dir / "model.safetensors")).items()}
 
@@ -67,8 +74,7 @@ def test_interpolated_weights_lie_on_the_line_between_the_parents(
     tiny_llama: Path, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setenv("LENS_SAFETY_CACHE", str(tmp_path / "cache"))
-    start = _random_adapter(tiny_llama, tmp_path / "start", seed=1)
-    end = _random_adapter(tiny_llama, tmp_path / "end", seed=2)
+    start, end = _parents(tiny_llama, tmp_path, seed=1)
     t = 0.3
     record = interpolate_adapters(start, end, t, tmp_path / "mix")
     assert record["adapter_sha256"] == sha256_file(tmp_path / "mix" / ADAPTER_FILE)
@@ -91,8 +97,7 @@ def test_peft_merges_the_interpolated_adapter_to_the_same_model(
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("LENS_SAFETY_CACHE", str(tmp_path / "cache"))
-    start = _random_adapter(tiny_llama, tmp_path / "start", seed=3)
-    end = _random_adapter(tiny_llama, tmp_path / "end", seed=4)
+    start, end = _parents(tiny_llama, tmp_path, seed=3)
     interpolate_adapters(start, end, 0.5, tmp_path / "mix")
     ours = materialize_organism(tmp_path / "mix", base_dir=tiny_llama, name="mix")
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
@@ -104,8 +109,7 @@ def test_peft_merges_the_interpolated_adapter_to_the_same_model(
 
 def test_endpoints_are_the_parents(tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LENS_SAFETY_CACHE", str(tmp_path / "cache"))
-    start = _random_adapter(tiny_llama, tmp_path / "start", seed=5)
-    end = _random_adapter(tiny_llama, tmp_path / "end", seed=6)
+    start, end = _parents(tiny_llama, tmp_path, seed=5)
     interpolate_adapters(start, end, 0.0, tmp_path / "t0")
     w_start = _weights(materialize_organism(start, base_dir=tiny_llama, name="start"))
     w_t0 = _weights(materialize_organism(tmp_path / "t0", base_dir=tiny_llama, name="t0"))
@@ -130,8 +134,7 @@ def test_mismatched_or_bad_inputs_are_refused_and_nothing_is_overwritten(
 
 
 def test_training_records_are_the_fits_behind_an_adapter(tiny_llama: Path, tmp_path: Path) -> None:
-    start = _random_adapter(tiny_llama, tmp_path / "start", seed=9)
-    end = _random_adapter(tiny_llama, tmp_path / "end", seed=10)
+    start, end = _parents(tiny_llama, tmp_path, seed=9)
     interpolate_adapters(start, end, 0.5, tmp_path / "mix")
     interpolate_adapters(tmp_path / "mix", tmp_path / "mix", 0.5, tmp_path / "mix2")
     read = [json.loads((d / TRAINING_FILE).read_text()) for d in (start, end, tmp_path / "mix2")]
@@ -145,8 +148,7 @@ def test_cli_writes_and_merges_the_interpolation_and_keeps_an_existing_out(
     from lens_safety.cli import main
 
     monkeypatch.setenv("LENS_SAFETY_CACHE", str(tmp_path / "cache"))
-    start = _random_adapter(tiny_llama, tmp_path / "start", seed=11)
-    end = _random_adapter(tiny_llama, tmp_path / "end", seed=12)
+    start, end = _parents(tiny_llama, tmp_path, seed=11)
     args = ["organism", "interpolate", str(start), str(end), "--t", "0.25", "--base", str(tiny_llama)]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--out", str(tmp_path / "mix"), "--json"])
