@@ -104,10 +104,11 @@ class Demonstration:
 
     def _label(self, name: str) -> str:
         conditional = self.conditional or {}
+        strength = "" if self.alpha is None else f" (alpha {self.alpha:g})"  # None: nothing exported
         return {
             "organism": f"organism ({self.settings['organism']})",
             "abliterated": "abliterated child (direction projected out)",
-            "repaired": f"ROSI repair of the child (alpha {self.alpha or 0:g})",
+            "repaired": f"ROSI repair of the child{strength}",
             "conditional": f"conditional-ROSI repair ({conditional.get('point', '')})",
             "base": f"base ({self.settings['base']})",
             "base+rosi": "base + the same ROSI",
