@@ -74,7 +74,10 @@ def interpolated_tensors(
             b0, b1 = a0.to(torch.float32), end[key].to(torch.float32)
             out[key] = torch.cat([(1 - t) * b0, t * b1], dim=1).to(a0.dtype).contiguous()
         else:
-            raise LensSafetyError(f"adapter tensor {key} is neither a LoRA A nor a LoRA B matrix", "")
+            raise LensSafetyError(
+                f"adapter tensor {key} is neither a LoRA A nor a LoRA B matrix",
+                "interpolate plain LoRA adapters only",
+            )
     return out
 
 
@@ -92,9 +95,9 @@ def interpolate_adapters(
     if not 0.0 <= t <= 1.0:
         raise LensSafetyError(f"interpolation weight t={t} is outside [0, 1]", "pass a t between 0 and 1")
     records = (verify_adapter(Path(start)), verify_adapter(Path(end)))
+    scales = (merge_scale(Path(start), records[0]), merge_scale(Path(end), records[1]))  # configs readable
     configs = (_read_config(Path(start)), _read_config(Path(end)))
     tensors = (load_adapter_tensors(Path(start)), load_adapter_tensors(Path(end)))
-    scales = (merge_scale(Path(start), records[0]), merge_scale(Path(end), records[1]))
     _check_compatible(records, configs, tensors, scales)
     from safetensors.torch import save_file
 
