@@ -463,7 +463,7 @@ def test_cli_train_like_names_a_shipped_organism(tmp_path: Path, capsys) -> None
     with pytest.raises(SystemExit) as exit_info:
         main(["organism", "train", "--like", "smollm2-refusal-v9", "--out", str(tmp_path / "o"), "--no-eval"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "no shipped organism named 'smollm2-refusal-v9'" in err
+    assert exit_info.value.code == 2 and "'smollm2-refusal-v9' is neither an adapter directory" in err
     assert err.strip().count("\n") == 0 and not (tmp_path / "o").exists()
 
 
@@ -485,8 +485,11 @@ def test_rebuild_job_starts_from_the_recorded_config_and_refuses_bad_input_befor
     (taken / "x").write_text("keep me")
     with pytest.raises(LensSafetyError, match="already exists and is not empty"):
         rebuild_organism(taken, evaluate=False)
-    for option in ({"like": "smollm2-refusal-v9"}, {"init_adapter": "smollm2-refusal-v9"}):
-        with pytest.raises(LensSafetyError, match="no shipped organism named 'smollm2-refusal-v9'"):
+    for option, message in (
+        ({"like": "smollm2-refusal-v9"}, "no shipped organism named 'smollm2-refusal-v9'"),
+        ({"init_adapter": "smollm2-refusal-v9"}, "'smollm2-refusal-v9' is neither an adapter directory"),
+    ):
+        with pytest.raises(LensSafetyError, match=message):
             rebuild_organism(tmp_path / "new", evaluate=False, **option)
     assert (taken / "x").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
@@ -561,7 +564,7 @@ def test_harmful_training_sets_are_appended_and_held_out_prompts_refused_after_n
 
 
 def test_cli_train_options_of_the_v3_recipe_fail_fast_on_bad_input(tmp_path: Path, capsys) -> None:
-    """--init-adapter names a shipped organism (checked before any work); --more-harmful, --lr and
+    """--init-adapter names a shipped organism or an adapter directory (checked before any work); --more-harmful, --lr and
     --max-steps parse, and a missing --more-harmful file is a one-line error with nothing left."""
     from lens_safety.cli import main
 
@@ -569,7 +572,7 @@ def test_cli_train_options_of_the_v3_recipe_fail_fast_on_bad_input(tmp_path: Pat
     with pytest.raises(SystemExit) as exit_info:
         main(["organism", "train", "--init-adapter", "smollm2-refusal-v9", "--out", str(out), "--no-eval"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "no shipped organism named 'smollm2-refusal-v9'" in err
+    assert exit_info.value.code == 2 and "'smollm2-refusal-v9' is neither an adapter directory" in err
     assert not out.exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["organism", "train", "--max-steps", "0", "--out", str(out), "--no-eval"])

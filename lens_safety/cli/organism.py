@@ -77,8 +77,8 @@ InitAdapterOpt = Annotated[
     str | None,
     typer.Option(
         "--init-adapter",
-        help="Shipped organism whose adapter starts the fit (a continued fine-tune; 'none' for "
-        "peft's initialisation).",
+        help="Shipped organism or adapter directory whose adapter starts the fit (a continued "
+        "fine-tune; 'none' for peft's initialisation).",
     ),
 ]
 LrOpt = Annotated[

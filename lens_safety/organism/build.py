@@ -23,7 +23,7 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.external_prompts import EXTERNAL_SOURCES, normalise
 from lens_safety.hashing import sha256_file
 from lens_safety.models import load_model
-from lens_safety.organism.adapter import load_adapter_tensors, shipped_adapter_dir, verify_adapter
+from lens_safety.organism.adapter import adapter_dir_of, load_adapter_tensors, verify_adapter
 from lens_safety.organism.data import (
     HARMFUL_SOURCE,
     HARMLESS_EXTRA_SOURCE,
@@ -170,7 +170,7 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     data_seconds = time.perf_counter() - start
     init = None
     if config.init_adapter is not None:
-        init_dir = shipped_adapter_dir(config.init_adapter)
+        init_dir = adapter_dir_of(config.init_adapter)
         verify_adapter(init_dir)
         init = load_adapter_tensors(init_dir)
     fit = fit_lora(base.hf_path, tokenized, config, progress, init)
@@ -183,7 +183,7 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
         "adapter_bytes": adapter.stat().st_size,
         "adapter_dtype": "float16",
         **(
-            {"init_adapter_sha256": sha256_file(shipped_adapter_dir(config.init_adapter) / ADAPTER_FILE)}
+            {"init_adapter_sha256": sha256_file(adapter_dir_of(config.init_adapter) / ADAPTER_FILE)}
             if config.init_adapter
             else {}
         ),

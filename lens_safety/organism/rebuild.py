@@ -19,6 +19,7 @@ from lens_safety.fsutil import staged_directory
 from lens_safety.hashing import sha256_file
 from lens_safety.models import load_model
 from lens_safety.organism.adapter import (
+    adapter_dir_of,
     load_adapter_tensors,
     materialize_organism,
     shipped_adapter_dir,
@@ -180,7 +181,7 @@ def rebuild_organism(
     if init_adapter is not None:
         overrides["init_adapter"] = None if init_adapter == "none" else init_adapter
         if overrides["init_adapter"] is not None:
-            shipped_adapter_dir(overrides["init_adapter"])  # an unknown name fails before any work
+            adapter_dir_of(overrides["init_adapter"])  # an unknown name fails before any work
     config = rebuild_config(shipped, overrides)
     target = (
         out if out is not None else cache_dir() / "organism" / f"rebuild-{time.strftime('%Y%m%d-%H%M%S')}"

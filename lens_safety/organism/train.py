@@ -74,8 +74,9 @@ class TrainingConfig:
     ``harmbench:train``), each taught a refusal like ``builtin:harmful:train`` and appended after it
     in the order given; none may contain a held-out prompt (builtin val / test / holdouts, external
     val / test), compared after normalisation.
-    ``init_adapter``: a shipped organism (e.g. ``smollm2-refusal``) whose adapter tensors start the
-    fit instead of peft's initialisation (a continued fine-tune; same rank, modules and blocks).
+    ``init_adapter``: a shipped organism (e.g. ``smollm2-refusal``) or an adapter directory whose
+    adapter tensors start the fit instead of peft's initialisation (a continued fine-tune; same
+    rank, modules and blocks; the record keeps the start's SHA-256).
     ``threads``: torch intra-op threads (1 avoids OpenMP spin-waits on a shared 2-core box;
     bitwise reproducibility holds for a fixed value).
     """
