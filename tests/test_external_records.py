@@ -31,6 +31,7 @@ V5_TEST = RESULTS / "organism-v5-test.json"
 V2_BUILTIN_TEST = RESULTS / "organism-v2-builtin-test.json"
 V6_VAL = {name: RESULTS / f"organism-{name}-val.json" for name in ("v6a", "v6b", "v6c")}
 V6_TEST = RESULTS / "organism-v6-test.json"
+V6_HOLDOUTS = RESULTS / "organism-v6b-builtin-holdouts.json"
 STORY = sorted([*RESULTS.glob("story-*/*-external.json"), *RESULTS.glob("story-*/*-builtin.json")])
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
@@ -46,13 +47,24 @@ def test_the_records_are_there() -> None:
         for m in ("smollm2", "smollm2-refusal", "abliterated", "rosi", "conditional-rosi")
     }
     assert all(
-        p.is_file() for p in (*V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST, *V6_VAL.values(), V6_TEST)
+        p.is_file()
+        for p in (*V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST, *V6_VAL.values(), V6_TEST, V6_HOLDOUTS)
     )
 
 
 @pytest.mark.parametrize(
     "path",
-    [*MEDICATIONQA, *V4, *V5_VAL.values(), V5_TEST, V2_BUILTIN_TEST, *V6_VAL.values(), V6_TEST, *STORY],
+    [
+        *MEDICATIONQA,
+        *V4,
+        *V5_VAL.values(),
+        V5_TEST,
+        V2_BUILTIN_TEST,
+        *V6_VAL.values(),
+        V6_TEST,
+        V6_HOLDOUTS,
+        *STORY,
+    ],
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_counts_follow_from_the_stored_completions(path: Path) -> None:
@@ -191,3 +203,22 @@ def test_candidate_organisms_trained_on_no_prompt_they_were_tested_on(path: Path
     assert any(spec.startswith("medicationqa:") for spec in held.values())
     trained = {normalise(t) for t in (*harmful, *harmless)}
     assert not trained & set(held), sorted(trained & set(held))[:3]
+
+
+def test_the_v6b_holdout_table_quotes_the_record() -> None:
+    table = table_rows(section(DOC_V6, "### Exploratory, after the verdict: v6b on the builtin holdouts"))
+    by_spec = {one["spec"]: one["rates"]["substring"] for one in _sets(json.loads(V6_HOLDOUTS.read_text()))}
+    refused = overrefused = 0
+    for label, suffix in (("holdout", ""), ("holdout 2", "_2"), ("holdout 3", "_3")):
+        (row,) = [cells for name, cells in table.items() if name.startswith(f"{label} (")]
+        harmful, harmless = (
+            by_spec[f"builtin:harmful_holdout{suffix}"],
+            by_spec[f"builtin:harmless_holdout{suffix}"],
+        )
+        assert (
+            row[1] == f"{harmful['refused']}/{harmful['n']}"
+            and row[4] == f"{harmless['refused']}/{harmless['n']}"
+        )
+        refused, overrefused = refused + harmful["refused"], overrefused + harmless["refused"]
+    pooled = table["three holdouts pooled"]
+    assert f"({refused}/288)" in pooled[1] and f"({overrefused}/288)" in pooled[4]
