@@ -174,8 +174,7 @@ def test_external_test_prompts_were_seen_by_no_training_set_of_any_shipped_organ
     of an interpolated one), check they hash to what training.json recorded (so they are what was
     trained on), and check that no prompt of the external test sets, normalised, is among them."""
     from lens_safety.organism.adapter import SHIPPED_ORGANISMS, shipped_adapter_dir
-    from lens_safety.organism.build import training_harmful_set, training_harmless_set
-    from lens_safety.organism.interpolate import training_records
+    from lens_safety.organism.build import training_harmful_set, training_harmless_set, training_records
     from lens_safety.organism.sets import EXTERNAL_HARMFUL_TEST, EXTERNAL_HARMLESS_TEST
     from lens_safety.organism.train import TrainingConfig
     from lens_safety.splits import HELD_OUT_SPLITS

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_file, weights_fingerprint
 from lens_safety.organism.adapter import materialize_organism
+from lens_safety.organism.build import training_records
 from lens_safety.organism.files import ADAPTER_FILE, CONFIG_FILE, TRAINING_FILE
-from lens_safety.organism.interpolate import interpolate_adapters, training_records
+from lens_safety.organism.interpolate import interpolate_adapters
 from lens_safety.organism.train import TrainingConfig, save_adapter
 from lens_safety.testing import make_tiny_model
 
@@ -177,3 +178,27 @@ def test_cli_writes_and_merges_the_interpolation_and_keeps_an_existing_out(
         )
     assert exit_info.value.code == 2 and "neither an adapter directory" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_training_records_follow_continued_fits_to_their_start() -> None:
+    """A continued fit's record leads to its start: the embedded record of a directory, the
+    shipped record of a shipped organism; a start it cannot find is an error, not a gap."""
+    from lens_safety.organism.adapter import shipped_adapter_dir
+    from lens_safety.organism.build import read_training_record
+
+    shipped = read_training_record(shipped_adapter_dir("smollm2-refusal"))
+    middle = {"config": {"init_adapter": "smollm2-refusal"}, "data": "middle"}
+    last = {"config": {"init_adapter": "some/dir"}, "init_record": middle, "data": "last"}
+    assert training_records(last) == [last, middle, shipped]
+    with pytest.raises(LensSafetyError, match="does not embed its training record"):
+        training_records({"config": {"init_adapter": "some/dir"}})
+
+
+def test_a_fit_from_a_directory_embeds_its_start_record(tiny_llama: Path, tmp_path: Path) -> None:
+    from lens_safety.organism.build import _init_lineage
+
+    start = _random_adapter(tiny_llama, tmp_path / "start", seed=13)
+    lineage = _init_lineage(str(start))
+    assert lineage["init_adapter_sha256"] == sha256_file(start / ADAPTER_FILE)
+    assert lineage["init_record"] == json.loads((start / TRAINING_FILE).read_text())
+    assert set(_init_lineage("smollm2-refusal")) == {"init_adapter_sha256"}  # its record ships with it

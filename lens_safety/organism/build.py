@@ -23,7 +23,13 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.external_prompts import EXTERNAL_SOURCES, normalise
 from lens_safety.hashing import sha256_file
 from lens_safety.models import load_model
-from lens_safety.organism.adapter import adapter_dir_of, load_adapter_tensors, verify_adapter
+from lens_safety.organism.adapter import (
+    SHIPPED_ORGANISMS,
+    adapter_dir_of,
+    load_adapter_tensors,
+    shipped_adapter_dir,
+    verify_adapter,
+)
 from lens_safety.organism.data import (
     HARMFUL_SOURCE,
     HARMLESS_EXTRA_SOURCE,
@@ -182,11 +188,7 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
         "adapter_sha256": sha256_file(adapter),
         "adapter_bytes": adapter.stat().st_size,
         "adapter_dtype": "float16",
-        **(
-            {"init_adapter_sha256": sha256_file(adapter_dir_of(config.init_adapter) / ADAPTER_FILE)}
-            if config.init_adapter
-            else {}
-        ),
+        **(_init_lineage(config.init_adapter) if config.init_adapter else {}),
         "config": config.to_dict(),
         "data": {
             "harmful": harmful.metadata(),
@@ -213,6 +215,16 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     return TrainingRun(out_dir, record)
 
 
+def _init_lineage(init_adapter: str) -> dict[str, Any]:
+    """The start of a continued fit: its adapter's SHA-256 and, for a directory (not a shipped
+    organism, whose record ships with it), its whole training record."""
+    init_dir = adapter_dir_of(init_adapter)
+    lineage: dict[str, Any] = {"init_adapter_sha256": sha256_file(init_dir / ADAPTER_FILE)}
+    if init_adapter not in SHIPPED_ORGANISMS:
+        lineage["init_record"] = read_training_record(init_dir)
+    return lineage
+
+
 def _tail_mean(values: list[float], n: int) -> float | None:
     tail = values[-n:] if n > 0 else values
     return sum(tail) / len(tail) if tail else None
@@ -222,3 +234,24 @@ def read_training_record(adapter_dir: Path) -> dict[str, Any]:
     """The ``training.json`` of an adapter directory (``{}`` when absent)."""
     file = adapter_dir / TRAINING_FILE
     return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def training_records(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of every fit behind an adapter's ``training.json``: the record itself, or both
+    parents' for an interpolated one (``interpolation``), then, recursively, those of the adapter
+    its fit continued (``init_adapter``): the embedded ``init_record`` of a directory, else the
+    shipped organism's record. Whatever any of them trained on, the adapter has seen."""
+    mix = record.get("interpolation")
+    if mix is not None:
+        return [*training_records(mix["start"]["record"]), *training_records(mix["end"]["record"])]
+    init = (record.get("config") or {}).get("init_adapter")
+    if init is None:
+        return [record]
+    if "init_record" in record:
+        return [record, *training_records(record["init_record"])]
+    if init not in SHIPPED_ORGANISMS:
+        raise LensSafetyError(
+            f"the record continues the adapter '{init}' but does not embed its training record",
+            "retrain with this version of lens-safety, which embeds it as init_record",
+        )
+    return [record, *training_records(read_training_record(shipped_adapter_dir(init)))]

@@ -124,13 +124,3 @@ def interpolate_adapters(
         }
         (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
-
-
-def training_records(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records of the fits behind an adapter's ``training.json``: the record itself for a
-    trained adapter, both parents' (recursively) for an interpolated one; whatever any of them
-    trained on, the adapter has seen."""
-    mix = record.get("interpolation")
-    if mix is None:
-        return [record]
-    return [*training_records(mix["start"]["record"]), *training_records(mix["end"]["record"])]
