@@ -122,13 +122,17 @@ def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measure
         result = demonstrate(settings, out=tmp_path / "safer", work_dir=tmp_path)
     assert [s.name for s in result.stages] == ["organism", "abliterated", "repaired", "conditional"]
     assert result.conditional is not None and result.conditional["blocks"] == [1]  # 3 blocks: starts at 1
-    assert sorted(p.name for p in (tmp_path / "safer").iterdir()) == ["conditional-rosi", "rosi"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["safer"]  # the abliterated child is gone
+    assert sorted(p.name for p in (tmp_path / "safer").iterdir()) == [
+        "abliterated",
+        "conditional-rosi",
+        "rosi",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["safer"]  # no temporary directory is left
     for export in result.exports:
         assert export["max_abs_logit_diff"] <= export["bound"] <= 1e-4
     kept = {e["stage"]: e["out"] for e in result.exports}
     assert kept == {
-        "abliterated": None,
+        "abliterated": str(tmp_path / "safer" / "abliterated"),
         "repaired": str(tmp_path / "safer" / "rosi"),
         "conditional": str(tmp_path / "safer" / "conditional-rosi"),
     }
@@ -156,7 +160,8 @@ def test_a_repair_with_no_point_inside_the_bounds_is_recorded_and_the_story_goes
     tiny_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     """KL bound 0: every edit breaks it, so neither repair exports; both sweeps and the reasons are
-    in the record, the base stages that need no repair are measured, nothing is left in ``out``."""
+    in the record, the base stages that need no repair are measured, ``out`` holds only the
+    abliterated child."""
     from lens_safety.errors import LensSafetyWarning
 
     settings = _quick_on_tiny(tiny_dirs, base_spec=str(tiny_dirs["llama"]), max_kl=0.0)
@@ -174,7 +179,7 @@ def test_a_repair_with_no_point_inside_the_bounds_is_recorded_and_the_story_goes
     assert conditional is not None and conditional["point"] is None
     assert conditional["rule"].startswith("not exported: ") and len(conditional["calibration"]["points"]) == 2
     assert [e["stage"] for e in result.exports] == ["abliterated"]
-    assert not (tmp_path / "safer").exists() or not any((tmp_path / "safer").iterdir())
+    assert sorted(p.name for p in (tmp_path / "safer").iterdir()) == ["abliterated"]  # nothing else
     summary = result.summary()
     assert "ROSI: nothing chosen on val (not exported: " in summary
     assert "conditional ROSI: nothing chosen (not exported: " in summary

@@ -43,7 +43,9 @@ OrganismOpt = Annotated[
 ]
 DemoOutOpt = Annotated[
     Path | None,
-    typer.Option("--out", help="Keep the verified repaired models as OUT/rosi and OUT/conditional-rosi."),
+    typer.Option(
+        "--out", help="Keep the verified exports as OUT/abliterated, OUT/rosi and OUT/conditional-rosi."
+    ),
 ]
 MaxNewTokensOpt = Annotated[
     int | None, typer.Option("--max-new-tokens", help="Greedy tokens generated per prompt (default 48).")

@@ -274,14 +274,19 @@ def _base_stages(
 
 
 def _abliterate(
-    organism: ChatModel, direction: Direction, root: Path, stages: Stages, exports: list[dict[str, Any]]
+    organism: ChatModel,
+    direction: Direction,
+    keep: Path,
+    kept: bool,
+    stages: Stages,
+    exports: list[dict[str, Any]],
 ) -> ChatModel:
-    """The abliterated child, exported to ``root/abliterated``, verified, reloaded and measured."""
+    """The abliterated child, exported to ``keep/abliterated``, verified, reloaded and measured."""
     child = edit_and_export(
-        organism, direction, Splits(), EditSettings(method="orthogonalize", n_test=0), root / "abliterated"
+        organism, direction, Splits(), EditSettings(method="orthogonalize", n_test=0), keep / "abliterated"
     )
-    exports.append(verification_record("abliterated", child.export, kept=False))
-    abliterated = load_model(root / "abliterated", device="cpu")
+    exports.append(verification_record("abliterated", child.export, kept=kept))
+    abliterated = load_model(keep / "abliterated", device="cpu")
     stages.lap("abliterate, export, reload")
     stages.measure("abliterated", abliterated, on_heldout=True)
     return abliterated
@@ -299,8 +304,9 @@ def demonstrate(
     """Run the stages of the module docstring with ``settings`` (default: the full study;
     :meth:`DemoSettings.quick` is the first run) updated by ``overrides`` (its field names).
 
-    ``out``: keep the repaired checkpoints, verified, as ``out/rosi`` and ``out/conditional-rosi``
-    (default: every export lives in a temporary directory under ``work_dir`` and is removed).
+    ``out``: keep the exported checkpoints, verified, as ``out/abliterated``, ``out/rosi`` and
+    ``out/conditional-rosi`` (default: every export lives in a temporary directory under
+    ``work_dir`` and is removed).
     A repair whose calibration finds no point inside the over-refusal and KL bounds exports
     nothing and is not measured; its sweep and the reason are recorded, with a warning, and the
     other stages go on.
@@ -324,7 +330,7 @@ def demonstrate(
     conditional = None
     with tempfile.TemporaryDirectory(dir=work_dir) as root:
         keep = Path(root) if out is None else out
-        abliterated = _abliterate(organism, direction, Path(root), stages, exports)
+        abliterated = _abliterate(organism, direction, keep, out is not None, stages, exports)
         repair = _repair_rosi(abliterated, direction, prompts.val, s, keep / "rosi", progress)
         stages.lap("calibrate ROSI, export")
         if isinstance(repair, EditRun):
