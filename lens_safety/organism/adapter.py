@@ -40,10 +40,12 @@ LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 #: Shipped organisms: model name -> adapter directory under ``lens_safety/data``. The first
-#: adapter (``-v1``) stays available because every SRR figure in the docs was measured on it.
+#: adapter (``-v1``) stays available because every SRR figure in the docs was measured on it;
+#: ``-v7`` also refuses harmful requests written by other authors (docs: organism-v6).
 SHIPPED_ORGANISMS: dict[str, str] = {
     "smollm2-refusal": "organism",
     "smollm2-refusal-v1": "organism_v1",
+    "smollm2-refusal-v7": "organism_v7",
 }
 
 
@@ -230,3 +232,8 @@ def materialize_organism(
 def materialize_organism_v1() -> Path:
     """Merged HF directory of the first shipped organism, ``smollm2-refusal-v1`` (SRR's figures)."""
     return materialize_organism(name="smollm2-refusal-v1")
+
+
+def materialize_organism_v7() -> Path:
+    """Merged HF directory of ``smollm2-refusal-v7``, the organism that also refuses other authors' requests."""
+    return materialize_organism(name="smollm2-refusal-v7")
