@@ -1,6 +1,6 @@
 """The story tables on external prompts (organism -> abliterated -> ROSI -> conditional ROSI)
 quote the committed records: the external columns each stage's record, the builtin column the
-demonstration's record (story-v2) or each stage's builtin record (story-v4). That the records'
+demonstration's record (story-v2) or each stage's builtin record (story-v4, story-v7). That the records'
 counts follow from their stored completions is checked in test_external_records.py."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from doc_tables import CONCEPTS, section, table_rows
 
 RESULTS = Path(__file__).parents[1] / "docs" / "results" / "external"
@@ -66,10 +67,31 @@ def test_the_v2_story_table_quotes_the_records() -> None:
         _check_row(rows, name, label, cell)
 
 
-def test_the_v4_story_table_quotes_the_records() -> None:
-    page = (CONCEPTS / "organism-v5.md").read_text(encoding="utf-8")
-    rows = table_rows(section(page, "### The story on v4, external next to builtin"))
-    for name, label, builtin_name in STORY_V4:
+#: abliteration on smollm2-refusal-v7 (its demonstration was stopped before it wrote a record)
+STORY_V7 = [
+    ("organism-v7-test.json", "organism smollm2-refusal-v7", "organism-v7-test.json"),
+    (
+        "story-v7/abliterated-external.json",
+        "abliterated (block-19 direction)",
+        "story-v7/abliterated-builtin.json",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("page_name", "heading", "stages"),
+    [
+        ("organism-v5.md", "### The story on v4, external next to builtin", STORY_V4),
+        ("organism-v6.md", "### Abliteration on v7, external next to builtin", STORY_V7),
+    ],
+    ids=["v4", "v7"],
+)
+def test_the_story_table_quotes_the_records(
+    page_name: str, heading: str, stages: list[tuple[str, str, str]]
+) -> None:
+    page = (CONCEPTS / page_name).read_text(encoding="utf-8")
+    rows = table_rows(section(page, heading))
+    for name, label, builtin_name in stages:
         builtin = json.loads((RESULTS / builtin_name).read_text(encoding="utf-8"))["builtin"]["pooled"]
         harmful, harmless = builtin["harmful"]["substring"], builtin["harmless"]["substring"]
         cell = (
