@@ -463,7 +463,7 @@ def test_cli_train_like_names_a_shipped_organism(tmp_path: Path, capsys) -> None
     with pytest.raises(SystemExit) as exit_info:
         main(["organism", "train", "--like", "smollm2-refusal-v9", "--out", str(tmp_path / "o"), "--no-eval"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "'smollm2-refusal-v9' is neither an adapter directory" in err
+    assert exit_info.value.code == 2 and "no shipped organism named 'smollm2-refusal-v9'" in err
     assert err.strip().count("\n") == 0 and not (tmp_path / "o").exists()
 
 
