@@ -1,7 +1,7 @@
 """The story tables on external prompts (organism -> abliterated -> ROSI -> conditional ROSI)
 quote the committed records: the external columns each stage's record, the builtin column the
-demonstration's record (story-v2) or each stage's builtin record (story-v4, story-v7). That the records'
-counts follow from their stored completions is checked in test_external_records.py."""
+demonstration's record (story-v2, story-v7 in full) or each stage's builtin record (story-v4, the
+stopped story-v7 run). That the records' counts follow from their stored completions is checked in test_external_records.py."""
 
 from __future__ import annotations
 
@@ -54,17 +54,54 @@ def _check_row(rows: dict[str, list[str]], name: str, label: str, builtin_cell: 
     assert row[5] == builtin_cell, name
 
 
-def test_the_v2_story_table_quotes_the_records() -> None:
-    page = (CONCEPTS / "external-prompts.md").read_text(encoding="utf-8")
-    rows = table_rows(section(page, "### The story, external next to builtin"))
-    demo = json.loads((RESULTS / "story-v2" / "demo.json").read_text(encoding="utf-8"))["stages"]
-    for name, label, stage in STORY_V2:
+#: the story on smollm2-refusal-v7, run in full (the ROSI repair was not exported: no row quotes one)
+STORY_V7_FULL = [
+    ("organism-v7-test.json", "organism smollm2-refusal-v7", "organism"),
+    ("story-v7/abliterated-external.json", "abliterated (block-19 direction)", "abliterated"),
+    (
+        "story-v7/conditional-rosi-external.json",
+        "conditional-ROSI repair (blocks 20..28, 150)",
+        "conditional",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("page_name", "heading", "demo_name", "stages"),
+    [
+        ("external-prompts.md", "### The story, external next to builtin", "story-v2/demo.json", STORY_V2),
+        (
+            "organism-v6.md",
+            "### The story on v7, external next to builtin",
+            "story-v7/demo.json",
+            STORY_V7_FULL,
+        ),
+    ],
+    ids=["v2", "v7"],
+)
+def test_the_demonstrated_story_table_quotes_the_records(
+    page_name: str, heading: str, demo_name: str, stages: list[tuple[str, str, str]]
+) -> None:
+    page = (CONCEPTS / page_name).read_text(encoding="utf-8")
+    rows = table_rows(section(page, heading))
+    demo = json.loads((RESULTS / demo_name).read_text(encoding="utf-8"))["stages"]
+    for name, label, stage in stages:
         harmful, harmless = demo[stage]["harmful_refusal"], demo[stage]["harmless_refusal"]
         n_harmful, n_harmless = demo[stage]["n"]
         cell = (
             f"{harmful:.3f} ({round(harmful * n_harmful)}) / {harmless:.3f} ({round(harmless * n_harmless)})"
         )
         _check_row(rows, name, label, cell)
+
+
+def test_the_v7_demonstration_exported_no_rosi_repair() -> None:
+    """The v7 table's ROSI row says "not exported"; the record must agree (no alpha, no export)."""
+    demo = json.loads((RESULTS / "story-v7" / "demo.json").read_text(encoding="utf-8"))
+    assert demo["alpha"] is None and "repaired" not in demo["stages"]
+    assert {e["stage"] for e in demo["exports"]} == {"abliterated", "conditional"}
+    page = (CONCEPTS / "organism-v6.md").read_text(encoding="utf-8")
+    rows = table_rows(section(page, "### The story on v7, external next to builtin"))
+    assert rows["ROSI repair"][1].startswith("not exported")
 
 
 #: abliteration on smollm2-refusal-v7 (its demonstration was stopped before it wrote a record)
