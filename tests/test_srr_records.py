@@ -131,22 +131,13 @@ SCORERS = {
     "final_layer": "final-layer ranker",
     "direction": "refusal-direction scorer",
 }
-#: each run's table label of each external set
-SETS = {
-    "srr-v2": {
-        "ext-harmbench": "harmbench:test",
-        "ext-donotanswer": "donotanswer:malicious_uses:test",
-        "ext-mtbench": "mtbench",
-        "ext-medicationqa": "medicationqa:test",
-    },
-    "srr-v7": {
-        "ext-harmbench": "harmbench:test",
-        "ext-advbench": "advbench:test",
-        "ext-donotanswer": "donotanswer:malicious_uses:test",
-        "ext-mtbench": "mtbench:test",
-        "ext-medicationqa": "medicationqa:test",
-    },
-}
+
+
+def _set_labels(run: str) -> dict[str, str]:
+    """Each external ranked-list file of ``run`` -> its table label, the prompt-set spec it was built from."""
+    return {name: SPECS_OF.get(run, SPECS)[name][0] for name in EXTERNAL[run]}
+
+
 #: each pre-registered run's page and the headings of its three tables (pooled, per set, all lists)
 TABLES = {
     "srr-v2": (
@@ -176,7 +167,7 @@ def _check_pooled(run: str, page: str, heading: str) -> None:
 
 
 def _check_per_set(run: str, page: str, heading: str) -> None:
-    for name, label in SETS[run].items():
+    for name, label in _set_labels(run).items():
         m = _evaluation(name, "substring-broad", run)
         kind = "harmful" if m["n_lists_harmful"] else "harmless"
         key, n_key = (
@@ -195,7 +186,7 @@ def _check_every_list(run: str, page: str, heading: str) -> None:
         "external harmful": ("external", "harmful"),
         "external benign": ("external", "harmless"),
     }
-    for name, label in SETS[run].items():
+    for name, label in _set_labels(run).items():
         rows[label] = (
             name,
             "harmful" if _evaluation(name, "substring-broad", run)["n_all_harmful"] else "harmless",
@@ -218,7 +209,7 @@ def test_the_doc_quotes_the_records(run: str) -> None:
 
 
 def test_the_exploratory_table_quotes_its_records() -> None:
-    labels = {"builtin-test": "builtin test", "external": "external, pooled", **SETS["srr-v2"]}
+    labels = {"builtin-test": "builtin test", "external": "external, pooled", **_set_labels("srr-v2")}
     for group, label in labels.items():
         m = _evaluation(group, "substring-broad", "srr-v2-more")
         cells = [f"{m['pairwise_accuracy']:.3f}"]
