@@ -86,3 +86,20 @@ def test_srr_command_defaults_equal_the_library_defaults(command: str, function:
     }
     assert {"seed"} <= set(shared) and len(shared) >= 5
     assert {name: pair for name, pair in shared.items() if pair[0] != pair[1]} == {}
+
+
+PROMPT_OPTIONS = ["eval", "rosi", "ablate", "conditional-rosi", "directions", "probe", "srr eval", "srr build-data"]
+
+
+@pytest.mark.parametrize("command", PROMPT_OPTIONS)
+def test_every_prompt_option_documents_the_sources_the_loader_reads(command: str) -> None:
+    """``--harmful`` / ``--harmless`` are read by ``PromptSet.load`` everywhere, so every command's
+    help names the same sources, including every external set the loader knows."""
+    from lens_safety.external_prompts import EXTERNAL_SOURCES
+
+    params = {p.name: p for p in _subcommand(command).params}
+    for name in ("harmful", "harmless"):
+        help_text = params[name].help or ""
+        assert "builtin:" in help_text and "hf:" in help_text and ".jsonl" in help_text, (command, name)
+        missing = [source for source in EXTERNAL_SOURCES if source not in help_text]
+        assert missing == [], (command, name, missing)

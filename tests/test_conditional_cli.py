@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from lens_safety.activations import collect_activations
 from lens_safety.calibration import injection_unit, projection_gap
-from lens_safety.cli.conditional import parse_starts
+from lens_safety.cli.edit import parse_starts
 from lens_safety.directions import Direction
 from lens_safety.edits import applied_edit, orthogonalize
 from lens_safety.errors import LensSafetyError

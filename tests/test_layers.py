@@ -167,8 +167,8 @@ def test_the_layer_check_sees_a_violation() -> None:
     """The checker itself: layers are ordered, and an import inside a function is found (the CLI
     has them by design; the same import in a library module would be reported)."""
     assert layer_of("lens_safety.evaluation.generation") < layer_of("lens_safety.evaluation.metrics")
-    assert layer_of("lens_safety.cli.rosi") == len(LAYERS) - 1
-    deferred = [t for t, _, inside in internal_imports(PACKAGE / "cli" / "rosi.py") if inside]
+    assert layer_of("lens_safety.cli.edit") == len(LAYERS) - 1
+    deferred = [t for t, _, inside in internal_imports(PACKAGE / "cli" / "edit.py") if inside]
     assert "lens_safety.pipelines" in deferred
     assert layer_of("lens_safety.pipelines") > layer_of("lens_safety.models")  # upward if models imported it
     assert all(not inside for _, _, inside in internal_imports(PACKAGE / "errors.py"))

@@ -22,7 +22,6 @@ DirectionsOutOpt = Annotated[
     Path, typer.Option("--out", help="Output directory (direction.safetensors, direction.json, figures/).")
 ]
 MethodOpt = Annotated[str, typer.Option("--method", help="mean-diff (default), pca or probe.")]
-SelectedLayerOpt = Annotated[str, typer.Option("--layer", help="auto (selection) or a block index.")]
 SelectedPositionOpt = Annotated[
     str, typer.Option("--position", help="auto (selection) or a negative position.")
 ]
@@ -36,9 +35,6 @@ ScorePositionsOpt = Annotated[
         "--score-positions",
         help="Positions selection scores: -1 (default), 'all' post-instruction, or e.g. -1,-2.",
     ),
-]
-SelectionValOpt = Annotated[
-    int, typer.Option("--n-val", help="Validation prompts per class used by selection.")
 ]
 AblationOpt = Annotated[
     str,
@@ -111,11 +107,11 @@ def directions(
     harmless: options.HarmlessOpt = "builtin:harmless",
     out: DirectionsOutOpt = Path("direction"),
     method: MethodOpt = "mean-diff",
-    layer: SelectedLayerOpt = "auto",
+    layer: options.LayerOpt = "auto",
     position: SelectedPositionOpt = "auto",
     score_layers: ScoreLayersOpt = None,
     score_positions: ScorePositionsOpt = "-1",
-    n_val: SelectionValOpt = 16,
+    n_val: options.NValOpt = 16,
     ablation: AblationOpt = "zero",
     filter_train: FilterTrainOpt = False,
     system_prompt: options.SystemPromptOpt = None,

@@ -25,12 +25,6 @@ if TYPE_CHECKING:
     from lens_safety.models import ChatModel
     from lens_safety.prompts import PromptSet
 
-EvalHarmfulOpt = Annotated[
-    str, typer.Option("--harmful", help="Harmful prompts: file or builtin:harmful[:split].")
-]
-EvalHarmlessOpt = Annotated[
-    str, typer.Option("--harmless", help="Harmless prompts: file or builtin:harmless[:split].")
-]
 ReferenceOpt = Annotated[
     str | None, typer.Option("--reference", help="Reference model spec for KL on harmless prompts.")
 ]
@@ -43,8 +37,6 @@ JailbreakSourceOpt = Annotated[
 JailbreakPromptsOpt = Annotated[
     int, typer.Option("--jailbreak-prompts", help="Harmful prompts wrapped in each template.")
 ]
-NewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="New tokens per completion.")]
-GenerateBatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")]
 UtilityOpt = Annotated[
     str | None,
     typer.Option(
@@ -87,15 +79,15 @@ CardOpt = Annotated[
 @app.command("eval")
 def evaluate(
     model: options.ModelArg = "smollm2",
-    harmful: EvalHarmfulOpt = "builtin:harmful:test",
-    harmless: EvalHarmlessOpt = "builtin:harmless:test",
+    harmful: options.HarmfulOpt = "builtin:harmful:test",
+    harmless: options.HarmlessOpt = "builtin:harmless:test",
     reference: ReferenceOpt = None,
     jailbreaks: JailbreaksOpt = False,
     jailbreak_source: JailbreakSourceOpt = "builtin",
     jailbreak_prompts: JailbreakPromptsOpt = 4,
     limit: options.LimitOpt = None,
-    max_new_tokens: NewTokensOpt = 48,
-    batch_size: GenerateBatchOpt = 16,
+    max_new_tokens: options.TokensOpt = 48,
+    batch_size: options.BatchOpt = 16,
     judge: options.JudgesOpt = None,
     utility: UtilityOpt = None,
     utility_limit: UtilityLimitOpt = None,
@@ -104,7 +96,7 @@ def evaluate(
     compare: CompareOpt = None,
     label: CompareLabelOpt = None,
     card: CardOpt = False,
-    overwrite: options.OverwriteFilesOpt = False,
+    overwrite: options.OverwriteOpt = False,
     device: options.DeviceOpt = None,
     dtype: options.DtypeOpt = None,
     system_prompt: options.SystemPromptOpt = None,

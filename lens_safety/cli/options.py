@@ -49,18 +49,23 @@ NoTemplateOpt = Annotated[
 SystemPromptOpt = Annotated[
     str | None, typer.Option("--system-prompt", help="System prompt used when formatting prompts.")
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
-OverwriteFilesOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-OverwriteOutOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace what the command writes if it exists already.")
+]
 
-# prompt sets and the edit jobs (directions, probe, rosi, ablate, conditional-rosi)
-HarmfulOpt = Annotated[
-    str, typer.Option("--harmful", help="Harmful prompts: .txt/.jsonl/.csv file or builtin:harmful.")
+# prompt sets (every command that reads them: lens_safety.prompts.PromptSet.load)
+PROMPT_SOURCES = (
+    "a .txt/.jsonl/.csv file, builtin:NAME[:train|val|test], another author's set (harmbench, advbench, "
+    "donotanswer, mtbench or medicationqa, each [:train|val|test]) or hf:<dataset>[:column]"
+)
+HarmfulOpt = Annotated[str, typer.Option("--harmful", help=f"Harmful prompts: {PROMPT_SOURCES}.")]
+HarmlessOpt = Annotated[str, typer.Option("--harmless", help=f"Harmless prompts: {PROMPT_SOURCES}.")]
+TokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", help="Greedy new tokens per completion (what the judge reads).")
 ]
-HarmlessOpt = Annotated[
-    str, typer.Option("--harmless", help="Harmless prompts: .txt/.jsonl/.csv file or builtin:harmless.")
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass.")]
+
+# the edit jobs (directions, probe, rosi, ablate, conditional-rosi) and eval
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass or generate call.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited Hugging Face model.")]
 DirectionOpt = Annotated[
     Path | None,
@@ -75,9 +80,6 @@ NValOpt = Annotated[
 ]
 NTestOpt = Annotated[
     int, typer.Option("--n-test", help="Test prompts per class for before/after refusal (0: skip).")
-]
-TokensOpt = Annotated[
-    int, typer.Option("--max-new-tokens", help="Greedy tokens per completion when judging refusal.")
 ]
 MaxOverRefusalOpt = Annotated[
     float,

@@ -17,9 +17,6 @@ if TYPE_CHECKING:
 SplitOpt = Annotated[
     str, typer.Option("--split", help="Prompt split to evaluate on: test (held out) or val.")
 ]
-TokensOpt = Annotated[
-    int, typer.Option("--max-new-tokens", help="Greedy tokens generated per prompt for the judge.")
-]
 
 
 def _rates(evaluation: dict[str, Any]) -> str:
@@ -121,7 +118,7 @@ def train(
     evaluate: EvaluateOpt = True,
     like: LikeOpt = "smollm2-refusal",
     install: InstallOpt = False,
-    overwrite: options.OverwriteOutOpt = False,
+    overwrite: options.OverwriteOpt = False,
     json: options.JsonOpt = False,
 ) -> None:
     """Retrain the organism's LoRA adapter (seeded, CPU) and report whether it matches the shipped one."""
@@ -180,7 +177,7 @@ def evaluate_cmd(
     adapter: AdapterOpt = None,
     split: SplitOpt = "test",
     limit: options.LimitOpt = None,
-    max_new_tokens: TokensOpt = 48,
+    max_new_tokens: options.TokensOpt = 48,
     json: options.JsonOpt = False,
 ) -> None:
     """Held-out harmful refusal, harmless over-refusal (substring judge, greedy) and first-token KL to the base."""
@@ -213,7 +210,7 @@ def interpolate(
         Path | None,
         typer.Option("--base", help="Base model directory to merge into (default: the embedded smollm2)."),
     ] = None,
-    overwrite: options.OverwriteOutOpt = False,
+    overwrite: options.OverwriteOpt = False,
     json: options.JsonOpt = False,
 ) -> None:
     """Write the adapter whose merged weights are (1 - t) START + t END (WiSE-FT), and merge it."""

@@ -154,7 +154,7 @@ def demo_cmd(
     quick: QuickOpt = False,
     organism: OrganismOpt = None,
     out: DemoOutOpt = None,
-    overwrite: options.OverwriteOutOpt = False,
+    overwrite: options.OverwriteOpt = False,
     limit: options.LimitOpt = None,
     layer: DemoLayerOpt = None,
     alphas: options.AlphasOpt = None,

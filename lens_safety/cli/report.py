@@ -95,7 +95,7 @@ def report(
     title: TitleOpt = "lens-safety evaluation",
     table: TableOpt = False,
     json: options.JsonOpt = False,
-    overwrite: options.OverwriteFilesOpt = False,
+    overwrite: options.OverwriteOpt = False,
 ) -> None:
     """Render a self-contained HTML page comparing evaluated models side by side (or, with --table,
     print their ROSI table)."""

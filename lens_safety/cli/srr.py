@@ -25,15 +25,12 @@ if TYPE_CHECKING:
     from lens_safety.prompts import PromptSet
     from lens_safety.srr.evaluate import SRREvaluation
 
-HARMFUL_INSTRUCTIONS = "Harmful instructions: file or builtin:harmful[:split]"
-HARMLESS_INSTRUCTIONS = "Harmless instructions: file or builtin:harmless[:split]"
-InstructionsHarmfulOpt = Annotated[str, typer.Option("--harmful", help=f"{HARMFUL_INSTRUCTIONS}.")]
-InstructionsHarmlessOpt = Annotated[str, typer.Option("--harmless", help=f"{HARMLESS_INSTRUCTIONS}.")]
 OptionalHarmfulOpt = Annotated[
-    str | None, typer.Option("--harmful", help=f"{HARMFUL_INSTRUCTIONS} (optional).")
+    str | None, typer.Option("--harmful", help=f"Harmful instructions (optional): {options.PROMPT_SOURCES}.")
 ]
 OptionalHarmlessOpt = Annotated[
-    str | None, typer.Option("--harmless", help=f"{HARMLESS_INSTRUCTIONS} (optional).")
+    str | None,
+    typer.Option("--harmless", help=f"Harmless instructions (optional): {options.PROMPT_SOURCES}."),
 ]
 BuildOutOpt = Annotated[
     Path, typer.Option("--out", help="Output directory (lists.jsonl, features.safetensors, meta.json).")
@@ -250,8 +247,8 @@ def train(
 @srr_app.command("eval")
 def eval_command(
     ranker_dir: options.RankerDirArg,
-    harmful: InstructionsHarmfulOpt = "builtin:harmful:test",
-    harmless: InstructionsHarmlessOpt = "builtin:harmless:test",
+    harmful: options.HarmfulOpt = "builtin:harmful:test",
+    harmless: options.HarmlessOpt = "builtin:harmless:test",
     data: DataOpt = None,
     save_data: SaveDataOpt = None,
     n: options.NOpt = 8,
@@ -263,7 +260,7 @@ def eval_command(
     limit: options.InstructionLimitOpt = None,
     device: options.DeviceOpt = None,
     lists_out: ListsOutOpt = None,
-    overwrite: options.OverwriteFilesOpt = False,
+    overwrite: options.OverwriteOpt = False,
     json_out: options.JsonOpt = False,
 ) -> None:
     """Build lists for held-out prompts with the ranker's base model and score ranker and baselines."""

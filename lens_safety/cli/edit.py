@@ -1,0 +1,320 @@
+"""The commands that edit weights and export a verified Hugging Face model: ``lens-safety rosi``,
+``ablate`` and ``conditional-rosi``. Each parses its options into the job's settings, calls
+:func:`lens_safety.pipelines.run_edit` or :func:`lens_safety.pipelines.run_conditional` and
+prints the summary.
+
+The jobs share one protocol: the ``train`` split fits the direction (when ``--direction`` is not
+given), ``val`` calibrates (``--alpha auto``; ``--start`` / ``--injection auto``), and ``test``
+(``--n-test`` per class) measures refusal before / after; the numbers go into the model card and
+``edit.json``. A saved ``--direction`` is used as is (e.g. a parent's direction to repair an
+edited child); ``--layer N`` then picks its candidate at block ``N``.
+
+* ``rosi``: ``W' = W + alpha s_hat w_bar^T`` on every attention/MLP writer, a harm-blind bias
+  along the refusal direction ``s_hat``.
+* ``ablate``: ``W' = (I - s_hat s_hat^T) W`` on every writer, embeddings included (abliteration).
+* ``conditional-rosi``: ``W' = (I + alpha s_hat g^T) W`` on blocks ``start .. end - 1``: the
+  refusal direction is written in proportion to what the block writes along ``g``, a read
+  direction estimated on ``train`` that separates harmful from harmless prompts, so it can restore
+  refusal on an abliterated model without refusing everything. Injections are in units of the
+  refusal direction's gap; ``--start auto`` / ``--injection auto`` sweep ``--starts`` x
+  ``--injections`` on ``val`` with ``--refine`` rounds of bisection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from lens_safety.cli import app, options
+from lens_safety.cli.common import (
+    parse_alpha,
+    parse_alphas,
+    parse_blocks,
+    parse_layer,
+    parse_numbers,
+    parse_prompt_sets,
+    print_export_summary,
+    quiet_libraries,
+)
+from lens_safety.errors import LensSafetyError
+
+if TYPE_CHECKING:
+    from lens_safety.pipelines import EditSettings
+
+AlphaOpt = Annotated[str, typer.Option("--alpha", help="auto (calibrate on val) or a number >= 0.")]
+ApproximateOpt = Annotated[
+    bool, typer.Option("--approximate", help="Allow post-norm writers (Gemma 2/3), where it is inexact.")
+]
+
+
+@app.command()
+def rosi(
+    model: options.ModelArg = "smollm2",
+    out: options.OutOpt = Path("rosi-model"),
+    direction: options.DirectionOpt = None,
+    harmful: options.HarmfulOpt = "builtin:harmful",
+    harmless: options.HarmlessOpt = "builtin:harmless",
+    layer: options.LayerOpt = "auto",
+    alpha: AlphaOpt = "auto",
+    alphas: options.AlphasOpt = None,
+    target_refusal: options.TargetRefusalOpt = 0.9,
+    max_over_refusal: options.MaxOverRefusalOpt = 0.1,
+    over_refusal_relative: options.OverRefusalRelativeOpt = True,
+    max_kl: options.MaxKlOpt = 0.1,
+    blocks: options.BlocksOpt = None,
+    system_prompt: options.SystemPromptOpt = None,
+    n_train: options.NTrainOpt = 64,
+    n_val: options.NValOpt = 16,
+    n_test: options.NTestOpt = 16,
+    max_new_tokens: options.TokensOpt = 24,
+    overwrite: options.OverwriteOpt = False,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    json: options.JsonOpt = False,
+) -> None:
+    """ROSI: add alpha * s_hat * w_bar^T to every attention/MLP output weight; export a verified HF model.
+
+    --system-prompt is used when FITTING the direction only (ROSI's recipe for models that barely
+    refuse); calibration and before/after measurements use the model's default formatting.
+    Refusal is judged by the substring judge (calibration on val, before/after on test).
+    """
+    the_layer, the_alpha = parse_layer(layer), parse_alpha(alpha)
+    grid, chosen_blocks = parse_alphas(alphas), _blocks(blocks)
+    quiet_libraries()
+    from lens_safety.pipelines import EditSettings
+
+    settings = EditSettings(
+        method="rosi",
+        direction=direction,
+        harmful=harmful,
+        harmless=harmless,
+        layer=the_layer,
+        alpha=the_alpha,
+        alphas=None if grid is None else tuple(grid),
+        target_refusal=target_refusal,
+        max_over_refusal=max_over_refusal,
+        over_refusal_relative=over_refusal_relative,
+        max_kl=max_kl,
+        blocks=chosen_blocks,
+        system_prompt=system_prompt,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        max_new_tokens=max_new_tokens,
+    )
+    _export(model, out, settings, overwrite, device, dtype, json)
+
+
+@app.command()
+def ablate(
+    model: options.ModelArg = "smollm2",
+    out: options.OutOpt = Path("ablated-model"),
+    direction: options.DirectionOpt = None,
+    harmful: options.HarmfulOpt = "builtin:harmful",
+    harmless: options.HarmlessOpt = "builtin:harmless",
+    layer: options.LayerOpt = "auto",
+    blocks: options.BlocksOpt = None,
+    system_prompt: options.SystemPromptOpt = None,
+    n_train: options.NTrainOpt = 64,
+    n_val: options.NValOpt = 16,
+    n_test: options.NTestOpt = 16,
+    max_new_tokens: options.TokensOpt = 24,
+    approximate: ApproximateOpt = False,
+    overwrite: options.OverwriteOpt = False,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    json: options.JsonOpt = False,
+) -> None:
+    """Weight orthogonalisation (abliteration): W <- (I - s s^T) W on every writer, embeddings included.
+
+    Refusal before/after on the test split is judged by the substring judge.
+    """
+    the_layer, chosen_blocks = parse_layer(layer), _blocks(blocks)
+    quiet_libraries()
+    from lens_safety.pipelines import EditSettings
+
+    settings = EditSettings(
+        method="orthogonalize",
+        direction=direction,
+        harmful=harmful,
+        harmless=harmless,
+        layer=the_layer,
+        blocks=chosen_blocks,
+        system_prompt=system_prompt,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        max_new_tokens=max_new_tokens,
+        approximate=approximate,
+    )
+    _export(model, out, settings, overwrite, device, dtype, json)
+
+
+def _blocks(blocks: str | None) -> tuple[int, ...] | None:
+    """``--blocks`` as block indices (``None``: the method's default; run_edit checks the range)."""
+    chosen = parse_blocks(blocks, n_layers=None)
+    return None if chosen is None else tuple(chosen)
+
+
+def _export(
+    model: str,
+    out: Path,
+    settings: EditSettings,
+    overwrite: bool,
+    device: str | None,
+    dtype: str | None,
+    as_json: bool,
+) -> None:
+    """Run :func:`~lens_safety.pipelines.run_edit` with ``settings`` and print its summary."""
+    from lens_safety.pipelines import run_edit
+
+    result = run_edit(model, out, settings, overwrite=overwrite, device=device, dtype=dtype, progress=True)
+    print_export_summary(result.to_dict(), as_json)
+
+
+#: Injections swept by default, in gaps (the library's ``DEFAULT_RELATIVE_INJECTIONS``).
+DEFAULT_INJECTIONS_TEXT = "0.75,1,1.5,2"
+
+
+def parse_starts(start: str, starts: str | None) -> list[int] | None:
+    """``--start N`` (one block) or ``--start auto`` with ``--starts`` (``None``: the default sweep)."""
+    if start != "auto":
+        candidates = parse_numbers(start, "--start", "15", integer=True)
+        if len(candidates) != 1:
+            raise LensSafetyError(
+                f"--start must be 'auto' or one block, got '{start}'", "pass e.g. --start 15"
+            )
+    elif starts is not None:
+        candidates = parse_numbers(starts, "--starts", "10,15,20", integer=True)
+    else:
+        return None
+    return sorted({int(b) for b in candidates})
+
+
+def parse_injections(injection: str, injections: str | None) -> list[float]:
+    """``--injection X`` (one number) or ``--injection auto`` with ``--injections`` (gaps)."""
+    if injection != "auto":
+        grid = parse_numbers(injection, "--injection", "1", integer=False)
+        if len(grid) != 1:
+            raise LensSafetyError(
+                f"--injection must be 'auto' or one number, got '{injection}'", "pass e.g. --injection 1"
+            )
+        return grid
+    return parse_numbers(injections or DEFAULT_INJECTIONS_TEXT, "--injections", "0.75,1,1.5", integer=False)
+
+
+ConditionalOutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited model.")]
+StartOpt = Annotated[
+    str, typer.Option("--start", help="First edited block: auto (swept on val) or a block index.")
+]
+StartsOpt = Annotated[
+    str | None,
+    typer.Option("--starts", help="First blocks swept by --start auto (default: ~1/3, 1/2, 2/3 of depth)."),
+]
+EndOpt = Annotated[
+    int | None,
+    typer.Option("--end", help="One past the last edited block (default n_layers - 1; n_layers: all)."),
+]
+InjectionOpt = Annotated[
+    str,
+    typer.Option("--injection", help="Injection in gaps: auto (swept on val) or a number > 0."),
+]
+InjectionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--injections",
+        help="Injections swept by --injection auto, in gaps: the direction's harmful minus harmless mean "
+        "projection (default 0.75,1,1.5,2).",
+    ),
+]
+ShrinkageOpt = Annotated[
+    float,
+    typer.Option(
+        "--shrinkage", min=0.0, help="Shrinkage-LDA ridge of the read direction (0: the mean difference)."
+    ),
+]
+ReadHarmlessOpt = Annotated[
+    str,
+    typer.Option(
+        "--read-harmless",
+        help="Benign prompt sets (comma-separated) added to the harmless train prompts of the read "
+        "directions, e.g. look-alikes of harmful requests (default none).",
+    ),
+]
+RefineOpt = Annotated[
+    int,
+    typer.Option(
+        "--refine", min=0, help="Bisection rounds on the injection after the grid (--injection auto)."
+    ),
+]
+
+
+@app.command("conditional-rosi")
+def conditional_rosi_cmd(
+    model: options.ModelArg = "smollm2",
+    out: ConditionalOutOpt = Path("conditional-rosi-model"),
+    direction: options.DirectionOpt = None,
+    harmful: options.HarmfulOpt = "builtin:harmful",
+    harmless: options.HarmlessOpt = "builtin:harmless",
+    layer: options.LayerOpt = "auto",
+    start: StartOpt = "auto",
+    starts: StartsOpt = None,
+    end: EndOpt = None,
+    injection: InjectionOpt = "auto",
+    injections: InjectionsOpt = None,
+    shrinkage: ShrinkageOpt = 1.0,
+    template: options.TemplateBlindOpt = False,
+    read_harmless: ReadHarmlessOpt = "none",
+    refine: RefineOpt = 2,
+    target_refusal: options.TargetRefusalOpt = 0.85,
+    max_over_refusal: options.MaxOverRefusalOpt = 0.1,
+    over_refusal_relative: options.OverRefusalRelativeOpt = False,
+    max_kl: options.MaxKlOpt = 0.5,
+    n_train: options.NTrainOpt = 128,
+    n_val: options.NValOpt = 32,
+    n_test: options.NTestOpt = 16,
+    max_new_tokens: options.TokensOpt = 24,
+    overwrite: options.OverwriteOpt = False,
+    device: options.DeviceOpt = None,
+    dtype: options.DtypeOpt = None,
+    json: options.JsonOpt = False,
+) -> None:
+    """Conditional ROSI: W <- (I + alpha s_hat g^T) W on blocks start..end-1; export a verified HF model.
+
+    Use --direction with the PARENT's saved direction to repair an abliterated child. Refusal
+    (calibration on val, before/after on test) is judged by the substring judge.
+    """
+    the_layer = parse_layer(layer)
+    grid = parse_injections(injection, injections)
+    first_blocks = parse_starts(start, starts)
+    extra_harmless = parse_prompt_sets(read_harmless)
+    quiet_libraries()
+    from lens_safety.pipelines import ConditionalSettings, run_conditional
+
+    settings = ConditionalSettings(
+        direction=direction,
+        harmful=harmful,
+        harmless=harmless,
+        layer=the_layer,
+        starts=None if first_blocks is None else tuple(first_blocks),
+        end=end,
+        injections=tuple(grid),
+        refine=refine if injection == "auto" else 0,
+        shrinkage=shrinkage or None,
+        template=template,
+        read_harmless=tuple(extra_harmless),
+        target_refusal=target_refusal,
+        max_over_refusal=max_over_refusal,
+        over_refusal_relative=over_refusal_relative,
+        max_kl=max_kl,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        max_new_tokens=max_new_tokens,
+    )
+    result = run_conditional(
+        model, out, settings, overwrite=overwrite, device=device, dtype=dtype, progress=True
+    )
+    print_export_summary(result.to_dict(), json)
