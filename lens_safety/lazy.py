@@ -14,13 +14,15 @@ from typing import Any
 def lazy_exports(
     package: str, exports: dict[str, str]
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package`` whose public ``name`` lives in ``exports[name]``."""
+    """``(__getattr__, __dir__)`` for ``package`` whose public ``name`` lives in ``exports[name]``;
+    a name that maps to the subpackage ``package.name`` itself is that module."""
     namespace = importlib.import_module(package).__dict__
 
     def __getattr__(name: str) -> Any:
         if name not in exports:
             raise AttributeError(f"module '{package}' has no attribute '{name}'")
-        value = getattr(importlib.import_module(exports[name]), name)
+        module = importlib.import_module(exports[name])
+        value = module if exports[name] == f"{package}.{name}" else getattr(module, name)
         namespace[name] = value
         return value
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,9 +101,6 @@ def test_tables_keep_their_width_when_stdout_is_redirected(capsys, monkeypatch):
 
 
 def test_help_screens_and_the_package_import_load_neither_torch_nor_transformers() -> None:
-    import subprocess
-    import sys
-
     code = (
         "import sys, lens_safety\n"
         "from lens_safety.cli import main\n"
@@ -127,6 +126,36 @@ def test_every_public_name_resolves_to_its_module_object() -> None:
         exports = package._EXPORTS
         assert set(exports) == set(package.__all__) - {"__version__"}
         for name, module in exports.items():
-            assert getattr(package, name) is getattr(importlib.import_module(module), name)
+            imported = importlib.import_module(module)
+            expected = imported if module == f"{package.__name__}.{name}" else getattr(imported, name)
+            assert getattr(package, name) is expected
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         lens_safety.nothing_here  # noqa: B018
+
+
+def test_the_public_verbs_of_every_job_are_top_level_names() -> None:
+    """Edit, conditional ROSI, the demonstration, evaluation and SRR are reachable as
+    ``lens_safety.<verb>`` (``lens_safety.srr`` is the SRR package itself)."""
+    import lens_safety
+
+    verbs = {
+        "run_edit",
+        "run_conditional",
+        "demonstrate",
+        "evaluate_model",
+        "evaluate_refusal",
+        "refusal_rate",
+        "kl_divergence",
+        "get_judge",
+        "train_ranker_directory",
+        "load_ranker",
+    }
+    assert verbs <= set(lens_safety.__all__)
+    code = (  # a fresh interpreter: the subpackage is imported by the attribute access itself
+        "import sys, lens_safety as ls\n"
+        "assert 'lens_safety.srr' not in sys.modules\n"
+        "assert ls.srr is sys.modules['lens_safety.srr']\n"
+        "print(ls.srr.select.__module__, ls.evaluate_model.__module__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["lens_safety.srr.select", "lens_safety.evaluation.suite"]

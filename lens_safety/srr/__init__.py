@@ -19,12 +19,13 @@ from lens_safety.srr.features import list_features, read_token_states
 from lens_safety.srr.labels import is_degenerate, label_candidates, relabel_dataset
 from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
 from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss, load_ranker, save_ranker
-from lens_safety.srr.select import Selection, select
+from lens_safety.srr.select import BestOfN, select
 from lens_safety.srr.train import TrainConfig, TrainingReport, train_ranker
 from lens_safety.srr.train_job import RankerTraining, train_ranker_directory
 
 __all__ = [
     "Baselines",
+    "BestOfN",
     "CVCell",
     "CVResult",
     "CandidateList",
@@ -35,7 +36,6 @@ __all__ = [
     "SRRDataset",
     "SRREvaluation",
     "SafetyRanker",
-    "Selection",
     "TrainConfig",
     "TrainingReport",
     "build_dataset",

@@ -39,7 +39,7 @@ class RankedCandidate(Record):
 
 
 @dataclass
-class Selection:
+class BestOfN:
     """Result of best-of-N: the chosen response, the full ranking (best first) and the timings."""
 
     prompt: str
@@ -95,7 +95,7 @@ def select(
     temperature: float = 1.0,
     max_new_tokens: int = 48,
     seed: int | None = None,
-) -> Selection:
+) -> BestOfN:
     """Sample ``n`` answers to ``prompt`` and return them ranked by the ranker, best first.
 
     ``ranker`` may be a loaded :class:`SafetyRanker` or its directory; either way a ranker trained
@@ -150,4 +150,4 @@ def select(
         scores = score_candidates(model, ranker, prompt, candidates)
     ranking_seconds = time.perf_counter() - started
     ranked = [RankedCandidate(i, candidates[i], float(scores[i])) for i in ranking(scores)]
-    return Selection(prompt, ranked[0].text, ranked, n, gens.seconds, ranking_seconds)
+    return BestOfN(prompt, ranked[0].text, ranked, n, gens.seconds, ranking_seconds)
