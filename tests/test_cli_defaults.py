@@ -17,6 +17,8 @@ import typer
 from lens_safety.cli import _register, app
 from lens_safety.pipelines import EditSettings
 from lens_safety.pipelines.conditional import ConditionalSettings
+from lens_safety.srr.ranker import RankerConfig
+from lens_safety.srr.train import TrainConfig
 
 
 def _subcommand(path: str) -> Any:
@@ -67,28 +69,44 @@ SPELLED_OUT = {
 
 
 @pytest.mark.parametrize(
-    ("command", "function"),
+    ("command", "function", "settings"),
     [
-        ("srr train", "lens_safety.srr.train_job:train_ranker_directory"),
-        ("srr build-data", "lens_safety.srr.build:build_dataset"),
+        # train_ranker_directory's **options take their defaults from the two dataclasses
+        ("srr train", "lens_safety.srr.train_job:train_ranker_directory", (RankerConfig, TrainConfig)),
+        ("srr build-data", "lens_safety.srr.build:build_dataset", ()),
     ],
 )
-def test_srr_command_defaults_equal_the_library_defaults(command: str, function: str) -> None:
+def test_srr_command_defaults_equal_the_library_defaults(
+    command: str, function: str, settings: tuple[Any, ...]
+) -> None:
     module, name = function.split(":")
     signature = inspect.signature(getattr(importlib.import_module(module), name))
     library = {
         k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty
     }
+    for dataclass in settings:
+        library.update({f.name: f.default for f in dataclasses.fields(dataclass) if f.name not in library})
     shared = {
         p.name: (p.default, library[p.name])
         for p in _subcommand(command).params
         if p.name in library and p.name not in SPELLED_OUT
     }
     assert {"seed"} <= set(shared) and len(shared) >= 5
+    if settings:
+        assert {"width", "tau", "dropout", "members", "weight_decay", "max_epochs", "patience"} <= set(shared)
     assert {name: pair for name, pair in shared.items() if pair[0] != pair[1]} == {}
 
 
-PROMPT_OPTIONS = ["eval", "rosi", "ablate", "conditional-rosi", "directions", "probe", "srr eval", "srr build-data"]
+PROMPT_OPTIONS = [
+    "eval",
+    "rosi",
+    "ablate",
+    "conditional-rosi",
+    "directions",
+    "probe",
+    "srr eval",
+    "srr build-data",
+]
 
 
 @pytest.mark.parametrize("command", PROMPT_OPTIONS)

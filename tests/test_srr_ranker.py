@@ -238,3 +238,19 @@ def test_ensemble_averages_independently_trained_members(tmp_path: Path) -> None
     assert torch.equal(load_ranker(tmp_path / "old")(inst, resp), singles[0](inst, resp))
     with pytest.raises(LensSafetyError, match="member"):
         SafetyRanker(replace(small, members=0))
+
+
+def test_ranker_options_default_to_the_config_dataclasses_and_reject_unknown_names() -> None:
+    """``train_ranker_directory``'s options have one home for their defaults: with none given the
+    configs are the dataclasses' own; a given width sets the feed-forward width to twice it; a
+    misspelt option or an invalid value is one error before any training."""
+    from lens_safety.srr.train import TrainConfig
+    from lens_safety.srr.train_job import ranker_configs
+
+    assert ranker_configs(D, {}) == (RankerConfig(d_input=D), TrainConfig())
+    shape, fit = ranker_configs(D, {"width": 16, "seed": 7, "weight_decay": 0.0})
+    assert (shape.width, shape.ff_width, fit.seed, fit.weight_decay) == (16, 32, 7, 0.0)
+    with pytest.raises(LensSafetyError, match=r"unknown ranker option.*widht"):
+        ranker_configs(D, {"widht": 16})  # type: ignore[typeddict-unknown-key]
+    with pytest.raises(LensSafetyError, match="invalid ranker settings"):
+        ranker_configs(D, {"dropout": 1.0})

@@ -9,9 +9,9 @@ It lives apart from :mod:`lens_safety.srr.train` because the baselines
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free, staged_directory
@@ -51,19 +51,55 @@ class RankerTraining:
         }
 
 
-def ranker_config(
-    d_input: int, width: int, tau: float, dropout: float, members: int, weight_decay: float
-) -> RankerConfig:
-    """The ranker's shape (feed-forward width ``2 * width``), checked before any training."""
-    if not 0 <= dropout < 1 or weight_decay < 0 or width < 1 or members < 1:
+class RankerOptions(TypedDict, total=False):
+    """What :func:`train_ranker_directory` lets a caller choose. An option left out takes its
+    default from one place: :class:`~lens_safety.srr.ranker.RankerConfig` (``width``, ``tau``,
+    ``dropout``, ``members``) or :class:`~lens_safety.srr.train.TrainConfig` (``weight_decay``,
+    ``seed``, ``max_epochs``, ``patience``)."""
+
+    width: int
+    tau: float
+    dropout: float
+    members: int
+    weight_decay: float
+    seed: int
+    max_epochs: int
+    patience: int
+
+
+def ranker_configs(d_input: int, options: RankerOptions) -> tuple[RankerConfig, TrainConfig]:
+    """The ranker's shape (feed-forward width ``2 * width``) and its optimisation settings, checked
+    before any training: ``options`` over the dataclasses' defaults."""
+    unknown = sorted(set(options) - set(RankerOptions.__annotations__))
+    if unknown:
         raise LensSafetyError(
-            f"invalid ranker settings (width {width}, dropout {dropout}, weight decay {weight_decay}, "
-            f"members {members})",
+            f"unknown ranker option(s) {', '.join(unknown)}",
+            f"use {', '.join(RankerOptions.__annotations__)}",
+        )
+    shape, fit = RankerConfig(d_input=d_input), TrainConfig()
+    width = options.get("width", shape.width)
+    shape = replace(
+        shape,
+        width=width,
+        ff_width=2 * width,
+        tau=options.get("tau", shape.tau),
+        dropout=options.get("dropout", shape.dropout),
+        members=options.get("members", shape.members),
+    )
+    fit = replace(
+        fit,
+        seed=options.get("seed", fit.seed),
+        max_epochs=options.get("max_epochs", fit.max_epochs),
+        patience=options.get("patience", fit.patience),
+        weight_decay=options.get("weight_decay", fit.weight_decay),
+    )
+    if not 0 <= shape.dropout < 1 or fit.weight_decay < 0 or width < 1 or shape.members < 1:
+        raise LensSafetyError(
+            f"invalid ranker settings (width {width}, dropout {shape.dropout}, weight decay "
+            f"{fit.weight_decay}, members {shape.members})",
             "use width >= 1, 0 <= dropout < 1, weight decay >= 0 and members >= 1",
         )
-    return RankerConfig(
-        d_input=d_input, width=width, ff_width=2 * width, tau=tau, dropout=dropout, members=members
-    )
+    return shape, fit
 
 
 def train_ranker_directory(
@@ -72,34 +108,27 @@ def train_ranker_directory(
     *,
     layer: int | None = None,
     context: str = "with_instruction",
-    width: int = 256,
-    tau: float = 0.1,
-    dropout: float = 0.1,
-    weight_decay: float = 1e-4,
-    members: int = 1,
-    seed: int = 0,
-    max_epochs: int = 200,
-    patience: int = 15,
     baselines: bool = True,
     overwrite: bool = False,
     progress: bool = False,
+    **options: Unpack[RankerOptions],
 ) -> RankerTraining:
     """Train a ranker on the lists of ``data_dirs`` (combined by
     :func:`~lens_safety.srr.combine.load_datasets`) reading feature ``layer`` (default
-    :func:`~lens_safety.srr.features.default_ranker_layer` of the lists' model) with ``context``;
-    with ``baselines`` also train the text-only and final-layer rankers and fit the direction
+    :func:`~lens_safety.srr.features.default_ranker_layer` of the lists' model) with ``context``,
+    shaped and fitted as ``options`` say (:class:`RankerOptions`); with ``baselines`` also train the
+    text-only and final-layer rankers and fit the direction
     (:func:`~lens_safety.srr.baselines.train_baselines`, same settings). Everything is written to
     ``out`` through one staged directory.
 
     Raises a :class:`~lens_safety.errors.LensSafetyError` before any training when ``out`` exists
-    without ``overwrite`` or the ranker settings are invalid (:func:`ranker_config`).
+    without ``overwrite`` or the ranker settings are invalid (:func:`ranker_configs`).
     """
     out = Path(out)
     require_free(out, overwrite)
     dataset = load_datasets(data_dirs)
     chosen = layer if layer is not None else default_ranker_layer(int(dataset.meta["model"]["n_layers"]))
-    rconf = ranker_config(int(dataset.instruction.shape[-1]), width, tau, dropout, members, weight_decay)
-    tconf = TrainConfig(seed=seed, max_epochs=max_epochs, patience=patience, weight_decay=weight_decay)
+    rconf, tconf = ranker_configs(int(dataset.instruction.shape[-1]), options)
     ranker, report = train_ranker(
         dataset, layer=chosen, context=context, ranker_config=rconf, train_config=tconf, progress=progress
     )
@@ -121,4 +150,4 @@ def train_ranker_directory(
                 train_config=tconf,
                 base_model=dataset.meta.get("model"),
             )
-    return RankerTraining(out, ranker, report, chosen, context, members, baseline_reports)
+    return RankerTraining(out, ranker, report, chosen, context, rconf.members, baseline_reports)
