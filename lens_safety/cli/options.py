@@ -55,17 +55,18 @@ OverwriteOpt = Annotated[
 
 # prompt sets (every command that reads them: lens_safety.prompts.PromptSet.load)
 PROMPT_SOURCES = (
-    "a .txt/.jsonl/.csv file, builtin:NAME[:train|val|test], another author's set (harmbench, advbench, "
-    "donotanswer, mtbench or medicationqa, each [:train|val|test]) or hf:<dataset>[:column]"
+    "a .txt/.jsonl/.csv file, builtin:harmful or builtin:harmless (each [:train|val|test]) or another "
+    "builtin set, another author's set (harmbench, advbench, donotanswer, mtbench or medicationqa, each "
+    "[:train|val|test]) or hf:<dataset>[:column]"
 )
 HarmfulOpt = Annotated[str, typer.Option("--harmful", help=f"Harmful prompts: {PROMPT_SOURCES}.")]
 HarmlessOpt = Annotated[str, typer.Option("--harmless", help=f"Harmless prompts: {PROMPT_SOURCES}.")]
+
+# the edit jobs (directions, probe, rosi, ablate, conditional-rosi) and the evaluations
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass or generate call.")]
 TokensOpt = Annotated[
     int, typer.Option("--max-new-tokens", help="Greedy new tokens per completion (what the judge reads).")
 ]
-
-# the edit jobs (directions, probe, rosi, ablate, conditional-rosi) and eval
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward pass or generate call.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited Hugging Face model.")]
 DirectionOpt = Annotated[
     Path | None,

@@ -75,8 +75,13 @@ MembersOpt = Annotated[
         help="Ensemble size: independently trained rankers (seeds seed..seed+K-1), scores averaged.",
     ),
 ]
-MaxEpochsOpt = Annotated[int, typer.Option("--max-epochs")]
-PatienceOpt = Annotated[int, typer.Option("--patience")]
+MaxEpochsOpt = Annotated[
+    int,
+    typer.Option("--max-epochs", help="Most passes over the training lists (early stopping may end sooner)."),
+]
+PatienceOpt = Annotated[
+    int, typer.Option("--patience", help="Epochs without a lower validation loss before training stops.")
+]
 BaselinesOpt = Annotated[
     bool,
     typer.Option("--baselines/--no-baselines", help="Also train the text-only and final-layer baselines."),
