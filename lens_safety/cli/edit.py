@@ -43,6 +43,8 @@ from lens_safety.errors import LensSafetyError
 if TYPE_CHECKING:
     from lens_safety.pipelines import EditSettings
 
+# rosi and ablate
+
 AlphaOpt = Annotated[str, typer.Option("--alpha", help="auto (calibrate on val) or a number >= 0.")]
 ApproximateOpt = Annotated[
     bool, typer.Option("--approximate", help="Allow post-norm writers (Gemma 2/3), where it is inexact.")
@@ -174,6 +176,8 @@ def _export(
     print_export_summary(result.to_dict(), as_json)
 
 
+# conditional-rosi: its grid options and their parsing
+
 #: Injections swept by default, in gaps (the library's ``DEFAULT_RELATIVE_INJECTIONS``).
 DEFAULT_INJECTIONS_TEXT = "0.75,1,1.5,2"
 
@@ -205,7 +209,6 @@ def parse_injections(injection: str, injections: str | None) -> list[float]:
     return parse_numbers(injections or DEFAULT_INJECTIONS_TEXT, "--injections", "0.75,1,1.5", integer=False)
 
 
-ConditionalOutOpt = Annotated[Path, typer.Option("--out", help="Output directory of the edited model.")]
 StartOpt = Annotated[
     str, typer.Option("--start", help="First edited block: auto (swept on val) or a block index.")
 ]
@@ -254,7 +257,7 @@ RefineOpt = Annotated[
 @app.command("conditional-rosi")
 def conditional_rosi_cmd(
     model: options.ModelArg = "smollm2",
-    out: ConditionalOutOpt = Path("conditional-rosi-model"),
+    out: options.OutOpt = Path("conditional-rosi-model"),
     direction: options.DirectionOpt = None,
     harmful: options.HarmfulOpt = "builtin:harmful",
     harmless: options.HarmlessOpt = "builtin:harmless",
