@@ -15,8 +15,10 @@ import pytest
 import typer
 
 from lens_safety.cli import _register, app
+from lens_safety.organism.demonstration import DemoSettings
 from lens_safety.pipelines import EditSettings
 from lens_safety.pipelines.conditional import ConditionalSettings
+from lens_safety.serving.server import ServeConfig
 from lens_safety.srr.ranker import RankerConfig
 from lens_safety.srr.train import TrainConfig
 
@@ -31,8 +33,9 @@ def _subcommand(path: str) -> Any:
 
 
 def _shared_defaults(command: Any, settings: Any) -> dict[str, tuple[Any, Any]]:
-    """``{field: (cli default, library default)}`` for every option named like a settings field."""
-    fields = {f.name: f.default for f in dataclasses.fields(settings)}
+    """``{field: (cli default, library default)}`` for every option named like a settings field
+    that has a default."""
+    fields = {f.name: f.default for f in dataclasses.fields(settings) if f.default is not dataclasses.MISSING}
     return {
         p.name: (p.default, fields[p.name])
         for p in command.params
@@ -40,14 +43,42 @@ def _shared_defaults(command: Any, settings: Any) -> dict[str, tuple[Any, Any]]:
     }
 
 
+EDIT_OPTIONS = {"harmful", "n_train", "n_test", "max_new_tokens"}
+SERVE_OPTIONS = {"n", "max_n", "host", "port", "max_tokens", "max_batch", "max_queue", "request_timeout"}
+
+
 @pytest.mark.parametrize(
-    ("command", "settings"),
-    [("rosi", EditSettings), ("ablate", EditSettings), ("conditional-rosi", ConditionalSettings)],
+    ("command", "settings", "expected"),
+    [
+        ("rosi", EditSettings, EDIT_OPTIONS),
+        ("ablate", EditSettings, EDIT_OPTIONS),
+        ("conditional-rosi", ConditionalSettings, EDIT_OPTIONS),
+        ("srr serve", ServeConfig, SERVE_OPTIONS),
+    ],
 )
-def test_edit_command_defaults_equal_the_settings_defaults(command: str, settings: Any) -> None:
+def test_command_defaults_equal_the_settings_defaults(
+    command: str, settings: Any, expected: set[str]
+) -> None:
     shared = _shared_defaults(_subcommand(command), settings)
-    assert {"harmful", "n_train", "n_test", "max_new_tokens"} <= set(shared)
+    assert expected <= set(shared)
     differing = {name: pair for name, pair in shared.items() if pair[0] != pair[1]}
+    assert differing == {}
+
+
+def test_demo_options_left_out_keep_the_preset_and_given_defaults_equal_both_presets() -> None:
+    """``organism demo``: an option defaulting to ``None`` keeps the preset's value (full study or
+    ``--quick``); any other default must be what both presets use, or ``--quick`` would silently
+    run with a setting its preset does not have."""
+    command = _subcommand("organism demo")
+    fields = {f.name for f in dataclasses.fields(DemoSettings)}
+    full, quick = DemoSettings(), DemoSettings.quick()
+    fixed = {p.name: p.default for p in command.params if p.name in fields and p.default is not None}
+    assert {"conditional", "template", "shrinkage"} <= set(fixed)
+    differing = {
+        name: (default, getattr(full, name), getattr(quick, name))
+        for name, default in fixed.items()
+        if not default == getattr(full, name) == getattr(quick, name)
+    }
     assert differing == {}
 
 

@@ -210,11 +210,7 @@ def parse_injections(injection: str, injections: str | None) -> list[float]:
 
 
 StartOpt = Annotated[
-    str, typer.Option("--start", help="First edited block: auto (swept on val) or a block index.")
-]
-StartsOpt = Annotated[
-    str | None,
-    typer.Option("--starts", help="First blocks swept by --start auto (default: ~1/3, 1/2, 2/3 of depth)."),
+    str, typer.Option("--start", help="First edited block: auto (sweeps --starts on val) or a block index.")
 ]
 EndOpt = Annotated[
     int | None,
@@ -222,21 +218,7 @@ EndOpt = Annotated[
 ]
 InjectionOpt = Annotated[
     str,
-    typer.Option("--injection", help="Injection in gaps: auto (swept on val) or a number > 0."),
-]
-InjectionsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--injections",
-        help="Injections swept by --injection auto, in gaps: the direction's harmful minus harmless mean "
-        "projection (default 0.75,1,1.5,2).",
-    ),
-]
-ShrinkageOpt = Annotated[
-    float,
-    typer.Option(
-        "--shrinkage", min=0.0, help="Shrinkage-LDA ridge of the read direction (0: the mean difference)."
-    ),
+    typer.Option("--injection", help="Injection in gaps: auto (sweeps --injections on val) or a number > 0."),
 ]
 ReadHarmlessOpt = Annotated[
     str,
@@ -263,11 +245,11 @@ def conditional_rosi_cmd(
     harmless: options.HarmlessOpt = "builtin:harmless",
     layer: options.LayerOpt = "auto",
     start: StartOpt = "auto",
-    starts: StartsOpt = None,
+    starts: options.StartsOpt = None,
     end: EndOpt = None,
     injection: InjectionOpt = "auto",
-    injections: InjectionsOpt = None,
-    shrinkage: ShrinkageOpt = 1.0,
+    injections: options.InjectionsOpt = None,
+    shrinkage: options.ShrinkageOpt = 1.0,
     template: options.TemplateBlindOpt = False,
     read_harmless: ReadHarmlessOpt = "none",
     refine: RefineOpt = 2,

@@ -116,6 +116,30 @@ TemplateBlindOpt = Annotated[
     ),
 ]
 
+# conditional ROSI's sweep on val (conditional-rosi, organism demo)
+StartsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--starts",
+        help="First edited blocks swept (default: about 1/3, 1/2 and 2/3 of the depth; organism demo "
+        "--quick: 1/2).",
+    ),
+]
+InjectionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--injections",
+        help="Injections swept, in gaps: the direction's harmful minus harmless mean projection "
+        "(default 0.75,1,1.5,2; organism demo: its preset's grid).",
+    ),
+]
+ShrinkageOpt = Annotated[
+    float,
+    typer.Option(
+        "--shrinkage", min=0.0, help="Shrinkage-LDA ridge of the read direction (0: the mean difference)."
+    ),
+]
+
 # judges (eval, judge-agreement)
 JUDGE_SPECS = (
     "substring (reference list, the default), substring-strict, substring-broad, learned (a calibrated "

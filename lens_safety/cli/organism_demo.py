@@ -64,26 +64,6 @@ ConditionalOpt = Annotated[
         help="Also repair with conditional ROSI (refusal injected along a harmfulness read direction).",
     ),
 ]
-StartsOpt = Annotated[
-    str | None,
-    typer.Option("--starts", help="First edited blocks swept for conditional ROSI (default 10,15,20)."),
-]
-InjectionsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--injections",
-        help="Injections swept for conditional ROSI, in projection units along the refusal direction "
-        "(not the gaps of conditional-rosi --injections; default 100,150,200,250).",
-    ),
-]
-ShrinkageOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--shrinkage",
-        min=0.0,
-        help="Shrinkage-LDA ridge of the read direction (default 1.0; 0: the plain mean difference).",
-    ),
-]
 ReadHarmlessOpt = Annotated[
     str | None,
     typer.Option(
@@ -141,9 +121,9 @@ def _demo_overrides(
         starts=None
         if starts is None
         else tuple(int(x) for x in parse_numbers(starts, "--starts", "10,15,20", integer=True)),
-        injections=None
+        relative_injections=None
         if injections is None
-        else tuple(parse_numbers(injections, "--injections", "100,150,200", integer=False)),
+        else tuple(parse_numbers(injections, "--injections", "0.75,1,1.5", integer=False)),
         read_harmless=None if read_harmless is None else tuple(parse_prompt_sets(read_harmless)),
         heldout=None if heldout is None else tuple(parse_heldout_pairs(heldout)),
     )
@@ -162,9 +142,9 @@ def demo_cmd(
     blocks: options.BlocksOpt = None,
     targets: TargetsOpt = None,
     conditional: ConditionalOpt = True,
-    starts: StartsOpt = None,
-    injections: InjectionsOpt = None,
-    shrinkage: ShrinkageOpt = None,
+    starts: options.StartsOpt = None,
+    injections: options.InjectionsOpt = None,
+    shrinkage: options.ShrinkageOpt = 1.0,
     template: options.TemplateBlindOpt = False,
     read_harmless: ReadHarmlessOpt = None,
     refine: RefineOpt = None,
@@ -173,18 +153,17 @@ def demo_cmd(
 ) -> None:
     """Organism -> refusal direction -> abliteration -> ROSI / conditional-ROSI repair -> the base, held out.
 
-    Every refusal rate is judged by the substring judge.
+    Options left out keep the preset's value (the full study, or --quick). Conditional ROSI's
+    --injections are in gaps, as in conditional-rosi. Every refusal rate is judged by the
+    substring judge.
     """
     overrides = _demo_overrides(alphas, blocks, targets, starts, injections, read_harmless, heldout, limit)
-    if injections is not None:
-        overrides["relative_injections"] = None  # given in projection units
     overrides.update(
         _given(organism_spec=organism, max_new_tokens=max_new_tokens, refine=refine, direction_layer=layer),
         conditional=conditional,
         template=template,
+        shrinkage=shrinkage or None,
     )
-    if shrinkage is not None:
-        overrides["shrinkage"] = shrinkage or None
     quiet_libraries()
     from lens_safety.organism.demonstration import DemoSettings, demonstrate
 

@@ -120,7 +120,7 @@ class DemoSettings:
     selection_stride: int = 1
     max_new_tokens: int = 48
     conditional: bool = True
-    starts: tuple[int, ...] | None = (10, 15, 20)
+    starts: tuple[int, ...] | None = None
     start_fractions: tuple[float, ...] = START_FRACTIONS
     injections: tuple[float, ...] | None = None
     relative_injections: tuple[float, ...] | None = None
