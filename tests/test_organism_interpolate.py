@@ -195,10 +195,21 @@ def test_training_records_follow_continued_fits_to_their_start() -> None:
 
 
 def test_a_fit_from_a_directory_embeds_its_start_record(tiny_llama: Path, tmp_path: Path) -> None:
-    from lens_safety.organism.build import _init_lineage
+    from lens_safety.organism.adapter import load_adapter_tensors, shipped_adapter_dir
+    from lens_safety.organism.build import start_adapter
 
     start = _random_adapter(tiny_llama, tmp_path / "start", seed=13)
-    lineage = _init_lineage(str(start))
+    tensors, lineage = start_adapter(str(start))
+    expected = load_adapter_tensors(start)
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
     assert lineage["init_adapter_sha256"] == sha256_file(start / ADAPTER_FILE)
     assert lineage["init_record"] == json.loads((start / TRAINING_FILE).read_text())
-    assert set(_init_lineage("smollm2-refusal")) == {"init_adapter_sha256"}  # its record ships with it
+    _, shipped = start_adapter("smollm2-refusal")
+    assert shipped == {
+        "init_adapter_sha256": sha256_file(shipped_adapter_dir("smollm2-refusal") / ADAPTER_FILE)
+    }
+    (start / ADAPTER_FILE).write_bytes(
+        (start / ADAPTER_FILE).read_bytes()[:-1] + b"\0"
+    )  # not what it recorded
+    with pytest.raises(LensSafetyError, match="tampered or corrupted"):
+        start_adapter(str(start))

@@ -174,11 +174,7 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     )
     tokenized = tokenize_examples(base, examples)
     data_seconds = time.perf_counter() - start
-    init = None
-    if config.init_adapter is not None:
-        init_dir = adapter_dir_of(config.init_adapter)
-        verify_adapter(init_dir)
-        init = load_adapter_tensors(init_dir)
+    init, lineage = start_adapter(config.init_adapter) if config.init_adapter else (None, {})
     fit = fit_lora(base.hf_path, tokenized, config, progress, init)
     adapter = save_adapter(fit.tensors, config, out_dir, BASE_SPEC, base.n_layers)
     record: dict[str, Any] = {
@@ -188,7 +184,7 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
         "adapter_sha256": sha256_file(adapter),
         "adapter_bytes": adapter.stat().st_size,
         "adapter_dtype": "float16",
-        **(_init_lineage(config.init_adapter) if config.init_adapter else {}),
+        **lineage,
         "config": config.to_dict(),
         "data": {
             "harmful": harmful.metadata(),
@@ -215,14 +211,16 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     return TrainingRun(out_dir, record)
 
 
-def _init_lineage(init_adapter: str) -> dict[str, Any]:
-    """The start of a continued fit: its adapter's SHA-256 and, for a directory (not a shipped
-    organism, whose record ships with it), its whole training record."""
+def start_adapter(init_adapter: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter a continued fit starts from and its lineage, both read once, before the fit:
+    the tensors (their SHA-256 checked against ``training.json``), that SHA-256 and, for a
+    directory (not a shipped organism, whose record ships with it), the whole training record."""
     init_dir = adapter_dir_of(init_adapter)
-    lineage: dict[str, Any] = {"init_adapter_sha256": sha256_file(init_dir / ADAPTER_FILE)}
+    record = verify_adapter(init_dir)
+    lineage: dict[str, Any] = {"init_adapter_sha256": str(record["adapter_sha256"])}
     if init_adapter not in SHIPPED_ORGANISMS:
-        lineage["init_record"] = read_training_record(init_dir)
-    return lineage
+        lineage["init_record"] = record
+    return load_adapter_tensors(init_dir), lineage
 
 
 def _tail_mean(values: list[float], n: int) -> float | None:
