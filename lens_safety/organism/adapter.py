@@ -161,10 +161,10 @@ def merge_adapter(
     (out_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
 
 
-def merge_scale(adapter_dir: Path, record: dict[str, Any]) -> float:
-    """The merge scale ``s`` of ``adapter_config.json``, checked against the rank and alpha that
-    ``training.json`` recorded (the weights' hash does not cover the config, so an edited
-    ``lora_alpha`` would otherwise change the organism unnoticed)."""
+def checked_config(adapter_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """``adapter_config.json``, its rank and alpha checked against those ``training.json``
+    recorded (the weights' hash does not cover the config, so an edited ``lora_alpha`` would
+    otherwise change the organism unnoticed)."""
     try:
         adapter_config = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
         rank, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
@@ -184,7 +184,12 @@ def merge_scale(adapter_dir: Path, record: dict[str, Any]) -> float:
             f"rank {recorded_rank}, alpha {float(recorded_alpha):g} (edited or mixed up)",
             _REBUILD,
         )
-    return lora_scale(adapter_config)
+    return dict(adapter_config)
+
+
+def merge_scale(adapter_dir: Path, record: dict[str, Any]) -> float:
+    """The merge scale ``s = lora_alpha / r`` of the :func:`checked_config`."""
+    return lora_scale(checked_config(adapter_dir, record))
 
 
 def materialize_organism(

@@ -28,12 +28,15 @@ import torch
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import staged_directory
 from lens_safety.hashing import sha256_file
-from lens_safety.organism.adapter import LORA_A, LORA_B, load_adapter_tensors, merge_scale, verify_adapter
+from lens_safety.organism.adapter import (
+    LORA_A,
+    LORA_B,
+    checked_config,
+    load_adapter_tensors,
+    lora_scale,
+    verify_adapter,
+)
 from lens_safety.organism.files import ADAPTER_FILE, CONFIG_FILE, TRAINING_FILE
-
-
-def _read_config(adapter_dir: Path) -> dict[str, Any]:
-    return dict(json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8")))
 
 
 def _check_compatible(
@@ -95,8 +98,8 @@ def interpolate_adapters(
     if not 0.0 <= t <= 1.0:
         raise LensSafetyError(f"interpolation weight t={t} is outside [0, 1]", "pass a t between 0 and 1")
     records = (verify_adapter(Path(start)), verify_adapter(Path(end)))
-    scales = (merge_scale(Path(start), records[0]), merge_scale(Path(end), records[1]))  # configs readable
-    configs = (_read_config(Path(start)), _read_config(Path(end)))
+    configs = (checked_config(Path(start), records[0]), checked_config(Path(end), records[1]))
+    scales = (lora_scale(configs[0]), lora_scale(configs[1]))
     tensors = (load_adapter_tensors(Path(start)), load_adapter_tensors(Path(end)))
     _check_compatible(records, configs, tensors, scales)
     from safetensors.torch import save_file
