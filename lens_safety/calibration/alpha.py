@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import Unpack
 
 from lens_safety.calibration.results import (
     DEFAULT_ALPHAS,
@@ -16,14 +16,15 @@ from lens_safety.calibration.sweep import failure_reason, fallback_point, measur
 from lens_safety.edits import edit_method, make_spec
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
+from lens_safety.prompts import PromptSource
 from lens_safety.vectors import DirectionLike
 
 
 def calibrate_alpha(
     model: ChatModel,
     direction: DirectionLike,
-    harmful_val: Any,
-    harmless_val: Any,
+    harmful_val: PromptSource,
+    harmless_val: PromptSource,
     *,
     method: str = "rosi",
     alphas: Sequence[float] | None = None,

@@ -150,7 +150,7 @@ def calibrate_conditional(
     injections: Sequence[float] = DEFAULT_INJECTIONS,
     shrinkage: float | None = None,
     template: bool = False,
-    read_harmless: Sequence[Any] = (),
+    read_harmless: Sequence[PromptSource] = (),
     refine: int = 0,
     **options: Unpack[SweepOptions],
 ) -> ConditionalCalibration:
@@ -245,7 +245,7 @@ def _midpoints(
     return out
 
 
-def _set_label(source: Any) -> str:
+def _set_label(source: PromptSource) -> str:
     """How a prompt source is recorded: its spec, its set's name, or its size."""
     if isinstance(source, str | Path):
         return str(source)

@@ -18,6 +18,7 @@ from lens_safety.edits import make_spec
 from lens_safety.edits.spec import EditSpec
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
+from lens_safety.prompts import PromptSource
 from lens_safety.vectors import DirectionLike
 
 #: a labelled edit of a sweep
@@ -46,7 +47,7 @@ def structural_calibration(
     method: str,
     model: ChatModel,
     specs: list[LabelledSpec],
-    val: tuple[Any, Any],
+    val: tuple[PromptSource, PromptSource],
     setup: tuple[CalibrationBounds, dict[str, Any]],
     extra: dict[str, Any],
     more: Callable[[Sequence[CalibrationPoint]], Sequence[LabelledSpec]] | None = None,
@@ -70,8 +71,8 @@ def structural_calibration(
 def calibrate_layer(
     model: ChatModel,
     direction: Direction,
-    harmful_val: Any,
-    harmless_val: Any,
+    harmful_val: PromptSource,
+    harmless_val: PromptSource,
     *,
     alpha: float,
     method: str = "rosi",
@@ -88,11 +89,11 @@ def calibrate_layer(
     with the defaults of :func:`~lens_safety.calibration.calibrate_alpha`.
     """
     setup = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
-    candidates = getattr(direction, "directions", None)
-    if candidates is None or getattr(candidates, "ndim", 0) != 2:
+    if not isinstance(direction, Direction):
         raise LensSafetyError(
             "layer calibration needs a Direction with per-layer candidates", "pass a saved/fitted Direction"
         )
+    candidates = direction.directions
     n = int(candidates.shape[0])
     default = sorted({*range(0, int(0.8 * n), 2), int(direction.layer)})
     chosen_layers = list(default if candidate_layers is None else candidate_layers)
@@ -121,8 +122,8 @@ def calibrate_layer(
 def calibrate_block_range(
     model: ChatModel,
     direction: DirectionLike,
-    harmful_val: Any,
-    harmless_val: Any,
+    harmful_val: PromptSource,
+    harmless_val: PromptSource,
     *,
     alpha: float,
     method: str = "rosi",

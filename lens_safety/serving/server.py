@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -217,7 +217,7 @@ def serve(
     device: str | None = None,
     dtype: str | None = None,
     system_prompt: str | None = None,
-    on_ready: Any = None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> ServeResult:
     """Load ``model_spec`` and serve it until SIGINT / SIGTERM (module docstring); ``on_ready(url)``
     is called once the socket listens."""
@@ -294,7 +294,7 @@ def _stop_signals_return() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _announce(server: uvicorn.Server, on_ready: Any) -> None:
+def _announce(server: uvicorn.Server, on_ready: Callable[[str], None] | None) -> None:
     while not server.started and not server.should_exit:
         time.sleep(0.05)
     if server.started and on_ready is not None:
