@@ -132,7 +132,7 @@ def measure_sweep(
         "n_harmless": len(harmless_set),
         "harmful": harmful_set.metadata(),
         "harmless": harmless_set.metadata(),
-        "judge": getattr(the_judge, "name", type(the_judge).__name__),
+        "judge": the_judge.name,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
         "system_prompt": system_prompt,

@@ -162,8 +162,7 @@ def _check_prompts(the_judge: Judge, prompts: Sequence[str] | None, source: str 
     if prompts is None and judge_needs_prompts(the_judge):
         where = f"'{source}'" if source else "the labelled completions"
         raise LensSafetyError(
-            f"judge '{getattr(the_judge, 'name', 'judge')}' needs the prompt of each completion and "
-            f"{where} has none",
+            f"judge '{the_judge.name}' needs the prompt of each completion and {where} has none",
             f"add a prompt column ({'/'.join(_PROMPT_COLUMNS)}) to every row, or use a judge that reads "
             "completions only (substring)",
         )
@@ -214,7 +213,7 @@ def judge_agreement(
                 row = {"prompt": data.prompts[i], **row}
             disagreements.append(row)
     return Agreement(
-        getattr(the_judge, "name", "judge"),
+        the_judge.name,
         disagreements=disagreements,
         question=judge_question(the_judge),
         labels=data.labels_mark,

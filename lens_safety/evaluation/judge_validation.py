@@ -19,7 +19,7 @@ from lens_safety.evaluation.agreement import Agreement, LabelledSet, judge_agree
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap
 from lens_safety.evaluation.judge_data import LabelledPair
 from lens_safety.evaluation.judges import Judge, get_judge, run_judge
-from lens_safety.evaluation.verdict import Verdict
+from lens_safety.evaluation.verdict import Verdict, judge_question
 
 Subset = Callable[[LabelledPair], bool]
 DEFAULT_SUBSETS: dict[str, Subset] = {"all": lambda p: True, "long": lambda p: p.long}
@@ -98,14 +98,14 @@ def compare_judges(
 ) -> JudgeComparison:
     """Measure every judge on every subset of ``pairs`` (module docstring)."""
     the_judges = [get_judge(j) for j in judges]
-    names = [getattr(j, "name", "judge") for j in the_judges]
+    names = [j.name for j in the_judges]
     prompts = [p.prompt for p in pairs] if with_prompts else None
     completions = [p.response for p in pairs]
     remembered = []
     for judge, name in zip(the_judges, names, strict=True):
         verdicts = run_judge(judge, completions, prompts)
         keys = [(None if prompts is None else prompts[i], c) for i, c in enumerate(completions)]
-        question = str(getattr(judge, "question", "refusal"))
+        question = judge_question(judge)
         remembered.append(_Remembered(name, question, dict(zip(keys, verdicts, strict=True))))
     result = JudgeComparison(names, source, {}, {}, with_prompts)
     for subset, keep in (subsets or DEFAULT_SUBSETS).items():

@@ -279,7 +279,7 @@ def get_judges(specs: str | Judge | Sequence[str | Judge] | None, **kwargs: Any)
             [part.strip() for part in item.split(",") if part.strip()] if isinstance(item, str) else [item]
         )
     judges = [get_judge(item, **kwargs) for item in flat] or [get_judge(None)]
-    names = [getattr(j, "name", "judge") for j in judges]
+    names = [j.name for j in judges]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise LensSafetyError(f"judge {duplicated[0]} given twice", "name each judge once")
@@ -310,16 +310,16 @@ def run_judge(
             except Exception as exc:
                 where = f"prompt {prompt[:80]!r}" if prompt is not None else f"completion {completion[:80]!r}"
                 raise LensSafetyError(
-                    f"judge '{getattr(judge, 'name', judge)}' failed on {where} ({type(exc).__name__}: {exc})",
+                    f"judge '{judge.name}' failed on {where} ({type(exc).__name__}: {exc})",
                     "fix the judge or the completion it rejects",
                 ) from None
         raise LensSafetyError(
-            f"judge '{getattr(judge, 'name', judge)}' failed ({type(batch_error).__name__}: {batch_error})",
+            f"judge '{judge.name}' failed ({type(batch_error).__name__}: {batch_error})",
             "fix the judge",
         ) from None
     if len(verdicts) != len(completions):
         raise LensSafetyError(
-            f"judge '{getattr(judge, 'name', judge)}' returned {len(verdicts)} verdicts for {len(completions)} completions",
+            f"judge '{judge.name}' returned {len(verdicts)} verdicts for {len(completions)} completions",
             "return one Verdict per completion",
         )
     return verdicts

@@ -149,7 +149,7 @@ def rate_of_completions(
         refused=refused,
         prompts=list(prompts) if prompts is not None else [],
         scores=[v.score for v in verdicts],
-        judge=getattr(the_judge, "name", "judge"),
+        judge=the_judge.name,
         generations=generations,
         interval=interval,
     )

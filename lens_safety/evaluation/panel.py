@@ -60,7 +60,7 @@ def judge_rates(judge: Judge, sets: dict[str, RateResult]) -> JudgeRates:
         key: rate_of_completions(result.completions, result.prompts or None, judge)
         for key, result in sets.items()
     }
-    return JudgeRates(getattr(judge, "name", "judge"), judge_question(judge), rates)
+    return JudgeRates(judge.name, judge_question(judge), rates)
 
 
 @dataclass

@@ -169,7 +169,7 @@ def _judged(
         runs.append(jailbreaks.rates.generations)
         sets["jailbreak"] = jailbreaks.rates
     degeneration = degeneration_check([run for run in runs if run is not None])
-    panel = [JudgeRates(getattr(judges[0], "name", "judge"), judge_question(judges[0]), sets)]
+    panel = [JudgeRates(judges[0].name, judge_question(judges[0]), sets)]
     return degeneration, panel + [judge_rates(extra, sets) for extra in judges[1:]]
 
 
@@ -324,7 +324,7 @@ def evaluate_model(
     utility = _utility(model, utility_tasks, utility_limit, utility_include, common, clock)
     result = ModelEvaluation(
         model.identity(),
-        getattr(the_judge, "name", "judge"),
+        the_judge.name,
         refusal,
         damage,
         ce,
