@@ -31,3 +31,10 @@ def direction_vector(direction: DirectionLike) -> Float[torch.Tensor, " d_model"
     if isinstance(direction, HasDirection):
         return torch.as_tensor(direction.direction)
     return torch.as_tensor(direction)
+
+
+def layer_of(direction: DirectionLike) -> int | None:
+    """The block ``direction`` was read at: its ``.layer`` when it carries one (a
+    :class:`~lens_safety.directions.Direction`), ``None`` for a bare tensor."""
+    layer = getattr(direction, "layer", None)
+    return None if layer is None else int(layer)

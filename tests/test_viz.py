@@ -134,10 +134,11 @@ def test_a_direction_is_a_tensor_or_anything_carrying_one() -> None:
     import torch
 
     from lens_safety.directions import Direction
-    from lens_safety.vectors import HasDirection, direction_vector
+    from lens_safety.vectors import HasDirection, direction_vector, layer_of
 
     vector = torch.tensor([3.0, 4.0, 0.0])
-    saved = Direction(torch.stack([vector, -vector]), layer=0, position=-1, method="mean-diff")
+    saved = Direction(torch.stack([vector, -vector]), layer=1, position=-1, method="mean-diff")
     assert direction_vector(vector) is vector  # unchanged, norm kept
     assert isinstance(saved, HasDirection) and torch.equal(direction_vector(saved), saved.direction)
     assert not isinstance(vector, HasDirection)
+    assert layer_of(saved) == 1 and layer_of(vector) is None  # the block it was read at, if it says

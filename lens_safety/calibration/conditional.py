@@ -127,8 +127,7 @@ def injection_unit(
     parent's direction gives the same unit on its abliterated child. Otherwise the gap is measured on
     ``model`` with :func:`projection_gap` (``source == "model"``).
     """
-    metadata = getattr(direction, "metadata", None) or {}
-    h, b = metadata.get("harmful_projection"), metadata.get("harmless_projection")
+    h, b = direction.metadata.get("harmful_projection"), direction.metadata.get("harmless_projection")
     layer = int(direction.layer)
     if isinstance(h, list) and isinstance(b, list) and len(h) > layer and len(b) > layer:
         gap = float(h[layer]) - float(b[layer])

@@ -19,7 +19,7 @@ from lens_safety.edits.spec import EditSpec
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.prompts import PromptSource
-from lens_safety.vectors import DirectionLike
+from lens_safety.vectors import DirectionLike, layer_of
 
 #: a labelled edit of a sweep
 LabelledSpec = tuple[str, EditSpec]
@@ -134,7 +134,7 @@ def calibrate_block_range(
     """Try editing different sets of blocks (default :func:`block_ranges`), same direction and
     alpha; ``options`` as in :func:`calibrate_layer`."""
     setup = sweep_setup(options, CalibrationBounds(), max_new_tokens=24)
-    layer = getattr(direction, "layer", None)
+    layer = layer_of(direction)
     candidates = block_ranges(model.n_layers, layer) if ranges is None else dict(ranges)
     if not candidates:
         raise LensSafetyError("no block ranges to try", "pass at least one range")

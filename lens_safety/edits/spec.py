@@ -62,7 +62,7 @@ from jaxtyping import Float
 from lens_safety.edits.methods import EDIT_METHODS, MethodName, edit_method
 from lens_safety.errors import LensSafetyError
 from lens_safety.hashing import sha256_vector
-from lens_safety.vectors import DirectionLike, direction_vector
+from lens_safety.vectors import DirectionLike, direction_vector, layer_of
 
 if TYPE_CHECKING:
     from lens_safety.directions.read import ReadDirection
@@ -164,7 +164,7 @@ def make_spec(
         )
     value = kind.check_alpha(alpha)
     if direction_layer is None:
-        direction_layer = getattr(direction, "layer", None)
+        direction_layer = layer_of(direction)
     chosen = tuple(targets) if targets else kind.default_targets
     unit = unit_direction(direction, d_model)
     return EditSpec(

@@ -12,7 +12,7 @@ from typing import Any
 
 from lens_safety.activations import HookName, collect_activations
 from lens_safety.models import ChatModel
-from lens_safety.vectors import DirectionLike, direction_vector
+from lens_safety.vectors import DirectionLike, direction_vector, layer_of
 
 
 def token_projections(
@@ -30,7 +30,8 @@ def token_projections(
     defaults to the direction's layer).
     """
     if layer is None:
-        layer = int(getattr(direction, "layer", model.n_layers // 2))
+        carried = layer_of(direction)
+        layer = model.n_layers // 2 if carried is None else carried
     vector = direction_vector(direction).double()
     unit = vector / vector.norm()
     ids = model.chat.token_ids(model.chat.format(prompt, system_prompt))
