@@ -154,9 +154,13 @@ def training_harmful_set(config: TrainingConfig) -> tuple[PromptSet, dict[str, P
 
 
 def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False) -> TrainingRun:
-    """Train the organism's adapter from scratch into ``out_dir`` (created; must not hold an adapter)."""
+    """Train the organism's adapter into ``out_dir`` (created; must not hold an adapter), from
+    peft's initialisation or continuing ``config.init_adapter``."""
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
+    init, lineage = (
+        start_adapter(config.init_adapter) if config.init_adapter else (None, {})
+    )  # a bad start fails before any work
     base = load_model(BASE_SPEC, device="cpu")
     harmful, added_harmful = training_harmful_set(config)
     harmless, added = training_harmless_set(config)
@@ -174,7 +178,6 @@ def train_organism(config: TrainingConfig, out_dir: Path, progress: bool = False
     )
     tokenized = tokenize_examples(base, examples)
     data_seconds = time.perf_counter() - start
-    init, lineage = start_adapter(config.init_adapter) if config.init_adapter else (None, {})
     fit = fit_lora(base.hf_path, tokenized, config, progress, init)
     adapter = save_adapter(fit.tensors, config, out_dir, BASE_SPEC, base.n_layers)
     record: dict[str, Any] = {
