@@ -10,18 +10,21 @@ left axis (0..1), the first-token KL (nats) the right one.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
+
+if TYPE_CHECKING:
+    from lens_safety.calibration import CalibrationResult
 
 _COLOURS = {"harmful": "#d62728", "harmless": "#1f77b4", "kl": "#7f7f7f"}
 
 
-def _as_dict(result: Any) -> Mapping[str, Any]:
+def _as_dict(result: CalibrationResult | Mapping[str, Any]) -> Mapping[str, Any]:
     return result if isinstance(result, Mapping) else result.to_dict()
 
 
-def calibration_figure(result: Any, title: str | None = None) -> go.Figure:
+def calibration_figure(result: CalibrationResult | Mapping[str, Any], title: str | None = None) -> go.Figure:
     """Refusal / over-refusal / KL curve of a sweep, with the three bounds and the chosen point."""
     data = _as_dict(result)
     points, bounds, base = data["points"], data["bounds"], data["baseline"]
