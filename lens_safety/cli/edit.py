@@ -178,9 +178,6 @@ def _export(
 
 # conditional-rosi: its grid options and their parsing
 
-#: Injections swept by default, in gaps (the library's ``DEFAULT_RELATIVE_INJECTIONS``).
-DEFAULT_INJECTIONS_TEXT = "0.75,1,1.5,2"
-
 
 def parse_starts(start: str, starts: str | None) -> list[int] | None:
     """``--start N`` (one block) or ``--start auto`` with ``--starts`` (``None``: the default sweep)."""
@@ -197,8 +194,9 @@ def parse_starts(start: str, starts: str | None) -> list[int] | None:
     return sorted({int(b) for b in candidates})
 
 
-def parse_injections(injection: str, injections: str | None) -> list[float]:
-    """``--injection X`` (one number) or ``--injection auto`` with ``--injections`` (gaps)."""
+def parse_injections(injection: str, injections: str | None) -> list[float] | None:
+    """``--injection X`` (one number) or ``--injection auto`` with ``--injections`` (gaps;
+    ``None``: the library's default grid)."""
     if injection != "auto":
         grid = parse_numbers(injection, "--injection", "1", integer=False)
         if len(grid) != 1:
@@ -206,7 +204,9 @@ def parse_injections(injection: str, injections: str | None) -> list[float]:
                 f"--injection must be 'auto' or one number, got '{injection}'", "pass e.g. --injection 1"
             )
         return grid
-    return parse_numbers(injections or DEFAULT_INJECTIONS_TEXT, "--injections", "0.75,1,1.5", integer=False)
+    if injections is None:
+        return None
+    return parse_numbers(injections, "--injections", "0.75,1,1.5", integer=False)
 
 
 StartOpt = Annotated[
@@ -276,7 +276,7 @@ def conditional_rosi_cmd(
     first_blocks = parse_starts(start, starts)
     extra_harmless = parse_prompt_sets(read_harmless)
     quiet_libraries()
-    from lens_safety.pipelines import ConditionalSettings, run_conditional
+    from lens_safety.pipelines import DEFAULT_RELATIVE_INJECTIONS, ConditionalSettings, run_conditional
 
     settings = ConditionalSettings(
         direction=direction,
@@ -285,7 +285,7 @@ def conditional_rosi_cmd(
         layer=the_layer,
         starts=None if first_blocks is None else tuple(first_blocks),
         end=end,
-        injections=tuple(grid),
+        injections=DEFAULT_RELATIVE_INJECTIONS if grid is None else tuple(grid),
         refine=refine if injection == "auto" else 0,
         shrinkage=shrinkage or None,
         template=template,
