@@ -34,12 +34,17 @@ def _subcommand(path: str) -> Any:
 
 def _shared_defaults(command: Any, settings: Any) -> dict[str, tuple[Any, Any]]:
     """``{field: (cli default, library default)}`` for every option named like a settings field
-    that has a default."""
+    that has a default. An option whose CLI default is ``None`` while the field's is not means
+    "left out: the library's default stands" (``cli.common.given``) and is not compared here;
+    ``test_conditional_cli`` checks on a run that ``refine`` is then the library's."""
     fields = {f.name: f.default for f in dataclasses.fields(settings) if f.default is not dataclasses.MISSING}
     return {
         p.name: (p.default, fields[p.name])
         for p in command.params
-        if p.name in fields and p.name != "method" and not isinstance(fields[p.name], tuple)
+        if p.name in fields
+        and p.name != "method"
+        and not isinstance(fields[p.name], tuple)
+        and not (p.default is None and fields[p.name] is not None)
     }
 
 

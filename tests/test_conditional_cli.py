@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from lens_safety.activations import collect_activations
 from lens_safety.calibration import injection_unit, projection_gap
-from lens_safety.cli.edit import parse_starts
+from lens_safety.cli.edit import parse_start
 from lens_safety.directions import Direction
 from lens_safety.edits import applied_edit, orthogonalize
 from lens_safety.errors import LensSafetyError
 from lens_safety.models import load_model
-from lens_safety.pipelines import default_starts, resolve_blocks
+from lens_safety.pipelines import ConditionalSettings, default_starts, resolve_blocks
 from lens_safety.prompts import PromptSet
 
 FAST = ["--n-train", "16", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4"]
@@ -52,6 +52,24 @@ def test_conditional_rosi_end_to_end_on_a_tiny_model(
     assert record["method"] == "conditional_rosi" and abs(float(read.norm()) - 1.0) < 1e-9
     assert record["measurements"]["start"] == 1 and record["alpha"] == pytest.approx(summary["alpha"])
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_hidden_layers == 3
+
+
+def test_options_left_out_take_the_library_defaults(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --injections, --refine and --read-harmless the job runs ``ConditionalSettings``'
+    own defaults: its injection grid (in gaps), its bisection rounds and no extra read prompts."""
+    out = tmp_path / "defaults"
+    argv = ["conditional-rosi", str(tiny_dirs["llama"]), "--out", str(out), "--layer", "1", "--start", "1"]
+    code, stdout, err = run([*argv, *FAST, "--json"], capsys)
+    assert code == 0, err
+    gap = json.loads(stdout)["gap"]
+    calibration = json.loads((out / "calibration.json").read_text())
+    library = ConditionalSettings()
+    assert calibration["settings"]["refine"] == library.refine
+    assert calibration["settings"]["read_harmless"] == list(library.read_harmless)
+    grid = [p["label"] for p in calibration["points"]][: len(library.injections)]
+    assert grid == [f"blocks 1..1, injection {k * gap:g}" for k in library.injections]
 
 
 def test_fixed_start_and_injection_use_one_point(
@@ -132,13 +150,13 @@ def test_repairing_an_ablated_child_uses_the_parents_gap(
 
 def test_block_choices() -> None:
     assert default_starts(30) == [10, 15, 20] and default_starts(3) == [1]
-    assert parse_starts("auto", None) is None and resolve_blocks(None, None, 30) == ([10, 15, 20], 29)
-    assert parse_starts("auto", "4,2,4") == [2, 4] and resolve_blocks([2, 4], 30, 30) == ([2, 4], 30)
-    assert parse_starts("7", None) == [7] and resolve_blocks([7], None, 30) == ([7], 29)
+    assert parse_start("auto", None) is None and resolve_blocks(None, None, 30) == ([10, 15, 20], 29)
+    assert parse_start("auto", "4,2,4") == (2, 4) and resolve_blocks((2, 4), 30, 30) == ([2, 4], 30)
+    assert parse_start("7", None) == (7,) and resolve_blocks((7,), None, 30) == ([7], 29)
     with pytest.raises(LensSafetyError, match="not 0 <= start < end"):
-        resolve_blocks(parse_starts("29", None), None, 30)
+        resolve_blocks(parse_start("29", None), None, 30)
     with pytest.raises(LensSafetyError, match="one block"):
-        parse_starts("3,4", None)
+        parse_start("3,4", None)
 
 
 @pytest.mark.parametrize(

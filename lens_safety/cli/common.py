@@ -130,6 +130,26 @@ def parse_numbers(value: str, option: str, example: str, *, integer: bool) -> li
     return [float(n) for n in numbers]
 
 
+def parse_starts(value: str | None) -> tuple[int, ...] | None:
+    """``--starts``: the first edited blocks to sweep, sorted and distinct (``None``: left out)."""
+    if value is None:
+        return None
+    return tuple(sorted({int(b) for b in parse_numbers(value, "--starts", "10,15,20", integer=True)}))
+
+
+def parse_injections(value: str | None) -> tuple[float, ...] | None:
+    """``--injections``: the injections to sweep, in gaps (``None``: left out)."""
+    if value is None:
+        return None
+    return tuple(parse_numbers(value, "--injections", "0.75,1,1.5", integer=False))
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options the user passed: ``None`` means left out, so the job's default (or the preset's)
+    stands."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def parse_prompt_sets(value: str) -> list[str]:
     """Comma-separated prompt-set specs (files or ``builtin:`` names; ``none`` for none), each
     checked to load so a typo fails before any model work."""

@@ -29,12 +29,15 @@ import typer
 
 from lens_safety.cli import app, options
 from lens_safety.cli.common import (
+    given,
     parse_alpha,
     parse_alphas,
     parse_blocks,
+    parse_injections,
     parse_layer,
     parse_numbers,
     parse_prompt_sets,
+    parse_starts,
     print_export_summary,
     quiet_libraries,
 )
@@ -176,37 +179,30 @@ def _export(
     print_export_summary(result.to_dict(), as_json)
 
 
-# conditional-rosi: its grid options and their parsing
+# conditional-rosi: its single-value options and their parsing
 
 
-def parse_starts(start: str, starts: str | None) -> list[int] | None:
-    """``--start N`` (one block) or ``--start auto`` with ``--starts`` (``None``: the default sweep)."""
-    if start != "auto":
-        candidates = parse_numbers(start, "--start", "15", integer=True)
-        if len(candidates) != 1:
-            raise LensSafetyError(
-                f"--start must be 'auto' or one block, got '{start}'", "pass e.g. --start 15"
-            )
-    elif starts is not None:
-        candidates = parse_numbers(starts, "--starts", "10,15,20", integer=True)
-    else:
-        return None
-    return sorted({int(b) for b in candidates})
+def parse_start(start: str, starts: str | None) -> tuple[int, ...] | None:
+    """``--start N`` (one block) or ``--start auto`` with ``--starts`` (``None``: the job's default sweep)."""
+    if start == "auto":
+        return parse_starts(starts)
+    candidates = parse_numbers(start, "--start", "15", integer=True)
+    if len(candidates) != 1:
+        raise LensSafetyError(f"--start must be 'auto' or one block, got '{start}'", "pass e.g. --start 15")
+    return (int(candidates[0]),)
 
 
-def parse_injections(injection: str, injections: str | None) -> list[float] | None:
-    """``--injection X`` (one number) or ``--injection auto`` with ``--injections`` (gaps;
-    ``None``: the library's default grid)."""
-    if injection != "auto":
-        grid = parse_numbers(injection, "--injection", "1", integer=False)
-        if len(grid) != 1:
-            raise LensSafetyError(
-                f"--injection must be 'auto' or one number, got '{injection}'", "pass e.g. --injection 1"
-            )
-        return grid
-    if injections is None:
-        return None
-    return parse_numbers(injections, "--injections", "0.75,1,1.5", integer=False)
+def parse_injection(injection: str, injections: str | None) -> tuple[float, ...] | None:
+    """``--injection X`` (one number, in gaps) or ``--injection auto`` with ``--injections``
+    (``None``: the job's default grid)."""
+    if injection == "auto":
+        return parse_injections(injections)
+    grid = parse_numbers(injection, "--injection", "1", integer=False)
+    if len(grid) != 1:
+        raise LensSafetyError(
+            f"--injection must be 'auto' or one number, got '{injection}'", "pass e.g. --injection 1"
+        )
+    return tuple(grid)
 
 
 StartOpt = Annotated[
@@ -219,20 +215,6 @@ EndOpt = Annotated[
 InjectionOpt = Annotated[
     str,
     typer.Option("--injection", help="Injection in gaps: auto (sweeps --injections on val) or a number > 0."),
-]
-ReadHarmlessOpt = Annotated[
-    str,
-    typer.Option(
-        "--read-harmless",
-        help="Benign prompt sets (comma-separated) added to the harmless train prompts of the read "
-        "directions, e.g. look-alikes of harmful requests (default none).",
-    ),
-]
-RefineOpt = Annotated[
-    int,
-    typer.Option(
-        "--refine", min=0, help="Bisection rounds on the injection after the grid (--injection auto)."
-    ),
 ]
 
 
@@ -251,8 +233,8 @@ def conditional_rosi_cmd(
     injections: options.InjectionsOpt = None,
     shrinkage: options.ShrinkageOpt = 1.0,
     template: options.TemplateBlindOpt = False,
-    read_harmless: ReadHarmlessOpt = "none",
-    refine: RefineOpt = 2,
+    read_harmless: options.ReadHarmlessOpt = None,
+    refine: options.RefineOpt = None,
     target_refusal: options.TargetRefusalOpt = 0.85,
     max_over_refusal: options.MaxOverRefusalOpt = 0.1,
     over_refusal_relative: options.OverRefusalRelativeOpt = False,
@@ -272,24 +254,20 @@ def conditional_rosi_cmd(
     (calibration on val, before/after on test) is judged by the substring judge.
     """
     the_layer = parse_layer(layer)
-    grid = parse_injections(injection, injections)
-    first_blocks = parse_starts(start, starts)
-    extra_harmless = parse_prompt_sets(read_harmless)
+    first_blocks, grid = parse_start(start, starts), parse_injection(injection, injections)
+    extra_harmless = None if read_harmless is None else tuple(parse_prompt_sets(read_harmless))
     quiet_libraries()
-    from lens_safety.pipelines import DEFAULT_RELATIVE_INJECTIONS, ConditionalSettings, run_conditional
+    from lens_safety.pipelines import ConditionalSettings, run_conditional
 
     settings = ConditionalSettings(
         direction=direction,
         harmful=harmful,
         harmless=harmless,
         layer=the_layer,
-        starts=None if first_blocks is None else tuple(first_blocks),
+        starts=first_blocks,
         end=end,
-        injections=DEFAULT_RELATIVE_INJECTIONS if grid is None else tuple(grid),
-        refine=refine if injection == "auto" else 0,
         shrinkage=shrinkage or None,
         template=template,
-        read_harmless=tuple(extra_harmless),
         target_refusal=target_refusal,
         max_over_refusal=max_over_refusal,
         over_refusal_relative=over_refusal_relative,
@@ -298,6 +276,11 @@ def conditional_rosi_cmd(
         n_val=n_val,
         n_test=n_test,
         max_new_tokens=max_new_tokens,
+        **given(
+            injections=grid,
+            refine=refine if injection == "auto" else 0,
+            read_harmless=extra_harmless,
+        ),
     )
     result = run_conditional(
         model, out, settings, overwrite=overwrite, device=device, dtype=dtype, progress=True

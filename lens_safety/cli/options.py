@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from lens_safety.organism.sets import READ_HARMLESS
+
 # the model and how it is loaded (every command that loads a model)
 ModelArg = Annotated[
     str,
@@ -137,6 +139,24 @@ ShrinkageOpt = Annotated[
     float,
     typer.Option(
         "--shrinkage", min=0.0, help="Shrinkage-LDA ridge of the read direction (0: the mean difference)."
+    ),
+]
+ReadHarmlessOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--read-harmless",
+        help="Benign prompt sets (comma-separated; none for none) added to the harmless train prompts "
+        "of the read directions, e.g. look-alikes of harmful requests (default none; organism demo: "
+        f"{','.join(READ_HARMLESS)}).",
+    ),
+]
+RefineOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--refine",
+        min=0,
+        help="Bisection rounds on the injection after the grid (conditional-rosi: with --injection auto, "
+        "default 2; organism demo: its preset's).",
     ),
 ]
 

@@ -10,16 +10,18 @@ import typer
 
 from lens_safety.cli import options, organism_app
 from lens_safety.cli.common import (
+    given,
     parse_alphas,
     parse_blocks,
     parse_heldout_pairs,
-    parse_numbers,
+    parse_injections,
     parse_prompt_sets,
+    parse_starts,
     print_json,
     quiet_libraries,
 )
 from lens_safety.errors import LensSafetyError
-from lens_safety.organism.sets import HELDOUT_PAIRS, READ_HARMLESS
+from lens_safety.organism.sets import HELDOUT_PAIRS
 
 DemoLayerOpt = Annotated[
     int | None,
@@ -64,18 +66,6 @@ ConditionalOpt = Annotated[
         help="Also repair with conditional ROSI (refusal injected along a harmfulness read direction).",
     ),
 ]
-ReadHarmlessOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--read-harmless",
-        help="Benign prompt sets added to the harmless train prompts of the read directions "
-        f"(comma-separated; none for none; default {','.join(READ_HARMLESS)}).",
-    ),
-]
-RefineOpt = Annotated[
-    int | None,
-    typer.Option("--refine", min=0, help="Bisection rounds on the injection after the conditional grid."),
-]
 HeldoutOpt = Annotated[
     str | None,
     typer.Option(
@@ -85,11 +75,6 @@ HeldoutOpt = Annotated[
         f"(default {';'.join(','.join(pair) for pair in HELDOUT_PAIRS)}).",
     ),
 ]
-
-
-def _given(**options: Any) -> dict[str, Any]:
-    """The options the user passed (``None``: not given, the preset's value stands)."""
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def _demo_overrides(
@@ -113,17 +98,13 @@ def _demo_overrides(
         )
     chosen_blocks = parse_blocks(blocks, n_layers=None)  # demonstrate() checks the range
     grid = parse_alphas(alphas)
-    return _given(
+    return given(
         limit=limit,
         alphas=None if grid is None else tuple(grid),
         blocks=None if chosen_blocks is None else tuple(chosen_blocks),
         targets=kinds,
-        starts=None
-        if starts is None
-        else tuple(int(x) for x in parse_numbers(starts, "--starts", "10,15,20", integer=True)),
-        relative_injections=None
-        if injections is None
-        else tuple(parse_numbers(injections, "--injections", "0.75,1,1.5", integer=False)),
+        starts=parse_starts(starts),
+        relative_injections=parse_injections(injections),
         read_harmless=None if read_harmless is None else tuple(parse_prompt_sets(read_harmless)),
         heldout=None if heldout is None else tuple(parse_heldout_pairs(heldout)),
     )
@@ -146,8 +127,8 @@ def demo_cmd(
     injections: options.InjectionsOpt = None,
     shrinkage: options.ShrinkageOpt = 1.0,
     template: options.TemplateBlindOpt = False,
-    read_harmless: ReadHarmlessOpt = None,
-    refine: RefineOpt = None,
+    read_harmless: options.ReadHarmlessOpt = None,
+    refine: options.RefineOpt = None,
     heldout: HeldoutOpt = None,
     json: options.JsonOpt = False,
 ) -> None:
@@ -159,7 +140,7 @@ def demo_cmd(
     """
     overrides = _demo_overrides(alphas, blocks, targets, starts, injections, read_harmless, heldout, limit)
     overrides.update(
-        _given(organism_spec=organism, max_new_tokens=max_new_tokens, refine=refine, direction_layer=layer),
+        given(organism_spec=organism, max_new_tokens=max_new_tokens, refine=refine, direction_layer=layer),
         conditional=conditional,
         template=template,
         shrinkage=shrinkage or None,
