@@ -254,3 +254,14 @@ def test_ranker_options_default_to_the_config_dataclasses_and_reject_unknown_nam
         ranker_configs(D, {"widht": 16})  # type: ignore[typeddict-unknown-key]
     with pytest.raises(LensSafetyError, match="invalid ranker settings"):
         ranker_configs(D, {"dropout": 1.0})
+
+
+def test_invalid_ranker_settings_fail_before_the_lists_are_read(tmp_path) -> None:
+    """The settings are checked before any data directory is opened: a missing one is not reached."""
+    from lens_safety.srr.train_job import train_ranker_directory
+
+    with pytest.raises(LensSafetyError, match="invalid ranker settings"):
+        train_ranker_directory([tmp_path / "no-such-lists"], tmp_path / "ranker", dropout=1.0)
+    with pytest.raises(LensSafetyError, match=r"unknown ranker option.*widht"):
+        train_ranker_directory([tmp_path / "no-such-lists"], tmp_path / "ranker", widht=4)  # type: ignore[call-arg]
+    assert not (tmp_path / "ranker").exists()

@@ -126,6 +126,7 @@ def train_ranker_directory(
     """
     out = Path(out)
     require_free(out, overwrite)
+    ranker_configs(1, options)  # invalid settings fail before the lists load (d_input is theirs)
     dataset = load_datasets(data_dirs)
     chosen = layer if layer is not None else default_ranker_layer(int(dataset.meta["model"]["n_layers"]))
     rconf, tconf = ranker_configs(int(dataset.instruction.shape[-1]), options)
