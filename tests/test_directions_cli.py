@@ -161,3 +161,23 @@ def test_probe_json(tiny_dirs, files, capsys):
     assert [r["layer"] for r in report["layers"]] == [0, 1, 2]
     assert {"probe_accuracy", "probe_accuracy_ci", "mean_diff_auroc"} <= set(report["layers"][0])
     assert len(report["cosine"]) == 3
+
+
+def test_probe_out_saves_the_report_and_its_per_layer_figures(tiny_dirs, files, tmp_path, capsys):
+    out = tmp_path / "probe"
+    argv = ["probe", str(tiny_dirs["llama"]), "--harmful", str(files[0]), "--harmless", str(files[1])]
+    argv += ["--n-bootstrap", "20", "--out", str(out)]
+    code, stdout, stderr = run([*argv, "--json"], capsys)
+    assert code == 0, stderr
+    assert json.loads((out / "probe.json").read_text()) == json.loads(stdout)
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["cosine.html", "probe_accuracy.html", "probe_auroc.html"]
+    accuracy = (out / "figures" / "probe_accuracy.html").read_text()
+    assert "logistic probe" in accuracy and "mean-diff projection" in accuracy
+    before = (out / "probe.json").read_bytes()
+    code, _, stderr = run(argv, capsys)  # exists, no --overwrite: refused before any model work
+    assert code == 2 and "already exists" in stderr and stderr.count("\n") == 1
+    assert (out / "probe.json").read_bytes() == before
+    code, stdout, stderr = run([*argv, "--overwrite"], capsys)
+    assert code == 0, stderr
+    assert "probe acc" in stdout and f"to {out}" in stdout.replace("\n", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as stdlib_json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -9,13 +10,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lens_safety.cli import app, options
-from lens_safety.cli.common import load_cli_model, parse_auto_int, parse_list, print_json, stdout_console
+from lens_safety.cli.common import (
+    load_cli_model,
+    parse_auto_int,
+    parse_list,
+    print_json,
+    stdout_console,
+    strict_json,
+)
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free, staged_directory
 
 if TYPE_CHECKING:
     from lens_safety.directions.pipeline import DirectionReport
     from lens_safety.models import ChatModel
+    from lens_safety.probing import ProbeReport
     from lens_safety.prompts import PromptSet
 
 DirectionsOutOpt = Annotated[
@@ -48,6 +57,14 @@ FilterTrainOpt = Annotated[
 ]
 NoFiguresOpt = Annotated[bool, typer.Option("--no-figures", help="Skip the HTML figures.")]
 ProbePositionOpt = Annotated[int, typer.Option("--position", help="Negative token position to probe.")]
+ProbeOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Also write DIR/probe.json and the per-layer figures DIR/figures/probe_accuracy.html, "
+        "probe_auroc.html and cosine.html.",
+    ),
+]
 BootstrapOpt = Annotated[
     int, typer.Option("--n-bootstrap", help="Bootstrap resamples for the confidence intervals.")
 ]
@@ -272,20 +289,25 @@ def probe(
     model: options.ModelArg = "smollm2",
     harmful: options.HarmfulOpt = "builtin:harmful",
     harmless: options.HarmlessOpt = "builtin:harmless",
+    out: ProbeOutOpt = None,
     position: ProbePositionOpt = -1,
     n_bootstrap: BootstrapOpt = 1000,
     system_prompt: options.SystemPromptOpt = None,
+    overwrite: options.OverwriteOpt = False,
     batch_size: options.BatchOpt = 16,
     device: options.DeviceOpt = None,
     dtype: options.DtypeOpt = None,
     no_chat_template: options.NoTemplateOpt = False,
     json: options.JsonOpt = False,
 ) -> None:
-    """Per-layer held-out accuracy and AUROC of a logistic probe and of the mean-difference projection."""
+    """Per-layer held-out accuracy and AUROC of a logistic probe and of the mean-difference projection
+    (with --out: saved with its per-layer figures)."""
     from lens_safety.probing import probe_layers
 
     if position >= 0:
         raise LensSafetyError(f"--position must be negative, got {position}", "use e.g. --position -1")
+    if out is not None:
+        require_free(out, overwrite)
     harmful_set, harmless_set = _load_classes(harmful, harmless)
     loaded = load_cli_model(model, device, dtype, no_chat_template)
     report = probe_layers(
@@ -298,12 +320,33 @@ def probe(
         batch_size=batch_size,
         progress=True,
     )
+    if out is not None:
+        _save_probe(report, out, overwrite)
     if json:
         print_json(report.to_dict())
-        return
+    else:
+        _print_probe_table(report)
+        if out is not None:
+            typer.echo(f"wrote probe.json and figures/ (probe_accuracy, probe_auroc, cosine) to {out}")
+
+
+def _save_probe(report: ProbeReport, out: Path, overwrite: bool) -> None:
+    """``out/probe.json`` (strict JSON of the report) and its figures, written whole or not at all."""
+    from lens_safety import viz
+
+    with staged_directory(out, overwrite=overwrite) as staging:
+        (staging / "probe.json").write_text(stdlib_json.dumps(strict_json(report.to_dict()), indent=2) + "\n")
+        (staging / "figures").mkdir()
+        for name, figure in viz.probe_figures(report).items():
+            viz.figure_html(figure, staging / "figures" / f"{name}.html")
+
+
+def _print_probe_table(report: ProbeReport) -> None:
     from rich.table import Table
 
-    table = Table(title=f"probe: position {position}, train {report.n_train}, held-out {report.n_test}")
+    table = Table(
+        title=f"probe: position {report.position}, train {report.n_train}, held-out {report.n_test}"
+    )
     for column in (
         "layer",
         "probe acc [95% CI]",

@@ -113,6 +113,20 @@ def probe_accuracy_figure(report: ProbeReport, metric: str = "accuracy") -> go.F
     return fig
 
 
+def probe_figures(report: ProbeReport) -> dict[str, go.Figure]:
+    """The per-layer figures of a probe report by file stem: held-out accuracy and AUROC of the
+    probe and of the mean-difference projection, and the layer x layer cosine of the
+    mean-difference directions."""
+    return {
+        "probe_accuracy": probe_accuracy_figure(report, "accuracy"),
+        "probe_auroc": probe_accuracy_figure(report, "auroc"),
+        "cosine": cosine_heatmap(
+            report.cosine,
+            title=f"Cosine of mean-difference directions across layers (position {report.position})",
+        ),
+    }
+
+
 def selection_scores_figure(selection: Selection) -> go.Figure:
     """Bypass, induce and KL per scored layer (one line per position); rejected points are hollow."""
     from plotly.subplots import make_subplots
