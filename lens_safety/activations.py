@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, Unpack
 
 import torch
 from jaxtyping import Float
@@ -28,6 +28,9 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet, PromptSource
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 HookName = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -168,7 +171,7 @@ class PrefixedBatch:
 
     batch: EncodedBatch
     prefix: int
-    cache: Any
+    cache: Cache
 
 
 def cache_argument(model: ChatModel) -> str:

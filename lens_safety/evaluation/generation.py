@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -40,6 +40,9 @@ from lens_safety.errors import LensSafetyError
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet, PromptSource
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 #: A zero-argument factory returning a context manager that is active while the model generates,
 #: e.g. ``lambda: add_direction(model, r, layer=12, coeff=4.0)``.
@@ -186,7 +189,7 @@ def _generate_batch(
     decoding: Decoding,
     *,
     suppress_first_tokens: Sequence[int] | None = None,
-    cache: Any = None,
+    cache: Cache | None = None,
     first_log_probs: bool = False,
 ) -> tuple[Int[torch.Tensor, "batch_times_k new"], Float[torch.Tensor, "batch_times_k vocab"] | None]:
     """New token ids (and the first step's float64 log-probabilities with ``first_log_probs``);
