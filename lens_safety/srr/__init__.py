@@ -15,7 +15,7 @@ from lens_safety.srr.crossval import CVCell, CVResult, cross_validate
 from lens_safety.srr.data import CandidateList, SRRDataset
 from lens_safety.srr.evaluate import SRREvaluation, evaluate
 from lens_safety.srr.experiments import category_transfer, comparison_figure, layer_sweep, sweep_figure
-from lens_safety.srr.features import list_features, read_token_states
+from lens_safety.srr.features import default_ranker_layer, list_features, read_token_states
 from lens_safety.srr.labels import is_degenerate, label_candidates, relabel_dataset
 from lens_safety.srr.metrics import RankingMetrics, ranking_metrics
 from lens_safety.srr.ranker import RankerConfig, SafetyRanker, listwise_loss, load_ranker, save_ranker
@@ -43,6 +43,7 @@ __all__ = [
     "comparison_figure",
     "concat_datasets",
     "cross_validate",
+    "default_ranker_layer",
     "evaluate",
     "is_degenerate",
     "label_candidates",

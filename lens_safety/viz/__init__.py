@@ -1,5 +1,6 @@
 """Figures for notebooks, reports and the CLI: plotly per-layer plots and circuitsvis token views."""
 
+from lens_safety.viz.calibration import calibration_figure
 from lens_safety.viz.layers import (
     candidate_cosines,
     cosine_heatmap,
@@ -16,6 +17,7 @@ from lens_safety.viz.layers import (
 from lens_safety.viz.tokens import token_projection_view, token_projections
 
 __all__ = [
+    "calibration_figure",
     "candidate_cosines",
     "cosine_heatmap",
     "direction_norms_figure",

@@ -28,7 +28,6 @@ from lens_safety.directions import find_read_direction
 from lens_safety.edits import applied_edit, conditional_rosi, orthogonalize
 from lens_safety.evaluation import evaluate_refusal
 from lens_safety.pipelines import EditSettings, Splits, choose_alpha, edit_and_export, obtain_direction
-from lens_safety.viz.calibration import calibration_figure
 
 model = ls.load_model("smollm2-refusal")
 test_h = ls.PromptSet.load("builtin:harmful:test").head(8)
@@ -109,7 +108,7 @@ settings = EditSettings(
 val = (ls.PromptSet.load("builtin:harmful:val").head(8), ls.PromptSet.load("builtin:harmless:val").head(8))
 choice, calibration = choose_alpha(model, direction, val, settings)
 print(choice.message)
-calibration_figure(calibration)
+viz.calibration_figure(calibration)
 
 # %%
 alpha = choice.point.alpha

@@ -24,6 +24,7 @@ from lens_safety.srr import (
     build_dataset,
     comparison_figure,
     cross_validate,
+    default_ranker_layer,
     evaluate,
     load_baselines,
     relabel_dataset,
@@ -31,7 +32,6 @@ from lens_safety.srr import (
     train_baselines,
     train_ranker,
 )
-from lens_safety.srr.build import default_ranker_layer
 
 torch.manual_seed(0)
 model = ls.load_model("smollm2-refusal")  # the refusal organism: it refuses sometimes, so lists are mixed
