@@ -55,10 +55,10 @@ def _errors(ours: torch.Tensor, eager: torch.Tensor, sdpa, faulty: torch.Tensor,
 
 
 def measure(arch: str, dtype: str, root: Path, tokenizer_dir: Path) -> dict[str, dict]:
-    from lens_safety.activations import forward
     from lens_safety.edits import applied_edit, rosi
     from lens_safety.export import VERIFY_PROMPTS, _vanilla_logits
     from lens_safety.export_files import write_shards
+    from lens_safety.forward_pass import forward
     from lens_safety.models import load_model
     from lens_safety.testing import make_tiny_model
 

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lens_safety import __version__
-from lens_safety.activations import forward
 from lens_safety.chat import EncodedBatch
 from lens_safety.edits.checkpoint import checkpoint_writers, read_tensors
 from lens_safety.edits.memory import applied_edit, write_stored
@@ -51,6 +50,7 @@ from lens_safety.export_files import (
     write_direction,
     write_shards,
 )
+from lens_safety.forward_pass import forward
 from lens_safety.fsutil import staged_directory
 from lens_safety.model_card import render_model_card
 from lens_safety.models import ChatModel

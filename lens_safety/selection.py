@@ -22,7 +22,7 @@ moves harmless prompts PAST the harmful mean, toward refusal).
 
 Separation and accuracy use the WHOLE validation split (a read pass, cheap); the steering scores use
 its first ``n_val`` prompts per class. Every scoring pass computes the prompts' shared chat-template
-prefix once per batch (:func:`~lens_safety.activations.forward_rows`; both interventions treat all
+prefix once per batch (:func:`~lens_safety.forward_pass.forward_rows`; both interventions treat all
 positions alike), which equals the plain batched pass up to float rounding.
 """
 

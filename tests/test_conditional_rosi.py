@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lens_safety.activations import collect_activations, forward
+from lens_safety.activations import collect_activations
 from lens_safety.directions.read import (
     ReadDirection,
     centred_read_vector,
@@ -19,6 +19,7 @@ from lens_safety.directions.read import (
 from lens_safety.edits import amplify, applied_edit, conditional_rosi, edit_writes, make_spec, orthogonalize
 from lens_safety.errors import LensSafetyError
 from lens_safety.export import export_edit
+from lens_safety.forward_pass import forward
 from lens_safety.models import load_model
 
 D, D_IN = 16, 24

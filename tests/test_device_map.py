@@ -17,11 +17,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lens_safety.activations import collect_activations, forward
+from lens_safety.activations import collect_activations
 from lens_safety.edits import applied_edit, orthogonalize, rosi
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.generation import generate
 from lens_safety.export import export_edit
+from lens_safety.forward_pass import forward
 from lens_safety.interventions import ablate_direction, add_direction
 from lens_safety.models import ChatModel, load_model
 from lens_safety.selfcheck import check_generation

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens_safety.activations import forward
 from lens_safety.edits import (
     amplify,
     applied_edit,
@@ -19,6 +18,7 @@ from lens_safety.edits import (
 )
 from lens_safety.edits.checkpoint import checkpoint_writers
 from lens_safety.errors import LensSafetyError
+from lens_safety.forward_pass import forward
 from lens_safety.interventions import ablate_direction
 from lens_safety.models import load_model
 

@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "reads",
         (
+            "lens_safety.forward_pass",
             "lens_safety.activations",
             "lens_safety.interventions",
             "lens_safety.evaluation.generation",

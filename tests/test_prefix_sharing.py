@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens_safety.activations import MIN_SHARED_PREFIX, shared_prefix_batch
 from lens_safety.evaluation.divergence import last_token_log_probs
 from lens_safety.evaluation.generation import generate
+from lens_safety.forward_pass import MIN_SHARED_PREFIX, shared_prefix_batch
 from lens_safety.interventions import ablate_direction, add_direction
 from lens_safety.models import ChatModel, load_model
 from lens_safety.prompts import PromptSet

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from lens_safety.activations import forward
 from lens_safety.edits import orthogonalize, rosi
 from lens_safety.edits.checkpoint import checkpoint_writers, weight_shards
 from lens_safety.edits.methods import edit_method
 from lens_safety.errors import LensSafetyError
 from lens_safety.export import export_edit
+from lens_safety.forward_pass import forward
 from lens_safety.interventions import ablation_hook_points
 from lens_safety.models import ChatModel
 

@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 
-from lens_safety.activations import forward, forward_rows, row_batches
+from lens_safety.activations import row_batches
 from lens_safety.chat import EncodedBatch
 from lens_safety.errors import LensSafetyError
 from lens_safety.evaluation.bootstrap import Estimate, bootstrap
 from lens_safety.evaluation.generation import Intervention, generate
+from lens_safety.forward_pass import forward, forward_rows
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet, PromptSource, builtin_path
@@ -109,7 +110,7 @@ def last_logits(
 ) -> Iterator[Float[torch.Tensor, "batch vocab"]]:
     """float64 logits ``[batch, vocab]`` at the last prompt position, one left-padded batch at a
     time (``share_prefix``: the batch's shared leading tokens computed once,
-    :func:`~lens_safety.activations.forward_rows`; only under position-independent hooks)."""
+    :func:`~lens_safety.forward_pass.forward_rows`; only under position-independent hooks)."""
     with torch.inference_mode():
         for rows in row_batches(model, prompts, batch_size, system_prompt):
             output = forward_rows(model, rows, share_prefix=share_prefix, logits_to_keep=1)

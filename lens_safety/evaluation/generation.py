@@ -13,7 +13,7 @@ reproducible and the global torch RNG is left untouched.
 
 ``share_prefix=True`` computes the leading tokens every prompt of a batch shares (the chat
 template's system prompt and user header) once and starts each batch from their KV cache
-(:func:`~lens_safety.activations.shared_prefix_batch`): the same completions up to float rounding,
+(:func:`~lens_safety.forward_pass.shared_prefix_batch`): the same completions up to float rounding,
 for less prefill. Only valid under hooks that treat every position alike (weight edits,
 ``add_direction``, ``ablate_direction``). ``first_log_probs=True`` also keeps the float64
 ``log_softmax`` of the raw logits of the first new token (the last prompt position, before any
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from jaxtyping import Float, Int
 
-from lens_safety.activations import cache_argument, shared_prefix_batch
 from lens_safety.errors import LensSafetyError
+from lens_safety.forward_pass import cache_argument, shared_prefix_batch
 from lens_safety.models import ChatModel
 from lens_safety.progress import track
 from lens_safety.prompts import PromptSet, PromptSource
@@ -193,7 +193,7 @@ def _generate_batch(
     first_log_probs: bool = False,
 ) -> tuple[Int[torch.Tensor, "batch_times_k new"], Float[torch.Tensor, "batch_times_k vocab"] | None]:
     """New token ids (and the first step's float64 log-probabilities with ``first_log_probs``);
-    ``cache``: the KV cache of the batch's shared prefix (:class:`~lens_safety.activations.PrefixedBatch`)."""
+    ``cache``: the KV cache of the batch's shared prefix (:class:`~lens_safety.forward_pass.PrefixedBatch`)."""
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": decoding.temperature, "top_k": None, "top_p": None}
         if decoding.do_sample
