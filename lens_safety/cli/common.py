@@ -98,9 +98,15 @@ def strict_json(data: Any) -> Any:
     return data
 
 
+def json_text(data: Any) -> str:
+    """``data`` as strict, indented JSON text (NaN -> null): what ``--json`` prints and what a
+    command saves as a ``.json`` file."""
+    return json.dumps(strict_json(data), indent=2, default=str, allow_nan=False)
+
+
 def print_json(data: Any) -> None:
     """Print strict JSON on stdout (the only thing a ``--json`` command writes there); NaN -> null."""
-    typer.echo(json.dumps(strict_json(data), indent=2, default=str, allow_nan=False))
+    typer.echo(json_text(data))
 
 
 #: table width when stdout is a file or a pipe (rich would fall back to 80 columns and wrap)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json as stdlib_json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -11,12 +10,12 @@ import typer
 
 from lens_safety.cli import app, options
 from lens_safety.cli.common import (
+    json_text,
     load_cli_model,
     parse_auto_int,
     parse_list,
     print_json,
     stdout_console,
-    strict_json,
 )
 from lens_safety.errors import LensSafetyError
 from lens_safety.fsutil import require_free, staged_directory
@@ -335,7 +334,7 @@ def _save_probe(report: ProbeReport, out: Path, overwrite: bool) -> None:
     from lens_safety import viz
 
     with staged_directory(out, overwrite=overwrite) as staging:
-        (staging / "probe.json").write_text(stdlib_json.dumps(strict_json(report.to_dict()), indent=2) + "\n")
+        (staging / "probe.json").write_text(json_text(report.to_dict()) + "\n")
         (staging / "figures").mkdir()
         for name, figure in viz.probe_figures(report).items():
             viz.figure_html(figure, staging / "figures" / f"{name}.html")
