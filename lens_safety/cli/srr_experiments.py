@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -14,9 +13,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from lens_safety.cli import options, srr_app
-from lens_safety.cli.common import parse_list, print_json, stdout_console, strict_json
+from lens_safety.cli.common import json_text, parse_list, print_json, stdout_console
 from lens_safety.errors import LensSafetyError
-from lens_safety.fsutil import require_free
+from lens_safety.fsutil import require_free, write_file_atomic
 
 if TYPE_CHECKING:
     from lens_safety.srr.crossval import CVResult
@@ -125,7 +124,7 @@ def cv_command(
     )
     record = {**result.to_dict(), "data": {"dirs": [str(d) for d in train_dirs]}}
     if out is not None:
-        out.write_text(json.dumps(strict_json(record), indent=2, allow_nan=False))
+        write_file_atomic(out, json_text(record) + "\n")
     best = result.best
     command = (
         f"lens-safety srr train {' '.join(shlex.quote(str(d)) for d in train_dirs)} --out RANKER_DIR "
