@@ -56,6 +56,7 @@ SERVE_OPTIONS = {"n", "max_n", "host", "port", "max_tokens", "max_batch", "max_q
     ("command", "settings", "expected"),
     [
         ("rosi", EditSettings, EDIT_OPTIONS),
+        ("amplify", EditSettings, EDIT_OPTIONS),
         ("ablate", EditSettings, EDIT_OPTIONS),
         ("conditional-rosi", ConditionalSettings, EDIT_OPTIONS),
         ("srr serve", ServeConfig, SERVE_OPTIONS),

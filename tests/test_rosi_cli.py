@@ -1,4 +1,4 @@
-"""``lens-safety rosi`` / ``ablate`` end to end (tiny model, and SmolLM2 once) and their bad inputs."""
+"""``lens-safety rosi`` / ``amplify`` / ``ablate`` end to end (tiny model, and SmolLM2 once) and their bad inputs."""
 
 from __future__ import annotations
 
@@ -99,6 +99,63 @@ def test_rosi_end_to_end_on_a_tiny_model(
     lineage = json.loads((tmp_path / "safer" / "edit.json").read_text())
     assert lineage["method"] == "rosi"
     assert Direction.load(out).metadata["model"]["weights_sha256"] in lineage["ancestors_weights_sha256"]
+
+
+def test_amplify_writes_i_plus_alpha_s_s_transpose_times_every_block_writer(
+    tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lens-safety amplify --alpha A`` exports ``W' = (I + A s s^T) W`` on every attention / MLP
+    writer (float64 recomputation from the source weights) and leaves every other tensor bitwise
+    unchanged; its alpha range and default sweep are amplify's registry entry's, not ROSI's."""
+    from safetensors.torch import load_file
+
+    source = tiny_dirs["llama"]
+    width = json.loads((source / "config.json").read_text())["hidden_size"]
+    saved = tmp_path / "direction"
+    Direction(torch.randn(3, width, generator=torch.Generator().manual_seed(0)), layer=1, position=-1,
+              method="mean-diff").save(saved)  # fmt: skip
+    out = tmp_path / "amplified"
+    argv = ["amplify", str(source), "--direction", str(saved), "--n-test", "0"]
+    code, stdout, err = run([*argv, "--alpha", "-0.5", "--out", str(out), "--json"], capsys)
+    assert code == 0, err  # -0.5 is in amplify's range (>= -1), though not in ROSI's
+    summary = json.loads(stdout)
+    assert summary["method"] == "amplify" and summary["alpha"] == -0.5 and summary["alpha_choice"] == "fixed"
+    s = Direction.load(saved).directions[1].double()
+    s = s / s.norm()
+    before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    writers = {k for k in before if k.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))}
+    assert len(writers) == 6 and before.keys() == after.keys()
+    for name, weight in before.items():
+        if name in writers:
+            w = weight.double()
+            expected = (w - 0.5 * torch.outer(s, s @ w)).to(weight.dtype)
+            torch.testing.assert_close(after[name], expected, rtol=0, atol=1e-6)
+            assert not torch.equal(after[name], weight), name
+        else:
+            assert torch.equal(after[name], weight), name
+    # below -1 flips the direction: one line naming amplify's bound, nothing written
+    message = _bad([*argv, "--alpha", "-2", "--out", str(tmp_path / "flipped")], capsys)
+    assert "--alpha must be a finite number >= -1" in message and "amplify" in message
+    assert not (tmp_path / "flipped").exists()
+    # --alpha auto sweeps amplify's own default grid (ROSI's is 3..100)
+    code, stdout, err = run(
+        [*argv, "--n-val", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "auto"), "--json"], capsys
+    )
+    assert code == 0, err
+    assert [p["alpha"] for p in json.loads(stdout)["calibration"]] == [0.03, 0.1, 0.3, 1.0]
+    # after abliteration with the same direction, amplify is inert: nothing is left along s
+    code, _, err = run(["ablate", str(source), "--direction", str(saved), "--n-test", "0",
+                        "--out", str(tmp_path / "ablated")], capsys)  # fmt: skip
+    assert code == 0, err
+    ablated_argv = [*argv[:1], str(tmp_path / "ablated"), *argv[2:]]
+    code, _, err = run([*ablated_argv, "--alpha", "1", "--out", str(tmp_path / "inert")], capsys)
+    assert code == 0, err
+    ablated, inert = (
+        load_file(tmp_path / "ablated" / "model.safetensors"),
+        load_file(tmp_path / "inert" / "model.safetensors"),
+    )
+    for name in writers:
+        assert (inert[name] - ablated[name]).abs().max() <= 1e-6 * ablated[name].abs().max(), name
 
 
 def _bad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -186,32 +186,44 @@ def parse_heldout_pairs(value: str, option: str = "--heldout") -> list[tuple[str
     return pairs
 
 
-def parse_alpha(value: str) -> float | Literal["auto"]:
-    """``auto`` or a finite non-negative float."""
+def parse_alpha(value: str, method: str = "rosi") -> float | Literal["auto"]:
+    """``auto`` or a finite float in ``method``'s range (its registry entry's ``min_alpha``)."""
     if value == "auto":
         return "auto"
+    from lens_safety.edits.methods import edit_method
+
+    rule = edit_method(method)
+    assert rule.min_alpha is not None and rule.default_alphas, f"{method} has no calibrated strength"
+    example = f"{rule.default_alphas[len(rule.default_alphas) // 2]:g}"
     try:
         alpha = float(value)
     except ValueError:
         raise LensSafetyError(
-            f"--alpha must be 'auto' or a number, got '{value}'", "pass e.g. --alpha 30"
+            f"--alpha must be 'auto' or a number, got '{value}'", f"pass e.g. --alpha {example}"
         ) from None
-    if not math.isfinite(alpha) or alpha < 0:
+    if not math.isfinite(alpha) or alpha < rule.min_alpha:
         raise LensSafetyError(
-            f"--alpha must be a finite number >= 0, got {value} (a negative ROSI alpha removes safety)",
-            "pass e.g. --alpha 30 or --alpha auto",
+            f"--alpha must be a finite number >= {rule.min_alpha:g}, got {value} ({rule.label}: "
+            f"{rule.alpha_why})",
+            f"pass e.g. --alpha {example} or --alpha auto",
         )
     return alpha
 
 
-def parse_alphas(value: str | None) -> list[float] | None:
-    """Comma-separated positive alphas (``None``: the default grid)."""
+def parse_alphas(value: str | None, method: str = "rosi") -> list[float] | None:
+    """Comma-separated nonzero alphas of ``method`` (``None``: its default grid); positive where
+    its registry entry sweeps positive strengths only (ROSI). 0 is the baseline, measured anyway."""
     if value is None:
         return None
-    values = [parse_alpha(x.strip()) for x in value.split(",") if x.strip()]
-    if not values or any(v == "auto" or v == 0 for v in values):
+    from lens_safety.edits.methods import edit_method
+
+    values = [parse_alpha(x.strip(), method) for x in value.split(",") if x.strip()]
+    positive = edit_method(method).positive_sweep
+    if not values or any(v == "auto" or v == 0 or (positive and float(v) < 0) for v in values):
+        kind = "positive" if positive else "nonzero"
         raise LensSafetyError(
-            f"--alphas must be positive numbers, got '{value}'", "pass e.g. --alphas 10,30,100"
+            f"--alphas must be {kind} numbers, got '{value}'",
+            "pass e.g. --alphas " + ",".join(f"{a:g}" for a in edit_method(method).default_alphas or ()),
         )
     return [float(v) for v in values]
 

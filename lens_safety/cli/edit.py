@@ -1,5 +1,5 @@
 """The commands that edit weights and export a verified Hugging Face model: ``lens-safety rosi``,
-``ablate`` and ``conditional-rosi``. Each parses its options into the job's settings, calls
+``amplify``, ``ablate`` and ``conditional-rosi``. Each parses its options into the job's settings, calls
 :func:`lens_safety.pipelines.run_edit` or :func:`lens_safety.pipelines.run_conditional` and
 prints the summary.
 
@@ -11,6 +11,9 @@ edited child); ``--layer N`` then picks its candidate at block ``N``.
 
 * ``rosi``: ``W' = W + alpha s_hat w_bar^T`` on every attention/MLP writer, a harm-blind bias
   along the refusal direction ``s_hat``.
+* ``amplify``: ``W' = (I + alpha s_hat s_hat^T) W`` on the same writers: it rescales what each
+  already writes along ``s_hat`` (inert after abliteration). ``rosi`` and ``amplify`` are one
+  command function (:func:`strength_command`) with one method each.
 * ``ablate``: ``W' = (I - s_hat s_hat^T) W`` on every writer, embeddings included (abliteration).
 * ``conditional-rosi``: ``W' = (I + alpha s_hat g^T) W`` on blocks ``start .. end - 1``: the
   refusal direction is written in proportion to what the block writes along ``g``, a read
@@ -22,8 +25,9 @@ edited child); ``--layer N`` then picks its candidate at block ``N``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -46,70 +50,90 @@ from lens_safety.errors import LensSafetyError
 if TYPE_CHECKING:
     from lens_safety.pipelines import EditSettings
 
-# rosi and ablate
+# rosi, amplify and ablate
 
-AlphaOpt = Annotated[str, typer.Option("--alpha", help="auto (calibrate on val) or a number >= 0.")]
+AlphaOpt = Annotated[
+    str,
+    typer.Option("--alpha", help="auto (calibrate on val) or a number (rosi: >= 0; amplify: >= -1)."),
+]
 ApproximateOpt = Annotated[
     bool, typer.Option("--approximate", help="Allow post-norm writers (Gemma 2/3), where it is inexact.")
 ]
 
+#: the help texts (one line per paragraph: typer keeps a help text's line breaks)
+ROSI_HELP = (
+    "ROSI: add alpha * s_hat * w_bar^T to every attention/MLP output weight; export a verified HF model."
+    "\n\n--system-prompt is used when FITTING the direction only (ROSI's recipe for models that barely "
+    "refuse); calibration and before/after measurements use the model's default formatting. Refusal is "
+    "judged by the substring judge (calibration on val, before/after on test)."
+)
+AMPLIFY_HELP = (
+    "Amplify: W <- (I + alpha s_hat s_hat^T) W on every attention/MLP writer; export a verified HF model."
+    "\n\nIt rescales what each writer already writes along the refusal direction, so it is inert where "
+    "nothing is (after abliteration: use rosi or conditional-rosi there). Options as for rosi; refusal "
+    "is judged by the substring judge (calibration on val, before/after on test)."
+)
 
-@app.command()
-def rosi(
-    model: options.ModelArg = "smollm2",
-    out: options.OutOpt = Path("rosi-model"),
-    direction: options.DirectionOpt = None,
-    harmful: options.HarmfulOpt = "builtin:harmful",
-    harmless: options.HarmlessOpt = "builtin:harmless",
-    layer: options.LayerOpt = "auto",
-    alpha: AlphaOpt = "auto",
-    alphas: options.AlphasOpt = None,
-    target_refusal: options.TargetRefusalOpt = 0.9,
-    max_over_refusal: options.MaxOverRefusalOpt = 0.1,
-    over_refusal_relative: options.OverRefusalRelativeOpt = True,
-    max_kl: options.MaxKlOpt = 0.1,
-    blocks: options.BlocksOpt = None,
-    system_prompt: options.SystemPromptOpt = None,
-    n_train: options.NTrainOpt = 64,
-    n_val: options.NValOpt = 16,
-    n_test: options.NTestOpt = 16,
-    max_new_tokens: options.TokensOpt = 24,
-    overwrite: options.OverwriteOpt = False,
-    device: options.DeviceOpt = None,
-    dtype: options.DtypeOpt = None,
-    json: options.JsonOpt = False,
-) -> None:
-    """ROSI: add alpha * s_hat * w_bar^T to every attention/MLP output weight; export a verified HF model.
 
-    --system-prompt is used when FITTING the direction only (ROSI's recipe for models that barely
-    refuse); calibration and before/after measurements use the model's default formatting.
-    Refusal is judged by the substring judge (calibration on val, before/after on test).
-    """
-    the_layer, the_alpha = parse_layer(layer), parse_alpha(alpha)
-    grid, chosen_blocks = parse_alphas(alphas), _blocks(blocks)
-    quiet_libraries()
-    from lens_safety.pipelines import EditSettings
+def strength_command(method: Literal["rosi", "amplify"], default_out: str) -> Callable[..., None]:
+    """The command of an edit with a calibrated strength: ``rosi`` and ``amplify`` take the same
+    options and differ only in the method they pass to :func:`~lens_safety.pipelines.run_edit`."""
 
-    settings = EditSettings(
-        method="rosi",
-        direction=direction,
-        harmful=harmful,
-        harmless=harmless,
-        layer=the_layer,
-        alpha=the_alpha,
-        alphas=None if grid is None else tuple(grid),
-        target_refusal=target_refusal,
-        max_over_refusal=max_over_refusal,
-        over_refusal_relative=over_refusal_relative,
-        max_kl=max_kl,
-        blocks=chosen_blocks,
-        system_prompt=system_prompt,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        max_new_tokens=max_new_tokens,
-    )
-    _export(model, out, settings, overwrite, device, dtype, json)
+    def command(
+        model: options.ModelArg = "smollm2",
+        out: options.OutOpt = Path(default_out),
+        direction: options.DirectionOpt = None,
+        harmful: options.HarmfulOpt = "builtin:harmful",
+        harmless: options.HarmlessOpt = "builtin:harmless",
+        layer: options.LayerOpt = "auto",
+        alpha: AlphaOpt = "auto",
+        alphas: options.AlphasOpt = None,
+        target_refusal: options.TargetRefusalOpt = 0.9,
+        max_over_refusal: options.MaxOverRefusalOpt = 0.1,
+        over_refusal_relative: options.OverRefusalRelativeOpt = True,
+        max_kl: options.MaxKlOpt = 0.1,
+        blocks: options.BlocksOpt = None,
+        system_prompt: options.SystemPromptOpt = None,
+        n_train: options.NTrainOpt = 64,
+        n_val: options.NValOpt = 16,
+        n_test: options.NTestOpt = 16,
+        max_new_tokens: options.TokensOpt = 24,
+        overwrite: options.OverwriteOpt = False,
+        device: options.DeviceOpt = None,
+        dtype: options.DtypeOpt = None,
+        json: options.JsonOpt = False,
+    ) -> None:
+        the_layer, the_alpha = parse_layer(layer), parse_alpha(alpha, method)
+        grid, chosen_blocks = parse_alphas(alphas, method), _blocks(blocks)
+        quiet_libraries()
+        from lens_safety.pipelines import EditSettings
+
+        settings = EditSettings(
+            method=method,
+            direction=direction,
+            harmful=harmful,
+            harmless=harmless,
+            layer=the_layer,
+            alpha=the_alpha,
+            alphas=None if grid is None else tuple(grid),
+            target_refusal=target_refusal,
+            max_over_refusal=max_over_refusal,
+            over_refusal_relative=over_refusal_relative,
+            max_kl=max_kl,
+            blocks=chosen_blocks,
+            system_prompt=system_prompt,
+            n_train=n_train,
+            n_val=n_val,
+            n_test=n_test,
+            max_new_tokens=max_new_tokens,
+        )
+        _export(model, out, settings, overwrite, device, dtype, json)
+
+    return command
+
+
+app.command("rosi", help=ROSI_HELP)(strength_command("rosi", "rosi-model"))
+app.command("amplify", help=AMPLIFY_HELP)(strength_command("amplify", "amplified-model"))
 
 
 @app.command()
