@@ -122,6 +122,18 @@ def test_alpha_range_comes_from_the_registry(name: str) -> None:
         assert kind.check_sweep([0.0]) == (0.0,)
 
 
+def test_the_edit_jobs_sweep_only_strengths_that_add_refusal() -> None:
+    """Calibration looks for the least edit that reaches the refusal target; a negative ROSI or
+    amplify alpha weakens refusal, so no calibrated job's sweep may contain one (a fixed negative
+    amplify alpha stays allowed)."""
+    calibrated = [m for m in EDIT_METHODS.values() if m.in_edit_job and m.has_strength]
+    assert [m.name for m in calibrated] == ["rosi", "amplify"]
+    for kind in calibrated:
+        with pytest.raises(LensSafetyError, match="> 0"):
+            kind.check_sweep([-0.5, 0.3])
+    assert _spec("amplify", _s(), alpha=-0.5).alpha == -0.5
+
+
 def test_add_bias_via_make_spec_is_add_bias() -> None:
     """``make_spec("add_bias", r, alpha=coeff |r|, layers=(layer - 1,))`` edits a bias bit for bit as
     :func:`add_bias` ``(r, coeff, layer)`` does: ``b + coeff * r``."""

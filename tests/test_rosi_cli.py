@@ -137,6 +137,8 @@ def test_amplify_writes_i_plus_alpha_s_s_transpose_times_every_block_writer(
     message = _bad([*argv, "--alpha", "-2", "--out", str(tmp_path / "flipped")], capsys)
     assert "--alpha must be a finite number >= -1" in message and "amplify" in message
     assert not (tmp_path / "flipped").exists()
+    message = _bad([*argv, "--alphas", "-0.5,0.3", "--out", str(tmp_path / "weaker")], capsys)
+    assert "--alphas must be positive numbers" in message and "0.03,0.1,0.3,1" in message
     # --alpha auto sweeps amplify's own default grid (ROSI's is 3..100)
     code, stdout, err = run(
         [*argv, "--n-val", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "auto"), "--json"], capsys

@@ -188,6 +188,7 @@ AMPLIFY = EditMethod(
     alpha_fix="pass alpha >= -1",
     read_rule=own_read,
     default_alphas=(0.03, 0.1, 0.3, 1.0),
+    positive_sweep=True,
     in_edit_job=True,
 )
 ORTHOGONALIZE = EditMethod(
