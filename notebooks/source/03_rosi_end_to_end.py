@@ -184,6 +184,24 @@ print("after: ", rates(after))
 # refusal and over-refusal rise together (`lens-safety organism demo`: no alpha reaches 0.85
 # refusal with at most 0.10 over-refusal).
 #
+# And `amplify`, `W <- (I + alpha s s^T) W` (`lens-safety amplify`)? It rescales what each writer
+# already writes along `s`, and abliteration left nothing there: `(I + alpha s s^T)(I - s s^T) =
+# I - s s^T`, since `s^T s = 1`. ROSI's term `alpha s w_bar^T` uses the writer's mean row `w_bar`,
+# which abliteration does not remove. The cell checks both on one MLP writer of the organism
+# (raw Hugging Face weights, float64) at alpha 1: ROSI's change grows with alpha (its calibrated
+# alphas are 30 to 100), amplify's stays at float rounding for any alpha.
+
+# %%
+s = direction.direction.double()
+w = model.hf_model.model.layers[20].mlp.down_proj.weight.detach().double()  # d_model x d_mlp
+w_abliterated = w - torch.outer(s, s @ w)
+amplify_change = torch.outer(s, s @ w_abliterated)  # alpha = 1
+rosi_change = torch.outer(s, w_abliterated.mean(0))  # alpha = 1
+print(f"|s^T W| before abliteration {float((s @ w).norm()):.3f}, after {float((s @ w_abliterated).norm()):.1e}")
+print(f"largest change of the abliterated writer: amplify {float(amplify_change.abs().max()):.1e}, "
+      f"ROSI {float(rosi_change.abs().max()):.1e}")  # fmt: skip
+
+# %% [markdown]
 # Conditional ROSI `W <- (I + alpha s g^T) W` reads a different coordinate of every write: its
 # projection on a **read direction** `g` where the abliterated model still represents
 # harmfulness. `find_read_direction` estimates `g` from the summed writes of the edited blocks
