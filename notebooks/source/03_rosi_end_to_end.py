@@ -197,9 +197,10 @@ w = model.hf_model.model.layers[20].mlp.down_proj.weight.detach().double()  # d_
 w_abliterated = w - torch.outer(s, s @ w)
 amplify_change = torch.outer(s, s @ w_abliterated)  # alpha = 1
 rosi_change = torch.outer(s, w_abliterated.mean(0))  # alpha = 1
-print(f"|s^T W| before abliteration {float((s @ w).norm()):.3f}, after {float((s @ w_abliterated).norm()):.1e}")
-print(f"largest change of the abliterated writer: amplify {float(amplify_change.abs().max()):.1e}, "
-      f"ROSI {float(rosi_change.abs().max()):.1e}")  # fmt: skip
+print(f"|s^T W| before abliteration: {float((s @ w).norm()):.3f}")
+print(f"|s^T W| after abliteration:  {float((s @ w_abliterated).norm()):.1e}")
+print(f"largest change of the abliterated writer: amplify {float(amplify_change.abs().max()):.1e}")
+print(f"largest change of the abliterated writer: ROSI    {float(rosi_change.abs().max()):.1e}")
 
 # %% [markdown]
 # Conditional ROSI `W <- (I + alpha s g^T) W` reads a different coordinate of every write: its
