@@ -115,22 +115,19 @@ def test_alpha_range_comes_from_the_registry(name: str) -> None:
         assert _spec(name, s, alpha=-1e6).alpha == -1e6
     sweep = kind.check_sweep([1.0, 0.5, 1.0])
     assert sweep == (0.5, 1.0)
-    if kind.positive_sweep:
-        with pytest.raises(LensSafetyError, match="> 0"):
-            kind.check_sweep([0.0, 1.0])
-    else:
-        assert kind.check_sweep([0.0]) == (0.0,)
 
 
-def test_the_edit_jobs_sweep_only_strengths_that_add_refusal() -> None:
-    """Calibration looks for the least edit that reaches the refusal target; a negative ROSI or
-    amplify alpha weakens refusal, so no calibrated job's sweep may contain one (a fixed negative
-    amplify alpha stays allowed)."""
-    calibrated = [m for m in EDIT_METHODS.values() if m.in_edit_job and m.has_strength]
+def test_a_calibration_sweep_takes_only_strengths_that_add_refusal() -> None:
+    """Calibration looks for the least edit that reaches the refusal target: 0 is the baseline
+    and a negative ROSI or amplify alpha weakens refusal, so no sweep may contain either (a fixed
+    negative amplify alpha stays allowed)."""
+    calibrated = [m for m in EDIT_METHODS.values() if m.default_alphas is not None]
     assert [m.name for m in calibrated] == ["rosi", "amplify"]
     for kind in calibrated:
-        with pytest.raises(LensSafetyError, match="> 0"):
-            kind.check_sweep([-0.5, 0.3])
+        assert kind.check_sweep(kind.default_alphas or ()) == kind.default_alphas
+        for bad in ([-0.5, 0.3], [0.0, 1.0]):
+            with pytest.raises(LensSafetyError, match="> 0"):
+                kind.check_sweep(bad)
     assert _spec("amplify", _s(), alpha=-0.5).alpha == -0.5
 
 

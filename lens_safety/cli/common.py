@@ -211,19 +211,19 @@ def parse_alpha(value: str, method: str = "rosi") -> float | Literal["auto"]:
 
 
 def parse_alphas(value: str | None, method: str = "rosi") -> list[float] | None:
-    """Comma-separated alphas of ``method``'s calibration sweep (``None``: its default grid): each
-    in its range, and positive where its registry entry sweeps positive strengths only (ROSI and
-    amplify: a negative alpha weakens refusal; 0 is the baseline, measured anyway)."""
+    """Comma-separated positive alphas of ``method``'s calibration sweep (``None``: its default
+    grid); the rule is :meth:`~lens_safety.edits.methods.EditMethod.check_sweep`'s."""
     if value is None:
         return None
     from lens_safety.edits.methods import edit_method
 
-    rule = edit_method(method)
     values = [parse_alpha(x.strip(), method) for x in value.split(",") if x.strip()]
-    if not values or any(v == "auto" or v == 0 or (rule.positive_sweep and float(v) < 0) for v in values):
-        kind = "positive" if rule.positive_sweep else "nonzero"
-        grid = ",".join(f"{a:g}" for a in rule.default_alphas or ())
-        raise LensSafetyError(f"--alphas must be {kind} numbers, got '{value}'", f"pass e.g. --alphas {grid}")
+    if not values or any(v == "auto" or v <= 0 for v in values):
+        grid = ",".join(f"{a:g}" for a in edit_method(method).default_alphas or ())
+        raise LensSafetyError(
+            f"--alphas must be positive numbers, got '{value}' (0 is the baseline, measured anyway)",
+            f"pass e.g. --alphas {grid}",
+        )
     return [float(v) for v in values]
 
 

@@ -74,9 +74,8 @@ class EditMethod:
         gain: a fixed ``a`` of the rank-one update (``None``: ``a = alpha``).
         needs_read: a spec of this method must carry a read direction (and only such a spec may).
         default_alphas: the calibration grid of strengths (``None``: not calibrated by
-            :func:`~lens_safety.calibration.calibrate_alpha`).
-        positive_sweep: a calibration sweep takes only strengths ``> 0`` (0 is the baseline,
-            measured anyway).
+            :func:`~lens_safety.calibration.calibrate_alpha`); a sweep's strengths are ``> 0``
+            (:meth:`check_sweep`).
         exact_on_post_norm: the edit stays exact on post-norm / fixed-with writers (module docstring).
         inexact_effect: what the weight edit fails to do on such a writer; ``exact_twin``: the
             inference-time intervention that does it exactly.
@@ -96,7 +95,6 @@ class EditMethod:
     gain: float | None = None
     needs_read: bool = False
     default_alphas: tuple[float, ...] | None = None
-    positive_sweep: bool = False
     exact_on_post_norm: bool = True
     inexact_effect: str = ""
     exact_twin: str = ""
@@ -130,18 +128,20 @@ class EditMethod:
         return value
 
     def check_sweep(self, alphas: Iterable[float]) -> tuple[float, ...]:
-        """The distinct strengths of a calibration sweep, sorted, each finite (and ``> 0`` where
-        :attr:`positive_sweep`); each is checked again by :meth:`check_alpha` when its spec is made."""
+        """The distinct strengths of a calibration sweep, sorted, each finite and ``> 0``: calibration
+        looks for the least edit that adds enough refusal, 0 is the baseline (measured anyway) and a
+        negative strength weakens refusal. Each is checked again by :meth:`check_alpha` when its
+        spec is made."""
         values = sorted({float(a) for a in alphas})
         if not values:
             raise LensSafetyError("no alphas to sweep", "pass at least one alpha")
         for a in values:
             if not math.isfinite(a):
                 raise LensSafetyError(f"alpha must be a finite number, got {a}", "pass finite alphas")
-            if self.positive_sweep and a <= 0:
+            if a <= 0:
                 raise LensSafetyError(
                     f"{self.label} alphas must be > 0, got {a} (0 is the baseline, measured anyway; "
-                    "< 0 removes safety)",
+                    "< 0 weakens refusal)",
                     "pass positive alphas",
                 )
         return tuple(values)
@@ -163,7 +163,6 @@ ROSI = EditMethod(
     alpha_fix="pass alpha >= 0; to push away from refusal use orthogonalize instead",
     read_rule=mean_read,
     default_alphas=(3.0, 10.0, 30.0, 100.0),
-    positive_sweep=True,
     in_edit_job=True,
 )
 #: ROSI with the read direction ``g`` given instead of the writer's own mean row: the same bounds
@@ -175,7 +174,6 @@ CONDITIONAL_ROSI = replace(
     read_rule=given_read,
     needs_read=True,
     default_alphas=None,
-    positive_sweep=False,
     in_edit_job=False,
 )
 AMPLIFY = EditMethod(
@@ -188,7 +186,6 @@ AMPLIFY = EditMethod(
     alpha_fix="pass alpha >= -1",
     read_rule=own_read,
     default_alphas=(0.03, 0.1, 0.3, 1.0),
-    positive_sweep=True,
     in_edit_job=True,
 )
 ORTHOGONALIZE = EditMethod(
