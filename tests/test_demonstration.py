@@ -103,6 +103,18 @@ def _quick_on_tiny(tiny_dirs: dict[str, Path], **overrides: Any) -> DemoSettings
     )
 
 
+def test_two_injection_grids_are_refused_not_silently_resolved() -> None:
+    """``injections`` (projection units) and ``relative_injections`` (gaps) name the same sweep in
+    two units; setting both is one clear error (before, the gap grid silently won), also when an
+    override meets the quick preset's gap grid."""
+    with pytest.raises(LensSafetyError, match="only one grid is swept"):
+        DemoSettings.quick(injections=(100.0,))
+    with pytest.raises(LensSafetyError, match="relative_injections"):
+        demonstrate(DemoSettings(relative_injections=(1.0,)), injections=(100.0,))
+    chosen = DemoSettings.quick(injections=(100.0,), relative_injections=None)
+    assert chosen.injections == (100.0,) and chosen.relative_injections is None
+
+
 def test_quick_demonstration_keeps_its_verified_repairs_and_says_what_it_measured(
     tiny_dirs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -43,7 +43,7 @@ from lens_safety.calibration import NoAdmissiblePoint, calibrate_conditional, in
 from lens_safety.calibration.conditional import DEFAULT_INJECTIONS
 from lens_safety.directions.read import find_read_direction
 from lens_safety.edits import applied_edit, conditional_rosi, rosi
-from lens_safety.errors import warn
+from lens_safety.errors import LensSafetyError, warn
 from lens_safety.export import export_edit
 from lens_safety.models import load_model
 from lens_safety.organism.demo_results import (
@@ -98,7 +98,7 @@ class DemoSettings:
     kinds. ``conditional`` adds the conditional-ROSI stages: ``starts`` (first edited blocks;
     ``None``: ``start_fractions`` of the depth, by default about a third, a half and two thirds,
     :func:`~lens_safety.pipelines.default_starts`) x ``injections`` (projection units;
-    or ``relative_injections``, in units of the direction's gap) swept on ``val`` with ``refine``
+    or ``relative_injections``, in units of the direction's gap; not both) swept on ``val`` with ``refine``
     bisection rounds; read directions use ``shrinkage``, ``template`` and the benign sets
     ``read_harmless`` on top of the harmless train prompts. ``base_spec=None`` skips the stages on
     the base model; ``heldout``: extra (harmful, harmless) pairs scored on the organism,
@@ -129,6 +129,14 @@ class DemoSettings:
     read_harmless: tuple[str, ...] = READ_HARMLESS
     refine: int = 2
     heldout: tuple[tuple[str, str], ...] = HELDOUT_PAIRS
+
+    def __post_init__(self) -> None:
+        if self.injections is not None and self.relative_injections is not None:
+            raise LensSafetyError(
+                f"both injections {list(self.injections)} (projection units) and relative_injections "
+                f"{list(self.relative_injections)} (gaps) are set, and only one grid is swept",
+                "set the other to None (DemoSettings.quick() sets relative_injections)",
+            )
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoSettings:
