@@ -86,6 +86,9 @@ def test_reads_prompts_and_either_label_kind(tmp_path: Path) -> None:
     )
     with pytest.raises(LensSafetyError, match="row 2 has no 'prompt'"):
         read_labelled(partial)
+    # an unknown label kind is named as such (before: a missing-column error with an empty list)
+    with pytest.raises(LensSafetyError, match="unknown label kind 'maybe'; use one of refusal, harm"):
+        read_labelled(_write(tmp_path / "r.jsonl"), "maybe")
     # a keyword judge on harm labels: its positive decision is "not refused"
     result = judge_agreement("substring", harm)
     assert result.decision == "not refused" and result.question == "refusal"
@@ -131,7 +134,7 @@ def test_a_judge_that_needs_prompts_without_them_is_one_line(
     code, out, err = run(["judge-agreement", str(bare), "--judge", "substring", "--json"], capsys)
     assert code == 0 and json.loads(out)["with_prompts"] is False
     code, _, err = run(["judge-agreement", str(bare), "--labels", "maybe"], capsys)
-    assert code == 2 and "--labels" in err
+    assert code == 2 and "unknown label kind 'maybe'" in err and "--labels" in err
 
 
 def test_llm_judge_agreement_against_a_real_local_server(

@@ -9,7 +9,6 @@ import typer
 
 from lens_safety.cli import app, options
 from lens_safety.cli.common import check_writable, print_json, print_rosi_table, quiet_libraries
-from lens_safety.errors import LensSafetyError
 
 LabelledArg = Annotated[
     str,
@@ -60,10 +59,6 @@ def judge_agreement_command(
     quiet_libraries()
     from lens_safety.evaluation.agreement import judge_agreement, pyrit_refusal_files, read_labelled_many
 
-    if labels is not None and labels not in ("refusal", "harm"):
-        raise LensSafetyError(
-            f"--labels must be refusal or harm, got '{labels}'", "pass --labels refusal or harm"
-        )
     files = pyrit_refusal_files() if labelled == "pyrit" else [Path(labelled)]
     result = judge_agreement(judge, read_labelled_many(files, labels))
     if json:

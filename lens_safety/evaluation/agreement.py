@@ -188,10 +188,7 @@ def judge_agreement(
     else:
         data = LabelledSet(list(completions), list(labels or []), None, labels_mark, source)
         data.prompts = list(prompts) if prompts is not None else None
-    if data.labels_mark not in QUESTIONS:
-        raise LensSafetyError(
-            f"unknown label kind '{data.labels_mark}'", f"use one of {', '.join(QUESTIONS)}"
-        )
+    check_labels_mark(data.labels_mark)
     if len(data.completions) != len(data.labels):
         raise LensSafetyError(
             f"{len(data.completions)} completions but {len(data.labels)} labels",
@@ -258,12 +255,22 @@ def _rows(file: Path) -> list[dict[str, Any]]:
     raise LensSafetyError(f"'{file.name}' is neither .jsonl nor .csv", "give a .jsonl or .csv file")
 
 
+def check_labels_mark(labels_mark: str) -> None:
+    """The one-line error for a label kind that is not one of :data:`QUESTIONS`."""
+    if labels_mark not in QUESTIONS:
+        raise LensSafetyError(
+            f"unknown label kind '{labels_mark}'", f"use one of {', '.join(QUESTIONS)} (the CLI's --labels)"
+        )
+
+
 def read_labelled(path: str | Path, labels_mark: str | None = None) -> LabelledSet:
     """Read a labelled ``.jsonl`` / ``.csv`` file (module docstring) into a :class:`LabelledSet`.
 
     ``labels_mark``: which label column to read (``refusal`` or ``harm``); ``None`` takes the
     refusal column when there is one, else the harm column.
     """
+    if labels_mark is not None:
+        check_labels_mark(labels_mark)
     file = Path(path).expanduser()
     rows = _rows(file)
     if not rows:
